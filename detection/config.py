@@ -1,0 +1,143 @@
+"""Typed, frozen sections of an experiment that the training program reads.
+
+These are plain dataclasses (no torch import) so that ``orch config`` can validate an experiment
+without loading torch. The orchestrator's :class:`orchestrator.config.schema.Experiment` composes
+them with the launch-side sections (resources, grid, kfold, sweep).
+
+Field comments are the schema documentation: the README's schema table is written from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which detector to build (a name from ``detection.models.MODELS``) and how."""
+
+    # fasterrcnn_resnet50_fpn | fasterrcnn_resnet50_fpn_v2 | fasterrcnn_mobilenet_v3_large_fpn |
+    # fasterrcnn_mobilenet_v3_large_320_fpn | fasterrcnn (with `backbone`) | retinanet_resnet50_fpn |
+    # retinanet_resnet50_fpn_v2 | fcos_resnet50_fpn | ssd300_vgg16 | ssdlite320_mobilenet_v3_large |
+    # maskrcnn_resnet50_fpn
+    type: str = "ssdlite320_mobilenet_v3_large"
+    backbone: Optional[str] = None  # resnet18 | resnet34 | resnet50 (FPN backbones)
+    weights: Optional[str] = None  # local file: an orch checkpoint or a torchvision state dict
+    backbone_weights: Optional[str] = None  # local file: a backbone state dict
+    trainable_backbone_layers: Optional[int] = None
+    # Extra keyword arguments for the torchvision builder (e.g. rpn_batch_size_per_image).
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """One split of a COCO-format dataset."""
+
+    ann_file: str = ""
+    img_dir: str = ""
+    classes: Optional[tuple[str, ...]] = None  # subset of category names; None = all
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Datasets, batching and input sizes."""
+
+    train: DataSplit = field(default_factory=DataSplit)
+    val: Optional[DataSplit] = None
+    test: Optional[DataSplit] = None
+    batch_size_per_gpu: int = 2
+    workers_per_gpu: int = 2
+    min_size: int = 800  # resize: shorter side
+    max_size: int = 1333  # resize: longer side cap
+    flip_prob: float = 0.5
+    keep_empty: bool = False  # keep training images that have no annotations
+    aspect_ratio_grouping: bool = True
+    on_bad_data: Literal["error", "skip"] = "error"  # skip = drop and count bad boxes/images
+
+
+@dataclass(frozen=True)
+class AutoScaleLR:
+    """Scale the LR to the real batch size (effective batch = world x per-GPU x accumulation)."""
+
+    enable: bool = True
+    base_batch_size: int = 16
+    rule: Literal["linear", "sqrt"] = "linear"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer."""
+
+    type: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: Optional[float] = None  # max global grad norm; None = off
+    accumulation_steps: int = 1
+    auto_scale_lr: AutoScaleLR = field(default_factory=AutoScaleLR)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Length of training and the LR policy. Give ``epochs`` or ``iterations`` (not both);
+    ``milestones`` are in the same unit."""
+
+    epochs: Optional[int] = 12
+    iterations: Optional[int] = None
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001  # LR at iteration 0 = lr * warmup_ratio
+    policy: Literal["step", "cosine", "constant"] = "step"
+    milestones: tuple[int, ...] = (8, 11)
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the LR
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """COCO evaluation."""
+
+    interval: int = 1  # epochs (or iterations when the schedule is in iterations)
+    metric: tuple[str, ...] = ("bbox",)  # bbox and/or segm
+    classwise: bool = False
+    split: Literal["val", "test"] = "val"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints: every ``interval`` epochs (or iterations), newest ``max_keep`` kept."""
+
+    interval: int = 1
+    max_keep: int = 3
+    save_best: Optional[str] = "bbox_mAP"  # metric name, or None
+    rule: Literal["greater", "less"] = "greater"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Seeds, precision, where outputs go, resume."""
+
+    seed: int = 0
+    deterministic: bool = False
+    amp: bool = False  # CUDA only
+    output_dir: str = "work_dirs/{name}"  # {name} is replaced by the experiment name
+    resume: Optional[str] = None  # "auto" | path of a checkpoint
+    load_from: Optional[str] = None  # weights only (fine-tuning)
+    log_interval: int = 10  # iterations between logged metrics
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: Optional[int] = None  # torch intra-op threads per process; None = share of cores
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. ``uri`` None means ``MLFLOW_TRACKING_URI`` or the local SQLite default."""
+
+    enable: bool = True
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # None = the experiment name
+    log_checkpoints: bool = False
+    run_name: Optional[str] = None
+    # Set by orch at submit time so every rank, restart and requeue continues one run; leave empty.
+    run_id: Optional[str] = None
+    parent_run_id: Optional[str] = None
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags (fold, grid point, trial)

@@ -1,0 +1,143 @@
+"""The whole experiment: training sections (from :mod:`detection.config`) plus launch sections.
+
+Every section is a frozen dataclass; :func:`orchestrator.config.validate.build` turns a merged
+YAML mapping into an :class:`Experiment`, naming the file and key path of anything wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from detection.config import (
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    OptimConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    TrackingConfig,
+)
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """Options of the local backend (this machine, GPU slices)."""
+
+    cpu_slots: Optional[int] = None  # size of the slot pool when there is no GPU; None = cores
+    max_parallel: Optional[int] = None  # cap on jobs running at once
+
+
+@dataclass(frozen=True)
+class TorchrunOptions:
+    """Options of the torchrun backend."""
+
+    hosts: tuple[str, ...] = ()  # start one node per host over ssh
+    master_addr: Optional[str] = None
+    node_rank: Optional[int] = None  # start just this node (by hand, like dist_train.sh)
+    rdzv_port: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Options of the Slurm backend (passed to submitit / sbatch)."""
+
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    nodelist: Optional[str] = None
+    setup: tuple[str, ...] = ()  # shell lines run before the job (module load, conda activate)
+    max_requeues: int = 3
+    array_parallelism: int = 8
+    additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Options of the Ray backend."""
+
+    address: Optional[str] = None  # None = start a local Ray; auto | HOST:PORT | ray://HOST:10001
+    storage_path: Optional[str] = None  # shared storage for checkpoints (needed for multi-node)
+    max_failures: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: Optional[float] = None  # None = 1 when the job uses GPUs
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One resource vocabulary for every backend."""
+
+    gpus: int = 1  # total GPUs (world size); on a CPU-only machine: processes / CPU slots
+    gpus_per_node: Optional[int] = None  # None = all of `gpus` on one node
+    nodes: Optional[int] = None  # None = gpus / gpus_per_node
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    time: Optional[str] = None  # Slurm time format: MM, HH:MM:SS, D-HH:MM:SS
+    partition: Optional[str] = None
+    backend: Literal["auto", "local", "torchrun", "slurm", "ray"] = "auto"
+    local: LocalOptions = field(default_factory=LocalOptions)
+    torchrun: TorchrunOptions = field(default_factory=TorchrunOptions)
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    ray: RayOptions = field(default_factory=RayOptions)
+
+
+@dataclass(frozen=True)
+class KFoldConfig:
+    """K-fold cross-validation over whole images (``orch kfold``)."""
+
+    folds: int = 5
+    seed: int = 0
+    ann_file: Optional[str] = None  # None = data.train.ann_file
+    group_key: Optional[str] = None  # an image field whose equal values stay in one fold
+    group_regex: Optional[str] = None  # regex on file_name; group 1 (or the match) is the key
+    allow_small_classes: bool = False  # warn instead of failing when a class has < K images
+    out_dir: Optional[str] = None  # None = <output_dir>/folds
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Ray Tune trial scheduler."""
+
+    type: Literal["fifo", "asha", "pbt"] = "fifo"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    max_t: Optional[int] = None
+    perturbation_interval: int = 1
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Ray Tune search (``orch sweep``). ``space`` maps config keys to distributions, e.g.
+    ``optim.lr: {loguniform: [1.0e-4, 1.0e-2]}`` or ``model.backbone: {choice: [resnet18, resnet34]}``
+    (kinds: choice, grid, uniform, loguniform, randint)."""
+
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+    num_samples: int = 1
+    metric: str = "bbox_mAP"
+    mode: Literal["max", "min"] = "max"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    searcher: Literal["random", "grid", "optuna"] = "random"
+    max_concurrent: Optional[int] = None
+    gpus_per_trial: float = 0.0  # fractions allowed; > 1 means DDP inside the trial
+    cpus_per_trial: float = 1.0
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A whole resolved experiment."""
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    resources: Resources = field(default_factory=Resources)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # key -> values (cartesian product)
+    kfold: Optional[KFoldConfig] = None
+    sweep: Optional[SweepConfig] = None

@@ -1,0 +1,80 @@
+"""Data only: what a job is, what a backend plans to do with it, and what state it is in."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from orchestrator.config.schema import Experiment
+
+
+class JobState(str, enum.Enum):
+    """The life of a job, the same words for every backend."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One training job, fully resolved, before a backend decides where it runs.
+
+    ``config_path`` is the resolved experiment YAML (no ``_base_``, overrides applied) that the
+    worker loads; the orchestrator writes it (and creates the MLflow run) before launch, except in
+    a dry run where nothing is written.
+    """
+
+    name: str
+    experiment: Experiment
+    config_path: Path
+    output_dir: Path
+    backend: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a backend will do: ``text`` is exactly what ``orch submit --dry-run`` prints
+    (sbatch script, torchrun command lines, Ray job description). ``payload`` is backend data."""
+
+    backend: str
+    jobs: tuple[JobSpec, ...]
+    text: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class JobRecord:
+    """What ``orch status`` knows of a job; kept as JSON in the orch home folder
+    (``$ORCH_HOME`` or ``~/.orch``), one folder a job."""
+
+    job_id: str
+    name: str
+    backend: str
+    state: JobState
+    output_dir: str
+    config_path: str
+    log_path: str
+    submitted_at: float
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    exit_code: Optional[int] = None
+    pid: Optional[int] = None  # supervising process (local/torchrun)
+    native_id: Optional[str] = None  # Slurm job id, Ray job/run name
+    mlflow_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None
+    error: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
