@@ -32,8 +32,8 @@ def cli() -> None:
 
     \b
     Examples:
-      orch config experiments/shapes_ssdlite.yaml --gpus 8
-      orch train experiments/shapes_ssdlite.yaml --set optim.lr=0.002
+      orch config experiments/shapes_demo.yaml --gpus 8
+      orch train experiments/shapes_demo.yaml --set optim.lr=0.002
       orch submit exp.yaml --gpus 4                       # local GPU slices
       orch submit exp.yaml --partition dev --gpus 16      # Slurm, 2 nodes x 8 GPUs
       orch kfold exp.yaml --folds 5                       # 5 fold runs + one summary run

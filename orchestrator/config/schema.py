@@ -27,6 +27,7 @@ class LocalOptions:
 
     cpu_slots: Optional[int] = None  # size of the slot pool when there is no GPU; None = cores
     max_parallel: Optional[int] = None  # cap on jobs running at once
+    queue: bool = True  # wait for free GPUs/slots; False (--no-wait) fails at once
 
 
 @dataclass(frozen=True)

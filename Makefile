@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Each creates and fills the
+# virtual environment on first use (reused afterwards, refreshed when setup.cfg changes).
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ORCH   := $(VENV)/bin/orch
+STAMP  := $(VENV)/.orch-installed
+DATA   ?= data/shapes
+DEMO_TRAIN ?= 400
+DEMO_VAL   ?= 100
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Main job on the embedded default: synthetic shapes, demo experiment, local backend, MLflow in
+# ./mlflow.db; prints the final metrics and the `mlflow ui` command.
+demo: $(STAMP)
+	$(ORCH) data shapes --out $(DATA) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --size 160 --seed 0
+	$(ORCH) submit experiments/shapes_demo.yaml --backend local --wait
+
+# The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server).
+test: $(STAMP)
+	$(PY) -m pytest -q -ra --durations=15
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf work_dirs $(DATA) mlflow.db mlartifacts

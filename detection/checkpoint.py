@@ -1,0 +1,264 @@
+"""Checkpoints: atomic files, newest-N retention, best-metric copies, exact resume.
+
+A checkpoint holds everything a run needs to continue as if never stopped: model, optimizer,
+AMP scaler, iteration (the epoch, the LR and the sampler position follow from it: the LR is a
+function of the iteration and the batch order a function of (seed, epoch)), best metric, history,
+and every rank's RNG states (python, numpy, torch, cuda). In deterministic mode on CPU a run
+stopped and resumed gives losses equal to an uninterrupted run (``tests/detection/test_checkpoint.py``).
+
+Files under ``<output_dir>/checkpoints``: ``iter_<N>.pth`` (or ``epoch_<N>.pth``), ``best_<metric>.pth``
+and ``last_checkpoint`` (the file name of the newest). Each is written to a temporary file in
+the same folder, fsynced and renamed, so a crash never leaves a half-written file under a final
+name. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import re
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cluster.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+POINTER = "last_checkpoint"
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file in the same folder + fsync + rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_text(text: str, path: str) -> None:
+    """Write a small text file atomically (the ``last_checkpoint`` pointer)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    # The rename itself is durable only once the directory entry is flushed.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """This process's RNG states, as tensors and plain types (``weights_only``-loadable)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    version, *rest = state["python"]
+    random.setstate((version, tuple(rest[0]), rest[1]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a checkpoint written by :class:`Checkpointer` (CPU tensors)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint {path!r} does not exist; check runtime.resume / --checkpoint") from None
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file is the user's input
+        raise ConfigError(f"checkpoint {path!r} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def _gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class Checkpointer:
+    """Saves and restores a :class:`~detection.engine.Trainer`'s state (see the module docstring).
+
+    Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes.
+    """
+
+    def __init__(self, output_dir: str, cfg: Any, rank: int = 0, unit: str = "iter") -> None:
+        self.dir = os.path.join(output_dir, "checkpoints")
+        self.cfg = cfg
+        self.rank = rank
+        self.unit = unit  # "iter" or "epoch": names of periodic files
+        self.best: dict[str, Any] = {}
+        self.last_path: Optional[str] = None
+        if rank == 0:
+            os.makedirs(self.dir, exist_ok=True)
+            for stale in glob.glob(os.path.join(self.dir, ".tmp-*")):
+                os.unlink(stale)  # left by a crash during a save; never a valid checkpoint
+
+    # -- saving ---------------------------------------------------------------------------
+    def state(self, trainer: Any) -> dict[str, Any]:
+        """The checkpoint content of ``trainer`` (every rank must call: gathers RNG states)."""
+        rng = _gather(get_rng_state())
+        return {
+            "model": trainer.model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "iter": trainer.iter,
+            "epoch": trainer.iter // trainer.iters_per_epoch,
+            "max_iters": trainer.max_iters,
+            "iters_per_epoch": trainer.iters_per_epoch,
+            "world_size": trainer.env.world_size,
+            "lr": trainer.lr_scaling.lr,
+            "best": dict(self.best),
+            "history": trainer.history,
+            "metrics": dict(trainer.metrics),
+            "rng": rng,
+            "run_id": getattr(trainer, "run_id", None),
+        }
+
+    def save(self, trainer: Any, reason: str = "interval") -> str:
+        """Write the periodic checkpoint of the current step; prune; move the pointer."""
+        count = trainer.iter if self.unit == "iter" or reason == "preempted" else trainer.iter // trainer.iters_per_epoch
+        unit = "iter" if reason == "preempted" else self.unit
+        path = os.path.join(self.dir, f"{unit}_{count}.pth")
+        state = self.state(trainer)
+        if self.rank == 0:
+            atomic_save(state, path)
+            atomic_write_text(os.path.basename(path) + "\n", os.path.join(self.dir, POINTER))
+            self._prune()
+            log.info("checkpoint %s (%s)", path, reason)
+        self.last_path = path
+        self._barrier()
+        trainer.call_hooks("after_checkpoint", path)
+        return path
+
+    def update_best(self, trainer: Any, metrics: dict[str, float]) -> bool:
+        """Record ``metrics`` against ``checkpoint.save_best``; write ``best_<metric>.pth`` when
+        it improved. Returns whether it improved."""
+        name = self.cfg.save_best
+        if not name or name not in metrics:
+            if name and trainer.iter == trainer.max_iters:
+                log.warning("checkpoint.save_best: metric %r not among %s", name, sorted(metrics))
+            return False
+        value = float(metrics[name])
+        old = self.best.get("value")
+        better = old is None or (value > old if self.cfg.rule == "greater" else value < old)
+        if not better:
+            return False
+        path = os.path.join(self.dir, f"best_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.pth")
+        self.best = {"metric": name, "value": value, "iter": trainer.iter,
+                     "epoch": trainer.iter // trainer.iters_per_epoch, "path": path}
+        state = self.state(trainer)
+        if self.rank == 0:
+            atomic_save(state, path)
+        self._barrier()
+        trainer.call_hooks("after_checkpoint", path)
+        return True
+
+    def _prune(self) -> None:
+        if self.cfg.max_keep is None or self.cfg.max_keep <= 0:
+            return
+        periodic = []
+        for path in glob.glob(os.path.join(self.dir, "*.pth")):
+            match = re.fullmatch(r"(iter|epoch)_(\d+)\.pth", os.path.basename(path))
+            if match:
+                periodic.append((os.stat(path).st_mtime_ns, int(match.group(2)), path))
+        for _, _, path in sorted(periodic)[: -self.cfg.max_keep]:
+            os.unlink(path)
+
+    @staticmethod
+    def _barrier() -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
+    # -- loading --------------------------------------------------------------------------
+    def find_resume(self, spec: Optional[str]) -> Optional[str]:
+        """The checkpoint ``runtime.resume`` names: ``auto`` = the pointer's file (None when the
+        folder has none yet: a fresh start), else the path itself, which must exist."""
+        if not spec:
+            return None
+        if spec == "auto":
+            pointer = os.path.join(self.dir, POINTER)
+            if not os.path.isfile(pointer):
+                return None
+            with open(pointer) as handle:
+                path = os.path.join(self.dir, handle.read().strip())
+            if not os.path.isfile(path):
+                raise ConfigError(f"{pointer} names {path}, which is missing; pass runtime.resume=PATH")
+            return path
+        if not os.path.isfile(spec):
+            raise ConfigError(f"runtime.resume: checkpoint {spec!r} does not exist; give a file or 'auto'")
+        return spec
+
+    def resume(self, trainer: Any, path: str) -> None:
+        """Restore ``trainer`` from ``path``. On another world size the position is carried over
+        as the same fraction of training, the LR rule is re-applied and the RNG reseeded."""
+        state = load_checkpoint(path)
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.scaler is not None and state.get("scaler"):
+            trainer.scaler.load_state_dict(state["scaler"])
+        self.best = dict(state.get("best") or {})
+        trainer.history = state.get("history") or {"train": [], "eval": []}
+        trainer.metrics = dict(state.get("metrics") or {})
+        self.last_path = path
+        trainer.run_id = state.get("run_id")  # the MLflow hook continues this run
+        rank = trainer.env.rank
+        if state["world_size"] == trainer.env.world_size and state["max_iters"] == trainer.max_iters:
+            trainer.iter = int(state["iter"])
+            trainer.pending_rng = state["rng"][rank]
+            log.info("resumed from %s at iteration %d", path, trainer.iter)
+            return
+        fraction = state["iter"] / max(1, state["max_iters"])
+        trainer.iter = min(trainer.max_iters, round(fraction * trainer.max_iters))
+        seed = trainer.config.runtime.seed + rank + trainer.iter
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        log.warning(
+            "resumed from %s (world size %d, iteration %d/%d) on world size %d: continuing at "
+            "iteration %d/%d; LR rule re-applied: %s (was lr %.6g); RNG reseeded",
+            path, state["world_size"], state["iter"], state["max_iters"], trainer.env.world_size,
+            trainer.iter, trainer.max_iters, trainer.lr_scaling.describe(), state["lr"],
+        )

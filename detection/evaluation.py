@@ -1,0 +1,239 @@
+"""COCO evaluation with pycocotools' COCOeval, and the predictions it reads.
+
+:func:`evaluate_coco` returns the 12 standard COCOeval numbers per IoU type under fixed names
+(``bbox_mAP``, ``bbox_mAP_50``, ..., ``segm_AR_l``), exactly the values COCOeval's ``stats``
+holds (``-1`` where the ground truth has no object in that area range), plus per-class AP
+(``bbox_AP/<class name>``) when asked; classes without ground truth are left out of the
+per-class numbers. COCOeval's prints go to this module's logger at DEBUG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from cluster.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Names of COCOeval's 12 ``stats`` entries, in order; a metric is ``f"{iou_type}_{name}"``.
+STAT_NAMES: tuple[str, ...] = (
+    "mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l",
+    "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l",
+)
+IOU_TYPES = ("bbox", "segm")
+
+
+def evaluate_coco(
+    coco_gt: Any,
+    predictions: Sequence[Mapping[str, Any]],
+    iou_types: Sequence[str] = ("bbox",),
+    classwise: bool = False,
+    class_names: Optional[Mapping[int, str]] = None,
+) -> dict[str, float]:
+    """COCOeval of ``predictions`` (COCO result dicts) against ``coco_gt`` (a pycocotools COCO).
+
+    Args:
+        coco_gt: ground truth, e.g. ``CocoDetection.coco``.
+        predictions: ``{"image_id", "category_id", "bbox" (xywh), "score"[, "segmentation"]}``
+            with original COCO category ids (see :func:`predictions_to_coco`). Not modified.
+        iou_types: ``"bbox"`` and/or ``"segm"``.
+        classwise: add ``<iou_type>_AP/<class name>`` (AP at IoU .50:.95, all areas, 100 dets).
+        class_names: category id -> display name; default: the names in ``coco_gt``.
+
+    Empty predictions give 0 for every number (``-1`` where there is no ground truth).
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    unknown = [t for t in iou_types if t not in IOU_TYPES]
+    if unknown:
+        raise ConfigError(f"eval.metric: {unknown} not supported; use {list(IOU_TYPES)}")
+    known_images = set(coco_gt.getImgIds())
+    stray = sorted({int(p["image_id"]) for p in predictions} - known_images)
+    if stray:
+        raise DataError(
+            f"predictions name {len(stray)} image id(s) not in the ground truth (first: {stray[0]}); "
+            "evaluate against the annotation file the predictions were made on"
+        )
+    names = dict(class_names) if class_names is not None else {c["id"]: c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())}
+    metrics: dict[str, float] = {}
+    for iou_type in iou_types:
+        dets = _results_for(predictions, iou_type)
+        coco_dt = _load_results(coco_gt, dets)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+        buffer = io.StringIO()
+        with contextlib.redirect_stdout(buffer):
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        log.debug("COCOeval %s:\n%s", iou_type, buffer.getvalue().rstrip())
+        for name, value in zip(STAT_NAMES, evaluator.stats):
+            metrics[f"{iou_type}_{name}"] = float(value)
+        if classwise:
+            metrics.update(_per_class_ap(evaluator, iou_type, names))
+    return metrics
+
+
+def _results_for(predictions: Sequence[Mapping[str, Any]], iou_type: str) -> list[dict[str, Any]]:
+    """Copies of the predictions holding only what ``iou_type`` reads.
+
+    Segmentation results must not carry a ``bbox``: ``COCO.loadRes`` would then take the area of
+    the box, not of the mask, and put detections in the wrong area range (detectron2 drops it too).
+    """
+    if iou_type == "segm":
+        if any("segmentation" not in p for p in predictions):
+            raise ConfigError("eval.metric includes segm but the predictions have no masks; use a mask model or metric [bbox]")
+        return [{k: v for k, v in p.items() if k != "bbox"} for p in predictions]
+    return [{k: v for k, v in p.items() if k != "segmentation"} for p in predictions]
+
+
+def _load_results(coco_gt: Any, dets: list[dict[str, Any]]) -> Any:
+    """``coco_gt.loadRes(dets)``, quietly; with no detections an empty result set (loadRes
+    cannot take an empty list), which COCOeval scores as 0 recall and precision."""
+    from pycocotools.coco import COCO
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        if dets:
+            coco_dt = coco_gt.loadRes(dets)
+        else:
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "categories": list(coco_gt.dataset["categories"]), "annotations": []}
+            coco_dt.createIndex()
+    log.debug("pycocotools: %s", buffer.getvalue().strip())
+    return coco_dt
+
+
+def _per_class_ap(evaluator: Any, iou_type: str, names: Mapping[int, str]) -> dict[str, float]:
+    """AP per category from the precision array [iou, recall, class, area, max dets]."""
+    precision = evaluator.eval["precision"]
+    result = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, 0, -1]  # all IoUs and recalls, area "all", maxDets 100
+        values = values[values > -1]
+        if values.size:  # -1 everywhere = no ground truth of this class: no AP to report
+            result[f"{iou_type}_AP/{names.get(cat_id, str(cat_id))}"] = float(np.mean(values))
+    return result
+
+
+def predictions_to_coco(
+    outputs: Sequence[Mapping[str, Any]],
+    image_ids: Sequence[int],
+    label_to_cat_id: Mapping[int, int],
+    with_masks: bool = False,
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """torchvision detector outputs -> JSON-serialisable COCO result dicts.
+
+    ``outputs[i]`` (``boxes`` xyxy, ``scores``, ``labels``[, ``masks`` ``[N, 1, H, W]``
+    probabilities]) belongs to ``image_ids[i]`` (an int or a scalar tensor). Boxes become xywh,
+    labels become COCO category ids, masks become RLE (thresholded at ``mask_threshold``).
+    """
+    if len(outputs) != len(image_ids):
+        raise ValueError(f"predictions_to_coco: {len(outputs)} outputs for {len(image_ids)} image ids")
+    results: list[dict[str, Any]] = []
+    for output, image_id in zip(outputs, image_ids):
+        boxes = _numpy(output["boxes"]).reshape(-1, 4).astype(np.float64)
+        scores = _numpy(output["scores"]).reshape(-1)
+        labels = _numpy(output["labels"]).reshape(-1)
+        rles = _encode_masks(output["masks"], mask_threshold) if with_masks else None
+        for i in range(len(scores)):
+            label = int(labels[i])
+            if label not in label_to_cat_id:
+                raise DataError(
+                    f"the model predicted label {label} but the dataset has labels 1..{len(label_to_cat_id)}; "
+                    "the model's num_classes does not match the data (check model.weights / runtime.load_from)"
+                )
+            x0, y0, x1, y1 = boxes[i]
+            result = {
+                "image_id": int(image_id),
+                "category_id": int(label_to_cat_id[label]),
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "score": float(scores[i]),
+            }
+            if rles is not None:
+                result["segmentation"] = rles[i]
+            results.append(result)
+    return results
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _encode_masks(masks: Any, threshold: float) -> list[dict[str, Any]]:
+    """``[N, 1, H, W]`` (or ``[N, H, W]``) probabilities -> RLE dicts with str counts."""
+    from pycocotools import mask as mask_util
+
+    array = _numpy(masks)
+    if array.ndim == 4:
+        array = array[:, 0]
+    binary = np.asfortranarray((array > threshold).transpose(1, 2, 0).astype(np.uint8))
+    rles = mask_util.encode(binary) if array.shape[0] else []
+    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
+
+
+def gather_predictions(preds: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """All ranks' predictions on every rank, one copy per image, sorted by image id.
+
+    Uses ``torch.distributed.all_gather_object`` when a process group is running and
+    ``world_size > 1``; otherwise returns ``preds`` sorted. An image predicted on two ranks
+    (padding) keeps the predictions of the lowest rank.
+    """
+    per_rank = [preds]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, preds)
+    merged: list[dict[str, Any]] = []
+    owner: dict[int, int] = {}
+    for rank, rank_preds in enumerate(per_rank):
+        for pred in rank_preds or []:
+            image_id = int(pred["image_id"])
+            if owner.setdefault(image_id, rank) == rank:
+                merged.append(pred)
+    merged.sort(key=lambda p: int(p["image_id"]))  # stable: keeps each image's own order
+    return merged
+
+
+def write_predictions(path: str, preds: Sequence[Mapping[str, Any]]) -> str:
+    """Write COCO result dicts as JSON, atomically (temporary file + rename); returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(list(preds), handle)
+    os.replace(tmp, path)
+    return path
+
+
+def per_class_table(metrics: Mapping[str, float]) -> str:
+    """A markdown table of the per-class AP in ``metrics`` (one column per IoU type)."""
+    columns = [t for t in IOU_TYPES if any(k.startswith(f"{t}_AP/") for k in metrics)]
+    classes: list[str] = []
+    for key in metrics:
+        for iou_type in columns:
+            prefix = f"{iou_type}_AP/"
+            if key.startswith(prefix) and key[len(prefix):] not in classes:
+                classes.append(key[len(prefix):])
+    if not columns:
+        return "(no per-class AP: set eval.classwise: true)\n"
+    lines = ["| class | " + " | ".join(f"{t} AP" for t in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for name in classes:
+        cells = []
+        for iou_type in columns:
+            value = metrics.get(f"{iou_type}_AP/{name}")
+            cells.append("-" if value is None or math.isnan(value) else f"{value:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

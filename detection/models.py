@@ -1,0 +1,237 @@
+"""The explicit table of torchvision detectors orch can train, built without any download.
+
+Every builder is called with ``weights=None, weights_backbone=None``: this machine (and most
+clusters' compute nodes) cannot download, and a silent download inside 64 ranks is the wrong
+place to find that out. Pretrained weights come from local files only (``model.weights``: a
+whole detector, ``model.backbone_weights``: a backbone), loaded after the build.
+
+Input size: the detector's own transform resizes images, so ``data.min_size/max_size`` are passed
+to it. SSD and SSDlite have a fixed input size (300/320); orch forces it to ``data.min_size`` so
+that small images stay small (SSDlite at 128-160 px trains several times faster than at 320).
+
+``model.options`` are passed to the torchvision builder as keyword arguments, so every knob of
+torchvision's classes is reachable (e.g. ``rpn_batch_size_per_image``, ``box_batch_size_per_image``,
+``rpn_pre_nms_top_n_train``; shrinking these makes Faster R-CNN 3-10x faster on small images, see
+``experiments/``). The table keeps torchvision's defaults so published recipes reproduce.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from cluster.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50")
+# SSD/SSDlite builders pass **kwargs to the backbone as well, so options are set as attributes.
+SSD_ATTRIBUTE_OPTIONS = ("score_thresh", "nms_thresh", "detections_per_img", "topk_candidates")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One row of :data:`MODELS`: how to build a detector and what it needs."""
+
+    builder: str  # torchvision.models.detection function name, or "custom_fasterrcnn"
+    fixed_size: bool = False  # SSD family: one square input size, forced to data.min_size
+    masks: bool = False  # needs instance masks in the targets (Mask R-CNN)
+    takes_backbone: bool = False  # model.backbone selects the FPN backbone
+    min_input: int = 0  # smallest data.min_size whose feature maps stay valid
+    description: str = ""
+
+
+MODELS: dict[str, ModelEntry] = {
+    "fasterrcnn_resnet50_fpn": ModelEntry("fasterrcnn_resnet50_fpn", description="Faster R-CNN R50-FPN v1"),
+    "fasterrcnn_resnet50_fpn_v2": ModelEntry("fasterrcnn_resnet50_fpn_v2", description="Faster R-CNN R50-FPN v2"),
+    "fasterrcnn_mobilenet_v3_large_fpn": ModelEntry(
+        "fasterrcnn_mobilenet_v3_large_fpn", description="Faster R-CNN MobileNetV3-Large FPN"
+    ),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ModelEntry(
+        "fasterrcnn_mobilenet_v3_large_320_fpn", description="Faster R-CNN MobileNetV3-Large 320 FPN"
+    ),
+    "fasterrcnn": ModelEntry(
+        "custom_fasterrcnn", takes_backbone=True, description="Faster R-CNN, ResNet-18/34/50 FPN (model.backbone)"
+    ),
+    "retinanet_resnet50_fpn": ModelEntry("retinanet_resnet50_fpn", description="RetinaNet R50-FPN v1"),
+    "retinanet_resnet50_fpn_v2": ModelEntry("retinanet_resnet50_fpn_v2", description="RetinaNet R50-FPN v2"),
+    "fcos_resnet50_fpn": ModelEntry("fcos_resnet50_fpn", description="FCOS R50-FPN"),
+    "ssd300_vgg16": ModelEntry(
+        # VGG's extra blocks are unpadded 3x3 convs: below 268 px a feature map reaches 0x0.
+        "ssd300_vgg16", fixed_size=True, min_input=268, description="SSD300 VGG16"
+    ),
+    "ssdlite320_mobilenet_v3_large": ModelEntry(
+        "ssdlite320_mobilenet_v3_large", fixed_size=True, description="SSDlite320 MobileNetV3-Large"
+    ),
+    "maskrcnn_resnet50_fpn": ModelEntry("maskrcnn_resnet50_fpn", masks=True, description="Mask R-CNN R50-FPN"),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``model.type``."""
+    return list(MODELS)
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The table row of ``name``; :class:`ConfigError` naming the valid types otherwise."""
+    if name not in MODELS:
+        raise ConfigError(f"model.type {name!r} is not a known detector; valid: {', '.join(MODELS)}")
+    return MODELS[name]
+
+
+def build_model(model_cfg, num_classes: int, data_cfg):
+    """Build the detector of ``model_cfg`` (a :class:`detection.config.ModelConfig`) for
+    ``num_classes`` labels including background, sized by ``data_cfg`` (``DataConfig``), then load
+    ``model.backbone_weights`` and ``model.weights`` when given. Never downloads."""
+    entry = get_entry(model_cfg.type)
+    # Check the weight paths before the (slow) build, so a typo fails in milliseconds.
+    weights = check_local_weights(model_cfg.weights, "model.weights")
+    backbone_weights = check_local_weights(model_cfg.backbone_weights, "model.backbone_weights")
+    if model_cfg.backbone is not None and not entry.takes_backbone:
+        raise ConfigError(
+            f"model.backbone is only used by model.type fasterrcnn, not {model_cfg.type!r}; remove it"
+        )
+    if data_cfg.min_size < entry.min_input:
+        raise ConfigError(
+            f"model.type {model_cfg.type} needs data.min_size >= {entry.min_input} "
+            f"(got {data_cfg.min_size}); raise data.min_size or pick ssdlite320_mobilenet_v3_large"
+        )
+    options = dict(model_cfg.options or {})
+    try:
+        model = _construct(entry, model_cfg, num_classes, data_cfg, options)
+    except TypeError as err:
+        raise ConfigError(
+            f"model.options {sorted(options)} not accepted by {model_cfg.type}: {err}; "
+            "see the torchvision class's keyword arguments"
+        ) from None
+    if backbone_weights:
+        load_backbone_weights(model, backbone_weights)
+    if weights:
+        load_detector_weights(model, weights)
+    return model
+
+
+def _construct(entry: ModelEntry, model_cfg, num_classes: int, data_cfg, options: dict[str, Any]):
+    import torch.nn as nn
+    from torchvision.models import detection as tvd
+
+    common: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
+    if model_cfg.trainable_backbone_layers is not None:
+        common["trainable_backbone_layers"] = model_cfg.trainable_backbone_layers
+
+    if entry.builder == "custom_fasterrcnn":
+        from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+        if model_cfg.backbone not in RESNET_BACKBONES:
+            raise ConfigError(
+                f"model.backbone {model_cfg.backbone!r} is not valid for model.type fasterrcnn; "
+                f"valid: {', '.join(RESNET_BACKBONES)}"
+            )
+        # From scratch, FrozenBatchNorm2d (the default) stays an identity: use real BatchNorm.
+        layers = 5 if model_cfg.trainable_backbone_layers is None else model_cfg.trainable_backbone_layers
+        backbone = resnet_fpn_backbone(
+            backbone_name=model_cfg.backbone, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=layers
+        )
+        return tvd.FasterRCNN(
+            backbone, num_classes=num_classes, min_size=data_cfg.min_size, max_size=data_cfg.max_size, **options
+        )
+
+    builder: Callable = getattr(tvd, entry.builder)
+    if not entry.fixed_size:
+        return builder(**common, min_size=data_cfg.min_size, max_size=data_cfg.max_size, **options)
+
+    attrs = {k: options.pop(k) for k in list(options) if k in SSD_ATTRIBUTE_OPTIONS}
+    if entry.builder == "ssdlite320_mobilenet_v3_large" and options:
+        raise ConfigError(
+            f"model.options {sorted(options)} not supported for {model_cfg.type}; "
+            f"valid: {', '.join(SSD_ATTRIBUTE_OPTIONS)}"
+        )
+    model = builder(**common, **options)
+    for key, value in attrs.items():
+        setattr(model, key, value)
+    size = int(data_cfg.min_size)
+    # The SSD builders fix the size (300/320) and warn on `size`; set the transform directly.
+    model.transform.min_size = (size,)
+    model.transform.max_size = size
+    model.transform.fixed_size = (size, size)
+    return model
+
+
+_ENUM_NAME = re.compile(r"^(DEFAULT|[A-Z0-9_]+_V\d+|[A-Za-z0-9_]+_Weights\.[A-Z0-9_]+)$")
+
+
+def check_local_weights(value: str | None, key: str) -> str | None:
+    """Return ``value`` if it names an existing local file; refuse URLs, torchvision weight enum
+    names and missing files with a :class:`ConfigError` saying how to fix it."""
+    if not value:
+        return None
+    text = str(value)
+    if "://" in text or (_ENUM_NAME.match(text) and not os.path.exists(text)):
+        raise ConfigError(
+            f"{key}={text!r} would need a download, which orch never does; download the file "
+            "yourself (e.g. torch.hub.load_state_dict_from_url on a machine with internet) and "
+            f"set {key} to its local path"
+        )
+    if not os.path.isfile(text):
+        raise ConfigError(f"{key}: file {text!r} does not exist; give the path of a local .pth file")
+    return text
+
+
+def read_state_dict(path: str, key: str) -> dict:
+    """The tensor dict in ``path``: an orch checkpoint (its ``model`` entry) or a plain state dict.
+    DDP ``module.`` prefixes are stripped."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is the user's file
+        raise ConfigError(f"{key}: cannot read {path!r} as a torch state dict ({err})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ConfigError(f"{key}: {path!r} holds no state dict (expected a dict of tensors)")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _load_matching(module, state: dict, key: str, path: str) -> int:
+    """Load the entries of ``state`` whose name and shape match ``module``; return the count.
+    Shape mismatches (e.g. a 91-class COCO head into a 4-class model) are skipped and logged."""
+    own = module.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if skipped:
+        log.warning("%s: %d tensors with other shapes not loaded (e.g. %s)", key, len(skipped), skipped[0])
+    module.load_state_dict(usable, strict=False)
+    log.info("%s: loaded %d/%d tensors from %s", key, len(usable), len(own), path)
+    return len(usable)
+
+
+def load_detector_weights(model, path: str, key: str = "model.weights") -> None:
+    """Load a whole detector's weights (fine-tuning); heads of another class count are skipped."""
+    state = read_state_dict(path, key)
+    if _load_matching(model, state, key, path) == 0:
+        raise ConfigError(f"{key}: no tensor of {path!r} matches this model; is it for another model.type?")
+
+
+def load_backbone_weights(model, path: str, key: str = "model.backbone_weights") -> None:
+    """Load a backbone state dict (e.g. torchvision's ResNet ImageNet file) into the part of the
+    model it fits best: ``backbone.body`` (FPN models), ``backbone.features`` or ``backbone``."""
+    state = read_state_dict(path, key)
+    candidates = [model.backbone]
+    for name in ("body", "features"):
+        if hasattr(model.backbone, name):
+            candidates.insert(0, getattr(model.backbone, name))
+
+    def matches(module) -> int:
+        own = module.state_dict()
+        return sum(1 for k, v in state.items() if k in own and own[k].shape == v.shape)
+
+    best = max(candidates, key=matches)
+    if matches(best) == 0:
+        raise ConfigError(f"{key}: no tensor of {path!r} matches the backbone of this model")
+    _load_matching(best, state, key, path)

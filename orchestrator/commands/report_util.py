@@ -1,0 +1,36 @@
+"""Printing helpers shared by commands: metric tables and the ``mlflow ui`` hint."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+
+def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
+    """Print metrics as a two-column table (rich), main COCO numbers first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics, key=lambda k: ("/" in k, k)):
+        value = metrics[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def mlflow_ui_hint(tracking_uri: Optional[str], run_id: Optional[str]) -> Optional[str]:
+    """The exact command that shows a run in the MLflow UI."""
+    if not tracking_uri:
+        return None
+    if tracking_uri.startswith(("http://", "https://")):
+        where = f"open {tracking_uri}"
+    else:
+        where = f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"view it: {where}" + (f"   (run {run_id})" if run_id else "")
+
+
+def echo_err(message: str) -> None:
+    click.echo(message, err=True)

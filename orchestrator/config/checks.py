@@ -1,0 +1,120 @@
+"""Cross-field rules of an experiment, checked after the type conversion.
+
+Each error names the file that set the offending key, the key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from cluster.errors import ConfigError
+from orchestrator.config.schema import Experiment
+from orchestrator.config.validate import Context, is_schema_path
+
+# Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
+_SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
+_METRICS = ("bbox", "segm")
+
+
+def _get(exp: Experiment, path: str) -> Any:
+    value: Any = exp
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _at_least(exp: Experiment, ctx: Context, minimum: float, *paths: str, strict: bool = False) -> None:
+    for path in paths:
+        value = _get(exp, path)
+        if value is None:
+            continue
+        if value < minimum or (strict and value == minimum):
+            bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+            raise ctx.error(path, f"must be {bound}, got {value!r}")
+
+
+def check_experiment(exp: Experiment, ctx: Context) -> None:
+    """Raise :class:`ConfigError` on the first rule ``exp`` breaks."""
+    if not exp.name.strip():
+        raise ctx.error("name", "must not be empty")
+    _check_schedule(exp, ctx)
+    _at_least(exp, ctx, 1, "data.batch_size_per_gpu", "data.min_size", "data.max_size",
+              "optim.accumulation_steps", "optim.auto_scale_lr.base_batch_size",
+              "eval.interval", "checkpoint.interval", "checkpoint.max_keep",
+              "runtime.log_interval", "runtime.threads")
+    _at_least(exp, ctx, 0, "data.workers_per_gpu", "data.flip_prob", "optim.momentum",
+              "optim.weight_decay", "schedule.warmup_iters", "schedule.min_lr_ratio")
+    _at_least(exp, ctx, 0, "optim.lr", "optim.grad_clip", "schedule.gamma",
+              "schedule.warmup_ratio", strict=True)
+    if exp.data.max_size < exp.data.min_size:
+        raise ctx.error("data.max_size", f"must be >= data.min_size ({exp.data.min_size}), got {exp.data.max_size}")
+    if exp.data.flip_prob > 1:
+        raise ctx.error("data.flip_prob", f"is a probability in [0, 1], got {exp.data.flip_prob}")
+    for path in ("schedule.warmup_ratio", "schedule.min_lr_ratio"):
+        if _get(exp, path) > 1:
+            raise ctx.error(path, f"is a fraction of the LR in [0, 1], got {_get(exp, path)}")
+    if not exp.eval.metric or any(m not in _METRICS for m in exp.eval.metric):
+        raise ctx.error("eval.metric", f"must list some of {', '.join(_METRICS)}, got {list(exp.eval.metric)}")
+    if "{" in exp.runtime.output_dir.replace("{name}", ""):
+        raise ctx.error("runtime.output_dir", "may only contain the placeholder {name}, got "
+                        f"{exp.runtime.output_dir!r}")
+    _check_resources(exp, ctx)
+    _check_searches(exp, ctx)
+
+
+def _check_schedule(exp: Experiment, ctx: Context) -> None:
+    schedule = exp.schedule
+    if schedule.epochs is not None and schedule.iterations is not None:
+        raise ConfigError(
+            f"schedule has both epochs ({schedule.epochs}, from {ctx.where('schedule.epochs')}) and "
+            f"iterations ({schedule.iterations}, from {ctx.where('schedule.iterations')}); "
+            "keep one: set the other to null (e.g. 'epochs: null')"
+        )
+    if schedule.epochs is None and schedule.iterations is None:
+        raise ctx.error("schedule", "needs epochs or iterations; e.g. --set schedule.epochs=12")
+    _at_least(exp, ctx, 1, "schedule.epochs", "schedule.iterations")
+    milestones = schedule.milestones
+    if any(m <= 0 for m in milestones) or any(a >= b for a, b in zip(milestones, milestones[1:])):
+        raise ctx.error("schedule.milestones", f"must be positive and strictly increasing, got {list(milestones)}")
+    # Milestones past the end are allowed: `--set schedule.epochs=1` is a common smoke test.
+
+
+def _check_resources(exp: Experiment, ctx: Context) -> None:
+    res = exp.resources
+    _at_least(exp, ctx, 1, "resources.gpus", "resources.gpus_per_node", "resources.nodes",
+              "resources.cpus_per_task", "resources.local.cpu_slots", "resources.local.max_parallel",
+              "resources.slurm.array_parallelism")
+    _at_least(exp, ctx, 0, "resources.mem_gb", strict=True)
+    if res.gpus_per_node is not None and res.gpus % res.gpus_per_node:
+        raise ctx.error(
+            "resources.gpus",
+            f"{res.gpus} GPUs do not fill whole nodes of resources.gpus_per_node={res.gpus_per_node}; "
+            "use a multiple of gpus_per_node",
+        )
+    if res.nodes is not None:
+        per_node = res.gpus_per_node if res.gpus_per_node is not None else res.gpus / res.nodes
+        if res.gpus % res.nodes or res.nodes * per_node != res.gpus:
+            raise ctx.error(
+                "resources.nodes",
+                f"{res.nodes} nodes x {res.gpus_per_node or 'gpus/nodes'} GPUs per node does not make "
+                f"resources.gpus={res.gpus}; fix gpus, nodes or gpus_per_node",
+            )
+    if res.time is not None and not _SLURM_TIME.match(res.time):
+        raise ctx.error("resources.time", f"{res.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
+
+
+def _check_searches(exp: Experiment, ctx: Context) -> None:
+    for key, values in exp.grid.items():
+        if not is_schema_path(key) or key.split(".", 1)[0] in ("grid", "kfold", "sweep"):
+            raise ctx.error(f"grid.{key}", "is not a config key that a grid can vary")
+        if not values:
+            raise ctx.error(f"grid.{key}", "needs at least one value")
+    if exp.kfold is not None:
+        _at_least(exp, ctx, 2, "kfold.folds")
+    if exp.sweep is not None:
+        _at_least(exp, ctx, 1, "sweep.num_samples", "sweep.max_concurrent")
+        _at_least(exp, ctx, 0, "sweep.gpus_per_trial", "sweep.cpus_per_trial")
+        for key in exp.sweep.space:
+            if not is_schema_path(key) or key.split(".", 1)[0] in ("grid", "kfold", "sweep"):
+                raise ctx.error(f"sweep.space.{key}", "is not a config key that a sweep can search")

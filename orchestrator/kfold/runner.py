@@ -1,0 +1,255 @@
+"""``orch kfold``: split, expand grid x folds, create the MLflow parents and children, launch every
+trial as ONE submission on any backend, wait, aggregate, report.
+
+A set is identified before anything runs: ``set_id`` hashes the experiment (launch resources
+and run ids left out, so ``--max-parallel`` or another backend resumes the same set), the number
+of folds, the seed, the grouping and the annotation file's content. Its folder
+``<output_dir>/kfold-<set_id>/`` holds ``set.json`` (parents and one record per trial: run id,
+status, output folder), the trials' output folders and ``report/``. Running the same command again
+skips trials recorded SUCCEEDED whose predictions exist, and re-launches the others in their
+same MLflow runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from cluster.errors import DataError, JobFailed, JobNotFound
+from orchestrator.config.schema import Experiment, KFoldConfig, Resources
+
+log = logging.getLogger(__name__)
+PREDICTIONS = "predictions_val.json"
+SET_FILE = "set.json"
+
+
+@dataclass
+class KFoldOutcome:
+    """What ``run_kfold`` did: the set folder and id, the report text (None for a dry run) and
+    the names of the trials trained now / skipped as already finished."""
+
+    set_id: str
+    set_dir: Path
+    report: Optional[str]
+    launched: list[str]
+    skipped: list[str]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def set_identity(exp: Experiment, kcfg: KFoldConfig, ann_sha: str) -> str:
+    """The set id: same experiment + folds + seed + grouping + annotation content -> same id."""
+    from orchestrator.config import config_hash
+
+    # where and how wide it runs does not change what is trained
+    normalized = dataclasses.replace(exp, resources=Resources(), kfold=None)
+    key = json.dumps([config_hash(normalized), kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, ann_sha])
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def _index_path(set_id: str) -> Path:
+    from orchestrator.jobs import orch_home
+
+    return orch_home() / "kfold" / f"{set_id}.json"
+
+
+def find_set(ref: str) -> Path:
+    """The folder of a set given its id (looked up in ``$ORCH_HOME/kfold``), its folder, or its
+    ``report`` folder."""
+    path = Path(ref).expanduser()
+    for candidate in (path, path.parent):
+        if (candidate / SET_FILE).is_file():
+            return candidate.resolve()
+    index = _index_path(ref)
+    if index.is_file():
+        return Path(json.loads(index.read_text())["set_dir"])
+    raise JobNotFound(f"no k-fold set {ref!r}: give a set id printed by orch kfold or the set folder (kfold-<id>)")
+
+
+def load_state(set_dir: Path) -> dict[str, Any]:
+    """``set.json`` of a set folder (empty state when new)."""
+    path = set_dir / SET_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"parents": {}, "trials": {}}
+
+
+def save_state(set_dir: Path, state: dict[str, Any]) -> None:
+    """Write ``set.json`` atomically: a crash never leaves a half-written record."""
+    set_dir.mkdir(parents=True, exist_ok=True)
+    tmp = set_dir / (SET_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(set_dir / SET_FILE)
+
+
+def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bool, echo: Callable[[str], None]):
+    """Split the annotation file (or reuse matching folds on disk); returns the fold files."""
+    from orchestrator.kfold.split import balance_table, check_folds, read_folds, split_folds, write_folds
+
+    ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
+    coco = json.loads(ann_file.read_text())
+    folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes)
+    if write:
+        manifest_file = folds_dir / "manifest.json"
+        same = False
+        if manifest_file.is_file():
+            old = json.loads(manifest_file.read_text())
+            same = (old.get("source", {}).get("sha256") == _sha256(ann_file) and old.get("k") == kcfg.folds
+                    and old.get("seed") == kcfg.seed
+                    and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex})
+            try:
+                same = same and read_folds(folds_dir) == folds
+            except DataError:
+                same = False
+        if not same:
+            write_folds(coco, folds, folds_dir, ann_file=ann_file, seed=kcfg.seed,
+                        group_key=kcfg.group_key, group_regex=kcfg.group_regex)
+        check_folds(coco, read_folds(folds_dir))  # what is on disk, not what was meant
+    echo(balance_table(coco, folds))
+    return ann_file, [(str(folds_dir / f"train_{f.fold}.json"), str(folds_dir / f"val_{f.fold}.json")) for f in folds]
+
+
+def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] = None, backend: Optional[str] = None,
+              gpus: Optional[int] = None, max_parallel: Optional[int] = None, dry_run: bool = False,
+              echo: Callable[[str], None] = print, poll_s: float = 1.0) -> KFoldOutcome:
+    """Run (or resume) the k-fold set of the experiment file ``path``; see the module docstring."""
+    from orchestrator.config import load_experiment, output_dir_of, with_overrides
+    from orchestrator.kfold.expand import expand
+    from orchestrator.launchers.base import get_launcher
+    from orchestrator.submit import SubmitFlags, build_job_spec, choose_backend
+
+    flags = SubmitFlags(backend=backend, gpus=gpus, max_parallel=max_parallel,
+                        extra={"kfold.folds": folds} if folds is not None else {})
+    exp = load_experiment(path, overrides, extra=flags.as_overrides())
+    kcfg = exp.kfold or KFoldConfig()
+    backend = choose_backend(exp, backend)
+    ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
+    if not ann_file.is_file():
+        raise DataError(f"k-fold annotation file {ann_file} does not exist; set kfold.ann_file or data.train.ann_file")
+    set_id = set_identity(exp, kcfg, _sha256(ann_file))
+    root = Path(output_dir_of(exp)).expanduser().resolve()
+    set_dir = root / f"kfold-{set_id}"
+    folds_dir = Path(kcfg.out_dir).expanduser().resolve() if kcfg.out_dir else root / "folds"
+    echo(f"k-fold set {set_id}: {kcfg.folds} folds, seed {kcfg.seed}, folder {set_dir}")
+    ann_file, fold_files = prepare_folds(exp, kcfg, folds_dir, write=not dry_run, echo=echo)
+
+    base = with_overrides(exp, {"runtime.output_dir": str(set_dir)})
+    trials = expand(base, fold_files)
+    state = load_state(set_dir)
+    done = {t.name for t in trials if _finished(state, t)}
+    pending = [t for t in trials if t.name not in done]
+    launcher = get_launcher(backend)
+    if dry_run:
+        plan = launcher.plan([build_job_spec(t.experiment, backend, write=False) for t in pending])
+        echo(f"{len(trials)} trials, {len(done)} already finished; would run:\n{plan}")
+        return KFoldOutcome(set_id, set_dir, None, [t.name for t in pending], sorted(done))
+
+    from orchestrator.kfold import tracking
+
+    state.update({"set_id": set_id, "experiment": exp.name, "folds": kcfg.folds, "seed": kcfg.seed,
+                  "ann_file": str(ann_file), "folds_dir": str(folds_dir), "source": str(Path(path).resolve())})
+    uri = tracking.ensure_parents(exp, trials, state, set_id)
+    save_state(set_dir, state)
+    _index_path(set_id).parent.mkdir(parents=True, exist_ok=True)
+    _index_path(set_id).write_text(json.dumps({"set_dir": str(set_dir)}))
+
+    jobs = []
+    for t in pending:
+        trial_exp = t.experiment
+        if uri:
+            run_id = tracking.child_run(exp, t, state, set_id, uri)
+            parent = state["parents"]["points"][t.point_name]
+            trial_exp = with_overrides(trial_exp, {"tracking.uri": uri, "tracking.run_id": run_id,
+                                                   "tracking.parent_run_id": parent})
+        jobs.append(build_job_spec(trial_exp, backend, write=True))
+        state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
+                                   "point": t.point_name, "output_dir": str(jobs[-1].output_dir),
+                                   "run_id": trial_exp.tracking.run_id}
+    save_state(set_dir, state)
+    if jobs:
+        plan = launcher.plan(jobs)
+        echo(f"launching {len(jobs)} trial(s) on {backend} ({len(done)} already finished)")
+        handles = launcher.submit(plan)
+        _wait_all(set_dir, state, [t.name for t in pending], handles, poll_s, echo)
+    else:
+        echo(f"all {len(trials)} trials already finished; aggregating")
+
+    failed = sorted(t.name for t in trials if not _finished(state, t))
+    report = _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, uri, failed, echo)
+    if failed:
+        raise JobFailed(f"{len(failed)} trial(s) of set {set_id} failed ({', '.join(failed[:3])}); "
+                        f"see {set_dir / SET_FILE}; run the same command again to retry only those")
+    return KFoldOutcome(set_id, set_dir, report, [t.name for t in pending], sorted(done))
+
+
+def _finished(state: dict, trial) -> bool:
+    record = state["trials"].get(trial.name, {})
+    return record.get("status") == "SUCCEEDED" and (Path(record.get("output_dir", "")) / PREDICTIONS).is_file()
+
+
+def _wait_all(set_dir: Path, state: dict, names: list[str], handles: list, poll_s: float,
+              echo: Callable[[str], None]) -> None:
+    """Poll every handle; record each trial in ``set.json`` the moment it ends, so an interrupted
+    ``orch kfold`` still remembers what finished."""
+    from orchestrator.spec import JobState
+
+    waiting = dict(zip(names, handles))
+    for name, handle in waiting.items():
+        state["trials"][name].update(status="RUNNING", job_id=handle.job_id)
+    save_state(set_dir, state)
+    try:
+        while waiting:
+            for name, handle in list(waiting.items()):
+                job_state = handle.state()
+                if not job_state.finished:
+                    continue
+                record = state["trials"][name]
+                ok = job_state == JobState.SUCCEEDED and (Path(record["output_dir"]) / PREDICTIONS).is_file()
+                record["status"] = "SUCCEEDED" if ok else job_state.value if job_state != JobState.SUCCEEDED else "FAILED"
+                save_state(set_dir, state)
+                echo(f"  {name}: {record['status']}  (job {handle.job_id})")
+                del waiting[name]
+            if waiting:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        for name, handle in waiting.items():
+            handle.cancel()
+            state["trials"][name]["status"] = "CANCELLED"
+        save_state(set_dir, state)
+        raise
+
+
+def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, uri, failed, echo) -> str:
+    """Summaries of the points whose folds all finished; report files; metrics to the parents."""
+    from orchestrator.kfold import tracking
+    from orchestrator.kfold.aggregate import summarize_point
+    from orchestrator.kfold.report import comparison_markdown, write_report
+
+    points: dict[str, list] = {}
+    for t in trials:
+        points.setdefault(t.point_name, []).append(t)
+    summaries = []
+    for name, point_trials in points.items():
+        if any(t.name in failed for t in point_trials):
+            echo(f"  {name or 'set'}: not aggregated, some folds did not finish")
+            continue
+        files = {t.fold: (fold_files[t.fold][1], Path(state["trials"][t.name]["output_dir"]) / PREDICTIONS)
+                 for t in point_trials}
+        summaries.append(summarize_point(name, point_trials[0].point, files, ann_file, exp.eval.metric))
+    metric = exp.checkpoint.save_best or f"{exp.eval.metric[0]}_mAP"
+    mode = "max" if exp.checkpoint.rule == "greater" else "min"
+    report = comparison_markdown(summaries, metric, mode)
+    if summaries:
+        paths = write_report(set_dir / "report", summaries, metric, mode,
+                             meta={"set_id": set_id, "experiment": exp.name, "folds": kcfg.folds,
+                                   "seed": kcfg.seed, "parents": state.get("parents", {})})
+        if uri:
+            tracking.log_summaries(uri, state, summaries, paths, finished=not failed)
+    echo(report)
+    return report

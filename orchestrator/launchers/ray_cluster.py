@@ -1,0 +1,178 @@
+"""A private, single-node Ray cluster on 127.0.0.1 for one job, a sweep, or a test.
+
+``ray stop`` kills every Ray process of the machine (other users' clusters included), and the
+default ports (6379, 10001, 8265, 52365, ...) collide when two clusters share a node. So orch
+starts ``ray start --head --block`` as one child process with ports chosen at run time and its own
+``--temp-dir``, and stops it by sending SIGTERM to that one process: in ``--block`` mode Ray's
+own handler then tears down exactly the processes it started (GCS, raylet, workers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from cluster.errors import ClusterError
+
+LOOPBACK = "127.0.0.1"
+# The --*-port options of `ray start` that would otherwise default to fixed numbers.
+PORT_OPTIONS = (
+    "--port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-grpc-port",
+    "--dashboard-agent-listen-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+)
+READY_LINE = "Ray runtime started"
+
+
+def ray_environ(base: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Environment for Ray processes: bind to loopback as asked (FIELD_NOTES: 2.60 needs
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 for that), no usage report, and no 30 s drain on stop."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    return env
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct ports that could be bound on ``host`` just now (held open together so
+    none is returned twice; a later collision makes ``ray start`` fail and :meth:`start` retry)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((host, 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def ray_executable() -> str:
+    """The ``ray`` script of this Python environment."""
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
+
+
+class LocalRay:
+    """``with LocalRay(num_cpus=2) as ray_cluster: ray.init(address=ray_cluster.address)``.
+
+    ``num_cpus``/``num_gpus`` None let Ray count the machine's. ``log_path`` receives the output of
+    ``ray start`` (default: a file in the temporary folder, removed on stop).
+    """
+
+    def __init__(
+        self,
+        num_cpus: Optional[float] = None,
+        num_gpus: Optional[int] = None,
+        log_path: Optional[str] = None,
+        start_timeout_s: float = 90.0,
+    ) -> None:
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.log_path = log_path
+        self.start_timeout_s = start_timeout_s
+        self.process: Optional[subprocess.Popen] = None
+        self.temp_dir: Optional[str] = None
+        self.port: Optional[int] = None
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:PORT`` of the head's GCS (what ``ray.init(address=...)`` takes)."""
+        if self.port is None:
+            raise ClusterError("the local Ray cluster is not started")
+        return f"{LOOPBACK}:{self.port}"
+
+    def command(self, ports: list[int]) -> list[str]:
+        """The ``ray start`` command line for the given ports (one per :data:`PORT_OPTIONS`)."""
+        argv = [ray_executable(), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}"]
+        argv += [f"{option}={port}" for option, port in zip(PORT_OPTIONS, ports)]
+        argv += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
+        if self.num_cpus is not None:
+            argv.append(f"--num-cpus={int(self.num_cpus)}")
+        if self.num_gpus is not None:
+            argv.append(f"--num-gpus={int(self.num_gpus)}")
+        return argv
+
+    def start(self, attempts: int = 3) -> str:
+        """Start the head; returns its address. Retries with new ports when ``ray start`` fails
+        (another process took a port between our check and Ray's bind)."""
+        last_error = ""
+        for _ in range(attempts):
+            # Short path: Ray's unix sockets live under it (108-byte limit).
+            self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+            log_file = self.log_path or os.path.join(self.temp_dir, "ray-start.log")
+            ports = free_ports(len(PORT_OPTIONS))
+            with open(log_file, "ab") as log:
+                self.process = subprocess.Popen(
+                    self.command(ports), stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=ray_environ(), start_new_session=True,
+                )
+            self.port = ports[0]
+            if self._wait_ready(log_file):
+                return self.address
+            last_error = _tail(log_file)
+            self.stop()
+        raise ClusterError(
+            f"could not start a local Ray head ({attempts} tries); last output: {last_error}; "
+            "check `ray start --head` by hand, or pass --address of a running cluster"
+        )
+
+    def _wait_ready(self, log_file: str) -> bool:
+        deadline = time.monotonic() + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if READY_LINE in Path(log_file).read_text(errors="replace"):
+                    return True
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return False
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the ``ray start --block`` process (it stops what it started); SIGKILL its
+        process group if it lingers. Idempotent."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait(timeout=10)
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.temp_dir = None
+        self.port = None
+
+    def __enter__(self) -> "LocalRay":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tail(path: str, lines: int = 3) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no output)"
+    return " | ".join(text[-lines:]) or "(no output)"

@@ -1,0 +1,144 @@
+"""What runs inside each Ray Train worker: the Ray context becomes a :class:`DistEnv`, the last
+reported checkpoint becomes ``runtime.resume``, and the one training entry point runs with a hook
+that reports evaluations and checkpoints back to Ray.
+
+Ray Train's ``TorchTrainer`` has already initialised the process group (gloo on CPU, nccl on GPU)
+when :func:`train_loop` starts; ``detection.train.main`` uses an existing group instead of
+creating a second one. ``ray.train.report`` is a barrier over all workers, so :class:`RayReportHook`
+reports from every rank at the same points (the trainer calls ``after_eval`` and
+``after_checkpoint`` on every rank); only rank 0 attaches the checkpoint it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Optional
+
+from detection.hooks.base import Hook
+
+log = logging.getLogger(__name__)
+
+# Periodic (resumable) checkpoints; best_<metric>.pth copies are not reported.
+PERIODIC = re.compile(r"(iter|epoch)_\d+\.pth")
+# Values from the training log that go with every report (so a sweep can rank on loss too).
+TRAIN_KEYS = ("loss", "lr")
+
+
+def report_metrics(trainer: Any, metrics: Optional[dict[str, float]], train_log: dict[str, float]) -> dict[str, Any]:
+    """The flat dict reported to Ray: eval metrics, last train loss/lr, iteration and epoch."""
+    out: dict[str, Any] = {f"train/{k}": float(train_log[k]) for k in TRAIN_KEYS if k in train_log}
+    if "loss" in train_log:
+        out["loss"] = float(train_log["loss"])
+    out.update({k: float(v) for k, v in (metrics or {}).items()})
+    out["iteration"] = int(trainer.iter)
+    out["epoch"] = trainer.iter / max(1, trainer.iters_per_epoch)
+    return out
+
+
+class RayReportHook(Hook):
+    """Reports to Ray Train after each evaluation (metrics) and each periodic checkpoint
+    (metrics + the checkpoint file, attached by rank 0), so Ray can restart a failed worker group
+    from the newest checkpoint. An evaluation at the same step as a checkpoint is one report."""
+
+    def __init__(self) -> None:
+        self.pending: Optional[dict[str, float]] = None  # evaluated, not yet reported
+        self.pending_iter = -1
+        self.train_log: dict[str, float] = {}
+        self.last_metrics: dict[str, float] = {}
+
+    def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
+        # An evaluation of an earlier step that no checkpoint followed: report it now.
+        if self.pending is not None and trainer.iter > self.pending_iter:
+            self._report(trainer, None)
+        self.train_log = dict(log_values)
+
+    def after_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
+        self.pending, self.pending_iter = dict(metrics), trainer.iter
+        self.last_metrics = dict(metrics)
+
+    def after_checkpoint(self, trainer: Any, path: str) -> None:
+        if PERIODIC.fullmatch(os.path.basename(path)):
+            self._report(trainer, path)
+
+    def after_train(self, trainer: Any, result: Any) -> None:
+        if self.pending is not None:
+            self._report(trainer, None)
+
+    def _report(self, trainer: Any, path: Optional[str]) -> None:
+        import ray.train
+
+        metrics = report_metrics(trainer, self.pending or self.last_metrics, self.train_log)
+        self.pending = None
+        if path is None or trainer.env.rank != 0:
+            ray.train.report(metrics)
+            return
+        # Ray copies the folder into its storage (synchronously), so a temporary hard link is
+        # enough; the trainer's own retention may delete the file afterwards.
+        with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as folder:
+            target = os.path.join(folder, os.path.basename(path))
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def restore_checkpoint(checkpoint: Any, output_dir: str, rank: int) -> Optional[str]:
+    """Copy a Ray checkpoint (possibly on remote storage) next to the run and return the path of
+    the ``.pth`` file in it, or None when it holds none."""
+    folder = os.path.join(output_dir, "ray_restore", f"rank{rank}")
+    shutil.rmtree(folder, ignore_errors=True)
+    checkpoint.to_directory(folder)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".pth"))
+    return os.path.join(folder, files[-1]) if files else None
+
+
+def dist_env_from_ray():
+    """The :class:`DistEnv` of this Ray Train worker (rank, local rank, node; the rendezvous
+    address Ray's torch backend exported)."""
+    import ray.train
+
+    from cluster.env import DistEnv
+
+    ctx = ray.train.get_context()
+    port = os.environ.get("MASTER_PORT", "").strip()
+    return DistEnv.from_values(
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        local_world_size=ctx.get_local_world_size(),
+        node_rank=ctx.get_node_rank(),
+        master_addr=os.environ.get("MASTER_ADDR") or None,
+        master_port=int(port) if port else None,
+        source="ray",
+    )
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of orch's ``TorchTrainer``. ``loop_config``: ``config_path``
+    (resolved YAML), ``output_dir``, ``cwd`` (the submitting directory, for relative paths)."""
+    import ray.train
+
+    from orchestrator.worker import run
+
+    cwd = loop_config.get("cwd")
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)  # Ray workers start elsewhere; relative data paths mean the submit dir
+    env = dist_env_from_ray()
+    logging.basicConfig(
+        level=logging.INFO if env.rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    overrides = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        path = restore_checkpoint(checkpoint, loop_config["output_dir"], env.rank)
+        if path:
+            log.info("restarted by Ray: resuming from %s", path)
+            overrides.append(f"runtime.resume={path}")
+    run(loop_config["config_path"], overrides, hooks=[RayReportHook()], env=env)

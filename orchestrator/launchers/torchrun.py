@@ -1,0 +1,156 @@
+"""The torchrun backend: ``torchrun`` with c10d rendezvous, on this node or on several.
+
+* One node: ``torchrun --nnodes 1 --nproc_per_node G --rdzv_endpoint 127.0.0.1:PORT`` with PORT
+  from a bind-checked lease (:mod:`cluster.ports`), supervised like a local job (device lease,
+  record, logs, cancel).
+* Several nodes with ``resources.torchrun.hosts`` (``--hosts h1,h2``): one torchrun agent per host,
+  started over ssh (hosts naming this machine are started directly, which is also how the tests
+  run a 2-"node" job here). The rendezvous port is leased here when the first host is this
+  machine, else asked from it over ssh (``python -m cluster.ports``).
+* One node of several by hand (``--node-rank i --master-addr H``, what ``dist_train.sh`` users
+  do): every node runs the same line, so the port must be given (``resources.torchrun.rdzv_port``).
+* Several nodes and neither: ``--dry-run`` prints the per-node command lines; submit refuses.
+
+torchrun ignores ``--node_rank`` with c10d (ranks are assigned at rendezvous), so it is not passed.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import ClassVar, Optional
+
+from cluster.errors import LaunchError
+from orchestrator.launchers.local import LocalHandle, base_env, format_command, start_supervisor
+from orchestrator.spec import JobSpec, Plan
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def torchrun_path() -> str:
+    """The ``torchrun`` next to this Python (a venv's), else the one on PATH."""
+    candidate = Path(sys.executable).parent / "torchrun"
+    return str(candidate) if candidate.exists() else "torchrun"
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` names this machine (no ssh needed)."""
+    return host in LOCAL_NAMES or host in (socket.gethostname(), socket.getfqdn())
+
+
+def torchrun_argv(job: JobSpec, nnodes: int, nproc: int, endpoint: str) -> list[str]:
+    """The torchrun command line of one node."""
+    rdzv_id = job.experiment.tracking.run_id or job.name
+    return [
+        torchrun_path(), "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id,
+        "--max_restarts", "0", "-m", "orchestrator.worker", str(job.config_path),
+    ]
+
+
+def ssh_argv(host: str, argv: list[str], env: dict[str, str]) -> list[str]:
+    """Run ``argv`` on ``host`` in the current folder; ``-tt`` so that closing the connection
+    (``orch cancel``) hangs up the remote torchrun too."""
+    remote = f"cd {shlex.quote(os.getcwd())} && exec env {format_command(argv, env)}"
+    return ["ssh", "-tt", "-o", "BatchMode=yes", host, remote]
+
+
+def layout(job: JobSpec) -> tuple[int, int]:
+    """(nodes, processes per node) from ``resources``; LaunchError when they disagree."""
+    res = job.experiment.resources
+    hosts = res.torchrun.hosts
+    if res.gpus_per_node:
+        nodes = res.nodes or len(hosts) or max(1, res.gpus // res.gpus_per_node)
+        nproc = res.gpus_per_node
+        if res.gpus not in (1, nodes * nproc):
+            raise LaunchError(f"job {job.name}: --gpus {res.gpus} != --nodes {nodes} x --gpus-per-node {nproc}; drop one of them")
+    else:
+        nodes = res.nodes or len(hosts) or 1
+        if res.gpus % nodes:
+            raise LaunchError(f"job {job.name}: --gpus {res.gpus} is not a multiple of --nodes {nodes}; set --gpus-per-node")
+        nproc = res.gpus // nodes
+    if nproc < 1:
+        raise LaunchError(f"job {job.name}: at least one process per node is needed (--gpus-per-node)")
+    if hosts and len(hosts) != nodes:
+        raise LaunchError(f"job {job.name}: --hosts names {len(hosts)} hosts but --nodes is {nodes}")
+    return nodes, nproc
+
+
+class TorchrunLauncher:
+    """Backend ``torchrun``: c10d rendezvous on one node or several (ssh, or by hand)."""
+
+    name: ClassVar[str] = "torchrun"
+
+    def plan(self, jobs: list[JobSpec]) -> Plan:
+        """Pure: the exact per-node command lines of every job."""
+        texts, entries = [], []
+        for index, job in enumerate(jobs):
+            text, entry = self._plan_one(job)
+            texts.append(text)
+            entries.append(dict(entry, index=index))
+        payload = {"max_parallel": None, "queue": all(j.experiment.resources.local.queue for j in jobs),
+                   "cpu_slots": jobs[0].experiment.resources.local.cpu_slots if jobs else None, "jobs": entries}
+        return Plan(backend=self.name, jobs=tuple(jobs), text="\n".join(texts), payload=payload)
+
+    def _plan_one(self, job: JobSpec) -> tuple[str, dict]:
+        opts = job.experiment.resources.torchrun
+        nodes, nproc = layout(job)
+        env = base_env(job)
+        head = f"# orch torchrun plan: job {job.name}: {nodes} node(s) x {nproc} process(es) = world size {nodes * nproc}"
+        port_text = str(opts.rdzv_port) if opts.rdzv_port else "{port}"
+        port: dict = {"mode": "fixed", "port": opts.rdzv_port} if opts.rdzv_port else {"mode": "lease"}
+        if opts.node_rank is not None:
+            if nodes > 1 and not (opts.master_addr and opts.rdzv_port):
+                raise LaunchError(
+                    f"job {job.name}: --node-rank {opts.node_rank} starts one node of {nodes}; every node needs the "
+                    "same rendezvous address: pass --master-addr HOST and --set resources.torchrun.rdzv_port=PORT"
+                )
+            if not 0 <= opts.node_rank < nodes:
+                raise LaunchError(f"job {job.name}: --node-rank {opts.node_rank} is outside 0..{nodes - 1}")
+            addr = opts.master_addr or "127.0.0.1"
+            argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
+            lines = [head, f"# this node only (node {opts.node_rank} of {nodes}); run the same line on every node:",
+                     format_command(argv, env)]
+            commands = [{"argv": argv, "env": env, "procs": nproc, "local": True}]
+        elif nodes == 1 or opts.hosts:
+            hosts = opts.hosts or ("127.0.0.1",)
+            addr = opts.master_addr or hosts[0]
+            if any(not is_local_host(h) for h in hosts) and addr in LOCAL_NAMES:
+                raise LaunchError(f"job {job.name}: remote nodes cannot reach the master as {addr!r}; "
+                                  "name the first host by its network name or pass --master-addr")
+            if not opts.rdzv_port and not is_local_host(addr):
+                port = {"mode": "probe", "host": addr, "argv": ssh_argv(addr, [sys.executable, "-m", "cluster.ports"], {})}
+            argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
+            lines, commands = [head], []
+            for rank, host in enumerate(hosts):
+                local = is_local_host(host)
+                run = argv if local else ssh_argv(host, argv, env)
+                commands.append({"argv": run, "env": env if local else {}, "procs": nproc, "local": local})
+                lines += [f"# node {rank} ({host}{'' if local else ', over ssh'}):", format_command(run, commands[-1]["env"])]
+        else:
+            addr = opts.master_addr or "{master_addr}"
+            argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
+            lines = [head] + [f"# node {rank}:\n{format_command(argv, env)}" for rank in range(nodes)]
+            lines.append("# to run: --hosts h1,h2,... (ssh), or on each node --node-rank i --master-addr H "
+                         "--set resources.torchrun.rdzv_port=P")
+            commands = []
+        if "{port}" in "\n".join(lines):
+            lines.append("# {port}: chosen at launch on the master by a bind-checked lease; "
+                         "fix it with --set resources.torchrun.rdzv_port=P")
+        lines.append("# torchrun assigns node ranks at rendezvous (it ignores --node_rank with c10d)")
+        slots = sum(c["procs"] for c in commands if c["local"])
+        entry = {"slots": slots, "commands": commands, "port": port, "runnable": bool(commands)}
+        return "\n".join(lines) + "\n", entry
+
+    def submit(self, plan: Plan) -> list[LocalHandle]:
+        """Start the planned torchrun agents under a detached supervisor; returns at once."""
+        for entry in plan.payload["jobs"]:
+            if not entry["runnable"]:
+                raise LaunchError(
+                    f"job {plan.jobs[entry['index']].name} spans several nodes: give --hosts h1,h2,... to start them "
+                    "over ssh, or start each node with --node-rank i --master-addr H (orch submit --dry-run prints the lines)"
+                )
+        return start_supervisor(plan)

@@ -1,0 +1,185 @@
+"""``orch submit``: resolve experiments, fold command-line flags into them, plan, then launch.
+
+Identity is decided here, before any process starts: the resolved config is written to the job's
+output folder and the MLflow run is created, so every rank, restart and requeue continues the
+same run and ``orch status`` can point at it before the first step. A dry run does none of that:
+it plans and prints, and writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from cluster.errors import ConfigError, LaunchError
+from orchestrator.config.schema import Experiment
+from orchestrator.spec import JobSpec, Plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubmitFlags:
+    """Command-line flags of ``orch submit`` (None = keep the experiment's value)."""
+
+    backend: Optional[str] = None
+    gpus: Optional[int] = None
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    partition: Optional[str] = None
+    time: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+    max_parallel: Optional[int] = None
+    no_wait: bool = False
+    address: Optional[str] = None
+    hosts: Optional[str] = None
+    node_rank: Optional[int] = None
+    master_addr: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_overrides(self) -> dict[str, Any]:
+        """The flags as dotted config keys for :func:`orchestrator.config.with_overrides`."""
+        keys = {
+            "resources.gpus": self.gpus,
+            "resources.nodes": self.nodes,
+            "resources.gpus_per_node": self.gpus_per_node,
+            "resources.partition": self.partition,
+            "resources.time": self.time,
+            "resources.cpus_per_task": self.cpus_per_task,
+            "resources.mem_gb": self.mem_gb,
+            "resources.local.max_parallel": self.max_parallel,
+            "resources.ray.address": self.address,
+            "resources.torchrun.node_rank": self.node_rank,
+            "resources.torchrun.master_addr": self.master_addr,
+            "resources.slurm.account": self.account,
+            "resources.slurm.qos": self.qos,
+        }
+        out = {k: v for k, v in keys.items() if v is not None}
+        if self.no_wait:
+            out["resources.local.queue"] = False
+        if self.hosts:
+            out["resources.torchrun.hosts"] = [h for h in self.hosts.split(",") if h]
+        out.update(self.extra)
+        return out
+
+
+def choose_backend(experiment: Experiment, requested: Optional[str]) -> str:
+    """The backend named by the flag, else by the experiment; ``auto`` means Slurm when a
+    partition is set and Slurm answers, else local."""
+    backend = requested or experiment.resources.backend
+    if backend != "auto":
+        return backend
+    if experiment.resources.partition:
+        from orchestrator.launchers.slurm import slurm_reachable
+
+        if slurm_reachable():
+            return "slurm"
+        raise LaunchError(
+            f"--partition {experiment.resources.partition} asks for Slurm, but no Slurm controller "
+            "answers (sinfo failed); check SLURM_CONF / that slurmctld runs, or pass --backend local"
+        )
+    return "local"
+
+
+def resolve_experiments(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags) -> list[Experiment]:
+    """Load every experiment file with ``--set`` overrides and the command-line flags applied."""
+    from orchestrator.config import load_experiment
+
+    if not paths:
+        raise ConfigError("no experiment file given; usage: orch submit EXPERIMENT.yaml [...]")
+    return [load_experiment(path, overrides, extra=flags.as_overrides()) for path in paths]
+
+
+def job_output_dir(experiment: Experiment) -> Path:
+    """Absolute output folder of an experiment (``runtime.output_dir`` with ``{name}`` filled)."""
+    from orchestrator.config import output_dir_of
+
+    return Path(output_dir_of(experiment)).expanduser().resolve()
+
+
+def build_job_spec(experiment: Experiment, backend: str, write: bool = True, tags: Optional[dict[str, str]] = None) -> JobSpec:
+    """Turn a resolved experiment into a :class:`JobSpec`.
+
+    With ``write`` (a real submission) the MLflow run is created now and its id, and the absolute
+    tracking URI, go into the config that is written to ``<output_dir>/config.yaml``. Without it
+    (a dry run) nothing is created or written.
+    """
+    from orchestrator.config import dump_experiment, with_overrides
+
+    output_dir = job_output_dir(experiment)
+    updates: dict[str, Any] = {"runtime.output_dir": str(output_dir)}
+    if write and experiment.tracking.enable:
+        from detection.tracking import create_run, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(experiment.tracking)
+        updates["tracking.uri"] = uri
+        if not experiment.tracking.run_id:
+            experiment = with_overrides(experiment, {"tracking.uri": uri})
+            run_tags = {"orch.backend": backend, **(tags or {})}
+            updates["tracking.run_id"] = create_run(
+                experiment.tracking,
+                experiment.tracking.run_name or experiment.name,
+                tags=run_tags,
+                parent_run_id=experiment.tracking.parent_run_id,
+            )
+    experiment = with_overrides(experiment, updates)
+    config_path = output_dir / "config.yaml"
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = config_path.with_suffix(".yaml.tmp")
+        tmp.write_text(dump_experiment(experiment))
+        os.replace(tmp, config_path)
+    return JobSpec(
+        name=experiment.name,
+        experiment=experiment,
+        config_path=config_path,
+        output_dir=output_dir,
+        backend=backend,
+        extra_env={"ORCH_BACKEND": backend},
+    )
+
+
+def plan_jobs(experiments: list[Experiment], backend: str, dry_run: bool) -> Plan:
+    """Build job specs (writing them unless ``dry_run``) and ask the backend for its plan."""
+    from orchestrator.launchers.base import get_launcher
+
+    launcher = get_launcher(backend)
+    jobs = [build_job_spec(exp, backend, write=not dry_run) for exp in experiments]
+    return launcher.plan(jobs)
+
+
+def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry_run: bool = False):
+    """Resolve, plan and (unless ``dry_run``) launch. Returns ``(plan, handles)``; handles is
+    empty for a dry run."""
+    experiments = resolve_experiments(paths, overrides, flags)
+    backends = {choose_backend(exp, flags.backend) for exp in experiments}
+    if len(backends) > 1:
+        raise ConfigError(
+            f"the experiments ask for different backends ({', '.join(sorted(backends))}); "
+            "submit them separately or pass --backend"
+        )
+    backend = backends.pop()
+    from orchestrator.launchers.base import get_launcher
+
+    launcher = get_launcher(backend)
+    # Plan from unwritten specs first: a bad option fails here, before any run or file exists,
+    # so nothing is half-submitted.
+    plan = launcher.plan([build_job_spec(exp, backend, write=False) for exp in experiments])
+    if dry_run:
+        return plan, []
+    plan = launcher.plan([build_job_spec(exp, backend, write=True) for exp in experiments])
+    return plan, launcher.submit(plan)
+
+
+def python_executable() -> str:
+    """The interpreter workers run with (the one running orch)."""
+    import sys
+
+    return sys.executable or shutil.which("python3") or "python3"

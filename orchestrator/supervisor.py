@@ -1,0 +1,261 @@
+"""The detached process that runs the jobs of one local or torchrun submission.
+
+``python -m orchestrator.supervisor PAYLOAD.json`` is started by ``LocalLauncher.submit`` /
+``TorchrunLauncher.submit`` in its own session, so it outlives the submitting shell. For each job,
+in the payload's queue order, it waits for a device lease (GPU slice or CPU slots) while keeping
+at most ``max_parallel`` jobs past the queue, leases the rendezvous port, starts the job's
+processes in one process group with their output appended to the job's log, and records
+RUNNING, then SUCCEEDED / FAILED / CANCELLED with the exit status, and frees the leases.
+
+Payload (written by the launcher)::
+
+    {"max_parallel": int|null, "cpu_slots": int|null,
+     "jobs": [{"job_id": str, "slots": int, "port": {"mode": "none"|"lease"|"fixed"|"probe", ...},
+               "commands": [{"argv": [...], "env": {...}, "procs": int, "local": bool}]}]}
+
+``{port}`` in a command's argv or env is replaced by the job's port. Local commands get a
+disjoint share of the leased devices (``procs`` each) and their thread share.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from cluster.errors import ClusterError, OrchError
+from cluster.gpus import DeviceLease, DeviceRequest, detect_pool
+from cluster.lease import owner_identity
+from cluster.ports import lease_port
+from orchestrator.jobs import cancel_requested, log_path, update_record
+from orchestrator.spec import JobState
+
+POLL_S = 0.05
+TERM_GRACE_S = 10.0
+_ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|orch( worker)?: error:|^Killed")
+_stopping = threading.Event()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run every job of the payload file; returns 0 once all of them have ended."""
+    args = sys.argv[1:] if argv is None else argv
+    payload = json.loads(Path(args[0]).read_text())
+    signal.signal(signal.SIGTERM, lambda *_: _stopping.set())
+    me = owner_identity()
+    for job in payload["jobs"]:
+        update_record(job["job_id"], lambda r: (setattr(r, "pid", me["pid"]), r.extra.update(pid_start=me["start"])))
+    limit = payload.get("max_parallel") or len(payload["jobs"])
+    gate = threading.BoundedSemaphore(max(1, limit))
+    pool = None
+    threads = []
+    for job in payload["jobs"]:
+        # max_parallel: the next job joins the device queue only when a running one ends.
+        while not gate.acquire(timeout=0.2):
+            if _stopping.is_set():
+                break
+        if _stopping.is_set() or cancel_requested(job["job_id"]):
+            _finish(job["job_id"], JobState.CANCELLED, None, None)
+            gate.release()
+            continue
+        try:
+            pool = pool or detect_pool(cpu_slots=payload.get("cpu_slots"))
+            request = DeviceRequest(job["slots"], pool, label=job["job_id"]) if job["slots"] else None
+        except OrchError as err:
+            _finish(job["job_id"], JobState.FAILED, None, str(err))
+            gate.release()
+            continue
+        thread = threading.Thread(target=_run_job, args=(job, request, gate), name=job["job_id"])
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return 0
+
+
+def _say(job_id: str, message: str) -> None:
+    """A line of orch's own in the job's log (what `orch logs` shows while it queues)."""
+    with open(log_path(job_id), "a") as handle:
+        handle.write(f"[orch {time.strftime('%H:%M:%S')}] {message}\n")
+
+
+def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.BoundedSemaphore) -> None:
+    job_id = job["job_id"]
+    devices: Optional[DeviceLease] = None
+    port_lease = None
+    try:
+        if request is not None:
+            devices = _wait_for_devices(job_id, request)
+            if devices is None:
+                _finish(job_id, JobState.CANCELLED, None, None)
+                return
+        port, port_lease = _choose_port(job)
+        if cancel_requested(job_id) or _stopping.is_set():
+            _finish(job_id, JobState.CANCELLED, None, None)
+            return
+        procs = _start(job, devices, port)
+        code = _watch(job_id, procs)
+        if cancel_requested(job_id) or _stopping.is_set():
+            _finish(job_id, JobState.CANCELLED, code, None)
+        elif code == 0:
+            _finish(job_id, JobState.SUCCEEDED, 0, None)
+        else:
+            _finish(job_id, JobState.FAILED, code, _error_line(job_id) or f"exit status {code}")
+    except Exception as err:  # anything here is orch's fault or the machine's: record it
+        _say(job_id, f"error: {err}")
+        _finish(job_id, JobState.FAILED, None, f"{type(err).__name__}: {err}")
+    finally:
+        if request is not None:
+            request.cancel()
+        if port_lease is not None:
+            port_lease.release()
+        if devices is not None:
+            devices.release()
+        gate.release()
+
+
+def _wait_for_devices(job_id: str, request: DeviceRequest) -> Optional[DeviceLease]:
+    """Poll the queue; None when the job was cancelled while waiting."""
+    told = False
+    while True:
+        lease = request.try_acquire()
+        if lease is not None:
+            return lease
+        if cancel_requested(job_id) or _stopping.is_set():
+            return None
+        if not told:
+            message = request.status()
+            _say(job_id, message)
+            update_record(job_id, lambda r: r.extra.update(waiting=message))
+            told = True
+        time.sleep(POLL_S)
+
+
+def _choose_port(job: dict):
+    """(port, lease or None) following the payload's port rule."""
+    spec = job.get("port") or {"mode": "none"}
+    mode = spec["mode"]
+    if mode == "none":
+        return None, None
+    if mode == "fixed":
+        return int(spec["port"]), None
+    if mode == "probe":  # a remote master: ask it for a bind-checked free port over ssh
+        out = subprocess.run(spec["argv"], capture_output=True, text=True, timeout=120)
+        if out.returncode != 0 or not out.stdout.strip().isdigit():
+            raise ClusterError(f"could not get a free port from {spec.get('host', 'the master')} ({' '.join(spec['argv'][:5])}): "
+                               f"{out.stderr.strip() or out.stdout.strip()}; set resources.torchrun.rdzv_port")
+        return int(out.stdout.strip()), None
+    lease = lease_port(label=job["job_id"])
+    return lease.port, lease
+
+
+def _start(job: dict, devices: Optional[DeviceLease], port: Optional[int]) -> list[subprocess.Popen]:
+    """Start the job's commands in one new process group; record RUNNING."""
+    job_id = job["job_id"]
+    log = open(log_path(job_id), "ab")
+    procs: list[subprocess.Popen] = []
+    offset = 0
+    try:
+        for command in job["commands"]:
+            env = dict(os.environ)
+            if devices is not None and command.get("local", True):
+                share = DeviceLease(devices.pool, devices.devices[offset: offset + command["procs"]], None)
+                offset += command["procs"]
+                env.update(share.environ(command["procs"]))
+            env.update({k: _fill(v, port) for k, v in command["env"].items()})
+            argv = [_fill(a, port) for a in command["argv"]]
+            group = {"start_new_session": True} if not procs else {"process_group": procs[0].pid}
+            procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=command.get("cwd"), **group))
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    finally:
+        log.close()
+    pgid = procs[0].pid
+
+    def running(r) -> None:
+        r.state = JobState.RUNNING
+        r.started_at = time.time()
+        r.extra.update(pgid=pgid, devices=list(devices.devices) if devices else [], port=port,
+                       waiting=None, pids=[p.pid for p in procs])
+    update_record(job_id, running)
+    _say(job_id, f"started {len(procs)} process(es) (pgid {pgid})"
+         + (f" on {devices.pool.kind} {','.join(devices.devices)}" if devices else "")
+         + (f", port {port}" if port else ""))
+    return procs
+
+
+def _fill(text: str, port: Optional[int]) -> str:
+    return text.replace("{port}", str(port)) if port is not None else text
+
+
+def _watch(job_id: str, procs: list[subprocess.Popen]) -> int:
+    """Wait for every process; when one fails (or on cancel) stop the others, as torchrun does,
+    since the survivors would block in a collective. Returns the first non-zero status, else 0."""
+    first_bad: Optional[int] = None
+    stopped_at: Optional[float] = None
+    pgid = procs[0].pid
+    while True:
+        codes = [p.poll() for p in procs]
+        for code in codes:
+            if code not in (None, 0) and first_bad is None:
+                first_bad = code
+        if all(c is not None for c in codes):
+            break
+        stop = first_bad is not None or _stopping.is_set() or cancel_requested(job_id)
+        if stop and stopped_at is None:
+            stopped_at = time.monotonic()
+            _signal_group(pgid, signal.SIGTERM)
+        if stopped_at is not None and time.monotonic() - stopped_at > TERM_GRACE_S:
+            _signal_group(pgid, signal.SIGKILL)
+        time.sleep(POLL_S)
+    # Leftovers (data-loader workers, grandchildren) must not outlive the job or its lease.
+    _signal_group(pgid, signal.SIGKILL)
+    return first_bad if first_bad is not None else 0
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _error_line(job_id: str) -> Optional[str]:
+    """The last line of the log that looks like an error (what `orch status JOB` shows)."""
+    try:
+        with open(log_path(job_id), "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 65536))
+            lines = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if _ERROR_LINE.search(line.strip()):
+            return line.strip()[:500]
+    return None
+
+
+def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[str]) -> None:
+    def done(r) -> None:
+        if r.state.finished and r.state != JobState.CANCELLED:
+            return
+        r.state = state if r.state != JobState.CANCELLED else JobState.CANCELLED
+        r.exit_code = code if code is not None else r.exit_code
+        r.ended_at = r.ended_at or time.time()
+        r.error = error or r.error
+        r.extra["waiting"] = None
+    record = update_record(job_id, done)
+    _say(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Shared fixtures: a tiny synthetic shapes dataset and a seconds-long training experiment.
+
+Other suites (torchrun, Slurm, Ray, k-fold) train ``tiny_experiment`` many times, so it is kept
+as cheap as a real run can be: SSDlite at 64 px, 4 iterations of batch 2, one thread, no loader
+workers, tracking in a per-test SQLite file.
+
+Fixtures:
+    shapes_data        (session) Path of a dataset dir from ``make_shapes`` (16 train / 8 val, 64 px)
+    tracking_uri       ``sqlite:///<tmp>/mlflow.db`` for this test
+    make_experiment    function(**dotted_overrides) -> Path of a tiny experiment YAML in tmp
+    tiny_experiment    Path of the tiny experiment YAML with no overrides
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+SHAPES_TRAIN = 16
+SHAPES_VAL = 8
+SHAPES_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """A tiny COCO-format shapes dataset: ``annotations/instances_{train,val}.json`` and
+    ``{train,val}/*.png`` under the returned folder. Shared by the whole session: do not modify."""
+    from detection.shapes import make_shapes
+
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(out, n_train=SHAPES_TRAIN, n_val=SHAPES_VAL, size=SHAPES_SIZE, seed=0)
+    return out
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """A fresh SQLite MLflow store for one test (never the developer's ./mlflow.db)."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def tiny_experiment_dict(shapes_dir: Path, output_dir: Path, tracking_uri: str) -> dict[str, Any]:
+    """The mapping of the tiny experiment (self-contained: no ``_base_``)."""
+    shapes_dir = Path(shapes_dir)
+    return {
+        "name": "tiny",
+        "model": {"type": "ssdlite320_mobilenet_v3_large"},
+        "data": {
+            "train": {
+                "ann_file": str(shapes_dir / "annotations" / "instances_train.json"),
+                "img_dir": str(shapes_dir / "train"),
+            },
+            "val": {
+                "ann_file": str(shapes_dir / "annotations" / "instances_val.json"),
+                "img_dir": str(shapes_dir / "val"),
+            },
+            "batch_size_per_gpu": 2,
+            "workers_per_gpu": 0,
+            "min_size": SHAPES_SIZE,
+            "max_size": SHAPES_SIZE,
+        },
+        "optim": {
+            "type": "adamw",
+            "lr": 0.001,
+            "weight_decay": 0.0001,
+            "auto_scale_lr": {"enable": True, "base_batch_size": 2, "rule": "linear"},
+        },
+        "schedule": {
+            "epochs": None,
+            "iterations": 4,
+            "warmup_iters": 1,
+            "policy": "constant",
+            "milestones": [],
+        },
+        "eval": {"interval": 4, "metric": ["bbox"], "classwise": True, "split": "val"},
+        "checkpoint": {"interval": 2, "max_keep": 2, "save_best": "bbox_mAP", "rule": "greater"},
+        "runtime": {
+            "seed": 0,
+            "deterministic": True,
+            "output_dir": str(output_dir),
+            "log_interval": 1,
+            "device": "cpu",
+            "threads": 1,
+        },
+        "resources": {"gpus": 1, "backend": "local"},
+        "tracking": {"enable": True, "uri": tracking_uri, "experiment": "tiny-tests"},
+    }
+
+
+def _set_dotted(mapping: dict[str, Any], key: str, value: Any) -> None:
+    node = mapping
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+@pytest.fixture
+def make_experiment(shapes_data, tmp_path, tracking_uri) -> Callable[..., Path]:
+    """``make_experiment(**{"optim.lr": 0.01, "schedule.iterations": 2}, _name="exp.yaml")`` writes
+    the tiny experiment with dotted-key overrides into this test's tmp dir and returns its path.
+    A value of ``None`` for a dotted key sets YAML null."""
+
+    def make(_name: str = "tiny.yaml", **overrides: Any) -> Path:
+        mapping = copy.deepcopy(tiny_experiment_dict(shapes_data, tmp_path / "work", tracking_uri))
+        for key, value in overrides.items():
+            _set_dotted(mapping, key, value)
+        path = tmp_path / _name
+        path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def tiny_experiment(make_experiment) -> Path:
+    """Path of a tiny experiment YAML: SSDlite at 64 px, 4 iterations, CPU, 1 thread, tracking in
+    a tmp SQLite file (``tracking_uri``), outputs in ``<tmp_path>/work``."""
+    return make_experiment()

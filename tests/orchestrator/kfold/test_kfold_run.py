@@ -1,0 +1,109 @@
+"""Real k-fold sets of the tiny model on the local backend, tracked in a SQLite MLflow store."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    # job records and the set index in this test's folder; one thread per training process
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "orch_home"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _runs(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("tiny-tests")
+    return client, client.search_runs([exp.experiment_id], max_results=100)
+
+
+def _children(runs, parent_id):
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_three_folds_two_slots_then_resume(make_experiment, tracking_uri, tmp_path, capsys):
+    from orchestrator.kfold.runner import run_kfold
+
+    exp = make_experiment(**{"kfold.folds": 3, "kfold.allow_small_classes": True})
+    outcome = run_kfold(str(exp), backend="local", max_parallel=2, echo=lambda s: None, poll_s=0.5)
+    assert len(outcome.launched) == 3 and outcome.skipped == []
+    state = json.loads((outcome.set_dir / "set.json").read_text())
+    assert {r["status"] for r in state["trials"].values()} == {"SUCCEEDED"}
+
+    client, runs = _runs(tracking_uri)
+    parent_id = state["parents"]["points"][""]
+    parent = client.get_run(parent_id)
+    children = _children(runs, parent_id)
+    assert sorted(c.data.tags["fold"] for c in children) == ["0", "1", "2"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert parent.info.status == "FINISHED"
+    metrics = parent.data.metrics
+    for key in ("mean/bbox_mAP", "std/bbox_mAP", "oof/bbox_mAP", "mean/bbox_mAP_50", "oof/bbox_AR_100"):
+        assert key in metrics, key
+    assert any(k.startswith("mean/bbox_AP/") for k in metrics)
+    artifacts = {a.path for a in client.list_artifacts(parent_id, "kfold")}
+    assert {"kfold/comparison.md", "kfold/comparison.csv", "kfold/boxplot.png"} <= artifacts
+    # the parent's mean is the mean of the per-fold scores recomputed from the predictions
+    summary = json.loads((outcome.set_dir / "report" / "summary.json").read_text())
+    fold_maps = [summary["points"][0]["folds"][str(f)]["bbox_mAP"] for f in range(3)]
+    assert metrics["mean/bbox_mAP"] == pytest.approx(sum(fold_maps) / 3)
+
+    # the same command again: nothing retrained, same set, same runs
+    first_mtime = {n: (outcome.set_dir / n.replace("/", "/") / "config.yaml").stat().st_mtime
+                   for n in ("fold-0", "fold-1", "fold-2")}
+    again = run_kfold(str(exp), backend="local", max_parallel=1, echo=lambda s: None, poll_s=0.5)
+    assert again.set_id == outcome.set_id and again.launched == [] and len(again.skipped) == 3
+    assert {n: (again.set_dir / n / "config.yaml").stat().st_mtime for n in first_mtime} == first_mtime
+    _, runs_after = _runs(tracking_uri)
+    assert len(runs_after) == len(runs) == 4
+
+    # a missing fold (deleted predictions = failed evaluation) is retrained, alone, in its own run
+    (outcome.set_dir / "fold-1" / "predictions_val.json").unlink()
+    third = run_kfold(str(exp), backend="local", echo=lambda s: None, poll_s=0.5)
+    assert third.launched == ["fold-1"]
+    _, runs_third = _runs(tracking_uri)
+    assert len(runs_third) == 4
+
+    # orch report finds the set by id and by folder
+    capsys.readouterr()
+    assert main(["report", outcome.set_id]) == 0
+    out = capsys.readouterr().out
+    assert "out-of-fold" in out and "bbox_mAP" in out
+    assert main(["report", str(outcome.set_dir)]) == 0
+
+    # a changed config is a new set
+    changed = make_experiment(**{"kfold.folds": 3, "kfold.allow_small_classes": True, "optim.lr": 0.002})
+    dry = run_kfold(str(changed), backend="local", dry_run=True, echo=lambda s: None)
+    assert dry.set_id != outcome.set_id and len(dry.launched) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_grid_of_two_points_times_two_folds(make_experiment, tracking_uri, capsys):
+    exp = make_experiment(**{"kfold.folds": 2, "kfold.allow_small_classes": True,
+                             "grid": {"optim.lr": [0.001, 0.002]}})
+    assert main(["kfold", str(exp), "--backend", "local", "--max-parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| **lr=0.00" in out and "| lr=0.00" in out and "p (paired t)" in out
+
+    client, runs = _runs(tracking_uri)
+    grid = [r for r in runs if r.data.tags.get("orch.kind") == "kfold-grid"]
+    assert len(grid) == 1 and grid[0].info.status == "FINISHED"
+    points = _children(runs, grid[0].info.run_id)
+    assert sorted(p.info.run_name for p in points) == ["lr=0.001", "lr=0.002"]
+    for p in points:
+        folds = _children(runs, p.info.run_id)
+        assert sorted(f.data.tags["fold"] for f in folds) == ["0", "1"]
+        assert {f.data.tags["optim.lr"] for f in folds} == {p.info.run_name.split("=")[1]}
+        assert {"mean/bbox_mAP", "std/bbox_mAP", "oof/bbox_mAP"} <= set(p.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(grid[0].info.run_id, "kfold")}
+    assert "kfold/comparison.md" in artifacts

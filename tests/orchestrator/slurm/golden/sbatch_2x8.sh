@@ -1,0 +1,28 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --account=vision
+#SBATCH --constraint=a100
+#SBATCH --cpus-per-task=6
+#SBATCH --exclude=gpu13
+#SBATCH --gpus-per-node=8
+#SBATCH --job-name=faster_rcnn
+#SBATCH --mail-type=END
+#SBATCH --mem=480GB
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --open-mode=append
+#SBATCH --output=/shared/work/faster_rcnn/slurm/%j_0_log.out
+#SBATCH --partition=dev
+#SBATCH --qos=high
+#SBATCH --reservation=paper-deadline
+#SBATCH --signal=USR2@90
+#SBATCH --time=2880
+
+# setup
+module load cuda/12.1
+source /shared/venvs/orch/bin/activate
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /shared/work/faster_rcnn/slurm/%j_%t_log.out {python} -u -m submitit.core._submit /shared/work/faster_rcnn/slurm
