@@ -31,6 +31,24 @@ STAT_NAMES: tuple[str, ...] = (
 IOU_TYPES = ("bbox", "segm")
 
 
+def load_ground_truth(ann_file: str) -> Any:
+    """A pycocotools ``COCO`` of ``ann_file`` without its prints (and without torch), e.g. for
+    scoring predictions written earlier. Training code uses ``CocoDetection.coco`` instead
+    (the cleaned, class-subset ground truth)."""
+    from pycocotools.coco import COCO
+
+    if not os.path.isfile(ann_file):
+        raise DataError(f"annotation file {ann_file} does not exist")
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            coco = COCO(ann_file)
+    except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"{ann_file}: not a readable COCO annotation file: {err}") from err
+    log.debug("pycocotools: %s", buffer.getvalue().strip())
+    return coco
+
+
 def evaluate_coco(
     coco_gt: Any,
     predictions: Sequence[Mapping[str, Any]],

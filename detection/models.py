@@ -135,14 +135,17 @@ def _construct(entry: ModelEntry, model_cfg, num_classes: int, data_cfg, options
         backbone = resnet_fpn_backbone(
             backbone_name=model_cfg.backbone, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=layers
         )
+        _check_options(tvd.FasterRCNN, options, model_cfg.type)
         return tvd.FasterRCNN(
             backbone, num_classes=num_classes, min_size=data_cfg.min_size, max_size=data_cfg.max_size, **options
         )
 
     builder: Callable = getattr(tvd, entry.builder)
     if not entry.fixed_size:
+        _check_options(builder, options, model_cfg.type)
         return builder(**common, min_size=data_cfg.min_size, max_size=data_cfg.max_size, **options)
 
+    _check_options(builder, options, model_cfg.type)
     attrs = {k: options.pop(k) for k in list(options) if k in SSD_ATTRIBUTE_OPTIONS}
     if entry.builder == "ssdlite320_mobilenet_v3_large" and options:
         raise ConfigError(
@@ -158,6 +161,36 @@ def _construct(entry: ModelEntry, model_cfg, num_classes: int, data_cfg, options
     model.transform.max_size = size
     model.transform.fixed_size = (size, size)
     return model
+
+
+def _accepted_options(builder: Callable) -> set[str]:
+    """Keyword arguments a builder (or detector class) really uses. torchvision's detectors pass
+    ``**kwargs`` on to a transform that silently ignores unknown names, so orch checks them."""
+    import inspect
+
+    from torchvision.models import detection as tvd
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    names: set[str] = set()
+    classes = [tvd.FasterRCNN, tvd.MaskRCNN, tvd.RetinaNet, tvd.FCOS, tvd.ssd.SSD]
+    target = builder if isinstance(builder, type) else None
+    if target is None:
+        module = inspect.getmodule(builder)
+        target = next((c for c in classes if inspect.getmodule(c) is module), None)
+        names |= set(inspect.signature(builder).parameters)
+    for cls in (target.__mro__ if target is not None else ()):
+        if "__init__" in vars(cls):
+            names |= set(inspect.signature(cls.__init__).parameters)
+    names |= set(inspect.signature(GeneralizedRCNNTransform.__init__).parameters)
+    return {n for n in names if n not in ("self", "kwargs", "args", "weights", "weights_backbone",
+                                          "num_classes", "backbone", "progress", "min_size", "max_size")}
+
+
+def _check_options(builder: Callable, options: dict[str, Any], model_type: str) -> None:
+    unknown = sorted(set(options) - _accepted_options(builder) - set(SSD_ATTRIBUTE_OPTIONS))
+    if unknown:
+        valid = ", ".join(sorted(_accepted_options(builder)))
+        raise ConfigError(f"model.options {unknown} not accepted by {model_type}; valid: {valid}")
 
 
 _ENUM_NAME = re.compile(r"^(DEFAULT|[A-Z0-9_]+_V\d+|[A-Za-z0-9_]+_Weights\.[A-Z0-9_]+)$")

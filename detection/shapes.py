@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cluster.errors import ConfigError
+
 #: Category ids and names written into every split (COCO ids start at 1; 0 is no category).
 CATEGORIES: tuple[dict[str, Any], ...] = (
     {"id": 1, "name": "rectangle", "supercategory": "shape"},
@@ -26,9 +28,9 @@ CATEGORIES: tuple[dict[str, Any], ...] = (
 
 _SPLIT_KEYS = {"train": 0, "val": 1, "test": 2}
 _ELLIPSE_VERTICES = 32
-# Object side as a fraction of the image side: most objects medium-sized, about one in four small
+# Object side as a fraction of the image side: most objects medium-sized, one in five drawn small
 # (at 128 px a small side is 13-28 px, so COCO's "small" range (area < 32x32) is exercised).
-_SMALL_PROB = 0.25
+_SMALL_PROB = 0.2
 _SMALL_REL = (0.10, 0.22)
 _LARGE_REL = (0.22, 0.50)
 
@@ -48,8 +50,12 @@ def make_shapes(
     are not written. Existing files of the same names are overwritten.
     """
     if size < 32:
-        raise ValueError(f"make_shapes: size={size} is too small; use 32 pixels or more")
+        raise ConfigError(f"shapes: image size {size} is too small (--size); use 32 pixels or more")
+    if seed < 0:
+        raise ConfigError(f"shapes: seed {seed} is negative (--seed); use 0 or more")
     counts = {"train": n_train, "val": n_val, "test": n_test}
+    if min(counts.values()) < 0:
+        raise ConfigError(f"shapes: negative image count in {counts} (--train/--val); use 0 or more")
     paths: dict[str, tuple[str, str]] = {}
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     for split, count in counts.items():
@@ -94,9 +100,10 @@ def _draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[t
     for _ in range(int(rng.integers(1, 5))):
         # Rejection-sample a box that does not touch the others (with a 2 px margin), so no
         # annotation is hidden under a later shape; give up on this object after a few tries.
+        # The size is drawn once (redrawing it on every try would favour small objects).
+        low, high = _SMALL_REL if rng.random() < _SMALL_PROB else _LARGE_REL
+        w, h = rng.uniform(low, high, size=2) * size
         for _attempt in range(20):
-            low, high = _SMALL_REL if rng.random() < _SMALL_PROB else _LARGE_REL
-            w, h = rng.uniform(low, high, size=2) * size
             x0 = rng.uniform(1, size - w - 1)
             y0 = rng.uniform(1, size - h - 1)
             box = (x0, y0, x0 + w, y0 + h)

@@ -50,6 +50,17 @@ def _client(tracking: Any):
     return MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
 
 
+def artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment's artifacts go: beside a local SQLite store
+    (``<db folder>/mlartifacts/<experiment>``) instead of MLflow's default ``./mlruns`` of
+    whatever the current directory is; ``None`` (the server decides) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment) or "default"
+    return "file://" + os.path.join(folder, "mlartifacts", safe)
+
+
 def _experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -58,7 +69,7 @@ def _experiment_id(client: Any, name: str) -> str:
         if found is not None:
             return found.experiment_id
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
         except MlflowException:
             time.sleep(0.2)
     found = client.get_experiment_by_name(name)
@@ -115,7 +126,8 @@ def flatten_params(config: Any) -> dict[str, str]:
             return
         text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
         if len(text) > MAX_PARAM_VALUE:
-            text = text[: MAX_PARAM_VALUE - 15] + "...[truncated]"
+            marker = "...[truncated]"
+            text = text[: MAX_PARAM_VALUE - len(marker)] + marker
         out[prefix[:250]] = text
 
     walk("", config_to_dict(config))

@@ -38,6 +38,9 @@ from orchestrator.jobs import cancel_requested, log_path, update_record
 from orchestrator.spec import JobState
 
 POLL_S = 0.05
+QUEUE_POLL_S = 0.5  # other orch processes' releases are seen by polling; our own wake us at once
+_released = threading.Condition()
+_releases = [0]  # bumped under _released at every release, so a wake-up between try and wait is not lost
 TERM_GRACE_S = 10.0
 _ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|orch( worker)?: error:|^Killed")
 _stopping = threading.Event()
@@ -118,12 +121,17 @@ def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.Bounde
         if devices is not None:
             devices.release()
         gate.release()
+        with _released:
+            _releases[0] += 1
+            _released.notify_all()
 
 
 def _wait_for_devices(job_id: str, request: DeviceRequest) -> Optional[DeviceLease]:
     """Poll the queue; None when the job was cancelled while waiting."""
     told = False
     while True:
+        with _released:
+            seen = _releases[0]
         lease = request.try_acquire()
         if lease is not None:
             return lease
@@ -134,7 +142,9 @@ def _wait_for_devices(job_id: str, request: DeviceRequest) -> Optional[DeviceLea
             _say(job_id, message)
             update_record(job_id, lambda r: r.extra.update(waiting=message))
             told = True
-        time.sleep(POLL_S)
+        with _released:
+            if _releases[0] == seen:
+                _released.wait(QUEUE_POLL_S)
 
 
 def _choose_port(job: dict):
@@ -170,7 +180,9 @@ def _start(job: dict, devices: Optional[DeviceLease], port: Optional[int]) -> li
                 env.update(share.environ(command["procs"]))
             env.update({k: _fill(v, port) for k, v in command["env"].items()})
             argv = [_fill(a, port) for a in command["argv"]]
-            group = {"start_new_session": True} if not procs else {"process_group": procs[0].pid}
+            # One new process group per job (joinable only within our session, hence not setsid):
+            # `orch cancel` signals the whole group.
+            group = {"process_group": procs[0].pid if procs else 0}
             procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, cwd=command.get("cwd"), **group))
     except BaseException:

@@ -56,6 +56,8 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: ``transforms(image, target, generator)`` -> ``(image, target)``.
         with_masks: also return instance masks (from polygons or RLE).
         on_bad_data: ``"error"`` or ``"skip"`` (see the module docstring).
+        label_to_cat_id: use this label map (the training set's), so an evaluation split gets
+            the same labels and class subset; its categories must be in this file too.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class CocoDetection(torch.utils.data.Dataset):
         transforms: Optional[Transform] = None,
         with_masks: bool = False,
         on_bad_data: str = "error",
+        label_to_cat_id: Optional[dict[int, int]] = None,
     ) -> None:
         if on_bad_data not in ("error", "skip"):
             raise DataError(f"data.on_bad_data: {on_bad_data!r} is not valid; use 'error' or 'skip'")
@@ -79,7 +82,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
         raw = load_coco_json(ann_file)
         all_cats = sorted(raw["categories"], key=lambda c: c["id"])
-        cats = _select_classes(all_cats, classes, ann_file)
+        if label_to_cat_id is None:
+            cats = _select_classes(all_cats, classes, ann_file)
+        else:
+            cats = _same_classes(all_cats, label_to_cat_id, classes, ann_file)
         #: Label (1..K) -> COCO category id, and back. Label 0 is the background.
         self.label_to_cat_id: dict[int, int] = {i + 1: c["id"] for i, c in enumerate(cats)}
         self.cat_id_to_label: dict[int, int] = {c: label for label, c in self.label_to_cat_id.items()}
@@ -174,6 +180,27 @@ class CocoDetection(torch.utils.data.Dataset):
             shape = (len(masks), info["height"], info["width"])
             target["masks"] = torch.from_numpy(np.stack(masks)) if masks else torch.zeros(shape, dtype=torch.uint8)
         return target
+
+
+def _same_classes(
+    cats: list[dict[str, Any]], label_to_cat_id: dict[int, int], classes: Optional[Sequence[str]], ann_file: str
+) -> list[dict[str, Any]]:
+    """The categories of a given label map, checked against this file (an evaluation split
+    must label classes as the training split does)."""
+    by_id = {c["id"]: c for c in cats}
+    missing = [cat_id for cat_id in label_to_cat_id.values() if cat_id not in by_id]
+    if missing:
+        raise DataError(
+            f"{ann_file}: category ids {missing} of the training data are not in this file's 'categories'; "
+            "training and evaluation files must list the same categories"
+        )
+    chosen = [by_id[label_to_cat_id[label]] for label in sorted(label_to_cat_id)]
+    if classes is not None and set(classes) != {c["name"] for c in chosen}:
+        raise DataError(
+            f"{ann_file}: classes {list(classes)} differ from the training classes "
+            f"{[c['name'] for c in chosen]}; give evaluation splits the same classes or none"
+        )
+    return chosen
 
 
 def _select_classes(

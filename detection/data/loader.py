@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +23,22 @@ from detection.data.samplers import GroupedBatchSampler, ShardSampler, aspect_ra
 from detection.data.transforms import build_transforms
 
 
-def build_dataset(split: DataSplit, data_cfg: DataConfig, train: bool, with_masks: bool = False) -> CocoDetection:
+def build_dataset(
+    split: DataSplit,
+    data_cfg: DataConfig,
+    train: bool,
+    with_masks: bool = False,
+    like: Optional[CocoDetection] = None,
+) -> CocoDetection:
     """The COCO dataset of one split, checked up front (see :class:`CocoDetection`).
 
     Training datasets resize and flip and drop images without annotations unless
     ``data.keep_empty``; evaluation datasets keep every image and are not resized (the detector
     resizes internally and maps predictions back to the original image size).
+
+    Pass the training set as ``like`` when building an evaluation set: it then uses the same
+    labels and class subset (``data.train.classes`` applies to it as well), and a file whose
+    categories do not match is a DataError instead of silently wrong labels.
     """
     if not split.ann_file or not split.img_dir:
         raise DataError(
@@ -44,6 +54,7 @@ def build_dataset(split: DataSplit, data_cfg: DataConfig, train: bool, with_mask
         transforms=build_transforms(data_cfg, train),
         with_masks=with_masks,
         on_bad_data=data_cfg.on_bad_data,
+        label_to_cat_id=like.label_to_cat_id if like is not None else None,
     )
 
 

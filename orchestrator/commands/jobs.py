@@ -35,7 +35,8 @@ def elapsed(record: JobRecord, now: Optional[float] = None) -> str:
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    # Piped output (grep, a file) gets wide lines instead of wrapped job ids.
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 
 
 @click.command("status")
@@ -58,7 +59,7 @@ def status_cmd(job: Optional[str], show_all: bool) -> None:
         return
     table = Table(box=None, header_style="bold")
     for column in ("JOB ID", "NAME", "BACKEND", "STATE", "ELAPSED", "OUTPUT", "MLFLOW RUN"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column != "OUTPUT")
     for r in records:
         state = f"[{STATE_STYLE[r.state]}]{r.state.value}[/]"
         table.add_row(r.job_id, r.name, r.backend, state, elapsed(r, now), r.output_dir, r.mlflow_run_id or "-")

@@ -79,6 +79,11 @@ def kfold_cmd(experiment, folds, backend, gpus, max_parallel, overrides, dry_run
     if not dry_run:
         click.echo(f"set {outcome.set_id}: {len(outcome.launched)} trained now, {len(outcome.skipped)} "
                    f"already finished; report: {outcome.set_dir / 'report'}  (orch report {outcome.set_id})")
+        from orchestrator.commands.report_util import mlflow_ui_hint
+
+        hint = mlflow_ui_hint(outcome.tracking_uri, outcome.parent_run_id)
+        if hint:
+            click.echo(hint)
     return 0
 
 

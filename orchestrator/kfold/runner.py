@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from cluster.errors import DataError, JobFailed, JobNotFound
 from orchestrator.config.schema import Experiment, KFoldConfig, Resources
+from orchestrator.kfold.split import file_sha256
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions_val.json"
@@ -39,10 +40,8 @@ class KFoldOutcome:
     report: Optional[str]
     launched: list[str]
     skipped: list[str]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    tracking_uri: Optional[str] = None
+    parent_run_id: Optional[str] = None  # the grid parent, else the set's parent
 
 
 def set_identity(exp: Experiment, kcfg: KFoldConfig, ann_sha: str) -> str:
@@ -100,7 +99,7 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
         same = False
         if manifest_file.is_file():
             old = json.loads(manifest_file.read_text())
-            same = (old.get("source", {}).get("sha256") == _sha256(ann_file) and old.get("k") == kcfg.folds
+            same = (old.get("source", {}).get("sha256") == file_sha256(ann_file) and old.get("k") == kcfg.folds
                     and old.get("seed") == kcfg.seed
                     and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex})
             try:
@@ -124,15 +123,18 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     from orchestrator.launchers.base import get_launcher
     from orchestrator.submit import SubmitFlags, build_job_spec, choose_backend
 
+    extra: dict[str, Any] = {"kfold.folds": folds}
+    if max_parallel is not None:  # also the width of a Slurm job array
+        extra["resources.slurm.array_parallelism"] = max_parallel
     flags = SubmitFlags(backend=backend, gpus=gpus, max_parallel=max_parallel,
-                        extra={"kfold.folds": folds} if folds is not None else {})
+                        extra={k: v for k, v in extra.items() if v is not None})
     exp = load_experiment(path, overrides, extra=flags.as_overrides())
     kcfg = exp.kfold or KFoldConfig()
     backend = choose_backend(exp, backend)
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
     if not ann_file.is_file():
         raise DataError(f"k-fold annotation file {ann_file} does not exist; set kfold.ann_file or data.train.ann_file")
-    set_id = set_identity(exp, kcfg, _sha256(ann_file))
+    set_id = set_identity(exp, kcfg, file_sha256(ann_file))
     root = Path(output_dir_of(exp)).expanduser().resolve()
     set_dir = root / f"kfold-{set_id}"
     folds_dir = Path(kcfg.out_dir).expanduser().resolve() if kcfg.out_dir else root / "folds"
@@ -142,11 +144,14 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     base = with_overrides(exp, {"runtime.output_dir": str(set_dir)})
     trials = expand(base, fold_files)
     state = load_state(set_dir)
+    attached = {} if dry_run else _still_running(state, trials)
     done = {t.name for t in trials if _finished(state, t)}
-    pending = [t for t in trials if t.name not in done]
+    pending = [t for t in trials if t.name not in done and t.name not in attached]
     launcher = get_launcher(backend)
+    # Plan from unwritten specs first: a bad option fails here, before any run or file exists.
+    plan = launcher.plan([dataclasses.replace(build_job_spec(t.experiment, backend, write=False),
+                                              name=f"{exp.name}/{t.name}") for t in pending])
     if dry_run:
-        plan = launcher.plan([build_job_spec(t.experiment, backend, write=False) for t in pending])
         echo(f"{len(trials)} trials, {len(done)} already finished; would run:\n{plan}")
         return KFoldOutcome(set_id, set_dir, None, [t.name for t in pending], sorted(done))
 
@@ -167,16 +172,22 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
             parent = state["parents"]["points"][t.point_name]
             trial_exp = with_overrides(trial_exp, {"tracking.uri": uri, "tracking.run_id": run_id,
                                                    "tracking.parent_run_id": parent})
-        jobs.append(build_job_spec(trial_exp, backend, write=True))
+        # named after the trial so that `orch status` and job ids tell the folds apart
+        jobs.append(dataclasses.replace(build_job_spec(trial_exp, backend, write=True), name=f"{exp.name}/{t.name}"))
         state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
                                    "point": t.point_name, "output_dir": str(jobs[-1].output_dir),
                                    "run_id": trial_exp.tracking.run_id}
     save_state(set_dir, state)
+    waiting = dict(attached)
+    if attached:
+        echo(f"{len(attached)} trial(s) of an earlier `orch kfold` still running: waiting for them")
     if jobs:
-        plan = launcher.plan(jobs)
         echo(f"launching {len(jobs)} trial(s) on {backend} ({len(done)} already finished)")
-        handles = launcher.submit(plan)
-        _wait_all(set_dir, state, [t.name for t in pending], handles, poll_s, echo)
+        handles = launcher.submit(launcher.plan(jobs))
+        echo(f"submitted jobs {handles[0].job_id} .. {handles[-1].job_id}; follow one with: orch logs -f JOB")
+        waiting.update(zip([t.name for t in pending], handles))
+    if waiting:
+        _wait_all(set_dir, state, waiting, poll_s, echo)
     else:
         echo(f"all {len(trials)} trials already finished; aggregating")
 
@@ -185,7 +196,9 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     if failed:
         raise JobFailed(f"{len(failed)} trial(s) of set {set_id} failed ({', '.join(failed[:3])}); "
                         f"see {set_dir / SET_FILE}; run the same command again to retry only those")
-    return KFoldOutcome(set_id, set_dir, report, [t.name for t in pending], sorted(done))
+    parents = state.get("parents", {})
+    top = parents.get("grid") or next(iter(parents.get("points", {}).values()), None)
+    return KFoldOutcome(set_id, set_dir, report, [t.name for t in pending], sorted(done), uri, top)
 
 
 def _finished(state: dict, trial) -> bool:
@@ -193,13 +206,45 @@ def _finished(state: dict, trial) -> bool:
     return record.get("status") == "SUCCEEDED" and (Path(record.get("output_dir", "")) / PREDICTIONS).is_file()
 
 
-def _wait_all(set_dir: Path, state: dict, names: list[str], handles: list, poll_s: float,
+class _RecordHandle:
+    """A job of an earlier ``orch kfold`` run, followed through its job record (any backend)."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+
+    def state(self):
+        from orchestrator.jobs import load_record, refresh_record
+
+        return refresh_record(load_record(self.job_id)).state
+
+    def cancel(self) -> None:
+        from orchestrator.jobs import cancel_job
+
+        cancel_job(self.job_id)
+
+
+def _still_running(state: dict, trials) -> dict[str, _RecordHandle]:
+    """Trials an earlier, interrupted ``orch kfold`` launched and whose jobs still run: waited
+    for, not launched twice into the same folder and run."""
+    running = {}
+    for t in trials:
+        record = state["trials"].get(t.name, {})
+        if record.get("status") in ("PENDING", "RUNNING") and record.get("job_id"):
+            handle = _RecordHandle(record["job_id"])
+            try:
+                if not handle.state().finished:
+                    running[t.name] = handle
+            except JobNotFound:
+                pass
+    return running
+
+
+def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float,
               echo: Callable[[str], None]) -> None:
     """Poll every handle; record each trial in ``set.json`` the moment it ends, so an interrupted
     ``orch kfold`` still remembers what finished."""
     from orchestrator.spec import JobState
 
-    waiting = dict(zip(names, handles))
     for name, handle in waiting.items():
         state["trials"][name].update(status="RUNNING", job_id=handle.job_id)
     save_state(set_dir, state)
@@ -211,7 +256,8 @@ def _wait_all(set_dir: Path, state: dict, names: list[str], handles: list, poll_
                     continue
                 record = state["trials"][name]
                 ok = job_state == JobState.SUCCEEDED and (Path(record["output_dir"]) / PREDICTIONS).is_file()
-                record["status"] = "SUCCEEDED" if ok else job_state.value if job_state != JobState.SUCCEEDED else "FAILED"
+                # a job that exits 0 without writing its validation predictions cannot be aggregated
+                record["status"] = "SUCCEEDED" if ok else ("FAILED" if job_state == JobState.SUCCEEDED else job_state.value)
                 save_state(set_dir, state)
                 echo(f"  {name}: {record['status']}  (job {handle.job_id})")
                 del waiting[name]
@@ -245,11 +291,12 @@ def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, 
     metric = exp.checkpoint.save_best or f"{exp.eval.metric[0]}_mAP"
     mode = "max" if exp.checkpoint.rule == "greater" else "min"
     report = comparison_markdown(summaries, metric, mode)
+    paths = {}
     if summaries:
         paths = write_report(set_dir / "report", summaries, metric, mode,
                              meta={"set_id": set_id, "experiment": exp.name, "folds": kcfg.folds,
                                    "seed": kcfg.seed, "parents": state.get("parents", {})})
-        if uri:
-            tracking.log_summaries(uri, state, summaries, paths, finished=not failed)
+    if uri:  # also when nothing finished: the parents must not stay RUNNING
+        tracking.log_summaries(uri, state, summaries, paths, finished=not failed, metric=metric, mode=mode)
     echo(report)
     return report

@@ -206,7 +206,8 @@ def balance_table(coco: dict, folds: list[FoldSplit]) -> str:
     return out.getvalue()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 hex digest of a file, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -242,7 +243,7 @@ def write_folds(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if ann_file is not None:
-        source = {"path": str(Path(ann_file).resolve()), "sha256": _sha256(Path(ann_file))}
+        source = {"path": str(Path(ann_file).resolve()), "sha256": file_sha256(Path(ann_file))}
     else:
         canonical = json.dumps(coco, sort_keys=True, separators=(",", ":")).encode()
         source = {"path": None, "sha256": hashlib.sha256(canonical).hexdigest()}
@@ -257,7 +258,7 @@ def write_folds(
             tmp.replace(path)  # atomic: a reader never sees half a file
             entry[split] = {
                 "file": path.name,
-                "sha256": _sha256(path),
+                "sha256": file_sha256(path),
                 "images": len(subset["images"]),
                 "annotations": len(subset["annotations"]),
             }
@@ -286,7 +287,7 @@ def verify_folds(out_dir: Union[str, Path], manifest: Optional[dict] = None) -> 
     for entry in manifest["folds"]:
         for split in ("train", "val"):
             path = out / entry[split]["file"]
-            if not path.is_file() or _sha256(path) != entry[split]["sha256"]:
+            if not path.is_file() or file_sha256(path) != entry[split]["sha256"]:
                 raise DataError(f"{path} is missing or changed since orch split wrote it; re-run orch split")
     return manifest
 

@@ -13,7 +13,6 @@ evaluation metric (per-class AP included), and the top parent the report files.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -95,15 +94,15 @@ def _text(value: Any) -> str:
     return format_value(value)
 
 
-def metric_key(key: str) -> str:
-    """A metric name MLflow accepts (class names may hold any character)."""
-    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", key)
-
-
-def log_summaries(uri: str, state: dict, summaries: Sequence[Any], paths: dict[str, Path], finished: bool) -> None:
-    """Log mean/std/out-of-fold metrics to each point's parent, the report to the top parent,
-    and end the parents (FAILED where some folds did not finish)."""
+def log_summaries(uri: str, state: dict, summaries: Sequence[Any], paths: dict[str, Path], finished: bool,
+                  metric: str = "bbox_mAP", mode: str = "max") -> None:
+    """Log mean/std/out-of-fold metrics to each point's parent, the report (and, with a grid, the
+    best point by mean ``metric``) to the top parent, and end the parents (FAILED where some folds
+    did not finish)."""
     from mlflow.entities import Metric
+
+    from detection.tracking import metric_key
+    from orchestrator.kfold.aggregate import compare_points
 
     client = _client(uri)
     parents = state["parents"]
@@ -118,6 +117,11 @@ def log_summaries(uri: str, state: dict, summaries: Sequence[Any], paths: dict[s
             client.log_batch(run_id, metrics=metrics[start:start + 1000])
         done.add(s.name)
     top = parents.get("grid") or next(iter(parents["points"].values()))
+    rows = compare_points(summaries, metric, mode)
+    if parents.get("grid") and rows:
+        client.set_tag(top, "best_point", rows[0]["point"])
+        client.log_batch(top, metrics=[Metric(metric_key(f"best/{kind}/{metric}"), float(rows[0][kind]), now, 0)
+                                       for kind in ("mean", "std", "oof")])
     for path in paths.values():
         client.log_artifact(top, str(path), artifact_path="kfold")
     for name, run_id in parents["points"].items():

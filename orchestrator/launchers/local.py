@@ -11,6 +11,7 @@ torch ``env://`` variables set and ``MASTER_PORT`` from a bind-checked port leas
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -77,15 +78,27 @@ def base_env(job: JobSpec) -> dict[str, str]:
     return {"PYTHONUNBUFFERED": "1", **job.extra_env}
 
 
+def _quote(text: str) -> str:
+    # Placeholders such as {port} stay readable: a lone {word} is literal in sh/bash.
+    return text if re.fullmatch(r"[\w@%+=:,./{}-]+", text) else shlex.quote(text)
+
+
 def format_command(argv: list[str], env: dict[str, str]) -> str:
     """One shell-pasteable line: ``VAR=value ... argv``."""
-    return " ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in argv])
+    return " ".join([f"{k}={_quote(v)}" for k, v in env.items()] + [_quote(a) for a in argv])
 
 
-def queue_order(jobs: list[JobSpec], slots: list[int]) -> list[int]:
-    """Indices of ``jobs``, largest first (stable): with backfill this keeps the makespan close
-    to total device time / pool size (see bench/bench_makespan.py)."""
-    return sorted(range(len(jobs)), key=lambda i: -slots[i])
+def queue_order(slots: list[int], work: list[float]) -> list[int]:
+    """Indices of the jobs, widest first, then longest first (stable): with backfill this keeps
+    the makespan within a few percent of total device time / pool size (bench/bench_makespan.py)."""
+    return sorted(range(len(slots)), key=lambda i: (-slots[i], -work[i]))
+
+
+def schedule_length(job: JobSpec) -> float:
+    """A job's length for ordering: its iterations, else its epochs (one submission's jobs
+    usually share the unit)."""
+    schedule = job.experiment.schedule
+    return float(schedule.iterations or schedule.epochs or 0)
 
 
 def _max_parallel(jobs: list[JobSpec]) -> Optional[int]:
@@ -113,12 +126,12 @@ class LocalLauncher:
             if res.gpus < 1:
                 raise LaunchError(f"job {job.name}: --gpus must be >= 1, got {res.gpus}")
             slots.append(res.gpus)
-        order = queue_order(jobs, slots)
+        order = queue_order(slots, [schedule_length(job) for job in jobs])
         cap = _max_parallel(jobs)
         entries, lines = [], [
             f"# orch local plan: {len(jobs)} job(s) on this node's device pool (GPUs, else CPU slots)",
             "# each job leases its devices for its whole life; jobs that do not fit wait in the queue",
-            f"# queue order: largest first, smaller jobs backfill; at most {cap or 'unlimited'} at once",
+            f"# queue order: widest first, then longest; smaller jobs backfill; at most {cap or 'unlimited'} at once",
         ]
         for position, index in enumerate(order, 1):
             job, world = jobs[index], slots[index]

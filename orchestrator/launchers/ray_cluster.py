@@ -46,6 +46,23 @@ def ray_environ(base: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def is_loopback(address: Optional[str]) -> bool:
+    """True for no address (a private head) or an address on 127.0.0.1 / localhost."""
+    if not address:
+        return True
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def prepare_client(address: Optional[str]) -> None:
+    """Call before the first ``import ray`` of a process that connects to ``address``: Ray reads
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER at import, and without it a driver rewrites 127.0.0.1 into
+    the machine's other address and never reaches a loopback head. Left alone for a real
+    multi-node cluster, whose workers must reach the driver's real address."""
+    if is_loopback(address):
+        os.environ.update(ray_environ({}))
+
+
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """``count`` distinct ports that could be bound on ``host`` just now (held open together so
     none is returned twice; a later collision makes ``ray start`` fail and :meth:`start` retry)."""

@@ -68,8 +68,8 @@ def end_mlflow_run(tracking_uri: Optional[str], run_id: Optional[str], status: s
         client.set_terminated(run_id, status=status)
 
 
-def build_trainer(payload: dict[str, Any], use_gpu: bool):
-    """The ``TorchTrainer`` of the job (Train V2 API)."""
+def build_trainer(payload: dict[str, Any], use_gpu: bool, callbacks: Optional[list] = None):
+    """The ``TorchTrainer`` of the job (Train V2 API); ``callbacks`` are Ray Train callbacks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -90,6 +90,7 @@ def build_trainer(payload: dict[str, Any], use_gpu: bool):
             failure_config=ray.train.FailureConfig(max_failures=int(payload["max_failures"])),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(payload["keep_checkpoints"])),
             worker_runtime_env={"env_vars": dict(payload.get("env") or {})},
+            callbacks=callbacks,
         ),
     )
 
@@ -97,11 +98,10 @@ def build_trainer(payload: dict[str, Any], use_gpu: bool):
 @contextlib.contextmanager
 def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpus: Optional[float] = None):
     """Connect to ``address``, or start a private local head first (stopped on exit)."""
+    from orchestrator.launchers.ray_cluster import LocalRay, prepare_client
+
+    prepare_client(address)
     import ray
-
-    from orchestrator.launchers.ray_cluster import LocalRay, ray_environ
-
-    os.environ.update(ray_environ({}))  # the driver's own Ray client: loopback, no usage report
     head = None
     try:
         if not address:
@@ -120,12 +120,12 @@ def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpu
 
 def run_job(payload: dict[str, Any]) -> JobState:
     """Run one Ray job to its end; returns the final state (also recorded)."""
-    import ray
-
     job_id = payload.get("job_id")
     run_id, uri = payload.get("mlflow_run_id"), payload.get("tracking_uri")
     try:
         with ray_connection(payload["address"], job_id):
+            import ray
+
             gpu = payload["use_gpu"]
             use_gpu = gpu == "yes" or (gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
             set_state(job_id, JobState.RUNNING)

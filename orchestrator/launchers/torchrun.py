@@ -138,7 +138,7 @@ class TorchrunLauncher:
                          "--set resources.torchrun.rdzv_port=P")
             commands = []
         if "{port}" in "\n".join(lines):
-            lines.append("# {port}: chosen at launch on the master by a bind-checked lease; "
+            lines.append("# {port}: chosen at launch on the master, bind-checked (and leased when the master is this machine); "
                          "fix it with --set resources.torchrun.rdzv_port=P")
         lines.append("# torchrun assigns node ranks at rendezvous (it ignores --node_rank with c10d)")
         slots = sum(c["procs"] for c in commands if c["local"])

@@ -135,7 +135,7 @@ def test_dead_owner_frees_its_devices_and_waiters_get_them():
         holder.kill()
 
 
-def test_fifo_with_backfill_and_starvation_guard(monkeypatch):
+def test_fifo_with_backfill_and_starvation_guard():
     big = lease_devices(3, environ=env(**GPU4))  # 1 free
     first = DeviceRequest(2, detect_pool(GPU4), environ=env(**GPU4))  # does not fit yet
     second = DeviceRequest(1, detect_pool(GPU4), environ=env(**GPU4))
@@ -145,12 +145,17 @@ def test_fifo_with_backfill_and_starvation_guard(monkeypatch):
     small = second.try_acquire()  # backfill: passes the 2-GPU request that does not fit
     assert small is not None
     small.release()
+    third.cancel()
+    passer = DeviceRequest(1, detect_pool(GPU4), environ=env(**GPU4))
+    lease = passer.try_acquire()  # first (2) still does not fit in 1 free: backfill allowed
+    assert lease is not None
+    lease.release()
     # Once the big request has waited past the starvation limit, nobody passes it.
-    monkeypatch.setenv("ORCH_LEASE_STARVE_S", "0")
-    late = DeviceRequest(1, detect_pool(GPU4), environ=env(**GPU4, ORCH_LEASE_STARVE_S="0"))
     time.sleep(0.01)
+    late = DeviceRequest(1, detect_pool(GPU4), environ=env(**GPU4, ORCH_LEASE_STARVE_S="0"))
     assert late.try_acquire() is None
     big.release()
-    assert first.try_acquire() is not None
-    for request in (first, second, third, late):
+    granted = first.try_acquire()
+    assert granted is not None and len(granted.devices) == 2
+    for request in (first, second, late):
         request.cancel()

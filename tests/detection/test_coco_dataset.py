@@ -72,6 +72,23 @@ def test_class_subset(tmp_path):
         CocoDetection(ann, img, classes=["cat"])
 
 
+def test_eval_split_follows_the_training_labels(tmp_path):
+    ann, img = _write(tmp_path, _base())
+    train = build_dataset(DataSplit(ann, img, classes=("toothbrush", "airplane")), DataConfig(), train=True)
+    val = build_dataset(DataSplit(ann, img), DataConfig(), train=False, like=train)
+    assert val.label_to_cat_id == train.label_to_cat_id == {1: 5, 2: 90}
+    assert val.class_names == ("airplane", "toothbrush") and sorted(val.coco.getCatIds()) == [5, 90]
+    with pytest.raises(DataError, match="differ from the training classes"):
+        build_dataset(DataSplit(ann, img, classes=("person",)), DataConfig(), train=False, like=train)
+    other = copy.deepcopy(_base())
+    other["categories"] = [c for c in other["categories"] if c["id"] != 90]
+    other["annotations"] = [a for a in other["annotations"] if a["category_id"] != 90]
+    (tmp_path / "other").mkdir()
+    ann2, img2 = _write(tmp_path / "other", other)
+    with pytest.raises(DataError, match=r"category ids \[90\] of the training data are not in"):
+        build_dataset(DataSplit(ann2, img2), DataConfig(), train=False, like=train)
+
+
 def test_keep_empty_and_eval_keeps_all(tmp_path):
     ann, img = _write(tmp_path, _base())
     assert CocoDetection(ann, img, train=True, keep_empty=False).ids == [1, 2]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import os
 
 import numpy as np
@@ -21,6 +20,7 @@ from detection.evaluation import (
     STAT_NAMES,
     evaluate_coco,
     gather_predictions,
+    load_ground_truth,
     per_class_table,
     predictions_to_coco,
     write_predictions,
@@ -75,6 +75,8 @@ def test_numbers_equal_pycocotools_run_directly(val_set):
     outputs, ids = _model_outputs(val_set, noise=1.5)
     preds = predictions_to_coco(outputs, ids, val_set.label_to_cat_id, with_masks=True)
     metrics = evaluate_coco(val_set.coco, preds, iou_types=("bbox", "segm"), classwise=True)
+    from_file = evaluate_coco(load_ground_truth(val_set.ann_file), preds, iou_types=("bbox", "segm"), classwise=True)
+    assert from_file == metrics  # shapes data is clean: the checked ground truth is the file's
     bbox = _direct_stats(val_set.ann_file, [{k: v for k, v in p.items() if k != "segmentation"} for p in preds], "bbox")
     segm = _direct_stats(val_set.ann_file, [{k: v for k, v in p.items() if k != "bbox"} for p in preds], "segm")
     for iou_type, direct in (("bbox", bbox), ("segm", segm)):
@@ -182,8 +184,15 @@ def test_gather_across_two_real_processes(tmp_path):
     assert [(p["image_id"], p["score"]) for p in results[0]] == [(0, 0.0), (1, 1.0), (2, 0.0), (3, 1.0), (4, 0.0), (5, 1.0)]
 
 
+def test_load_ground_truth_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_ground_truth(str(tmp_path / "none.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="bad.json: not a readable COCO"):
+        load_ground_truth(str(tmp_path / "bad.json"))
+
+
 def test_per_class_table_shows_missing_values():
     table = per_class_table({"bbox_AP/a": 0.5, "segm_AP/a": 0.25, "bbox_AP/b": float("nan"), "bbox_mAP": 0.1})
     assert table.splitlines()[2:] == ["| a | 0.500 | 0.250 |", "| b | - | - |"]
     assert "eval.classwise" in per_class_table({"bbox_mAP": 0.3})
-    assert math.isnan(float("nan"))

@@ -42,6 +42,15 @@ def test_layout_and_return_value(shapes128):
     assert not list(out.rglob("*.tmp.*"))
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ({"size": 16}, "--size"), ({"seed": -1}, "--seed"), ({"n_val": -2}, "--train/--val")])
+def test_bad_arguments_are_config_errors(tmp_path, kwargs, words):
+    from cluster.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=words):
+        make_shapes(str(tmp_path), n_train=1, **kwargs)
+
+
 def test_empty_splits_are_not_written(tmp_path):
     paths = make_shapes(str(tmp_path), n_train=3, n_val=0, size=64)
     assert set(paths) == {"train"}

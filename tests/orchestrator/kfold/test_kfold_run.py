@@ -58,7 +58,7 @@ def test_three_folds_two_slots_then_resume(make_experiment, tracking_uri, tmp_pa
     assert metrics["mean/bbox_mAP"] == pytest.approx(sum(fold_maps) / 3)
 
     # the same command again: nothing retrained, same set, same runs
-    first_mtime = {n: (outcome.set_dir / n.replace("/", "/") / "config.yaml").stat().st_mtime
+    first_mtime = {n: (outcome.set_dir / n / "config.yaml").stat().st_mtime
                    for n in ("fold-0", "fold-1", "fold-2")}
     again = run_kfold(str(exp), backend="local", max_parallel=1, echo=lambda s: None, poll_s=0.5)
     assert again.set_id == outcome.set_id and again.launched == [] and len(again.skipped) == 3
@@ -107,3 +107,38 @@ def test_grid_of_two_points_times_two_folds(make_experiment, tracking_uri, capsy
         assert {"mean/bbox_mAP", "std/bbox_mAP", "oof/bbox_mAP"} <= set(p.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(grid[0].info.run_id, "kfold")}
     assert "kfold/comparison.md" in artifacts
+    assert grid[0].data.tags["best_point"] in {"lr=0.001", "lr=0.002"}
+    assert "best/mean/bbox_mAP" in grid[0].data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_failed_folds_are_reported_and_retried_alone(make_experiment, tracking_uri, tmp_path):
+    from cluster.errors import JobFailed
+    from orchestrator.kfold.runner import run_kfold
+
+    # the second grid point cannot load its weights: its folds fail in the worker, the first's succeed
+    exp = make_experiment(**{"kfold.folds": 2, "kfold.allow_small_classes": True,
+                             "grid": {"runtime.load_from": [None, str(tmp_path / "missing.pt")]}})
+    with pytest.raises(JobFailed, match="2 trial"):
+        run_kfold(str(exp), backend="local", max_parallel=2, echo=lambda s: None, poll_s=0.5)
+    set_dir = next((tmp_path / "work").glob("kfold-*"))
+    state = json.loads((set_dir / "set.json").read_text())
+    status = {name: r["status"] for name, r in state["trials"].items()}
+    assert status["load_from=null/fold-0"] == status["load_from=null/fold-1"] == "SUCCEEDED"
+    assert {s for n, s in status.items() if "missing" in n} == {"FAILED"}
+    summary = json.loads((set_dir / "report" / "summary.json").read_text())
+    assert [p["name"] for p in summary["points"]] == ["load_from=null"]  # only complete points
+
+    client, runs = _runs(tracking_uri)
+    by_name = {r.info.run_name: r for r in runs}
+    assert by_name["load_from=null"].info.status == "FINISHED"
+    assert by_name[f"load_from={tmp_path / 'missing.pt'}"].info.status == "FAILED"
+
+    with pytest.raises(JobFailed):
+        run_kfold(str(exp), backend="local", max_parallel=2, echo=lambda s: None, poll_s=0.5)
+    state_again = json.loads((set_dir / "set.json").read_text())
+    # only the failed trials ran again, in their own runs (no new runs)
+    assert {n for n, r in state_again["trials"].items() if r.get("job_id") != state["trials"][n].get("job_id")} == {
+        n for n in status if "missing" in n}
+    assert len(_runs(tracking_uri)[1]) == len(runs)

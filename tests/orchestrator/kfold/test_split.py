@@ -196,3 +196,21 @@ def test_write_folds_files_manifest_and_table(tmp_path):
     total_row = [line for line in table.splitlines() if " all " in line][0]
     # 7 images, 8 annotations; c0: 5 instances on 4 images; c1: 3 on 3
     assert total_row.split()[1::2] == ["all", "7", "8", "5/4", "3/3"]
+
+
+def test_orch_split_command(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    coco = make_coco([[0], [1], [0, 1], [], [0], [1], [0], [1]], 2, groups=[0, 0, 1, 1, 2, 2, 3, 3])
+    src = tmp_path / "ann.json"
+    src.write_text(json.dumps(coco))
+    out = tmp_path / "folds"
+    assert main(["split", str(src), "--folds", "2", "--out", str(out), "--group-key", "site", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "2-fold split" in text and "wrote 2 folds" in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["grouping"] == {"group_key": "site", "group_regex": None} and manifest["seed"] == 3
+    check_folds(coco, read_folds(out))
+    assert main(["split", str(src), "--folds", "9", "--out", str(out)]) == 2
+    assert "more than the 8 images" in capsys.readouterr().err
+    assert main(["split", str(tmp_path / "nope.json"), "--folds", "2", "--out", str(out)]) == 2

@@ -10,6 +10,8 @@ Both use ports chosen at run time. Tests that use them are marked ``slurm`` and 
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "local_slurm.py"
@@ -110,9 +113,43 @@ def slurm_cluster(mlflow_server):
             os.environ["SLURM_CONF"] = old
 
 
-@pytest.fixture
-def orch_home(tmp_path, monkeypatch) -> Path:
-    """A private ``ORCH_HOME`` (job records) for one test."""
-    home = tmp_path / "orch_home"
-    monkeypatch.setenv("ORCH_HOME", str(home))
-    return home
+def _root_conftest():
+    """tests/conftest.py as a plain module (its ``tiny_experiment_dict``), loaded under its own
+    name: module-scoped fixtures here cannot use its function-scoped ``make_experiment``."""
+    path = REPO / "tests" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("orch_tests_root_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def write_experiment(shapes_data, mlflow_server):
+    """``write_experiment(folder, name, **dotted)`` -> path of a tiny experiment YAML in ``folder``
+    (outputs in ``folder/work``) that logs to the MLflow server."""
+    root = _root_conftest()
+
+    def write(folder: Path, name: str = "tiny", **overrides) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        mapping = copy.deepcopy(root.tiny_experiment_dict(shapes_data, folder / "work", mlflow_server))
+        mapping["name"] = name
+        for key, value in overrides.items():
+            root._set_dotted(mapping, key, value)
+        path = folder / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def module_orch_home(tmp_path_factory):
+    """A private ``ORCH_HOME`` (job records) for one test module."""
+    home = tmp_path_factory.mktemp("orch_home")
+    old = os.environ.get("ORCH_HOME")
+    os.environ["ORCH_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("ORCH_HOME", None)
+    else:
+        os.environ["ORCH_HOME"] = old

@@ -1,6 +1,10 @@
 """Real Slurm jobs (2-node local cluster with accounting, see conftest.py) that train the tiny model
 and log to a real MLflow server over HTTP. Everything goes through ``orch submit``'s code path
 (:func:`orchestrator.submit.submit`) and ``orch status/cancel`` (:func:`orchestrator.cli.main`).
+
+Every job of the module is submitted at the start (``jobs``) so that they run side by side, as on
+a real cluster, and each test then checks its own job: the module takes about as long as its
+slowest job instead of the sum of all.
 """
 
 from __future__ import annotations
@@ -47,67 +51,57 @@ def mlflow_run(uri: str, run_id: str):
     return MlflowClient(uri).get_run(run_id)
 
 
-@pytest.fixture
-def experiment(make_experiment, mlflow_server, slurm_cluster, orch_home):
-    """``experiment(**dotted)`` -> path of a tiny experiment that logs to the MLflow server."""
-    def make(**overrides):
-        return make_experiment(**{"tracking.uri": mlflow_server, **overrides})
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, write_experiment, module_orch_home, tmp_path_factory):
+    """name -> (plan, handles, submit seconds, folder) of every job of this module."""
+    root = tmp_path_factory.mktemp("slurm_jobs")
+    out = {}
 
-    return make
+    def add(key, paths, **flags):
+        out[key] = (*submit(paths, **flags), root / key)
 
-
-def test_single_node_job(experiment, mlflow_server):
-    plan, [handle], seconds = submit([experiment()])
-    record = handle.record()
-    # Submission returns at once with the Slurm job id; the job has not finished yet.
-    assert record.native_id and record.native_id.isdigit() and not record.state.finished
-    # What --dry-run shows is exactly what went to sbatch.
-    assert Path(record.extra["submission_file"]).read_text() == plan.payload["groups"][0]["script"]
-    assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
-    record = handle.record()
-    assert record.exit_code == 0 and record.extra["state_source"] == "sacct"
-    assert "detection.train: done: 4 iterations" in log_text(handle)
-    run = mlflow_run(mlflow_server, record.mlflow_run_id)
-    assert run.info.status == "FINISHED" and "bbox_mAP" in run.data.metrics
-    assert run.data.tags["slurm.restarts"] == "0"
-
-
-def test_two_node_job_ranks_agree_on_master(experiment, mlflow_server):
+    # The interactive ones first (and their tests come first in this file): they act on their jobs
+    # while those train.
+    add("cancel", [write_experiment(root / "cancel", "cancel", **{"schedule.iterations": 5000, "eval.interval": 5000})])
+    add("requeue", [write_experiment(root / "requeue", "requeue", **{
+        "schedule.iterations": 60, "eval.interval": 60, "checkpoint.interval": 100, "tracking.experiment": "requeue-test"})])
+    add("single", [write_experiment(root / "single", "single")])
     # device auto: the job asks for GPUs (fake GRES, one per node) and trains on CPU (no CUDA here).
-    path = experiment(**{"runtime.device": "auto"})
-    plan, [handle], _ = submit([path], gpus=2, gpus_per_node=1)
-    assert "#SBATCH --nodes=2" in plan.text and "#SBATCH --gpus-per-node=1" in plan.text
+    add("two_node", [write_experiment(root / "two_node", "two-node", **{"runtime.device": "auto"})], gpus=2, gpus_per_node=1)
+    add("fail", [write_experiment(root / "fail", "fail", **{"data.train.ann_file": "/nonexistent/instances_train.json"})])
+    add("array", [write_experiment(root / "array" / str(i), f"arr-{i}", **{
+        "schedule.iterations": 2, "eval.interval": 2, "resources.slurm.array_parallelism": 2}) for i in range(3)])
+    yield out
+
+
+def test_requeue_after_usr2_resumes_same_mlflow_run(jobs, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    _, [handle], _, _ = jobs["requeue"]
+    wait_for(lambda: "iter 3/60" in log_text(handle), 180, "training to be under way")
+    native = handle.record().native_id
+    # What Slurm sends `signal_delay_s` before the time limit (or a preempting admin): USR2.
+    subprocess.run(["scancel", "--signal=USR2", native], check=True)
     assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
+    log = log_text(handle)
+    assert "requeueing job" in log and "restart 1" in log and "resumed from" in log
     record = handle.record()
-    folder = Path(record.extra["slurm_folder"])
-    ranks = [json.loads((folder / f"{record.native_id}_rank{r}_env.json").read_text()) for r in (0, 1)]
-    assert {r["slurm_node"] for r in ranks} == {"node1", "node2"}
-    assert [r["node_rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
-    assert ranks[0]["master_addr"] == ranks[1]["master_addr"] == "node1"  # first host of the allocation
-    assert ranks[0]["master_port"] == ranks[1]["master_port"] and ranks[0]["master_port"] is not None
-    assert {r["cuda_visible_devices"] for r in ranks} == {"0"}  # one fake GPU per task
-    assert mlflow_run(mlflow_server, record.mlflow_run_id).info.status == "FINISHED"
+    result = json.loads((Path(record.output_dir) / "result.json").read_text())
+    assert result["iterations"] == 60 and result["run_id"] == record.mlflow_run_id
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(record.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["slurm.restarts"] == "1"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [0, 1]
+    # One run, continued: the test's own MLflow experiment holds no other run.
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [record.mlflow_run_id]
 
 
-def test_array_of_three(experiment, tmp_path):
-    paths = [experiment(_name=f"a{i}.yaml", name=f"arr-{i}", **{"runtime.output_dir": str(tmp_path / f"arr-{i}"),
-                                                                "schedule.iterations": 2, "eval.interval": 2})
-             for i in range(3)]
-    plan, handles, _ = submit(paths)
-    assert len(plan.payload["groups"]) == 1 and "#SBATCH --array=0-2%8" in plan.text
-    ids = [h.record().native_id for h in handles]
-    array_id = ids[0].split("_")[0]
-    assert ids == [f"{array_id}_{i}" for i in range(3)]
-    assert [h.wait(timeout_s=240) for h in handles] == [JobState.SUCCEEDED] * 3
-    for i in range(3):
-        assert json.loads((tmp_path / f"arr-{i}" / "result.json").read_text())["iterations"] == 2
-
-
-def test_cancel(experiment, capsys):
+def test_cancel(jobs, capsys):
     from orchestrator.cli import main
 
-    _, [handle], _ = submit([experiment(**{"schedule.iterations": 5000, "eval.interval": 5000})])
-    wait_for(lambda: "iter 1/5000" in log_text(handle), 120, "the first training step")
+    _, [handle], _, _ = jobs["cancel"]
+    wait_for(lambda: "iter 1/5000" in log_text(handle), 180, "the first training step")
     assert main(["cancel", handle.job_id]) == 0
     assert handle.state() is JobState.CANCELLED
     native = handle.record().native_id
@@ -121,10 +115,52 @@ def test_cancel(experiment, capsys):
     assert "CANCELLED" in capsys.readouterr().out
 
 
-def test_failing_job_reports_error_and_exit_status(experiment, capsys):
+def test_single_node_job(jobs, mlflow_server):
+    plan, [handle], seconds, _ = jobs["single"]
+    record = handle.record()
+    # Submission returned with the Slurm job id; what --dry-run shows is exactly what went to sbatch.
+    assert record.native_id and record.native_id.isdigit() and seconds < 30
+    assert Path(record.extra["submission_file"]).read_text() == plan.payload["groups"][0]["script"]
+    assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
+    record = handle.record()
+    assert record.exit_code == 0 and record.extra["state_source"] == "sacct"
+    assert "detection.train: done: 4 iterations" in log_text(handle)
+    run = mlflow_run(mlflow_server, record.mlflow_run_id)
+    assert run.info.status == "FINISHED" and "bbox_mAP" in run.data.metrics
+    assert run.data.tags["slurm.restarts"] == "0"
+
+
+def test_two_node_job_ranks_agree_on_master(jobs, mlflow_server):
+    plan, [handle], _, _ = jobs["two_node"]
+    assert "#SBATCH --nodes=2" in plan.text and "#SBATCH --gpus-per-node=1" in plan.text
+    assert "#SBATCH --ntasks-per-node=1" in plan.text
+    assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
+    record = handle.record()
+    folder = Path(record.extra["slurm_folder"])
+    ranks = [json.loads((folder / f"{record.native_id}_rank{r}_env.json").read_text()) for r in (0, 1)]
+    assert {r["slurm_node"] for r in ranks} == {"node1", "node2"}
+    assert [r["node_rank"] for r in ranks] == [0, 1] and {r["world_size"] for r in ranks} == {2}
+    assert ranks[0]["master_addr"] == ranks[1]["master_addr"] == "node1"  # first host of the allocation
+    assert ranks[0]["master_port"] == ranks[1]["master_port"] and ranks[0]["master_port"] is not None
+    assert {r["cuda_visible_devices"] for r in ranks} == {"0"}  # one fake GPU per task
+    assert mlflow_run(mlflow_server, record.mlflow_run_id).info.status == "FINISHED"
+
+
+def test_array_of_three(jobs):
+    plan, handles, _, folder = jobs["array"]
+    assert len(plan.payload["groups"]) == 1 and "#SBATCH --array=0-2%2" in plan.text
+    ids = [h.record().native_id for h in handles]
+    array_id = ids[0].split("_")[0]
+    assert ids == [f"{array_id}_{i}" for i in range(3)]
+    assert [h.wait(timeout_s=240) for h in handles] == [JobState.SUCCEEDED] * 3
+    for i in range(3):
+        assert json.loads((folder / str(i) / "work" / "result.json").read_text())["iterations"] == 2
+
+
+def test_failing_job_reports_error_and_exit_status(jobs, capsys):
     from orchestrator.cli import main
 
-    _, [handle], _ = submit([experiment(**{"data.train.ann_file": "/nonexistent/instances_train.json"})])
+    _, [handle], _, _ = jobs["fail"]
     assert handle.wait(timeout_s=240) is JobState.FAILED
     record = handle.record()
     assert record.exit_code == 1
@@ -132,28 +168,3 @@ def test_failing_job_reports_error_and_exit_status(experiment, capsys):
     assert "/nonexistent/instances_train.json does not exist" in record.error
     assert main(["status", handle.job_id]) == 0
     assert "FAILED" in capsys.readouterr().out
-
-
-def test_requeue_after_usr2_resumes_same_mlflow_run(experiment, mlflow_server):
-    from mlflow.tracking import MlflowClient
-
-    path = experiment(**{"schedule.iterations": 24, "eval.interval": 24, "checkpoint.interval": 100,
-                         "tracking.experiment": "requeue-test"})
-    _, [handle], _ = submit([path])
-    wait_for(lambda: "iter 3/24" in log_text(handle), 150, "training to be under way")
-    native = handle.record().native_id
-    # What Slurm sends `signal_delay_s` before the time limit (or a preempting admin): USR2.
-    subprocess.run(["scancel", "--signal=USR2", native], check=True)
-    assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
-    log = log_text(handle)
-    assert "requeueing job" in log and "restart 1" in log
-    record = handle.record()
-    result = json.loads((Path(record.output_dir) / "result.json").read_text())
-    assert result["iterations"] == 24 and result["run_id"] == record.mlflow_run_id
-    client = MlflowClient(mlflow_server)
-    run = client.get_run(record.mlflow_run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["slurm.restarts"] == "1"
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [0, 1]
-    # One run, continued: the test's own MLflow experiment holds no other run.
-    runs = client.search_runs([run.info.experiment_id])
-    assert [r.info.run_id for r in runs] == [record.mlflow_run_id]

@@ -1,0 +1,171 @@
+"""Checkpoints: atomic writes survive a kill, retention, best copies, exact resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cluster.env import DistEnv
+from cluster.errors import ConfigError
+from detection.checkpoint import Checkpointer, atomic_save, load_checkpoint
+from detection.config import CheckpointConfig
+from detection.engine import Preempted
+from detection.hooks import Hook
+from detection.lr_scaling import scale_lr
+from detection.config import OptimConfig, ScheduleConfig
+from detection.train import main
+from orchestrator.config import load_experiment
+
+
+class LossRecorder(Hook):
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def after_iter(self, trainer, log):
+        self.losses[trainer.iter] = log["loss"]
+
+
+class StopAfter(Hook):
+    """Asks to stop once ``n`` steps are done (like a Slurm preemption signal)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def should_stop(self, trainer):
+        return trainer.iter + 1 >= self.n
+
+
+def _resume_experiment(make_experiment, **extra):
+    # Faster R-CNN samples RPN/RoI boxes with torch's global RNG, so exact equality needs the
+    # RNG states restored too (SSD would hide a missing restore).
+    return make_experiment(**{
+        "tracking.enable": False, "data.val": None, "schedule.iterations": 12,
+        "model.type": "fasterrcnn_mobilenet_v3_large_320_fpn",
+        "model.options": {"rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32,
+                          "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50},
+        "checkpoint.interval": 100, "checkpoint.save_best": None, "optim.type": "sgd", "optim.lr": 0.01,
+        "schedule.warmup_iters": 3, **extra,
+    })
+
+
+@pytest.mark.parametrize("stop_at", [5, 8])  # mid-epoch, and exactly at the epoch boundary (8 steps/epoch)
+def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(make_experiment, stop_at):
+    path = _resume_experiment(make_experiment)
+    whole = LossRecorder()
+    main(load_experiment(path, [f"runtime.output_dir={path.parent / 'whole'}"]), DistEnv.single(), hooks=[whole])
+    assert sorted(whole.losses) == list(range(1, 13))
+
+    split_dir = path.parent / "split"
+    first = LossRecorder()
+    with pytest.raises(Preempted) as stopped:
+        main(load_experiment(path, [f"runtime.output_dir={split_dir}"]), DistEnv.single(), hooks=[first, StopAfter(stop_at)])
+    assert stopped.value.checkpoint.endswith(f"iter_{stop_at}.pth")
+    second = LossRecorder()
+    result = main(load_experiment(path, [f"runtime.output_dir={split_dir}", "runtime.resume=auto"]),
+                  DistEnv.single(), hooks=[second])
+    assert result.iterations == 12
+    assert sorted(first.losses) == list(range(1, stop_at + 1))
+    assert sorted(second.losses) == list(range(stop_at + 1, 13))
+    resumed = {**first.losses, **second.losses}
+    assert resumed == whole.losses  # exactly equal floats, not approximately
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    final = tmp_path / "ckpt" / "iter_1.pth"
+    atomic_save({"k": 0, "w": torch.zeros(4_000_000)}, str(final))
+    script = textwrap.dedent(f"""
+        import torch
+        from detection.checkpoint import atomic_save
+        k = 0
+        while True:
+            k += 1
+            atomic_save({{"k": k, "w": torch.full((4_000_000,), float(k))}}, {str(final)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        # Kill while a temporary file is being written: the moment a torn file would appear.
+        while not any(p.name.startswith(".tmp-") for p in final.parent.iterdir()):
+            assert time.time() < deadline and proc.poll() is None, "writer never started a save"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    state = load_checkpoint(str(final))
+    assert torch.equal(state["w"], torch.full((4_000_000,), float(state["k"])))
+
+
+def test_stale_temporary_files_are_removed_on_start(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / ".tmp-abc.pth").write_bytes(b"half a checkpoint")
+    Checkpointer(str(tmp_path), CheckpointConfig())
+    assert not list(folder.glob(".tmp-*"))
+
+
+def _fake_trainer(world_size=1, iteration=0, max_iters=10):
+    model = torch.nn.Linear(2, 1)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    return SimpleNamespace(
+        model=model, optimizer=optim, scaler=None, iter=iteration, iters_per_epoch=5, max_iters=max_iters,
+        env=DistEnv(world_size=world_size, master_port=1 if world_size > 1 else None, rank=0),
+        lr_scaling=scale_lr(OptimConfig(lr=0.02), ScheduleConfig(epochs=2), world_size, 2),
+        history={"train": [], "eval": []}, metrics={}, run_id=None, pending_rng=None,
+        config=SimpleNamespace(runtime=SimpleNamespace(seed=0)), call_hooks=lambda *a: None,
+    )
+
+
+def test_max_keep_and_pointer(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(max_keep=2))
+    trainer = _fake_trainer()
+    for step in range(1, 5):
+        trainer.iter = step
+        ckpt.save(trainer)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["iter_3.pth", "iter_4.pth", "last_checkpoint"]
+    assert ckpt.find_resume("auto").endswith("iter_4.pth")
+
+
+@pytest.mark.parametrize("rule, values, best", [("greater", [0.2, 0.5, 0.4], 0.5), ("less", [0.9, 0.3, 0.6], 0.3)])
+def test_save_best_follows_the_rule(tmp_path, rule, values, best):
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(save_best="bbox_mAP", rule=rule))
+    trainer = _fake_trainer()
+    improved = []
+    for step, value in enumerate(values, 1):
+        trainer.iter = step
+        improved.append(ckpt.update_best(trainer, {"bbox_mAP": value}))
+    assert improved == [True, True, False]
+    assert ckpt.best["value"] == best and ckpt.best["iter"] == 2
+    assert load_checkpoint(ckpt.best["path"])["iter"] == 2
+    assert not ckpt.update_best(trainer, {"other": 1.0})  # metric absent: nothing to compare
+
+
+def test_resume_errors_and_auto_without_checkpoint(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
+    assert ckpt.find_resume("auto") is None and ckpt.find_resume(None) is None
+    with pytest.raises(ConfigError, match="does not exist"):
+        ckpt.find_resume(str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_checkpoint(str(tmp_path / "junk.pth"))
+
+
+def test_resume_on_another_world_size_keeps_progress_and_says_so(tmp_path, caplog):
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig())
+    saved = _fake_trainer(world_size=2, iteration=6, max_iters=10)
+    path = ckpt.save(saved)
+    target = _fake_trainer(world_size=1, iteration=0, max_iters=20)  # twice the steps at half the batch
+    with caplog.at_level(logging.WARNING, logger="detection.checkpoint"):
+        Checkpointer(str(tmp_path), CheckpointConfig()).resume(target, path)
+    assert target.iter == 12 and target.pending_rng is None
+    assert "world size 1" in caplog.text and "LR rule re-applied" in caplog.text

@@ -1,0 +1,151 @@
+"""The local backend against real processes: parallel jobs on CPU slots, ports, failure, cancel.
+
+Every test trains (or tries to train) the tiny experiment through ``orchestrator.submit`` ->
+``LocalLauncher`` -> the detached supervisor -> ``python -m orchestrator.worker``.
+"""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.errors import ClusterError, LaunchError
+from cluster.gpus import lease_devices, list_device_leases
+from cluster.ports import list_port_leases
+from orchestrator import jobs
+from orchestrator.cli import main as cli
+from orchestrator.launchers.local import LocalLauncher
+from orchestrator.spec import JobState
+from orchestrator.submit import SubmitFlags, submit
+
+TIMEOUT_S = 600
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCH_RUNTIME_DIR", str(tmp_path / "rt"))
+    monkeypatch.setenv("ORCH_CPU_SLOTS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def experiments(make_experiment, tmp_path, names, **overrides):
+    return [str(make_experiment(_name=f"{n}.yaml", name=n, **{"runtime.output_dir": str(tmp_path / "work" / n)},
+                                **overrides)) for n in names]
+
+
+def max_overlap(records):
+    events = sorted([(r.started_at, 1) for r in records] + [(r.ended_at, -1) for r in records])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_three_jobs_on_two_slots(make_experiment, tmp_path):
+    paths = experiments(make_experiment, tmp_path, ["a", "b", "c"])
+    from orchestrator.config import load_experiment
+    from orchestrator.submit import build_job_spec
+
+    launcher = LocalLauncher()
+    plan = launcher.plan([build_job_spec(load_experiment(p), "local") for p in paths])  # creates the runs
+    start = time.monotonic()
+    handles = launcher.submit(plan)
+    assert time.monotonic() - start < 3  # returns at once; training happens in the supervisor
+    assert [h.wait(TIMEOUT_S) for h in handles] == [JobState.SUCCEEDED] * 3
+    records = [jobs.load_record(h.job_id) for h in handles]
+    assert max_overlap(records) == 2  # two at once on two slots, the third queued
+    for record, job in zip(records, plan.jobs):
+        assert record.exit_code == 0 and record.output_dir == str(job.output_dir)
+        assert record.mlflow_run_id and record.mlflow_run_id == job.experiment.tracking.run_id
+        assert (Path(record.output_dir) / "result.json").exists()
+        assert "iter 4/4" in Path(record.log_path).read_text()
+    assert all(len(r.extra["devices"]) == 1 for r in records)
+    assert any("waiting for 1 CPU slot" in Path(r.log_path).read_text() for r in records)
+    assert list_device_leases("cpu") == [] and list_port_leases() == []
+
+
+@pytest.mark.slow
+def test_parallel_ddp_jobs_get_distinct_ports(make_experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORCH_CPU_SLOTS", "4")
+    paths = experiments(make_experiment, tmp_path, ["p", "q"], **{"resources.gpus": 2})
+    _, handles = submit(paths, (), SubmitFlags(backend="local"))
+    assert [h.wait(TIMEOUT_S) for h in handles] == [JobState.SUCCEEDED] * 2
+    records = [jobs.load_record(h.job_id) for h in handles]
+    assert max_overlap(records) == 2
+    ports = [r.extra["port"] for r in records]
+    assert all(ports) and ports[0] != ports[1]
+    assert all(len(r.extra["devices"]) == 2 for r in records)
+    assert not set(records[0].extra["devices"]) & set(records[1].extra["devices"])
+
+
+def test_failing_job_records_failed(make_experiment, tmp_path, shapes_data):
+    ann = tmp_path / "ann.json"
+    ann.write_bytes((shapes_data / "annotations" / "instances_train.json").read_bytes())
+    paths = experiments(make_experiment, tmp_path, ["bad"], **{"data.train.ann_file": str(ann)})
+    _, handles = submit(paths, (), SubmitFlags(backend="local"))
+    ann.unlink()  # the worker will not find it
+    assert handles[0].wait(TIMEOUT_S) == JobState.FAILED
+    record = jobs.load_record(handles[0].job_id)
+    assert record.exit_code not in (None, 0)
+    assert record.error and "ann.json" in Path(record.log_path).read_text()
+    assert list_device_leases("cpu") == []
+
+
+def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, capsys):
+    paths = experiments(make_experiment, tmp_path, ["long"], **{"schedule.iterations": 100000})
+    _, handles = submit(paths, (), SubmitFlags(backend="local"))
+    deadline = time.monotonic() + TIMEOUT_S
+    while jobs.load_record(handles[0].job_id).state != JobState.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    record = jobs.load_record(handles[0].job_id)
+    assert len(list_device_leases("cpu")) == 1
+    assert cli(["cancel", record.job_id]) == 0
+    assert handles[0].wait(60) == JobState.CANCELLED
+    for pid in record.extra["pids"]:
+        assert not jobs._group_alive(pid)
+    deadline = time.monotonic() + 30
+    while list_device_leases("cpu"):  # the supervisor frees it as it records the end
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert "CANCELLED" in capsys.readouterr().out
+    handles[0].cancel()  # idempotent
+    assert jobs.load_record(record.job_id).state == JobState.CANCELLED
+
+
+def test_capacity_errors_come_at_once(make_experiment, tmp_path):
+    too_big = experiments(make_experiment, tmp_path, ["big"], **{"resources.gpus": 3})
+    with pytest.raises(ClusterError, match="asks for 3 CPU slots but this node has 2"):
+        submit(too_big, (), SubmitFlags(backend="local"))
+    held = lease_devices(2)
+    try:
+        one = experiments(make_experiment, tmp_path, ["one"])
+        with pytest.raises(ClusterError, match="--no-wait"):
+            submit(one, (), SubmitFlags(backend="local", no_wait=True))
+    finally:
+        held.release()
+    assert jobs.list_records() == []  # nothing half-submitted
+
+
+def test_plan_is_pure_and_ordered(make_experiment, tmp_path):
+    from orchestrator.config import load_experiment
+    from orchestrator.submit import build_job_spec
+
+    specs = [build_job_spec(load_experiment(p), "local", write=False)
+             for p in experiments(make_experiment, tmp_path, ["s"]) +
+             experiments(make_experiment, tmp_path, ["l"], **{"resources.gpus": 2})]
+    before = sorted(os.listdir(tmp_path))
+    plan = LocalLauncher().plan(specs)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert [e["index"] for e in plan.payload["jobs"]] == [1, 0]  # largest first
+    text = str(plan)
+    assert text.index("job 1: l") < text.index("job 2: s")
+    assert "RANK=1" in text and "MASTER_PORT={port}" in text and "-m orchestrator.worker" in text
+    with pytest.raises(LaunchError, match="--nodes"):
+        LocalLauncher().plan([build_job_spec(load_experiment(experiments(
+            make_experiment, tmp_path, ["n"], **{"resources.nodes": 2, "resources.gpus": 2})[0]), "local", write=False)])
