@@ -42,6 +42,20 @@ def _gpu_worker(barrier, queue):
     lease.release()
 
 
+def sequential(kind: str, count: int = 100) -> list[float]:
+    """Latencies of ``count`` leases taken one after another (no contention): the protocol's own cost."""
+    from cluster.gpus import lease_devices
+    from cluster.ports import lease_port
+
+    out = []
+    for _ in range(count):
+        start = time.perf_counter()
+        lease = lease_port() if kind == "port" else lease_devices(1)
+        out.append(time.perf_counter() - start)
+        lease.release()
+    return out
+
+
 def measure(target, rounds: int) -> tuple[list[float], bool]:
     """Latencies (s) of ``rounds`` x 32 concurrent leases; and whether every round's leases were distinct."""
     ctx = mp.get_context("fork")
@@ -75,8 +89,10 @@ def main() -> None:
         os.environ.pop("MASTER_PORT", None)
         print("| lease | requests | p50 ms | p95 ms | max ms | all distinct |")
         print("|---|---|---|---|---|---|")
-        print(row("port (bind-checked)", *measure(_port_worker, args.rounds)), flush=True)
-        print(row("GPU slice (1 of 32)", *measure(_gpu_worker, args.rounds)), flush=True)
+        print(row("port, 32 concurrent", *measure(_port_worker, args.rounds)), flush=True)
+        print(row("GPU slice (1 of 32), 32 concurrent", *measure(_gpu_worker, args.rounds)), flush=True)
+        print(row("port, one at a time", sequential("port"), True), flush=True)
+        print(row("GPU slice, one at a time", sequential("gpu"), True), flush=True)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ class DeviceRequest:
     :meth:`try_acquire` / :meth:`wait`. ``cancel()`` leaves the queue."""
 
     def __init__(self, n: int, pool: DevicePool, *, owner_pid: Optional[int] = None, label: str = "",
-                 environ: Optional[Mapping[str, str]] = None):
+                 environ: Optional[Mapping[str, str]] = None, enqueue: bool = True):
         if n < 1:
             raise ClusterError(f"a job needs at least 1 {pool.unit}, got {n} (--gpus)")
         if n > pool.size:
@@ -132,9 +132,17 @@ class DeviceRequest:
         self.owner = owner_identity(owner_pid)
         self.folder = lease_dir(f"devices-{pool.kind}", env)
         self.starve_s = float(env.get("ORCH_LEASE_STARVE_S", "300"))
-        # time_ns first so that names sort in arrival order; the uuid breaks ties.
-        self.ticket = self.folder / f"ticket-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-        write_json_atomic(self.ticket, dict(self.owner, n=n, label=label, created=time.time()))
+        self.ticket: Optional[Path] = None
+        if enqueue:
+            self.enqueue()
+
+    def enqueue(self) -> None:
+        """Take a place in the queue (a request that is not queued is served only when nobody
+        that fits is waiting)."""
+        if self.ticket is None:
+            # time_ns first so that names sort in arrival order; the uuid breaks ties.
+            self.ticket = self.folder / f"ticket-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+            write_json_atomic(self.ticket, dict(self.owner, n=self.n, label=self.label, created=time.time()))
 
     def try_acquire(self) -> Optional[DeviceLease]:
         """Take the devices if it is this request's turn and enough are free, else None."""
@@ -154,7 +162,7 @@ class DeviceRequest:
             devices = tuple(free[: self.n])
             path = self.folder / f"lease-{uuid.uuid4().hex}.json"
             write_json_atomic(path, dict(self.owner, devices=list(devices), label=self.label, created=now))
-            unlink_quietly(self.ticket)
+            self.cancel()
             return DeviceLease(self.pool, devices, path)
 
     def status(self) -> str:
@@ -162,7 +170,7 @@ class DeviceRequest:
         with locked(self.folder):
             leases, tickets = _scan(self.folder)
         busy = {d for record in leases.values() for d in record["devices"]}
-        ahead = sum(1 for path, _ in tickets if path.name < self.ticket.name)
+        ahead = sum(1 for path, _ in tickets if self.ticket is None or path.name < self.ticket.name)
         return (f"waiting for {self.n} {self.pool.unit}(s): {self.pool.size - len(busy & set(self.pool.ids))} "
                 f"of {self.pool.size} free, {ahead} request(s) ahead")
 
@@ -188,7 +196,9 @@ class DeviceRequest:
 
     def cancel(self) -> None:
         """Leave the queue (idempotent)."""
-        unlink_quietly(self.ticket)
+        if self.ticket is not None:
+            unlink_quietly(self.ticket)
+            self.ticket = None
 
 
 def lease_devices(n: int, *, queue: bool = True, owner_pid: Optional[int] = None, label: str = "",
@@ -200,17 +210,16 @@ def lease_devices(n: int, *, queue: bool = True, owner_pid: Optional[int] = None
     free; asking for more than the pool has fails at once either way.
     """
     pool = detect_pool(environ, cpu_slots)
-    request = DeviceRequest(n, pool, owner_pid=owner_pid, label=label, environ=environ)
-    if queue:
-        return request.wait(timeout_s=timeout_s, on_wait=on_wait)
-    try:
-        lease = request.try_acquire()
-        if lease is None:
-            raise ClusterError(f"{request.status().replace('waiting for', 'no')} and --no-wait was given; "
-                               "drop --no-wait to queue")
+    request = DeviceRequest(n, pool, owner_pid=owner_pid, label=label, environ=environ, enqueue=False)
+    # Fast path without a queue ticket: served at once when free and nobody who fits waits.
+    lease = request.try_acquire()
+    if lease is not None:
         return lease
-    finally:
-        request.cancel()
+    if not queue:
+        raise ClusterError(f"{request.status().replace('waiting for', 'no')} and --no-wait was given; "
+                           "drop --no-wait to queue")
+    request.enqueue()
+    return request.wait(timeout_s=timeout_s, on_wait=on_wait)
 
 
 def list_device_leases(kind: str = "cpu", environ: Optional[Mapping[str, str]] = None) -> list[dict]:

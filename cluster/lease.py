@@ -67,6 +67,8 @@ def is_alive(pid: int, start: Optional[str] = None) -> bool:
     """Whether the process that wrote ``{"pid": pid, "start": start}`` still runs. A zombie
     counts as dead (it holds nothing), and so does a live process with another start time
     (the pid was reused)."""
+    if pid == os.getpid():  # our own leases and tickets: the common case in a supervisor
+        return start is None or start == _own_start()
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,6 +83,17 @@ def is_alive(pid: int, start: Optional[str] = None) -> bool:
     if fields[0] in ("Z", "X"):
         return False
     return start is None or fields[19] == start
+
+
+_OWN: dict[int, Optional[str]] = {}
+
+
+def _own_start() -> Optional[str]:
+    """This process's start time, read once per pid (a forked child has a new pid)."""
+    pid = os.getpid()
+    if pid not in _OWN:
+        _OWN[pid] = process_start_time(pid)
+    return _OWN[pid]
 
 
 def owner_alive(record: Mapping[str, Any]) -> bool:

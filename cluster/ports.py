@@ -132,6 +132,11 @@ def lease_port(
     owner = owner_identity(owner_pid)
     folder = lease_dir("ports", env)
     user_port = env.get("MASTER_PORT", "").strip()
+    low, high = ports or port_range(env)
+    candidates = candidate_ports(low, high)
+    # A random starting point: independent orch instances on other hosts, sharing nothing,
+    # should not all try the bottom of the range first.
+    first = random.randrange(len(candidates))
     with locked(folder):
         leased = _live_leases(folder)
         if user_port:
@@ -145,13 +150,8 @@ def lease_port(
                     "unset MASTER_PORT so that orch gives each job its own port"
                 )
             return _write(folder, port, owner, label, user_set=True)
-        low, high = ports or port_range(env)
-        candidates = [p for p in candidate_ports(low, high) if p not in leased]
-        # Random order: independent orch instances on other hosts sharing nothing should not all
-        # start at the bottom of the range.
-        random.shuffle(candidates)
-        for port in candidates:
-            if port_is_free(port, host):
+        for port in candidates[first:] + candidates[:first]:
+            if port not in leased and port_is_free(port, host):
                 return _write(folder, port, owner, label, user_set=False)
     raise ClusterError(
         f"no free port in {low}-{high} on {socket.gethostname()} ({len(leased)} leased by orch jobs); "

@@ -85,7 +85,7 @@ def save_record(record: JobRecord) -> None:
     folder = job_dir(record.job_id)
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):
-        write_json_atomic(folder / "record.json", record_to_dict(record), durable=True)
+        write_json_atomic(folder / "record.json", record_to_dict(record))
 
 
 def update_record(job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
@@ -102,7 +102,7 @@ def update_record(job_id: str, change: Callable[[JobRecord], None]) -> JobRecord
         change(record)
         if was_finished and not record.state.finished:
             record.state = JobState(data["state"])
-        write_json_atomic(folder / "record.json", record_to_dict(record), durable=True)
+        write_json_atomic(folder / "record.json", record_to_dict(record))
     return record
 
 
@@ -159,7 +159,8 @@ def refresh_record(record: JobRecord) -> JobRecord:
                 if not r.state.finished:
                     r.state = JobState.FAILED
                     r.ended_at = r.ended_at or time.time()
-                    r.error = r.error or f"the orch supervisor (pid {r.pid}) ended without recording an exit status"
+                    where = f"; see {r.extra['supervisor_log']}" if r.extra.get("supervisor_log") else ""
+                    r.error = r.error or f"the orch supervisor (pid {r.pid}) ended without recording an exit status{where}"
             return update_record(record.job_id, mark)
         return record
     module = _backend_module(record.backend)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from orchestrator.jobs import cancel_requested, log_path, update_record
 from orchestrator.spec import JobState
 
 POLL_S = 0.05
+WATCH_POLL_S = 0.25  # how often a running job checks for `orch cancel`
 QUEUE_POLL_S = 0.5  # other orch processes' releases are seen by polling; our own wake us at once
 _released = threading.Condition()
 _releases = [0]  # bumped under _released at every release, so a wake-up between try and wait is not lost
@@ -104,6 +106,11 @@ def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.Bounde
             return
         procs = _start(job, devices, port)
         code = _watch(job_id, procs)
+        # Free the slice before the bookkeeping, so that the next queued job starts at once.
+        for lease in (port_lease, devices):
+            if lease is not None:
+                lease.release()
+        _wake_waiters()
         if cancel_requested(job_id) or _stopping.is_set():
             _finish(job_id, JobState.CANCELLED, code, None)
         elif code == 0:
@@ -121,9 +128,14 @@ def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.Bounde
         if devices is not None:
             devices.release()
         gate.release()
-        with _released:
-            _releases[0] += 1
-            _released.notify_all()
+        _wake_waiters()
+
+
+def _wake_waiters() -> None:
+    """Tell this supervisor's queued jobs that devices (or a max_parallel place) were freed."""
+    with _released:
+        _releases[0] += 1
+        _released.notify_all()
 
 
 def _wait_for_devices(job_id: str, request: DeviceRequest) -> Optional[DeviceLease]:
@@ -228,10 +240,29 @@ def _watch(job_id: str, procs: list[subprocess.Popen]) -> int:
             _signal_group(pgid, signal.SIGTERM)
         if stopped_at is not None and time.monotonic() - stopped_at > TERM_GRACE_S:
             _signal_group(pgid, signal.SIGKILL)
-        time.sleep(POLL_S)
+        _wait_any(procs, WATCH_POLL_S)
     # Leftovers (data-loader workers, grandchildren) must not outlive the job or its lease.
     _signal_group(pgid, signal.SIGKILL)
     return first_bad if first_bad is not None else 0
+
+
+def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """Sleep until one of ``procs`` exits or ``timeout_s`` passes. With pidfds (Linux >= 5.3) the
+    wake-up is immediate, which matters for back-to-back queued jobs (bench_makespan.py)."""
+    fds = []
+    try:
+        for proc in procs:
+            if proc.returncode is None:
+                try:
+                    fds.append(os.pidfd_open(proc.pid))
+                except (AttributeError, OSError):
+                    time.sleep(POLL_S)
+                    return
+        if fds:
+            select.select(fds, [], [], timeout_s)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

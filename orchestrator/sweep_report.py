@@ -15,6 +15,9 @@ from orchestrator.config.schema import Experiment
 log = logging.getLogger("orchestrator.sweep")
 
 STOPPED_TAG = "orch.stopped_early"
+# Tune's own bookkeeping in a result, not training metrics.
+TUNE_KEYS = ("iteration", "max_iters", "timestamp", "pid", "training_iteration", "done",
+             "iterations_since_restore", "checkpoint_dir_name")
 
 
 def create_parent_run(exp: Experiment, payload: dict[str, Any]) -> tuple[str, str]:
@@ -37,10 +40,6 @@ def create_parent_run(exp: Experiment, payload: dict[str, Any]) -> tuple[str, st
         client.log_param(run_id, key[:250], str(value)[:6000])
     client.log_text(run_id, payload["config_yaml"], "sweep_config.yaml")
     return uri, run_id
-
-
-class _RecordCallbackBase:
-    pass
 
 
 def RecordCallback(job_id: str):
@@ -117,7 +116,7 @@ def summarize(payload: dict[str, Any], results: Any) -> dict[str, Any]:
     rows, best = [], None
     for result in results:
         last = result.metrics or {}
-        trial_id = last.get("trial_id") or getattr(result, "path", "").rsplit("_", 2)[-2:][0]
+        trial_id = str(last.get("trial_id", ""))
         run = runs.get(trial_id)
         if result.error is not None:
             outcome = "failed"
@@ -132,7 +131,9 @@ def summarize(payload: dict[str, Any], results: Any) -> dict[str, Any]:
             else:
                 client.set_tag(run.info.run_id, STOPPED_TAG, "false")
                 if client.get_run(run.info.run_id).info.status == "RUNNING":
-                    client.set_terminated(run.info.run_id, status="FAILED")
+                    # Training ended (or failed) but the trial's actor was gone before its
+                    # MLflow hook could say so.
+                    client.set_terminated(run.info.run_id, status="FINISHED" if outcome == "completed" else "FAILED")
         value = _best_of(getattr(result, "metrics_dataframe", None), metric, mode)
         params = {k: v for k, v in (result.config or {}).items()}
         row = {"trial_id": trial_id, "run_id": run.info.run_id if run is not None else "", "outcome": outcome,
@@ -188,7 +189,7 @@ def finish_parent_run(payload: dict[str, Any], summary: Optional[dict[str, Any]]
                 client.set_tag(run_id, "orch.best_run_id", best["run_id"])
                 client.log_metric(run_id, f"best/{payload['metric']}", best["value"])
                 for key, value in best["metrics"].items():
-                    if key not in ("iteration", "max_iters", "time_this_iter_s", "timestamp", "pid"):
+                    if key not in TUNE_KEYS and not key.startswith("time_"):
                         client.log_metric(run_id, key, float(value))
                 base = build_experiment(yaml.safe_load(payload["config_yaml"]), source=payload["config_path"])
                 config = with_overrides(base, {**best["params"], "sweep": None})

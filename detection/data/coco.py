@@ -209,7 +209,7 @@ def _select_classes(
     """The categories to train on, in category-id order; unknown names are a DataError."""
     if not cats:
         raise DataError(f"{ann_file}: 'categories' is empty; a COCO file lists its categories")
-    names = Counter(c["name"] for c in cats)
+    names = {c["name"] for c in cats}
     if classes is None:
         return cats
     valid = ", ".join(c["name"] for c in cats)

@@ -36,9 +36,10 @@ def build_dataset(
     ``data.keep_empty``; evaluation datasets keep every image and are not resized (the detector
     resizes internally and maps predictions back to the original image size).
 
-    Pass the training set as ``like`` when building an evaluation set: it then uses the same
-    labels and class subset (``data.train.classes`` applies to it as well), and a file whose
-    categories do not match is a DataError instead of silently wrong labels.
+    A split without its own ``classes`` uses ``data.train.classes``, so evaluation covers the
+    classes the model was trained on. Pass the training set as ``like`` when building an
+    evaluation set: it then uses the very same label map, and a file whose categories do not
+    match is a DataError instead of silently wrong labels.
     """
     if not split.ann_file or not split.img_dir:
         raise DataError(
@@ -48,7 +49,7 @@ def build_dataset(
     return CocoDetection(
         split.ann_file,
         split.img_dir,
-        classes=split.classes,
+        classes=split.classes if split.classes is not None else data_cfg.train.classes,
         train=train,
         keep_empty=data_cfg.keep_empty if train else True,
         transforms=build_transforms(data_cfg, train),

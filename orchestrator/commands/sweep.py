@@ -1,14 +1,98 @@
-"""``orch sweep`` (owned by the Ray work)."""
+"""``orch sweep``: a Ray Tune search described by the experiment's ``sweep:`` section."""
 
 from __future__ import annotations
 
+import os
+import sys
+import time
+
 import click
 
-from cluster.errors import LaunchError
+from orchestrator.commands.common import experiment_argument, set_option
 
 
 @click.command("sweep")
-@click.argument("experiment")
-def sweep_cmd(experiment: str) -> None:
-    """Run a Ray Tune search."""
-    raise LaunchError("orch sweep is not available yet")
+@experiment_argument
+@click.option("--address", default=None, help="Ray cluster: auto | HOST:PORT (default: a private local Ray).")
+@click.option("--num-samples", type=int, default=None, help="Override sweep.num_samples.")
+@click.option("--max-concurrent", type=int, default=None, help="Override sweep.max_concurrent.")
+@click.option("--detach", is_flag=True, help="Return once the sweep is submitted; `orch status SWEEP` shows it.")
+@click.option("--dry-run", is_flag=True, help="Print the search (space, scheduler, resources); start nothing.")
+@set_option
+def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run, overrides) -> int:
+    """Search hyperparameters of EXPERIMENT with Ray Tune; every trial is a full training run.
+
+    \b
+    The experiment needs a `sweep:` section, e.g.:
+      sweep:
+        space:
+          optim.lr: {loguniform: [1.0e-4, 1.0e-2]}     # kinds: choice grid uniform loguniform randint
+          model.backbone: {choice: [resnet18, resnet34]}
+        num_samples: 8
+        metric: bbox_mAP                               # any evaluation metric, or loss
+        mode: max
+        scheduler: {type: asha, grace_period: 1, reduction_factor: 2}   # or fifo
+        searcher: random                               # grid | optuna (if installed)
+        max_concurrent: 4
+        gpus_per_trial: 0.5                            # fractions share a GPU; 2+ = DDP per trial
+        cpus_per_trial: 2
+    \b
+    MLflow: one parent run `<name>-sweep` with one child run per trial; the parent holds the
+    best trial's params, metrics and best_config.yaml, and trials.md / trials.csv.
+    \b
+    Examples:
+      orch sweep exp.yaml --dry-run
+      orch sweep exp.yaml --num-samples 16 --address auto --detach
+      orch status SWEEP_ID                             # trials so far
+    """
+    from orchestrator.config import load_experiment
+    from orchestrator.sweep import describe_sweep, plan_sweep, prepare_sweep
+
+    extra = {"resources.ray.address": address, "sweep.num_samples": num_samples, "sweep.max_concurrent": max_concurrent}
+    exp = load_experiment(experiment, overrides, extra=extra)
+    plan = plan_sweep(exp, experiment)
+    click.echo(describe_sweep(plan))
+    if dry_run:
+        return 0
+    payload = prepare_sweep(plan)
+    job_id = payload["job_id"]
+    from orchestrator.launchers.ray import start_detached
+
+    # The sweep's driver always runs detached (its output goes to the job log), so closing the
+    # terminal never kills a sweep; without --detach this command follows it.
+    start_detached([sys.executable, "-m", "orchestrator.sweep", os.path.join(payload["output_dir"], "sweep.json")], job_id)
+    click.echo(f"submitted sweep {job_id} (MLflow parent run {payload['parent_run_id'] or '-'})")
+    if detach:
+        click.echo(f"follow with: orch status {job_id} / orch logs -f {job_id}")
+        return 0
+    return _attach(job_id)
+
+
+def _attach(job_id: str) -> int:
+    """Stream the sweep's log until it ends, then print the trial table. Ctrl-C cancels it."""
+    from orchestrator.jobs import cancel_job, load_record, refresh_record
+    from orchestrator.launchers.ray import describe_record
+    from orchestrator.spec import JobState
+
+    position = 0
+    try:
+        while True:
+            record = refresh_record(load_record(job_id))
+            try:
+                with open(record.log_path, "rb") as handle:
+                    handle.seek(position)
+                    chunk = handle.read()
+            except FileNotFoundError:
+                chunk = b""
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                position += len(chunk)
+            elif record.state.finished:
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        click.echo(f"\ncancelling sweep {job_id} ...", err=True)
+        record = cancel_job(job_id)
+    click.echo(describe_record(record))
+    return 0 if record.state == JobState.SUCCEEDED else 1

@@ -209,7 +209,7 @@ def start_supervisor(plan: Plan) -> list[LocalHandle]:
         entries.append(dict(entry, job_id=job_id))
     first = job_dir(ids[plan.payload["jobs"][0]["index"]])
     payload_path = first / "supervisor.json"
-    write_json_atomic(payload_path, dict(plan.payload, jobs=entries), durable=True)
+    write_json_atomic(payload_path, dict(plan.payload, jobs=entries))
     with open(first / "supervisor.log", "ab") as out:
         # Own session: the supervisor survives the shell (no SIGHUP) and Ctrl-C of `orch submit`.
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.supervisor", str(payload_path)],
@@ -217,5 +217,6 @@ def start_supervisor(plan: Plan) -> list[LocalHandle]:
                                 start_new_session=True, close_fds=True, env=dict(os.environ))
     me = owner_identity(proc.pid)
     for job_id in ids.values():
-        update_record(job_id, lambda r: (setattr(r, "pid", me["pid"]), r.extra.update(pid_start=me["start"])))
+        update_record(job_id, lambda r: (setattr(r, "pid", me["pid"]),
+                                         r.extra.update(pid_start=me["start"], supervisor_log=str(first / "supervisor.log"))))
     return [LocalHandle(ids[i]) for i in range(len(plan.jobs))]

@@ -226,3 +226,23 @@ def cancel_record(record: JobRecord) -> JobRecord:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, signal.SIGKILL)
     return record
+
+
+def describe_record(record: JobRecord) -> str:
+    """Extra lines for ``orch status JOB`` of a Ray job: for a sweep, its trials (status,
+    evaluations, metric, params) and the best trial so far."""
+    if record.extra.get("kind") != "sweep":
+        return f"  ray address: {record.extra.get('ray_address') or record.extra.get('address') or '-'}"
+    metric = record.extra.get("metric", "metric")
+    trials = record.extra.get("trials") or {}
+    lines = [f"  trials ({len(trials)}), objective {record.extra.get('mode', '')} {metric}:"]
+    for trial_id, t in sorted(trials.items()):
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("params", {}).items())
+        value = t.get(metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        lines.append(f"    {trial_id:<14} {t.get('status', '?'):<11} evals {t.get('evaluations', 0):<3} "
+                     f"{metric} {shown:<8} {params}")
+    best = record.extra.get("best")
+    if best:
+        lines.append(f"  best: trial {best['trial_id']} {metric}={best['value']:.4f} (MLflow run {best['run_id']})")
+    return "\n".join(lines)

@@ -152,20 +152,35 @@ class TuneReportHook(Hook):
     """Reports each evaluation to Ray Tune (one Tune iteration per evaluation, the unit of ASHA's
     rungs). When the scheduler stops the trial, Tune's ``report`` raises ``SystemExit``; the hook
     turns that into ``should_stop`` so the trainer checkpoints and ends cleanly (``Preempted``):
-    the MLflow hook then ends the run as KILLED instead of leaving it RUNNING."""
+    the MLflow hook then ends the run as KILLED instead of leaving it RUNNING. Must come after
+    the trainer's own hooks (it does: launcher hooks are appended)."""
 
     def __init__(self) -> None:
         self.train_log: dict[str, float] = {}
+        self.final: Optional[dict[str, Any]] = None
         self.stopped = False
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
         self.train_log = dict(log_values)
 
     def after_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
+        values = report_metrics(trainer, metrics, self.train_log)
+        if trainer.iter >= trainer.max_iters:
+            # The last report may end the trial (ASHA stops at max_t): Tune then kills the actor,
+            # so send it only after the other hooks (last checkpoint, MLflow run FINISHED) ran.
+            self.final = values
+            return
+        self._report(values)
+
+    def after_train(self, trainer: Any, result: Any) -> None:
+        if self.final is not None:
+            self._report(self.final)
+
+    def _report(self, values: dict[str, Any]) -> None:
         from ray import tune
 
         try:
-            tune.report(report_metrics(trainer, metrics, self.train_log))
+            tune.report(values)
         except SystemExit:
             self.stopped = True
 

@@ -33,15 +33,17 @@ from orchestrator.spec import JobRecord, JobSpec, JobState, Plan
 
 DEFAULT_TIME_MIN = 24 * 60  # submitit would otherwise ask for 5 minutes
 # sbatch long options that submitit has no parameter for; `resources.slurm.additional` may set
-# them (Slurm 22.05+ spelling). Anything else is a typo until proven otherwise.
+# them (Slurm 22.05+ spelling). Anything else is a typo until proven otherwise. Left out on
+# purpose: array (orch makes the arrays), wait (submission must return at once), parsable (breaks
+# reading the job id).
 SBATCH_OPTIONS = frozenset("""
-acctg-freq array batch bb bbf begin chdir cluster-constraint clusters container core-spec
+acctg-freq batch bb bbf begin chdir cluster-constraint clusters container core-spec
 cores-per-socket cpu-freq cpus-per-gpu deadline delay-boot distribution export export-file
 extra-node-info get-user-env gid gpu-bind gpu-freq gpus gpus-per-socket gres-flags hint hold
 ignore-pbs kill-on-invalid-dep licenses mcs-label mem-bind mincpus network nice no-kill no-requeue
-ntasks ntasks-per-core ntasks-per-gpu ntasks-per-socket overcommit oversubscribe parsable power
+ntasks ntasks-per-core ntasks-per-gpu ntasks-per-socket overcommit oversubscribe power
 prefer priority profile propagate reboot requeue reservation sockets-per-node spread-job switches
-thread-spec threads-per-core time-min tmp uid use-min-nodes wait wait-all-nodes
+thread-spec threads-per-core time-min tmp uid use-min-nodes wait-all-nodes
 """.split())
 
 
@@ -103,7 +105,8 @@ def submitit_parameter_names() -> list[str]:
     """Every parameter ``submitit.SlurmExecutor.update_parameters`` accepts."""
     from submitit.slurm.slurm import _get_default_parameters
 
-    return sorted(_get_default_parameters())
+    # additional_parameters is how orch passes the sbatch-only options; not a name to set directly.
+    return sorted(set(_get_default_parameters()) - {"additional_parameters"})
 
 
 def sbatch_parameters(job: JobSpec) -> dict[str, Any]:
@@ -232,7 +235,8 @@ class SlurmLauncher:
                     log_path=str(sjob.paths.stdout), submitted_at=time.time(), native_id=str(sjob.job_id),
                     mlflow_run_id=job.experiment.tracking.run_id, tracking_uri=job.experiment.tracking.uri,
                     extra={"slurm_folder": str(folder), "result_path": str(sjob.paths.result_pickle),
-                           "submission_file": str(sjob.paths.submission_file)},
+                           # An array has one script, named after the array's own id.
+                           "submission_file": str(folder / f"{str(sjob.job_id).split('_')[0]}_submission.sh")},
                 )
                 records.save_record(record)
                 handles[index] = SlurmHandle(record.job_id)

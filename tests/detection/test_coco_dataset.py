@@ -78,6 +78,9 @@ def test_eval_split_follows_the_training_labels(tmp_path):
     val = build_dataset(DataSplit(ann, img), DataConfig(), train=False, like=train)
     assert val.label_to_cat_id == train.label_to_cat_id == {1: 5, 2: 90}
     assert val.class_names == ("airplane", "toothbrush") and sorted(val.coco.getCatIds()) == [5, 90]
+    subset_cfg = DataConfig(train=DataSplit(ann, img, classes=("airplane",)))
+    alone = build_dataset(DataSplit(ann, img), subset_cfg, train=False)  # e.g. orch eval: no train set
+    assert alone.class_names == ("airplane",)
     with pytest.raises(DataError, match="differ from the training classes"):
         build_dataset(DataSplit(ann, img, classes=("person",)), DataConfig(), train=False, like=train)
     other = copy.deepcopy(_base())

@@ -142,3 +142,28 @@ def test_failed_folds_are_reported_and_retried_alone(make_experiment, tracking_u
     assert {n for n, r in state_again["trials"].items() if r.get("job_id") != state["trials"][n].get("job_id")} == {
         n for n in status if "missing" in n}
     assert len(_runs(tracking_uri)[1]) == len(runs)
+
+
+def test_resume_waits_for_jobs_of_an_interrupted_run_instead_of_relaunching(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from orchestrator.jobs import save_record
+    from orchestrator.kfold.runner import _still_running
+    from orchestrator.spec import JobRecord, JobState
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for job_id, pid in (("alive-1", os.getpid()), ("dead-1", dead.pid)):
+        save_record(JobRecord(job_id=job_id, name="tiny", backend="local", state=JobState.RUNNING,
+                              output_dir=str(tmp_path), config_path="", log_path="", submitted_at=time.time(), pid=pid))
+    state = {"trials": {"fold-0": {"status": "RUNNING", "job_id": "alive-1"},
+                        "fold-1": {"status": "RUNNING", "job_id": "dead-1"},
+                        "fold-2": {"status": "PENDING", "job_id": "never-recorded"},
+                        "fold-3": {"status": "SUCCEEDED", "job_id": "alive-1"}}}
+    trials = [SimpleNamespace(name=f"fold-{i}") for i in range(5)]
+    running = _still_running(state, trials)
+    assert list(running) == ["fold-0"] and running["fold-0"].job_id == "alive-1"

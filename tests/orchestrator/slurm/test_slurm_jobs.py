@@ -63,8 +63,9 @@ def jobs(slurm_cluster, write_experiment, module_orch_home, tmp_path_factory):
     # The interactive ones first (and their tests come first in this file): they act on their jobs
     # while those train.
     add("cancel", [write_experiment(root / "cancel", "cancel", **{"schedule.iterations": 5000, "eval.interval": 5000})])
-    add("requeue", [write_experiment(root / "requeue", "requeue", **{
-        "schedule.iterations": 60, "eval.interval": 60, "checkpoint.interval": 100, "tracking.experiment": "requeue-test"})])
+    for key in ("usr2", "scontrol_requeue"):  # checkpoint.interval 100: only the preemption checkpoint
+        add(key, [write_experiment(root / key, key, **{"schedule.iterations": 60, "eval.interval": 60,
+                                                       "checkpoint.interval": 100, "tracking.experiment": key})])
     add("single", [write_experiment(root / "single", "single")])
     # device auto: the job asks for GPUs (fake GRES, one per node) and trains on CPU (no CUDA here).
     add("two_node", [write_experiment(root / "two_node", "two-node", **{"runtime.device": "auto"})], gpus=2, gpus_per_node=1)
@@ -74,17 +75,14 @@ def jobs(slurm_cluster, write_experiment, module_orch_home, tmp_path_factory):
     yield out
 
 
-def test_requeue_after_usr2_resumes_same_mlflow_run(jobs, mlflow_server):
+def check_resumed(handle, mlflow_server: str) -> str:
+    """The job was requeued once, resumed from the preemption checkpoint and finished the same
+    MLflow run (and its own MLflow experiment holds no other run). Returns its log."""
     from mlflow.tracking import MlflowClient
 
-    _, [handle], _, _ = jobs["requeue"]
-    wait_for(lambda: "iter 3/60" in log_text(handle), 180, "training to be under way")
-    native = handle.record().native_id
-    # What Slurm sends `signal_delay_s` before the time limit (or a preempting admin): USR2.
-    subprocess.run(["scancel", "--signal=USR2", native], check=True)
     assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
     log = log_text(handle)
-    assert "requeueing job" in log and "restart 1" in log and "resumed from" in log
+    assert "(preempted)" in log and "restart 1" in log and "resumed from" in log, log
     record = handle.record()
     result = json.loads((Path(record.output_dir) / "result.json").read_text())
     assert result["iterations"] == 60 and result["run_id"] == record.mlflow_run_id
@@ -92,9 +90,21 @@ def test_requeue_after_usr2_resumes_same_mlflow_run(jobs, mlflow_server):
     run = client.get_run(record.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["slurm.restarts"] == "1"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [0, 1]
-    # One run, continued: the test's own MLflow experiment holds no other run.
-    runs = client.search_runs([run.info.experiment_id])
-    assert [r.info.run_id for r in runs] == [record.mlflow_run_id]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [record.mlflow_run_id]
+    return log
+
+
+def test_preemption_checkpoints_requeues_and_resumes_same_mlflow_run(jobs, mlflow_server):
+    """USR2 (time limit near, or a preempting admin): orch checkpoints and requeues the job itself.
+    ``scontrol requeue`` (SIGTERM): orch checkpoints first and Slurm requeues. Both signals are
+    sent while the two jobs train side by side."""
+    usr2, term = jobs["usr2"][1][0], jobs["scontrol_requeue"][1][0]
+    for handle in (usr2, term):
+        wait_for(lambda: "iter 3/60" in log_text(handle), 180, "training to be under way")
+        command = ["scancel", "--signal=USR2"] if handle is usr2 else ["scontrol", "requeue"]
+        subprocess.run([*command, handle.record().native_id], check=True)
+    assert "USR2: checkpoint written; requeueing job" in check_resumed(usr2, mlflow_server)
+    assert "SIGTERM: checkpoint written" in check_resumed(term, mlflow_server)
 
 
 def test_cancel(jobs, capsys):
@@ -152,6 +162,8 @@ def test_array_of_three(jobs):
     ids = [h.record().native_id for h in handles]
     array_id = ids[0].split("_")[0]
     assert ids == [f"{array_id}_{i}" for i in range(3)]
+    script = plan.payload["groups"][0]["script"]
+    assert {Path(h.record().extra["submission_file"]).read_text() for h in handles} == {script}
     assert [h.wait(timeout_s=240) for h in handles] == [JobState.SUCCEEDED] * 3
     for i in range(3):
         assert json.loads((folder / str(i) / "work" / "result.json").read_text())["iterations"] == 2
@@ -168,3 +180,30 @@ def test_failing_job_reports_error_and_exit_status(jobs, capsys):
     assert "/nonexistent/instances_train.json does not exist" in record.error
     assert main(["status", handle.job_id]) == 0
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_status_without_accounting(slurm_cluster, write_experiment, module_orch_home, tmp_path, capsys):
+    """Many clusters run without slurmdbd: sacct then fails and submitit cannot see states (it
+    even waits forever on a cancelled job). orch reads squeue / scontrol instead. Last in this
+    module: it restarts the cluster without accounting."""
+    from orchestrator.cli import main
+    from orchestrator.launchers import slurm_state
+
+    slurm_cluster.up(accounting=False)
+    assert not slurm_state.accounting_enabled()
+    _, [done], _ = submit([write_experiment(tmp_path / "ok", "ok", **{"schedule.iterations": 2, "eval.interval": 2})])
+    _, [cancelled], _ = submit([write_experiment(tmp_path / "cancel", "cancel", **{"schedule.iterations": 5000,
+                                                                                 "eval.interval": 5000})])
+    assert done.state() in (JobState.PENDING, JobState.RUNNING)
+    assert done.record().extra["state_source"] == "squeue"
+    wait_for(lambda: "iter 1/5000" in log_text(cancelled), 180, "the first training step")
+    assert main(["cancel", cancelled.job_id]) == 0
+    assert done.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(done)
+    assert done.record().exit_code == 0 and done.record().extra["state_source"] == "scontrol"
+    # Slurm's own word on the cancelled job, not orch's record of having cancelled it.
+    native = cancelled.record().native_id
+    status = wait_for(lambda: (s := slurm_state.query(native)).state.finished and s, 30, "the cancel to land")
+    assert status.state is JobState.CANCELLED and status.source == "scontrol"
+    capsys.readouterr()
+    assert main(["status", done.job_id]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out

@@ -1,0 +1,79 @@
+"""A real Ray head for the Ray tests: ``ray start --head --block`` on 127.0.0.1, CPU only, two
+CPUs, no dashboard, ports chosen at run time, its own temp dir; stopped (SIGTERM to that one
+process, never `ray stop`, which would kill other users' Ray) when the module's tests end."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """The running :class:`~orchestrator.launchers.ray_cluster.LocalRay` (``.address``)."""
+    from orchestrator.launchers.ray_cluster import LocalRay
+
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    # Workers inherit the head's environment: one thread each on this 2-core machine.
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    head = LocalRay(num_cpus=2, num_gpus=0)
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def orch_home(tmp_path, monkeypatch) -> Path:
+    """A private ``ORCH_HOME`` for this test's job records."""
+    home = tmp_path / "orch-home"
+    monkeypatch.setenv("ORCH_HOME", str(home))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return home
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live descendant of ``root`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    """The (Ray-retitled) command line of ``pid``, or '' when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def train_worker_pids(ray_head):
+    """``train_worker_pids()``: pids of the Ray Train worker processes of ``ray_head`` (only
+    descendants of this head: other Ray clusters on the machine are never touched)."""
+
+    def find() -> list[int]:
+        return [p for p in descendants(ray_head.process.pid) if cmdline(p).startswith("ray::RayTrainWorker")]
+
+    return find

@@ -1,0 +1,61 @@
+"""``orch sweep`` on a real Ray cluster: a 4-trial ASHA search over the learning rate recorded as
+one MLflow parent run with 4 child runs, some stopped early (tagged, ended, never RUNNING)."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.cli import main as orch
+from orchestrator.jobs import list_records
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_uri, capsys):
+    from mlflow.tracking import MlflowClient
+
+    # Four evaluations per trial (every 2 of 8 iterations) give ASHA rungs at 1 and 2. The grid
+    # runs the good LRs first (2 at a time), so the later, tiny LRs fall below the rung cut.
+    sweep = {
+        "space": {"optim.lr": {"grid": [3.0e-3, 1.0e-3, 1.0e-5, 1.0e-6]}},
+        "metric": "loss", "mode": "min", "max_concurrent": 2, "cpus_per_trial": 1,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+    }
+    path = make_experiment(**{"sweep": sweep, "schedule.iterations": 8, "eval.interval": 2,
+                              "eval.classwise": False, "checkpoint.interval": 8})
+    code = orch(["sweep", str(path), "--address", ray_head.address])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    [record] = list_records()
+    assert record.state.value == "SUCCEEDED" and record.extra["kind"] == "sweep"
+    assert len(record.extra["trials"]) == 4 and f"trials (4), objective min loss" in out
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("tiny-tests")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("orch.sweep") == "parent"]
+    assert len(parents) == 1 and parents[0].info.run_id == record.mlflow_run_id
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and len(runs) == 5
+    assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1e-6, 1e-5, 1e-3, 3e-3]
+    assert all(c.info.status != "RUNNING" for c in children)
+    stopped = [c for c in children if c.data.tags.get("orch.stopped_early") == "true"]
+    assert 1 <= len(stopped) <= 3 and all(c.info.status == "KILLED" for c in stopped)
+    finished = [c for c in children if c.data.tags.get("orch.stopped_early") == "false"]
+    assert finished and all(c.info.status == "FINISHED" for c in finished)
+
+    # The parent: the best trial's config and metrics, and the table of all trials.
+    assert parent.info.status == "FINISHED"
+    best_run = client.get_run(parent.data.tags["orch.best_run_id"])
+    assert parent.data.params["best.optim.lr"] == best_run.data.params["optim.lr"]
+    # "loss" is reported to Tune at each evaluation (iterations 2, 4, 6, 8): the best of those.
+    at_evals = [m.value for m in client.get_metric_history(best_run.info.run_id, "loss") if m.step % 2 == 0]
+    assert parent.data.metrics["best/loss"] == pytest.approx(min(at_evals))
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.md", "trials.csv", "best_config.yaml", "sweep_config.yaml"} <= artifacts
+    table = client.download_artifacts(parent.info.run_id, "trials.csv")
+    lines = open(table).read().strip().splitlines()
+    assert len(lines) == 5 and "stopped early" in "".join(lines)
+    best_yaml = open(client.download_artifacts(parent.info.run_id, "best_config.yaml")).read()
+    assert f"lr: {best_run.data.params['optim.lr']}" in best_yaml and "sweep:" not in best_yaml
