@@ -149,16 +149,17 @@ class Trainer:
             # after its checkpoint, so restore first and let the iterator draw from it.
             self._restore_rng()
         batches = epoch_batches(self.loader, epoch, skip)
-        while self.iter < end:
+        stop = False
+        while self.iter < end and not stop:
             log_values, stop = self.run_step(batches)
             self.iter += 1
             if self.iter % self.log_interval == 0 or self.iter == self.max_iters:
                 self.history["train"].append({"iter": self.iter, "loss": log_values["loss"]})
             self.call_hooks("after_iter", log_values)
-            if stop:
-                self._preempt()
         if self.iter == (epoch + 1) * self.iters_per_epoch:
-            self.call_hooks("after_epoch")
+            self.call_hooks("after_epoch")  # before a stop too: a resumed run starts the next epoch
+        if stop and self.iter < self.max_iters:  # a stop on the last step is just the end
+            self._preempt()
 
     def run_step(self, batches: Iterator) -> tuple[dict[str, float], bool]:
         """One optimizer step; returns the log values and whether any rank asked to stop."""

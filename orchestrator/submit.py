@@ -62,6 +62,9 @@ class SubmitFlags:
             "resources.slurm.qos": self.qos,
         }
         out = {k: v for k, v in keys.items() if v is not None}
+        if self.max_parallel is not None:
+            # One cap for every backend: local slots at once, the width of a Slurm job array.
+            out["resources.slurm.array_parallelism"] = self.max_parallel
         if self.no_wait:
             out["resources.local.queue"] = False
         if self.hosts:

@@ -169,3 +169,23 @@ def test_resume_on_another_world_size_keeps_progress_and_says_so(tmp_path, caplo
         Checkpointer(str(tmp_path), CheckpointConfig()).resume(target, path)
     assert target.iter == 12 and target.pending_rng is None
     assert "world size 1" in caplog.text and "LR rule re-applied" in caplog.text
+
+
+def test_load_from_takes_weights_only(make_experiment):
+    first = main(load_experiment(make_experiment(**{"tracking.enable": False})), DistEnv.single())
+    saved = load_checkpoint(first.last_checkpoint)["model"]
+    seen = {}
+
+    class Capture(Hook):
+        def before_train(self, trainer):
+            seen["iter"] = trainer.iter
+            seen["equal"] = all(torch.equal(v, saved[k]) for k, v in trainer.model.state_dict().items())
+
+    exp = load_experiment(make_experiment(**{"tracking.enable": False, "runtime.load_from": first.last_checkpoint,
+                                             "runtime.output_dir": str(tmp_out(first))}))
+    result = main(exp, DistEnv.single(), hooks=[Capture()])
+    assert seen == {"iter": 0, "equal": True} and result.iterations == 4  # weights, not the position
+
+
+def tmp_out(result):
+    return os.path.join(os.path.dirname(result.output_dir), "finetune")

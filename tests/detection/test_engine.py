@@ -181,3 +181,16 @@ def test_two_process_ddp_run_agrees_on_every_rank(make_experiment, tmp_path, tra
     # Predictions of both ranks' shards were gathered: every val image was predicted.
     preds = json.loads((tmp_path / "work" / "predictions_val.json").read_text())
     assert len({p["image_id"] for p in preds}) == 8
+
+
+def test_mask_rcnn_trains_on_masks_and_reports_segm(make_experiment):
+    exp = load_experiment(make_experiment(**{
+        "tracking.enable": False, "model.type": "maskrcnn_resnet50_fpn", "schedule.iterations": 1,
+        "eval.metric": ["bbox", "segm"], "eval.interval": 1, "checkpoint.interval": 100,
+        "model.options": {"rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32,
+                          "rpn_post_nms_top_n_train": 50, "rpn_post_nms_top_n_test": 50},
+    }))
+    rec = Recorder()
+    result = main(exp, DistEnv.single(), hooks=[rec])
+    assert "loss_mask" in rec.logs[0]
+    assert {"bbox_mAP", "segm_mAP", "segm_AR_100", "segm_AP/ellipse"} <= set(result.metrics)

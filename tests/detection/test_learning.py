@@ -23,7 +23,7 @@ def test_ssdlite_learns_the_shapes(tmp_path, make_experiment):
         "schedule.iterations": 400, "schedule.warmup_iters": 30, "schedule.warmup_ratio": 0.01,
         "schedule.policy": "cosine", "schedule.min_lr_ratio": 0.02,
         "eval.interval": 400, "checkpoint.interval": 400, "runtime.deterministic": False,
-        "runtime.threads": 2, "runtime.log_interval": 50, "tracking.enable": False,
+        "runtime.threads": 1, "runtime.log_interval": 50, "tracking.enable": False,
     })
     result = main(load_experiment(path), DistEnv.single())
     assert result.metrics["bbox_mAP_50"] > 0.5, result.metrics
