@@ -2,8 +2,11 @@
 
 Order of detection (first match wins), and why:
 
-1. ``ORCH_RAY_*``: set only by orch's Ray worker, so unambiguous even when Ray itself runs inside
-   a Slurm allocation (whose ``SLURM_*`` variables every Ray worker inherits).
+1. ``ORCH_RAY_RANK`` / ``ORCH_RAY_WORLD_SIZE`` (with ``ORCH_RAY_LOCAL_RANK``,
+   ``ORCH_RAY_LOCAL_WORLD_SIZE``, optional ``ORCH_RAY_NODE_RANK`` / ``ORCH_RAY_NUM_NODES``, and
+   ``MASTER_ADDR`` / ``MASTER_PORT``): set only by orch's Ray worker, so unambiguous even when Ray
+   runs inside a Slurm allocation (whose ``SLURM_*`` variables every Ray worker inherits).
+   A Ray worker that already has a Ray Train context can call :meth:`DistEnv.from_values`.
 2. torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ...): torchrun started inside a
    Slurm job (``srun torchrun ...``) must win over the Slurm task variables.
 3. Slurm task variables (``SLURM_PROCID``, ``SLURM_NTASKS``, ...), with the master address taken
@@ -138,7 +141,7 @@ class DistEnv:
         when one is missing, not an integer, or contradicts another.
         """
         env = os.environ if environ is None else environ
-        if any(key.startswith("ORCH_RAY_") for key in env):
+        if "ORCH_RAY_RANK" in env or "ORCH_RAY_WORLD_SIZE" in env:
             return _from_ray(env)
         if "RANK" in env or "WORLD_SIZE" in env:
             return _from_torchrun(env)

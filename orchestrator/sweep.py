@@ -193,7 +193,7 @@ def run_sweep(payload: dict[str, Any]) -> dict[str, Any]:
     """Run the sweep to its end (this process is its driver); record the outcome and return the
     summary (``best``, ``trials``). SIGTERM / Ctrl-C cancel it."""
     from orchestrator.launchers.ray_driver import Cancelled, ray_connection, set_state
-    from orchestrator.sweep_report import RecordCallback, finish_parent_run, summarize
+    from orchestrator.sweep_report import RecordCallback, end_running_children, finish_parent_run, summarize
 
     job_id = payload["job_id"]
     status = "FAILED"
@@ -204,10 +204,12 @@ def run_sweep(payload: dict[str, Any]) -> dict[str, Any]:
             summary = summarize(payload, results)
         status = "FINISHED" if summary["best"] else "FAILED"
     except (Cancelled, KeyboardInterrupt):
+        end_running_children(payload, "KILLED")
         finish_parent_run(payload, None, "KILLED")
         set_state(job_id, JobState.CANCELLED)
         raise
     except Exception as err:
+        end_running_children(payload, "FAILED")
         finish_parent_run(payload, None, "FAILED")
         set_state(job_id, JobState.FAILED, error=str(err).strip().splitlines()[-1][:500] if str(err).strip() else repr(err))
         raise

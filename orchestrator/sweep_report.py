@@ -166,6 +166,16 @@ def trials_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
     return "\n".join(lines) + "\n"
 
 
+def end_running_children(payload: dict[str, Any], status: str = "KILLED") -> None:
+    """End every child run still RUNNING (the sweep was cancelled or failed under them)."""
+    if not payload.get("parent_run_id"):
+        return
+    client = _client(payload)
+    for run in child_runs(payload).values():
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status=status)
+
+
 def finish_parent_run(payload: dict[str, Any], summary: Optional[dict[str, Any]], status: str) -> None:
     """Write the best trial (params ``best.<key>``, its metrics, ``best_config.yaml``) and the
     trial table (``trials.md``, ``trials.csv``) on the parent run, then end it."""

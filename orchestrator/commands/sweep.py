@@ -65,10 +65,10 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
     if detach:
         click.echo(f"follow with: orch status {job_id} / orch logs -f {job_id}")
         return 0
-    return _attach(job_id)
+    return attach(job_id)
 
 
-def _attach(job_id: str) -> int:
+def attach(job_id: str) -> int:
     """Stream the sweep's log until it ends, then print the trial table. Ctrl-C cancels it."""
     from orchestrator.jobs import cancel_job, load_record, refresh_record
     from orchestrator.launchers.ray import describe_record

@@ -40,52 +40,66 @@ def report_metrics(trainer: Any, metrics: Optional[dict[str, float]], train_log:
     return out
 
 
-class RayReportHook(Hook):
-    """Reports to Ray Train after each evaluation (metrics) and each periodic checkpoint
-    (metrics + the checkpoint file, attached by rank 0), so Ray can restart a failed worker group
-    from the newest checkpoint. An evaluation at the same step as a checkpoint is one report."""
+class StepReporter(Hook):
+    """Collects what happened at one step (an evaluation, a periodic checkpoint) and sends it
+    once, at the step boundary, with that step's training loss: launcher hooks run after the
+    trainer's own, so by this hook's ``after_iter`` / ``after_epoch`` the step's evaluation and
+    checkpoint are done. Subclasses implement :meth:`send`."""
 
     def __init__(self) -> None:
-        self.pending: Optional[dict[str, float]] = None  # evaluated, not yet reported
-        self.pending_iter = -1
         self.train_log: dict[str, float] = {}
+        self.metrics: Optional[dict[str, float]] = None  # evaluated at this step, not yet sent
+        self.checkpoint: Optional[str] = None
         self.last_metrics: dict[str, float] = {}
 
-    def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
-        # An evaluation of an earlier step that no checkpoint followed: report it now.
-        if self.pending is not None and trainer.iter > self.pending_iter:
-            self._report(trainer, None)
-        self.train_log = dict(log_values)
-
     def after_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
-        self.pending, self.pending_iter = dict(metrics), trainer.iter
-        self.last_metrics = dict(metrics)
+        self.metrics = self.last_metrics = dict(metrics)
 
     def after_checkpoint(self, trainer: Any, path: str) -> None:
         if PERIODIC.fullmatch(os.path.basename(path)):
-            self._report(trainer, path)
+            self.checkpoint = path
+
+    def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
+        self.train_log = dict(log_values)
+        self._flush(trainer)
+
+    def after_epoch(self, trainer: Any) -> None:
+        self._flush(trainer)  # epoch schedules evaluate and save in after_epoch
 
     def after_train(self, trainer: Any, result: Any) -> None:
-        if self.pending is not None:
-            self._report(trainer, None)
+        self._flush(trainer)
 
-    def _report(self, trainer: Any, path: Optional[str]) -> None:
+    def _flush(self, trainer: Any) -> None:
+        if self.metrics is None and self.checkpoint is None:
+            return
+        values = report_metrics(trainer, self.metrics or self.last_metrics, self.train_log)
+        checkpoint, self.metrics, self.checkpoint = self.checkpoint, None, None
+        self.send(trainer, values, checkpoint)
+
+    def send(self, trainer: Any, values: dict[str, Any], checkpoint: Optional[str]) -> None:
+        raise NotImplementedError
+
+
+class RayReportHook(StepReporter):
+    """Reports to Ray Train after each evaluation (metrics) and each periodic checkpoint
+    (metrics + the checkpoint file, attached by rank 0), so Ray can restart a failed worker group
+    from the newest checkpoint. ``best_<metric>.pth`` copies are not reported."""
+
+    def send(self, trainer: Any, values: dict[str, Any], checkpoint: Optional[str]) -> None:
         import ray.train
 
-        metrics = report_metrics(trainer, self.pending or self.last_metrics, self.train_log)
-        self.pending = None
-        if path is None or trainer.env.rank != 0:
-            ray.train.report(metrics)
+        if checkpoint is None or trainer.env.rank != 0:
+            ray.train.report(values)
             return
         # Ray copies the folder into its storage (synchronously), so a temporary hard link is
         # enough; the trainer's own retention may delete the file afterwards.
         with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as folder:
-            target = os.path.join(folder, os.path.basename(path))
+            target = os.path.join(folder, os.path.basename(checkpoint))
             try:
-                os.link(path, target)
+                os.link(checkpoint, target)
             except OSError:
-                shutil.copy2(path, target)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+                shutil.copy2(checkpoint, target)
+            ray.train.report(values, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def restore_checkpoint(checkpoint: Any, output_dir: str, rank: int) -> Optional[str]:
@@ -148,35 +162,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 # -- Ray Tune trials (orch sweep) -----------------------------------------------------------
 
 
-class TuneReportHook(Hook):
+class TuneReportHook(StepReporter):
     """Reports each evaluation to Ray Tune (one Tune iteration per evaluation, the unit of ASHA's
     rungs). When the scheduler stops the trial, Tune's ``report`` raises ``SystemExit``; the hook
     turns that into ``should_stop`` so the trainer checkpoints and ends cleanly (``Preempted``):
-    the MLflow hook then ends the run as KILLED instead of leaving it RUNNING. Must come after
-    the trainer's own hooks (it does: launcher hooks are appended)."""
+    the MLflow hook then ends the run as KILLED instead of leaving it RUNNING."""
 
     def __init__(self) -> None:
-        self.train_log: dict[str, float] = {}
-        self.final: Optional[dict[str, Any]] = None
+        super().__init__()
         self.stopped = False
+
+    def after_checkpoint(self, trainer: Any, path: str) -> None:
+        pass  # Tune trials report metrics only
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
         self.train_log = dict(log_values)
+        # The last report may end the trial (ASHA stops at max_t) and Tune then kills the actor:
+        # send it from after_train, once the last checkpoint and the MLflow run are written.
+        if trainer.iter < trainer.max_iters:
+            self._flush(trainer)
 
-    def after_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
-        values = report_metrics(trainer, metrics, self.train_log)
-        if trainer.iter >= trainer.max_iters:
-            # The last report may end the trial (ASHA stops at max_t): Tune then kills the actor,
-            # so send it only after the other hooks (last checkpoint, MLflow run FINISHED) ran.
-            self.final = values
-            return
-        self._report(values)
+    def after_epoch(self, trainer: Any) -> None:
+        if trainer.iter < trainer.max_iters:
+            self._flush(trainer)
 
-    def after_train(self, trainer: Any, result: Any) -> None:
-        if self.final is not None:
-            self._report(self.final)
-
-    def _report(self, values: dict[str, Any]) -> None:
+    def send(self, trainer: Any, values: dict[str, Any], checkpoint: Optional[str]) -> None:
         from ray import tune
 
         try:

@@ -3,10 +3,17 @@ one MLflow parent run with 4 child runs, some stopped early (tagged, ended, neve
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
+import yaml
 
 from orchestrator.cli import main as orch
+from orchestrator.commands.sweep import attach
 from orchestrator.jobs import list_records
+from orchestrator.launchers.ray import RayHandle
+from orchestrator.spec import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -23,12 +30,19 @@ def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_u
     }
     path = make_experiment(**{"sweep": sweep, "schedule.iterations": 8, "eval.interval": 2,
                               "eval.classwise": False, "checkpoint.interval": 8})
-    code = orch(["sweep", str(path), "--address", ray_head.address])
-    out = capsys.readouterr().out
-    assert code == 0, out[-3000:]
+    started = time.monotonic()
+    assert orch(["sweep", str(path), "--address", ray_head.address, "--detach"]) == 0
+    assert time.monotonic() - started < 60  # --detach returns once submitted
     [record] = list_records()
-    assert record.state.value == "SUCCEEDED" and record.extra["kind"] == "sweep"
-    assert len(record.extra["trials"]) == 4 and f"trials (4), objective min loss" in out
+    assert f"submitted sweep {record.job_id}" in capsys.readouterr().out
+    assert RayHandle(record.job_id).wait(timeout_s=600) == JobState.SUCCEEDED, Path(record.log_path).read_text()[-3000:]
+    # Re-attaching to the finished sweep replays its log and shows its trials.
+    assert attach(record.job_id) == 0
+    out = capsys.readouterr().out
+    assert "trials (4), objective min loss" in out and "best: trial" in out and "Trial status" in out
+    assert orch(["status", record.job_id]) == 0 and "SUCCEEDED" in capsys.readouterr().out
+    [record] = list_records()
+    assert record.extra["kind"] == "sweep" and len(record.extra["trials"]) == 4
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name("tiny-tests")
@@ -57,5 +71,5 @@ def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_u
     table = client.download_artifacts(parent.info.run_id, "trials.csv")
     lines = open(table).read().strip().splitlines()
     assert len(lines) == 5 and "stopped early" in "".join(lines)
-    best_yaml = open(client.download_artifacts(parent.info.run_id, "best_config.yaml")).read()
-    assert f"lr: {best_run.data.params['optim.lr']}" in best_yaml and "sweep:" not in best_yaml
+    best_config = yaml.safe_load(open(client.download_artifacts(parent.info.run_id, "best_config.yaml")))
+    assert best_config["optim"]["lr"] == float(best_run.data.params["optim.lr"]) and best_config["sweep"] is None

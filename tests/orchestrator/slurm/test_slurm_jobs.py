@@ -10,6 +10,7 @@ slowest job instead of the sum of all.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -82,7 +83,9 @@ def check_resumed(handle, mlflow_server: str) -> str:
 
     assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
     log = log_text(handle)
-    assert "(preempted)" in log and "restart 1" in log and "resumed from" in log, log
+    saved = re.search(r"checkpoint (\S+) \(preempted\)", log)
+    assert saved and "restart 1" in log, log
+    assert f"resumed from {saved.group(1)} at iteration" in log, log  # the preemption checkpoint
     record = handle.record()
     result = json.loads((Path(record.output_dir) / "result.json").read_text())
     assert result["iterations"] == 60 and result["run_id"] == record.mlflow_run_id
@@ -104,7 +107,9 @@ def test_preemption_checkpoints_requeues_and_resumes_same_mlflow_run(jobs, mlflo
         command = ["scancel", "--signal=USR2"] if handle is usr2 else ["scontrol", "requeue"]
         subprocess.run([*command, handle.record().native_id], check=True)
     assert "USR2: checkpoint written; requeueing job" in check_resumed(usr2, mlflow_server)
-    assert "SIGTERM: checkpoint written" in check_resumed(term, mlflow_server)
+    # After SIGTERM Slurm kills the task KillWait (5 s here) later, possibly before it logs more
+    # than the checkpoint: what matters is that the checkpoint came first and was resumed from.
+    check_resumed(term, mlflow_server)
 
 
 def test_cancel(jobs, capsys):
