@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from cluster.errors import ConfigError, OrchError
 from detection.hooks.base import Hook
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,18 @@ class MlflowHook(Hook):
 
     # -- lifecycle -------------------------------------------------------------------------
     def before_train(self, trainer: Any) -> None:
+        try:
+            self._start(trainer)
+        except Exception as err:  # noqa: BLE001 - one clear line instead of a client traceback
+            if isinstance(err, OrchError):
+                raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            raise ConfigError(
+                f"MLflow tracking at {resolve_tracking_uri(self.tracking)} failed: {first}; start the "
+                "server or fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enable=false"
+            ) from err
+
+    def _start(self, trainer: Any) -> None:
         from mlflow.entities import Param, RunTag
 
         self.client = _client(self.tracking)

@@ -187,7 +187,20 @@ def main(config: Any, env: Any, hooks: Sequence[Any] = ()) -> TrainResult:
             output_dir=output_dir, lr_scaling=scaling, hooks=all_hooks, checkpointer=checkpointer,
             scaler=scaler,
         )
-        resume_path = checkpointer.find_resume(runtime.resume)
+        resume_path, problem = None, None
+        if env.rank == 0:
+            try:
+                resume_path = checkpointer.find_resume(runtime.resume)
+            except ConfigError as err:
+                problem = str(err)
+        if dist.is_initialized() and env.world_size > 1:
+            # One decision for all ranks (rank 0's view of the shared output folder); an error
+            # travels too, so no rank waits for a rank that gave up.
+            box = [(resume_path, problem)]
+            dist.broadcast_object_list(box, src=0)
+            resume_path, problem = box[0]
+        if problem:
+            raise ConfigError(problem)
         if resume_path:
             checkpointer.resume(trainer, resume_path)
         elif runtime.resume == "auto":

@@ -189,7 +189,9 @@ def _start(job: dict, devices: Optional[DeviceLease], port: Optional[int]) -> li
             if devices is not None and command.get("local", True):
                 share = DeviceLease(devices.pool, devices.devices[offset: offset + command["procs"]], None)
                 offset += command["procs"]
-                env.update(share.environ(command["procs"]))
+                # A thread count the user exported wins over the computed share.
+                env.update({k: v for k, v in share.environ(command["procs"]).items()
+                            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") or k not in os.environ})
             env.update({k: _fill(v, port) for k, v in command["env"].items()})
             argv = [_fill(a, port) for a in command["argv"]]
             # One new process group per job (joinable only within our session, hence not setsid):

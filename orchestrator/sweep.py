@@ -134,8 +134,9 @@ def prepare_sweep(plan: dict[str, Any]) -> dict[str, Any]:
     (out / "config.yaml").write_text(plan["config_yaml"])
     payload = dict(plan, job_id=job_id, output_dir=str(out), cwd=os.getcwd(),
                    storage_path=plan["storage_path"] or str(out / "ray"), parent_run_id=None, tracking_uri=None)
-    from orchestrator.config import build_experiment
     import yaml
+
+    from orchestrator.config import build_experiment
 
     exp = build_experiment(yaml.safe_load(plan["config_yaml"]), source=plan["config_path"])
     if exp.tracking.enable:

@@ -5,6 +5,7 @@ run that a scheduler stopped early."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -26,7 +27,7 @@ def create_parent_run(exp: Experiment, payload: dict[str, Any]) -> tuple[str, st
     from detection.tracking import _client, create_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(exp.tracking)
-    tracking = exp.tracking.__class__(**{**exp.tracking.__dict__, "uri": uri})
+    tracking = dataclasses.replace(exp.tracking, uri=uri)
     run_id = create_run(tracking, f"{exp.name}-sweep", parent_run_id=None,
                         tags={"orch.sweep": "parent", "orch.sweep_job": payload["job_id"], "orch.backend": "ray"})
     client = _client(tracking)

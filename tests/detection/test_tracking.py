@@ -117,3 +117,19 @@ def test_long_params_are_truncated_and_uri_resolution(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir("/tmp")
     assert resolve_tracking_uri(SimpleNamespace(uri=None)) == "sqlite:////tmp/mlflow.db"
+
+
+def test_unreachable_tracking_server_is_one_clear_error(make_experiment, monkeypatch):
+    import socket
+
+    from cluster.errors import ConfigError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exp = load_experiment(make_experiment(**{"tracking.uri": f"http://127.0.0.1:{port}"}))
+    with pytest.raises(ConfigError, match=rf"MLflow tracking at http://127.0.0.1:{port} failed: .*tracking.enable=false") as err:
+        main(exp, DistEnv.single())
+    assert "\n" not in str(err.value)

@@ -149,3 +149,45 @@ def test_plan_is_pure_and_ordered(make_experiment, tmp_path):
     with pytest.raises(LaunchError, match="--nodes"):
         LocalLauncher().plan([build_job_spec(load_experiment(experiments(
             make_experiment, tmp_path, ["n"], **{"resources.nodes": 2, "resources.gpus": 2})[0]), "local", write=False)])
+
+
+def command_plan(commands_per_job, max_parallel=None):
+    """A local submission whose jobs run the given commands instead of the trainer (fast, no torch):
+    same records, supervisor, leases and process groups as a real submission."""
+    import sys
+
+    from orchestrator.config.schema import Experiment, Resources
+    from orchestrator.launchers.local import start_supervisor
+    from orchestrator.spec import JobSpec, Plan
+
+    specs, entries = [], []
+    for index, commands in enumerate(commands_per_job):
+        exp = Experiment(name=f"cmd{index}", resources=Resources(gpus=len(commands)))
+        specs.append(JobSpec(name=exp.name, experiment=exp, config_path=Path("/dev/null"),
+                             output_dir=Path("/tmp"), backend="local"))
+        entries.append({"index": index, "slots": len(commands), "port": {"mode": "lease"},
+                        "commands": [{"argv": [sys.executable, "-c", code], "env": {"P": "{port}"}, "procs": 1,
+                                      "local": True} for code in commands]})
+    plan = Plan(backend="local", jobs=tuple(specs), text="", payload={"max_parallel": max_parallel, "jobs": entries})
+    return start_supervisor(plan)
+
+
+def test_max_parallel_caps_running_jobs(monkeypatch):
+    monkeypatch.setenv("ORCH_CPU_SLOTS", "4")
+    handles = command_plan([["import time; time.sleep(1)"]] * 4, max_parallel=2)
+    assert [h.wait(120) for h in handles] == [JobState.SUCCEEDED] * 4
+    assert max_overlap([jobs.load_record(h.job_id) for h in handles]) == 2
+
+
+def test_one_failing_rank_stops_the_others_and_logs_follow(capsys):
+    handles = command_plan([[
+        "import os, sys; print('rank0 port', os.environ['P'], flush=True); sys.exit(3)",
+        "import time; time.sleep(600)",  # would block forever in a collective
+    ]])
+    assert cli(["logs", "-f", handles[0].job_id]) == 0  # follows until the job has ended
+    out = capsys.readouterr()
+    record = jobs.load_record(handles[0].job_id)
+    assert f"rank0 port {record.extra['port']}" in out.out  # the leased {port} reached the env
+    assert "FAILED (exit status 3)" in out.err
+    assert record.state == JobState.FAILED and record.exit_code == 3
+    assert all(not jobs._group_alive(pid) for pid in record.extra["pids"])
