@@ -14,8 +14,13 @@ import random
 import socket
 from typing import Any, Optional, Sequence
 
-from cluster.errors import ConfigError
-from detection.engine import Preempted, TrainResult  # noqa: F401 - re-exported for callers
+# Before torch loads (the engine import below): spinning OpenMP threads collapse throughput
+# (measured 30x on 2 cores) when a shared machine is oversubscribed; sleeping waiters cost little
+# when it is quiet. An explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from cluster.errors import ConfigError  # noqa: E402
+from detection.engine import Preempted, TrainResult  # noqa: E402,F401 - re-exported for callers
 
 log = logging.getLogger("detection.train")
 
@@ -108,10 +113,6 @@ def main(config: Any, env: Any, hooks: Sequence[Any] = ()) -> TrainResult:
     rank). Initialises and destroys the process group itself when ``world_size > 1``. Raises
     :class:`~cluster.errors.TrainingError` on a non-finite loss, :class:`Preempted` when a hook
     asked to stop, :class:`~cluster.errors.ConfigError` / ``DataError`` on bad input."""
-    # Spinning OpenMP threads collapse throughput (measured 30x) when a shared machine's cores are
-    # oversubscribed; sleeping waiters cost little when it is quiet. Only effective if torch is
-    # not imported yet (workers and `orch train` import it here first); launchers set it too.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     import torch.distributed as dist
 

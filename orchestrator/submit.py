@@ -62,6 +62,9 @@ class SubmitFlags:
             "resources.slurm.qos": self.qos,
         }
         out = {k: v for k, v in keys.items() if v is not None}
+        if self.gpus is None and self.nodes is not None and self.gpus_per_node is not None:
+            # --nodes 2 --gpus-per-node 8 means 16 in all.
+            out["resources.gpus"] = self.nodes * self.gpus_per_node
         if self.max_parallel is not None:
             # One cap for every backend: local slots at once, the width of a Slurm job array.
             out["resources.slurm.array_parallelism"] = self.max_parallel

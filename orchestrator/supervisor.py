@@ -62,12 +62,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     threads = []
     for job in payload["jobs"]:
         # max_parallel: the next job joins the device queue only when a running one ends.
-        while not gate.acquire(timeout=0.2):
-            if _stopping.is_set():
-                break
+        acquired = False
+        while not acquired and not _stopping.is_set():
+            acquired = gate.acquire(timeout=0.2)
         if _stopping.is_set() or cancel_requested(job["job_id"]):
             _finish(job["job_id"], JobState.CANCELLED, None, None)
-            gate.release()
+            if acquired:
+                gate.release()
             continue
         try:
             pool = pool or detect_pool(cpu_slots=payload.get("cpu_slots"))

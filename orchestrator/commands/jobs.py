@@ -88,6 +88,12 @@ def _show_one(r: JobRecord) -> None:
         rows.append(("error", f"[red]{r.error}[/]"))
     for key, value in rows:
         console.print(f"[bold]{key:>12}[/]  {value}")
+    # Backends with more to say (a sweep's trials) describe their own records.
+    from orchestrator import jobs
+
+    describe = getattr(jobs._backend_module(r.backend), "describe_record", None)
+    if describe is not None:
+        console.print(describe(r))
     if r.mlflow_run_id:
         uri = r.tracking_uri or "sqlite:///mlflow.db"
         console.print(f"\n  compare runs:  mlflow ui --backend-store-uri {uri}")
