@@ -92,6 +92,21 @@ def create_run(tracking: Any, name: str, tags: Optional[dict[str, str]] = None, 
     return run.info.run_id
 
 
+def wait_for_run_id(path: str, timeout_s: float = 600.0) -> str:
+    """The run id a launcher writes to ``path`` once it has created the run (it does so while the
+    training process starts, so that creating the run costs no start-up time)."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise OrchError(
+                f"the MLflow run of this job was never created ({path} missing after {timeout_s:.0f} s); "
+                "was orch submit interrupted? submit the job again"
+            )
+        time.sleep(0.05)
+    with open(path) as fh:
+        return fh.read().strip()
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A plain nested dict of a config dataclass (tuples become lists: YAML/JSON friendly)."""
 
@@ -202,12 +217,14 @@ class _BatchWriter(threading.Thread):
         self.client, self.run_id = client, run_id
         self.jobs: queue.Queue = queue.Queue()
         self.errors = 0
+        self.busy_s = 0.0  # this thread's CPU time spent writing (the cost of logging, measured)
 
     def run(self) -> None:
         while True:
             metrics = self.jobs.get()
             if metrics is None:
                 return
+            started = time.thread_time()
             for start in range(0, len(metrics), METRICS_PER_BATCH):
                 chunk = metrics[start : start + METRICS_PER_BATCH]
                 for attempt in range(4):  # SQLite shared by many jobs: "database is locked"
@@ -219,6 +236,7 @@ class _BatchWriter(threading.Thread):
                             self.errors += 1
                             log.warning("MLflow: %d metric values not logged: %s", len(chunk), err)
                         time.sleep(0.5 * (attempt + 1))
+            self.busy_s += time.thread_time() - started
 
 
 class MlflowHook(Hook):
@@ -238,7 +256,7 @@ class MlflowHook(Hook):
         self._steps = 0
         self._last_flush = time.monotonic()
         self._writer: Optional[_BatchWriter] = None
-        self._best_logged: Optional[tuple] = None
+        self.writer_cpu_s = 0.0  # CPU time of the writer thread, known after the run
 
     # -- lifecycle -------------------------------------------------------------------------
     def before_train(self, trainer: Any) -> None:
@@ -260,6 +278,10 @@ class MlflowHook(Hook):
         # The run orch created at submit time, else the one a resumed checkpoint belonged to.
         if self.tracking.run_id or trainer.run_id:
             self.run_id = self.tracking.run_id or trainer.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        elif os.environ.get("ORCH_RUN_ID_FILE"):
+            # The launcher creates the run while this process builds the model (ORCH_RUN_ID_FILE).
+            self.run_id = wait_for_run_id(os.environ["ORCH_RUN_ID_FILE"])
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = create_run(self.tracking, self.config.name, parent_run_id=self.tracking.parent_run_id)
@@ -341,6 +363,7 @@ class MlflowHook(Hook):
         if self._writer is not None:
             self._writer.jobs.put(None)
             self._writer.join(timeout=120)
+            self.writer_cpu_s = self._writer.busy_s
             self._writer = None
         try:
             self._log_artifacts(trainer)

@@ -60,10 +60,11 @@ def _seed_everything(runtime: Any, rank: int, device: Any) -> None:
     torch.manual_seed(seed)
     if runtime.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: some detection ops (roi_align backward on CUDA) have no deterministic kernel.
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+    # Set both ways: the flags are process-wide and a process may train several configs.
+    # warn_only: some detection ops (roi_align backward on CUDA) have no deterministic kernel.
+    torch.use_deterministic_algorithms(bool(runtime.deterministic), warn_only=True)
+    torch.backends.cudnn.deterministic = bool(runtime.deterministic)
+    torch.backends.cudnn.benchmark = False
 
 
 def _init_process_group(env: Any, device: Any) -> bool:

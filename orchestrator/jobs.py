@@ -248,3 +248,35 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
+
+
+def follow_log(job: str, follow: bool = True, out=None, poll_s: float = 0.5) -> JobRecord:
+    """Copy the job's log to ``out`` (stdout); with ``follow``, keep copying until the job ends
+    (``orch logs -f``, ``orch submit --wait``). Returns the last record seen."""
+    import sys
+
+    out = out or sys.stdout.buffer
+    record = load_record(job)
+    position = 0
+    while True:
+        try:
+            with open(record.log_path, "rb") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+        except FileNotFoundError:
+            chunk = b""
+        if chunk:
+            out.write(chunk)
+            out.flush()
+            position += len(chunk)
+        if not follow:
+            return record
+        record = refresh_record(load_record(record.job_id))
+        # Finished and nothing left to read (the last lines may land just after the state).
+        size = os.path.getsize(record.log_path) if os.path.exists(record.log_path) else 0
+        if record.state.finished and size <= position:
+            print(f"[orch] job {record.job_id} {record.state.value}"
+                  + (f" (exit status {record.exit_code})" if record.exit_code is not None else ""),
+                  file=sys.stderr, flush=True)
+            return record
+        time.sleep(poll_s)

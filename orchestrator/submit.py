@@ -103,6 +103,15 @@ def resolve_experiments(paths: list[str], overrides: tuple[str, ...], flags: Sub
     return [load_experiment(path, overrides, extra=flags.as_overrides()) for path in paths]
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """A SQLite URI with its file made absolute, so workers in other folders (or on other nodes
+    sharing the filesystem) write to the same store; other URIs unchanged."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
 def job_output_dir(experiment: Experiment) -> Path:
     """Absolute output folder of an experiment (``runtime.output_dir`` with ``{name}`` filled)."""
     from orchestrator.config import output_dir_of
@@ -110,23 +119,36 @@ def job_output_dir(experiment: Experiment) -> Path:
     return Path(output_dir_of(experiment)).expanduser().resolve()
 
 
-def build_job_spec(experiment: Experiment, backend: str, write: bool = True, tags: Optional[dict[str, str]] = None) -> JobSpec:
+RUN_ID_FILE = ".mlflow_run_id"
+
+
+def build_job_spec(experiment: Experiment, backend: str, write: bool = True, tags: Optional[dict[str, str]] = None,
+                   defer_run: bool = False) -> JobSpec:
     """Turn a resolved experiment into a :class:`JobSpec`.
 
     With ``write`` (a real submission) the MLflow run is created now and its id, and the absolute
     tracking URI, go into the config that is written to ``<output_dir>/config.yaml``. Without it
-    (a dry run) nothing is created or written.
+    (a dry run) nothing is created or written. With ``defer_run`` the run is created by
+    :func:`create_deferred_runs` right after launch, while the worker imports torch; the worker
+    waits for ``<output_dir>/.mlflow_run_id`` before training, so it still never makes its own run.
     """
     from orchestrator.config import dump_experiment, with_overrides
 
     output_dir = job_output_dir(experiment)
     updates: dict[str, Any] = {"runtime.output_dir": str(output_dir)}
+    extra_env = {"ORCH_BACKEND": backend}
     if write and experiment.tracking.enable:
-        from detection.tracking import create_run, resolve_tracking_uri
+        from detection.tracking import resolve_tracking_uri
 
-        uri = resolve_tracking_uri(experiment.tracking)
+        uri = absolute_tracking_uri(resolve_tracking_uri(experiment.tracking))
         updates["tracking.uri"] = uri
-        if not experiment.tracking.run_id:
+        if defer_run and not experiment.tracking.run_id:
+            run_id_file = output_dir / RUN_ID_FILE
+            run_id_file.unlink(missing_ok=True)
+            extra_env["ORCH_RUN_ID_FILE"] = str(run_id_file)
+        elif not experiment.tracking.run_id:
+            from detection.tracking import create_run
+
             experiment = with_overrides(experiment, {"tracking.uri": uri})
             run_tags = {"orch.backend": backend, **(tags or {})}
             updates["tracking.run_id"] = create_run(
@@ -148,8 +170,27 @@ def build_job_spec(experiment: Experiment, backend: str, write: bool = True, tag
         config_path=config_path,
         output_dir=output_dir,
         backend=backend,
-        extra_env={"ORCH_BACKEND": backend},
+        extra_env=extra_env,
     )
+
+
+def create_deferred_runs(plan: Plan, handles: list) -> None:
+    """Create the MLflow runs of jobs launched with ``defer_run`` and hand their ids to the
+    waiting workers (the run id file) and to ``orch status`` (the job record)."""
+    from detection.tracking import create_run
+    from orchestrator.jobs import update_record
+
+    for job, handle in zip(plan.jobs, handles):
+        run_id_file = job.extra_env.get("ORCH_RUN_ID_FILE")
+        if not run_id_file:
+            continue
+        tracking = job.experiment.tracking
+        run_id = create_run(tracking, tracking.run_name or job.name, tags={"orch.backend": job.backend},
+                            parent_run_id=tracking.parent_run_id)
+        tmp = run_id_file + ".tmp"
+        Path(tmp).write_text(run_id)
+        os.replace(tmp, run_id_file)
+        update_record(handle.job_id, lambda r, run_id=run_id: setattr(r, "mlflow_run_id", run_id))
 
 
 def plan_jobs(experiments: list[Experiment], backend: str, dry_run: bool) -> Plan:
@@ -180,8 +221,14 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry
     plan = launcher.plan([build_job_spec(exp, backend, write=False) for exp in experiments])
     if dry_run:
         return plan, []
-    plan = launcher.plan([build_job_spec(exp, backend, write=True) for exp in experiments])
-    return plan, launcher.submit(plan)
+    # Local jobs start before their MLflow run exists (the run is created while the worker
+    # imports torch): that keeps `orch submit` within a second of a bare `orch train`.
+    defer = backend == "local"
+    plan = launcher.plan([build_job_spec(exp, backend, write=True, defer_run=defer) for exp in experiments])
+    handles = launcher.submit(plan)
+    if defer:
+        create_deferred_runs(plan, handles)
+    return plan, handles
 
 
 def python_executable() -> str:

@@ -24,6 +24,8 @@ def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = 
 
     experiment = load_experiment(config_path, overrides)
     env = env or DistEnv.detect(os.environ)
+    # For a local job, `orch submit` creates the MLflow run while this process starts; the
+    # MLflow hook waits for its id in $ORCH_RUN_ID_FILE (detection.tracking.wait_for_run_id).
     from detection.train import main as train_main
 
     result = train_main(experiment, env, hooks)

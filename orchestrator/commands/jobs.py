@@ -106,30 +106,9 @@ def _show_one(r: JobRecord) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
 def logs_cmd(job: str, follow: bool) -> None:
     """Print the log of JOB (every rank's output and orch's own lines)."""
-    record = load_record(job)
-    out = sys.stdout.buffer
-    position = 0
-    while True:
-        try:
-            with open(record.log_path, "rb") as handle:
-                handle.seek(position)
-                chunk = handle.read()
-        except FileNotFoundError:
-            chunk = b""
-        if chunk:
-            out.write(chunk)
-            out.flush()
-            position += len(chunk)
-        if not follow:
-            return
-        record = refresh_record(load_record(record.job_id))
-        # Finished and nothing left to read (the last lines may land just after the state).
-        size = os.path.getsize(record.log_path) if os.path.exists(record.log_path) else 0
-        if record.state.finished and size <= position:
-            click.echo(f"[orch] job {record.job_id} {record.state.value}"
-                       + (f" (exit status {record.exit_code})" if record.exit_code is not None else ""), err=True)
-            return
-        time.sleep(0.5)
+    from orchestrator.jobs import follow_log
+
+    follow_log(job, follow=follow)
 
 
 @click.command("cancel")
