@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 ORCH   := $(VENV)/bin/orch
 STAMP  := $(VENV)/.orch-installed
 DATA   ?= data/shapes
-DEMO_TRAIN ?= 400
-DEMO_VAL   ?= 100
+DEMO_TRAIN ?= 1000
+DEMO_VAL   ?= 200
 
 .PHONY: demo test test-fast install clean
 
@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 # Main job on the embedded default: synthetic shapes, demo experiment, local backend, MLflow in
 # ./mlflow.db; prints the final metrics and the `mlflow ui` command.
 demo: $(STAMP)
-	$(ORCH) data shapes --out $(DATA) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --size 160 --seed 0
+	$(ORCH) data shapes --out $(DATA) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
 	$(ORCH) submit experiments/shapes_demo.yaml --backend local --wait
 
 # The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server).

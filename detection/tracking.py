@@ -36,6 +36,8 @@ MAX_PARAM_VALUE = 6000  # MLflow's limit; longer values are cut (the full YAML i
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 FLUSH_EVERY_S = 10.0
+# Params a requeued / restarted job changes on purpose (it resumes from its checkpoint).
+RESTART_PARAMS = frozenset({"runtime.resume", "runtime.load_from"})
 
 
 def resolve_tracking_uri(tracking: Any) -> str:
@@ -300,7 +302,9 @@ class MlflowHook(Hook):
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         existing = self.client.get_run(self.run_id).data.params
         params = flatten_params(self.config)
-        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        # A restart legitimately differs in how it resumes; only other edits deserve a warning.
+        changed = sorted(k for k, v in params.items()
+                         if k in existing and existing[k] != v and k not in RESTART_PARAMS)
         if changed:  # params are immutable in MLflow: a resumed run with edits keeps the old ones
             log.warning("MLflow run %s already has other values for %s; kept the old ones", self.run_id, changed[:5])
         new = [Param(k, v) for k, v in params.items() if k not in existing]

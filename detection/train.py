@@ -129,7 +129,12 @@ def main(config: Any, env: Any, hooks: Sequence[Any] = ()) -> TrainResult:
     entry = get_entry(config.model.type)
     device = _device(runtime, env)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = runtime.threads or max(1, cores // max(1, getattr(env, "local_world_size", 1)))
+    # runtime.threads, else the share the launcher gave this process (OMP_NUM_THREADS, set per
+    # GPU/CPU slice by the local backend), else the cores split between this node's processes.
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = runtime.threads or (int(omp) if omp.isdigit() and int(omp) > 0 else 0) or max(
+        1, cores // max(1, getattr(env, "local_world_size", 1))
+    )
     torch.set_num_threads(threads)
     _seed_everything(runtime, env.rank, device)
     if runtime.amp and device.type != "cuda":
@@ -142,7 +147,10 @@ def main(config: Any, env: Any, hooks: Sequence[Any] = ()) -> TrainResult:
         with_masks = entry.masks
         train_set = build_dataset(config.data.train, config.data, train=True, with_masks=with_masks)
         split = _eval_split(config, config.eval.split)
-        eval_set = build_dataset(split, config.data, train=False, with_masks=with_masks) if split else None
+        # like=train_set: evaluation labels follow the training label map even when the val file
+        # lists its categories in another order.
+        eval_set = (build_dataset(split, config.data, train=False, with_masks=with_masks, like=train_set)
+                    if split else None)
         if eval_set is None:
             log.warning("no data.%s split: training without evaluation", config.eval.split)
 

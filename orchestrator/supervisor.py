@@ -107,17 +107,18 @@ def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.Bounde
             return
         procs = _start(job, devices, port)
         code = _watch(job_id, procs)
+        ended_at = time.time()
         # Free the slice before the bookkeeping, so that the next queued job starts at once.
         for lease in (port_lease, devices):
             if lease is not None:
                 lease.release()
         _wake_waiters()
         if cancel_requested(job_id) or _stopping.is_set():
-            _finish(job_id, JobState.CANCELLED, code, None)
+            _finish(job_id, JobState.CANCELLED, code, None, ended_at)
         elif code == 0:
-            _finish(job_id, JobState.SUCCEEDED, 0, None)
+            _finish(job_id, JobState.SUCCEEDED, 0, None, ended_at)
         else:
-            _finish(job_id, JobState.FAILED, code, _error_line(job_id) or f"exit status {code}")
+            _finish(job_id, JobState.FAILED, code, _error_line(job_id) or f"exit status {code}", ended_at)
     except Exception as err:  # anything here is orch's fault or the machine's: record it
         _say(job_id, f"error: {err}")
         _finish(job_id, JobState.FAILED, None, f"{type(err).__name__}: {err}")
@@ -290,13 +291,16 @@ def _error_line(job_id: str) -> Optional[str]:
     return None
 
 
-def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[str]) -> None:
+def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[str],
+            ended_at: Optional[float] = None) -> None:
+    """Record the end of a job. ``ended_at`` is when its processes ended (taken before its slice
+    was handed on, so that records never show more jobs running than there are slots)."""
     def done(r) -> None:
         if r.state.finished and r.state != JobState.CANCELLED:
             return
         r.state = state if r.state != JobState.CANCELLED else JobState.CANCELLED
         r.exit_code = code if code is not None else r.exit_code
-        r.ended_at = r.ended_at or time.time()
+        r.ended_at = r.ended_at or ended_at or time.time()
         r.error = error or r.error
         r.extra["waiting"] = None
     record = update_record(job_id, done)

@@ -75,7 +75,8 @@ def worker_argv(job: JobSpec) -> list[str]:
 
 def base_env(job: JobSpec) -> dict[str, str]:
     """Variables every process of a job gets (unbuffered output so `orch logs -f` is live)."""
-    return {"PYTHONUNBUFFERED": "1", **job.extra_env}
+    # PASSIVE: spinning OpenMP waiters collapse throughput when parallel jobs share few cores.
+    return {"PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **job.extra_env}
 
 
 def _quote(text: str) -> str:
