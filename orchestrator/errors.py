@@ -10,3 +10,14 @@ from cluster.errors import (  # noqa: F401
     OrchError,
     TrainingError,
 )
+
+__all__ = [
+    "ClusterError",
+    "ConfigError",
+    "DataError",
+    "JobFailed",
+    "JobNotFound",
+    "LaunchError",
+    "OrchError",
+    "TrainingError",
+]

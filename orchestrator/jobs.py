@@ -280,3 +280,34 @@ def follow_log(job: str, follow: bool = True, out=None, poll_s: float = 0.5) -> 
                   file=sys.stderr, flush=True)
             return record
         time.sleep(poll_s)
+
+
+class JobHandle:
+    """A submitted job of any backend, seen through its record: works from any process
+    (``state`` asks the backend through :func:`refresh_record`)."""
+
+    poll_s = 1.0
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+    def record(self) -> JobRecord:
+        """The refreshed record."""
+        return refresh_record(load_record(self.job_id))
+
+    def state(self) -> JobState:
+        """Current state."""
+        return self.record().state
+
+    def wait(self, timeout_s: Optional[float] = None, poll_s: Optional[float] = None) -> JobState:
+        """Poll until the job has finished (or ``timeout_s`` passed); returns the last state."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.state()
+            if state.finished or (deadline is not None and time.monotonic() >= deadline):
+                return state
+            time.sleep(self.poll_s if poll_s is None else poll_s)
+
+    def cancel(self) -> None:
+        """Stop the job (idempotent)."""
+        cancel_job(self.job_id)

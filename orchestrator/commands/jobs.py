@@ -5,7 +5,6 @@ They read the records under ``$ORCH_HOME/jobs`` (see :mod:`orchestrator.jobs`).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Optional

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import click
 
@@ -70,27 +69,12 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
 
 def attach(job_id: str) -> int:
     """Stream the sweep's log until it ends, then print the trial table. Ctrl-C cancels it."""
-    from orchestrator.jobs import cancel_job, load_record, refresh_record
+    from orchestrator.jobs import cancel_job, follow_log
     from orchestrator.launchers.ray import describe_record
     from orchestrator.spec import JobState
 
-    position = 0
     try:
-        while True:
-            record = refresh_record(load_record(job_id))
-            try:
-                with open(record.log_path, "rb") as handle:
-                    handle.seek(position)
-                    chunk = handle.read()
-            except FileNotFoundError:
-                chunk = b""
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                position += len(chunk)
-            elif record.state.finished:
-                break
-            time.sleep(0.5)
+        record = follow_log(job_id)
     except KeyboardInterrupt:
         click.echo(f"\ncancelling sweep {job_id} ...", err=True)
         record = cancel_job(job_id)

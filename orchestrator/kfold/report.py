@@ -33,7 +33,7 @@ def comparison_markdown(points: Sequence[PointSummary], metric: str, mode: str =
     lines = [
         f"### {metric}: mean ± std over {k} folds, out-of-fold, paired comparison with the best",
         "",
-        f"| point | mean ± std | out-of-fold | diff vs best | p (paired t) | per fold |",
+        "| point | mean ± std | out-of-fold | diff vs best | p (paired t) | per fold |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:

@@ -23,12 +23,10 @@ from cluster.errors import ClusterError, LaunchError
 from cluster.gpus import detect_pool, list_device_leases
 from cluster.lease import owner_identity, write_json_atomic
 from orchestrator.jobs import (
-    cancel_job,
+    JobHandle,
     job_dir,
-    load_record,
     log_path,
     new_job_id,
-    refresh_record,
     save_record,
     update_record,
 )
@@ -37,35 +35,10 @@ from orchestrator.spec import JobRecord, JobSpec, JobState, Plan
 LOOPBACK = "127.0.0.1"
 
 
-class LocalHandle:
+class LocalHandle(JobHandle):
     """A submitted local (or torchrun) job, read from its record: works from any process."""
 
-    def __init__(self, job_id: str):
-        self.job_id = job_id
-
-    def record(self) -> JobRecord:
-        """The refreshed record."""
-        return refresh_record(load_record(self.job_id))
-
-    def state(self) -> JobState:
-        """Current state."""
-        return self.record().state
-
-    def wait(self, timeout_s: Optional[float] = None, poll_s: float = 0.2) -> JobState:
-        """Block until the job has finished (or ``timeout_s`` passed); returns the state."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            state = self.state()
-            if state.finished or (deadline is not None and time.monotonic() >= deadline):
-                return state
-            time.sleep(poll_s)
-
-    def cancel(self) -> None:
-        """Stop the job and free its leases (idempotent)."""
-        cancel_job(self.job_id)
-
-    def __repr__(self) -> str:
-        return f"LocalHandle({self.job_id!r})"
+    poll_s = 0.2
 
 
 def worker_argv(job: JobSpec) -> list[str]:

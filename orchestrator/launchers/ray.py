@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from cluster.errors import ConfigError
+from orchestrator.jobs import JobHandle
 from orchestrator.spec import JobRecord, JobSpec, JobState, Plan
 
 CANCEL_GRACE_S = 30.0
@@ -151,35 +152,10 @@ def start_detached(argv: list[str], job_id: str, env: Optional[dict[str, str]] =
     return process.pid
 
 
-class RayHandle:
+class RayHandle(JobHandle):
     """A submitted Ray job (or sweep), seen through its orch record."""
 
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-
-    def record(self) -> JobRecord:
-        """The refreshed record."""
-        from orchestrator import jobs as records
-
-        return refresh_record(records.load_record(self.job_id))
-
-    def state(self) -> JobState:
-        return self.record().state
-
-    def wait(self, timeout_s: Optional[float] = None, poll_s: float = 1.0) -> JobState:
-        """Poll until the job has finished (or ``timeout_s`` passed); returns the last state."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            state = self.state()
-            if state.finished or (deadline is not None and time.monotonic() >= deadline):
-                return state
-            time.sleep(poll_s)
-
-    def cancel(self) -> None:
-        """Cancel the job (idempotent)."""
-        from orchestrator import jobs as records
-
-        records.cancel_job(self.job_id)
+    poll_s = 1.0
 
 
 def refresh_record(record: JobRecord) -> JobRecord:

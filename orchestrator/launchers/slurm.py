@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from cluster.errors import ConfigError, LaunchError
+from orchestrator.jobs import JobHandle
 from orchestrator.spec import JobRecord, JobSpec, JobState, Plan
 
 DEFAULT_TIME_MIN = 24 * 60  # submitit would otherwise ask for 5 minutes
@@ -243,34 +244,10 @@ class SlurmLauncher:
         return handles
 
 
-class SlurmHandle:
+class SlurmHandle(JobHandle):
     """A submitted Slurm job, seen through its orch record."""
 
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-
-    def record(self) -> JobRecord:
-        """The refreshed record."""
-        from orchestrator import jobs as records
-
-        return refresh_record(records.load_record(self.job_id))
-
-    def state(self) -> JobState:
-        return self.record().state
-
-    def wait(self, timeout_s: Optional[float] = None, poll_s: float = 1.0) -> JobState:
-        """Poll until the job has finished (or ``timeout_s`` passed); returns the last state."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            state = self.state()
-            if state.finished or (deadline is not None and time.monotonic() >= deadline):
-                return state
-            time.sleep(poll_s)
-
-    def cancel(self) -> None:
-        from orchestrator import jobs as records
-
-        records.cancel_job(self.job_id)
+    poll_s = 1.0
 
 
 def refresh_record(record: JobRecord) -> JobRecord:

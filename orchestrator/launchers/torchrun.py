@@ -21,7 +21,7 @@ import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from cluster.errors import LaunchError
 from orchestrator.launchers.local import LocalHandle, base_env, format_command, start_supervisor
