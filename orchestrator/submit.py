@@ -221,6 +221,11 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry
     plan = launcher.plan([build_job_spec(exp, backend, write=False) for exp in experiments])
     if dry_run:
         return plan, []
+    # Checks that look at the live system (free GPUs, a reachable cluster) also come before any
+    # file or MLflow run exists.
+    preflight = getattr(launcher, "preflight", None)
+    if preflight is not None:
+        preflight(plan)
     # Local jobs start before their MLflow run exists (the run is created while the worker
     # imports torch): that keeps `orch submit` within a second of a bare `orch train`.
     defer = backend == "local"

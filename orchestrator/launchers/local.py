@@ -129,6 +129,11 @@ class LocalLauncher:
                    "cpu_slots": local.cpu_slots if local else None, "jobs": entries}
         return Plan(backend=self.name, jobs=tuple(jobs), text="\n".join(lines) + "\n", payload=payload)
 
+    def preflight(self, plan: Plan) -> None:
+        """Fail before anything is written when a job can never fit on this node (or, with
+        ``--no-wait``, cannot start now)."""
+        _check_capacity(plan)
+
     def submit(self, plan: Plan) -> list[LocalHandle]:
         """Write the records and start the detached supervisor; returns one handle per job
         (in the order of ``plan.jobs``) without waiting."""

@@ -75,3 +75,15 @@ def test_mixed_backends_refused(exp_file, tmp_path):
     other.write_text(exp_file.read_text() + "resources: {backend: ray}\n")
     with pytest.raises(ConfigError, match="different backends"):
         submit([str(exp_file), str(other)], (), SubmitFlags(), dry_run=True)
+
+
+def test_impossible_local_request_writes_nothing(exp_file, tmp_path, monkeypatch):
+    from cluster.errors import ClusterError
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCH_CPU_SLOTS", "2")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ClusterError, match="asks for 64"):
+        submit([str(exp_file)], (), SubmitFlags(backend="local", gpus=64))
+    assert not (tmp_path / "work").exists()
+    assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())
