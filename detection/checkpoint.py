@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.errors import ConfigError
+from detection.models import not_a_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,14 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"checkpoint {path!r} does not exist; check runtime.resume / --checkpoint") from None
+    except IsADirectoryError:
+        raise ConfigError(f"checkpoint {path!r} is a directory, not a file; give a .pth file in it") from None
     except Exception as err:  # noqa: BLE001 - a corrupt or foreign file is the user's input
-        raise ConfigError(f"checkpoint {path!r} cannot be read ({type(err).__name__}: {err})") from None
+        raise ConfigError(f"{not_a_checkpoint(path, err)}; check runtime.resume / --checkpoint") from None
+
+
+# What Checkpointer.state writes and Checkpointer.resume needs; a plain state dict lacks them.
+RESUME_KEYS = ("model", "optimizer", "iter", "max_iters", "world_size", "rng")
 
 
 def _gather(obj: Any) -> list[Any]:
@@ -116,6 +123,20 @@ def _gather(obj: Any) -> list[Any]:
         dist.all_gather_object(out, obj)
         return out
     return [obj]
+
+
+def _state_difference(own: dict[str, Any], saved: Any) -> Optional[str]:
+    """The first way ``saved`` (a checkpoint's model state) does not fit ``own``, or None."""
+    if not isinstance(saved, dict):
+        return "its 'model' entry is not a state dict"
+    for key, value in own.items():
+        if key not in saved:
+            return f"{key!r} missing from the checkpoint"
+        shape = getattr(saved[key], "shape", None)
+        if shape is not None and tuple(shape) != tuple(value.shape):
+            return f"{key!r} is {list(shape)} in the checkpoint, {list(value.shape)} in this model"
+    extra = next((key for key in saved if key not in own), None)
+    return f"{extra!r} is not in this model" if extra is not None else None
 
 
 class Checkpointer:
@@ -227,6 +248,8 @@ class Checkpointer:
             if not os.path.isfile(path):
                 raise ConfigError(f"{pointer} names {path}, which is missing; pass runtime.resume=PATH")
             return path
+        if os.path.isdir(spec):
+            raise ConfigError(f"runtime.resume: {spec!r} is a directory, not a file; give a .pth file or 'auto'")
         if not os.path.isfile(spec):
             raise ConfigError(f"runtime.resume: checkpoint {spec!r} does not exist; give a file or 'auto'")
         return spec
@@ -235,8 +258,25 @@ class Checkpointer:
         """Restore ``trainer`` from ``path``. On another world size the position is carried over
         as the same fraction of training, the LR rule is re-applied and the RNG reseeded."""
         state = load_checkpoint(path)
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
+        if missing:
+            raise ConfigError(
+                f"runtime.resume: {path} is not an orch training checkpoint (no {', '.join(missing)}); "
+                "to start from its weights use runtime.load_from (or model.weights) instead"
+            )
+        try:
+            # Compared first: torch's own size-mismatch error is a multi-line list of every tensor.
+            difference = _state_difference(trainer.model.state_dict(), state["model"])
+            if difference is None:
+                trainer.model.load_state_dict(state["model"])
+                trainer.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError, AttributeError) as err:
+            difference = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if difference is not None:
+            raise ConfigError(
+                f"runtime.resume: {path} belongs to another model.type or class count ({difference}); "
+                "use runtime.load_from for weights of another model, or a fresh runtime.output_dir"
+            )
         if trainer.scaler is not None and state.get("scaler"):
             trainer.scaler.load_state_dict(state["scaler"])
         self.best = dict(state.get("best") or {})

@@ -196,21 +196,63 @@ def _check_options(builder: Callable, options: dict[str, Any], model_type: str) 
 _ENUM_NAME = re.compile(r"^(DEFAULT|[A-Z0-9_]+_V\d+|[A-Za-z0-9_]+_Weights\.[A-Z0-9_]+)$")
 
 
-def check_local_weights(value: str | None, key: str) -> str | None:
-    """Return ``value`` if it names an existing local file; refuse URLs, torchvision weight enum
-    names and missing files with a :class:`ConfigError` saying how to fix it."""
+def download_refusal(value: str | None) -> str | None:
+    """Why weights ``value`` would need a download (a URL or a torchvision weights enum name
+    such as ``DEFAULT``/``IMAGENET1K_V1``), or None. String shape only: configs are often checked
+    on a login node where the weight files are not, so file existence is left to the worker."""
     if not value:
         return None
     text = str(value)
-    if "://" in text or (_ENUM_NAME.match(text) and not os.path.exists(text)):
-        raise ConfigError(
-            f"{key}={text!r} would need a download, which orch never does; download the file "
-            "yourself (e.g. torch.hub.load_state_dict_from_url on a machine with internet) and "
-            f"set {key} to its local path"
-        )
+    if "://" in text:
+        what = "a URL"
+    elif _ENUM_NAME.match(text):
+        what = "a torchvision weights name"
+    else:
+        return None
+    return (
+        f"{text!r} is {what}; orch never downloads; give a local file path (download it "
+        "yourself, e.g. torch.hub.load_state_dict_from_url on a machine with internet)"
+    )
+
+
+def check_local_weights(value: str | None, key: str) -> str | None:
+    """Return ``value`` if it names an existing local file; refuse URLs, torchvision weight enum
+    names, directories and missing files with a :class:`ConfigError` saying how to fix it."""
+    if not value:
+        return None
+    text = str(value)
+    # A local file that happens to be named like an enum (e.g. ./DEFAULT) is still accepted here.
+    refusal = None if os.path.exists(text) and "://" not in text else download_refusal(text)
+    if refusal:
+        raise ConfigError(f"{key}: {refusal}")
+    if os.path.isdir(text):
+        raise ConfigError(f"{key}: {text!r} is a directory, not a file; give the path of a .pth file in it")
     if not os.path.isfile(text):
         raise ConfigError(f"{key}: file {text!r} does not exist; give the path of a local .pth file")
     return text
+
+
+def not_a_checkpoint(path: str, err: BaseException) -> str:
+    """One line ``"<path> is not a PyTorch checkpoint (<short reason>)"`` for a ``torch.load``
+    failure; torch's own message spans several lines (the ``weights_only`` notice)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        head = b""
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (0x80 protocol).
+    if not head:
+        reason = "the file is empty"
+    elif not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+        reason = "it is a text file, not a torch.save file" if text else "it is not a torch.save file"
+    else:
+        message = str(err)
+        if "WeightsUnpickler error:" in message:  # holds objects weights_only loading refuses
+            message = message.split("WeightsUnpickler error:", 1)[1]
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        reason = f"{type(err).__name__}: {lines[0] if lines else 'unreadable'}"
+    return f"{path} is not a PyTorch checkpoint ({reason})"
 
 
 def read_state_dict(path: str, key: str) -> dict:
@@ -221,7 +263,7 @@ def read_state_dict(path: str, key: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is the user's file
-        raise ConfigError(f"{key}: cannot read {path!r} as a torch state dict ({err})") from None
+        raise ConfigError(f"{key}: {not_a_checkpoint(path, err)}; give a file written by torch.save") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):

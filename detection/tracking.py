@@ -94,6 +94,18 @@ def create_run(tracking: Any, name: str, tags: Optional[dict[str, str]] = None, 
     return run.info.run_id
 
 
+def end_run_if_running(uri: str, run_id: str, status: str = "FAILED") -> bool:
+    """Close a run its job left RUNNING (the job failed before its MLflow hook could, or was
+    killed). Returns True when the run was closed here."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, status=status)
+    return True
+
+
 def wait_for_run_id(path: str, timeout_s: float = 600.0) -> str:
     """The run id a launcher writes to ``path`` once it has created the run (it does so while the
     training process starts, so that creating the run costs no start-up time)."""
@@ -276,14 +288,15 @@ class MlflowHook(Hook):
     def _start(self, trainer: Any) -> None:
         from mlflow.entities import Param, RunTag
 
+        # The run orch created at submit time, else the one a resumed checkpoint belonged to, else
+        # the one the launcher is creating while this process starts ($ORCH_RUN_ID_FILE: wait for
+        # it before opening the store, which the launcher may still be initialising).
+        run_id = self.tracking.run_id or trainer.run_id
+        if not run_id and os.environ.get("ORCH_RUN_ID_FILE"):
+            run_id = wait_for_run_id(os.environ["ORCH_RUN_ID_FILE"])
         self.client = _client(self.tracking)
-        # The run orch created at submit time, else the one a resumed checkpoint belonged to.
-        if self.tracking.run_id or trainer.run_id:
-            self.run_id = self.tracking.run_id or trainer.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        elif os.environ.get("ORCH_RUN_ID_FILE"):
-            # The launcher creates the run while this process builds the model (ORCH_RUN_ID_FILE).
-            self.run_id = wait_for_run_id(os.environ["ORCH_RUN_ID_FILE"])
+        if run_id:
+            self.run_id = run_id
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = create_run(self.tracking, self.config.name, parent_run_id=self.tracking.parent_run_id)

@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("orch: aborted", err=True)
         return 130
     except click.ClickException as err:
-        err.show()
+        # One line, like every other error: what was wrong, and where the help is.
+        command = getattr(getattr(err, "ctx", None), "command_path", None) or "orch"
+        hint = f" (see {command} --help)" if isinstance(err, click.UsageError) else ""
+        click.echo(f"orch: error: {err.format_message()}{hint}", err=True)
         return 2 if err.exit_code == 2 or isinstance(err, click.UsageError) else err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code

@@ -190,7 +190,13 @@ def create_deferred_runs(plan: Plan, handles: list) -> None:
         tmp = run_id_file + ".tmp"
         Path(tmp).write_text(run_id)
         os.replace(tmp, run_id_file)
-        update_record(handle.job_id, lambda r, run_id=run_id: setattr(r, "mlflow_run_id", run_id))
+        record = update_record(handle.job_id, lambda r, run_id=run_id: setattr(r, "mlflow_run_id", run_id))
+        if record.state.finished:
+            # The job ended before its run existed (e.g. bad input found by the worker at once):
+            # the supervisor could not close the run, so close it here.
+            from orchestrator.supervisor import close_mlflow_run
+
+            close_mlflow_run(record)
 
 
 def plan_jobs(experiments: list[Experiment], backend: str, dry_run: bool) -> Plan:

@@ -305,6 +305,22 @@ def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[s
         r.extra["waiting"] = None
     record = update_record(job_id, done)
     _say(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
+    close_mlflow_run(record)
+
+
+def close_mlflow_run(record) -> None:
+    """A job that failed before its MLflow hook started (bad input found in the worker), or that
+    was killed, must not leave its run RUNNING forever."""
+    if record.state == JobState.SUCCEEDED or not (record.mlflow_run_id and record.tracking_uri):
+        return
+    try:
+        from detection.tracking import end_run_if_running
+
+        status = "KILLED" if record.state == JobState.CANCELLED else "FAILED"
+        if end_run_if_running(record.tracking_uri, record.mlflow_run_id, status):
+            _say(record.job_id, f"MLflow run {record.mlflow_run_id} marked {status}")
+    except Exception as err:  # the tracking server may be gone; the job's own state is recorded
+        _say(record.job_id, f"could not close MLflow run {record.mlflow_run_id}: {err}")
 
 
 if __name__ == "__main__":

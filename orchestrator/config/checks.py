@@ -5,10 +5,12 @@ Each error names the file that set the offending key, the key and how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any
 
 from cluster.errors import ConfigError
+from detection.models import MODELS, RESNET_BACKBONES, download_refusal  # torch-free table
 from orchestrator.config.schema import Experiment
 from orchestrator.config.validate import Context, is_schema_path
 
@@ -59,8 +61,34 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
     if "{" in exp.runtime.output_dir.replace("{name}", ""):
         raise ctx.error("runtime.output_dir", "may only contain the placeholder {name}, got "
                         f"{exp.runtime.output_dir!r}")
+    _check_model(exp, ctx)
     _check_resources(exp, ctx)
     _check_searches(exp, ctx)
+
+
+def _check_model(exp: Experiment, ctx: Context) -> None:
+    """The model rules the worker would otherwise find only after a job starts (string shape only:
+    weight files usually exist on the compute nodes, not where the config is resolved)."""
+    model = exp.model
+    entry = MODELS.get(model.type)
+    if entry is None:
+        close = difflib.get_close_matches(model.type, list(MODELS), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ctx.error("model.type", f"{model.type!r} is not a known detector{hint}; valid: {', '.join(MODELS)}")
+    takers = [name for name, row in MODELS.items() if row.takes_backbone]
+    if model.backbone is not None and not entry.takes_backbone:
+        raise ctx.error("model.backbone", f"is only used by model.type {' / '.join(takers)}, not "
+                        f"{model.type!r}; remove it")
+    # None is left to the worker: a grid or sweep may still supply the backbone.
+    if model.backbone is not None and model.backbone not in RESNET_BACKBONES:
+        close = difflib.get_close_matches(model.backbone, RESNET_BACKBONES, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ctx.error("model.backbone", f"{model.backbone!r} is not valid for model.type {model.type}{hint}; "
+                        f"valid: {', '.join(RESNET_BACKBONES)}")
+    for path in ("model.weights", "model.backbone_weights", "runtime.load_from"):
+        refusal = download_refusal(_get(exp, path))
+        if refusal:
+            raise ctx.error(path, refusal)
 
 
 def _check_schedule(exp: Experiment, ctx: Context) -> None:

@@ -19,11 +19,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from cluster.errors import DataError, JobFailed, JobNotFound
 from orchestrator.config.schema import Experiment, KFoldConfig, Resources
 from orchestrator.kfold.split import file_sha256
+
+if TYPE_CHECKING:
+    from orchestrator.submit import SubmitFlags
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions_val.json"
@@ -116,7 +119,8 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
 
 def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] = None, backend: Optional[str] = None,
               gpus: Optional[int] = None, max_parallel: Optional[int] = None, dry_run: bool = False,
-              echo: Callable[[str], None] = print, poll_s: float = 1.0) -> KFoldOutcome:
+              echo: Callable[[str], None] = print, poll_s: float = 1.0,
+              flags: Optional["SubmitFlags"] = None) -> KFoldOutcome:
     """Run (or resume) the k-fold set of the experiment file ``path``; see the module docstring."""
     from orchestrator.config import load_experiment, output_dir_of, with_overrides
     from orchestrator.kfold.expand import expand
@@ -126,8 +130,9 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     extra: dict[str, Any] = {"kfold.folds": folds}
     if max_parallel is not None:  # also the width of a Slurm job array
         extra["resources.slurm.array_parallelism"] = max_parallel
-    flags = SubmitFlags(backend=backend, gpus=gpus, max_parallel=max_parallel,
-                        extra={k: v for k, v in extra.items() if v is not None})
+    # Backend flags shared with `orch submit` (--partition, --address, ...) come in `flags`.
+    flags = dataclasses.replace(flags or SubmitFlags(), backend=backend, gpus=gpus, max_parallel=max_parallel,
+                                extra={k: v for k, v in extra.items() if v is not None})
     exp = load_experiment(path, overrides, extra=flags.as_overrides())
     kcfg = exp.kfold or KFoldConfig()
     backend = choose_backend(exp, backend)
@@ -149,11 +154,15 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     pending = [t for t in trials if t.name not in done and t.name not in attached]
     launcher = get_launcher(backend)
     # Plan from unwritten specs first: a bad option fails here, before any run or file exists.
+    # Nothing pending (a finished set resumed) plans nothing: Slurm refuses an empty plan.
     plan = launcher.plan([dataclasses.replace(build_job_spec(t.experiment, backend, write=False),
-                                              name=f"{exp.name}/{t.name}") for t in pending])
+                                              name=f"{exp.name}/{t.name}") for t in pending]) if pending else "nothing"
     if dry_run:
         echo(f"{len(trials)} trials, {len(done)} already finished; would run:\n{plan}")
         return KFoldOutcome(set_id, set_dir, None, [t.name for t in pending], sorted(done))
+    preflight = getattr(launcher, "preflight", None)
+    if pending and preflight is not None:  # live checks (free slots, reachable cluster) before any run exists
+        preflight(plan)
 
     from orchestrator.kfold import tracking
 

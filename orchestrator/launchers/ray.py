@@ -14,17 +14,54 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from cluster.errors import ConfigError
+from cluster.errors import ConfigError, LaunchError
 from orchestrator.jobs import JobHandle
 from orchestrator.spec import JobRecord, JobSpec, JobState, Plan
 
 CANCEL_GRACE_S = 30.0
+CONNECT_TIMEOUT_S = 3.0
+
+
+def ray_temp_dir() -> str:
+    """Ray's default temp folder, found the way Ray finds it (RAY_TMPDIR, TMPDIR, /tmp) + ``/ray``."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray")
+
+
+def resolve_auto() -> Optional[str]:
+    """The cluster ``auto`` means, as Ray resolves it without importing Ray: RAY_ADDRESS, else the
+    address the last ``ray start`` on this machine wrote to ``<temp>/ray_current_cluster``."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env and env != "auto":
+        return env
+    with contextlib.suppress(OSError):
+        return Path(ray_temp_dir(), "ray_current_cluster").read_text().strip() or None
+    return None
+
+
+def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """LaunchError unless something accepts a TCP connection at ``address`` (``HOST:PORT`` or
+    ``ray://HOST:PORT``); other schemes are left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in target:
+        return
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise LaunchError(f"resources.ray.address={address!r} is not HOST:PORT; give e.g. 10.0.0.5:6379, "
+                          "ray://HOST:10001 or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        raise LaunchError(f"no Ray cluster answers at {target} (start one with `ray start --head`, or leave "
+                          "resources.ray.address empty for a private local Ray)") from None
 
 
 def job_payload(job: JobSpec) -> dict[str, Any]:
@@ -107,10 +144,24 @@ class RayLauncher:
         text = "\n\n".join(describe(p) for p in payloads) + "\n"
         return Plan(backend=self.name, jobs=tuple(jobs), text=text, payload={"jobs": payloads})
 
+    def preflight(self, plan: Plan) -> None:
+        """Fail before any record or MLflow run exists when the named cluster does not answer
+        (otherwise the detached driver would retry for minutes behind a successful submit)."""
+        for address in dict.fromkeys(p["address"] for p in plan.payload["jobs"] if p["address"]):
+            if address == "auto":
+                found = resolve_auto()
+                if not found:
+                    raise LaunchError("resources.ray.address=auto but no Ray cluster runs here (no RAY_ADDRESS, no "
+                                      f"{ray_temp_dir()}/ray_current_cluster); start one with `ray start --head`, or "
+                                      "leave resources.ray.address empty for a private local Ray")
+                address = found
+            check_address(address)
+
     def submit(self, plan: Plan) -> list["RayHandle"]:
         """Start one detached driver per job; returns at once with one handle per job."""
         from orchestrator import jobs as records
 
+        self.preflight(plan)  # callers that skip orchestrator.submit (k-fold) still get the check
         handles = []
         for job, payload in zip(plan.jobs, plan.payload["jobs"]):
             job_id = records.new_job_id(job.name)

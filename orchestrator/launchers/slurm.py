@@ -198,6 +198,12 @@ class SlurmLauncher:
             texts.append(text)
         return Plan(backend=self.name, jobs=tuple(jobs), text="\n".join(texts), payload={"groups": payload_groups})
 
+    def preflight(self, plan: Plan) -> None:
+        """Fail before any file or MLflow run exists when no Slurm controller answers."""
+        if not slurm_reachable():
+            raise LaunchError("Slurm is not reachable (sinfo failed); check SLURM_CONF and that slurmctld runs, "
+                              "start the local cluster (python scripts/local_slurm.py up), or use another --backend")
+
     def submit(self, plan: Plan) -> list["SlurmHandle"]:
         """sbatch every group; returns at once with one handle (and record) per job."""
         import submitit
@@ -205,9 +211,7 @@ class SlurmLauncher:
         from orchestrator import jobs as records
         from orchestrator.launchers.slurm_job import SlurmTrainJob
 
-        if not slurm_reachable():
-            raise LaunchError("Slurm does not answer (sinfo failed); check SLURM_CONF and that slurmctld runs, "
-                              "or start the local cluster: python scripts/local_slurm.py up")
+        self.preflight(plan)  # callers that skip orchestrator.submit (k-fold) still get the check
         handles: list[SlurmHandle] = [None] * len(plan.jobs)  # type: ignore[list-item]
         for group in plan.payload["groups"]:
             members = [plan.jobs[i] for i in group["jobs"]]

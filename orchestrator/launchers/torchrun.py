@@ -145,12 +145,17 @@ class TorchrunLauncher:
         entry = {"slots": slots, "commands": commands, "port": port, "runnable": bool(commands)}
         return "\n".join(lines) + "\n", entry
 
-    def submit(self, plan: Plan) -> list[LocalHandle]:
-        """Start the planned torchrun agents under a detached supervisor; returns at once."""
+    def preflight(self, plan: Plan) -> None:
+        """Refuse, before any file or MLflow run exists, a job that spans several nodes with no way
+        to start them (``plan`` keeps it, so that ``--dry-run`` prints the per-node lines)."""
         for entry in plan.payload["jobs"]:
             if not entry["runnable"]:
                 raise LaunchError(
                     f"job {plan.jobs[entry['index']].name} spans several nodes: give --hosts h1,h2,... to start them "
                     "over ssh, or start each node with --node-rank i --master-addr H (orch submit --dry-run prints the lines)"
                 )
+
+    def submit(self, plan: Plan) -> list[LocalHandle]:
+        """Start the planned torchrun agents under a detached supervisor; returns at once."""
+        self.preflight(plan)  # also when called without orchestrator.submit
         return start_supervisor(plan)

@@ -113,8 +113,8 @@ def test_stale_temporary_files_are_removed_on_start(tmp_path):
     assert not list(folder.glob(".tmp-*"))
 
 
-def _fake_trainer(world_size=1, iteration=0, max_iters=10):
-    model = torch.nn.Linear(2, 1)
+def _fake_trainer(world_size=1, iteration=0, max_iters=10, model=None):
+    model = model if model is not None else torch.nn.Linear(2, 1)
     optim = torch.optim.SGD(model.parameters(), lr=0.1)
     return SimpleNamespace(
         model=model, optimizer=optim, scaler=None, iter=iteration, iters_per_epoch=5, max_iters=max_iters,
@@ -155,9 +155,41 @@ def test_resume_errors_and_auto_without_checkpoint(tmp_path):
     assert ckpt.find_resume("auto") is None and ckpt.find_resume(None) is None
     with pytest.raises(ConfigError, match="does not exist"):
         ckpt.find_resume(str(tmp_path / "missing.pth"))
-    (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot be read"):
-        load_checkpoint(str(tmp_path / "junk.pth"))
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        ckpt.find_resume(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", ["not a checkpoint\n", '{"model": {}, "iter": 3}\n'])
+def test_a_text_or_json_checkpoint_is_one_line(tmp_path, content):
+    path = tmp_path / "junk.pth"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path} is not a PyTorch checkpoint (it is a text file")
+    assert "\n" not in message and "weights_only" not in message
+
+
+def test_resume_from_a_torch_file_without_orch_keys_says_use_load_from(tmp_path):
+    path = tmp_path / "plain.pth"
+    torch.save({"a": 1}, path)
+    with pytest.raises(ConfigError, match=r"not an orch training checkpoint \(no model, optimizer") as err:
+        Checkpointer(str(tmp_path), CheckpointConfig()).resume(_fake_trainer(), str(path))
+    assert str(path) in str(err.value) and "runtime.load_from" in str(err.value)
+
+
+@pytest.mark.parametrize("other, detail", [
+    (torch.nn.Linear(2, 3), r"'weight' is \[1, 2\] in the checkpoint, \[3, 2\] in this model"),  # class count
+    (torch.nn.Sequential(torch.nn.Linear(2, 1)), "'0.weight' missing from the checkpoint"),  # model type
+])
+def test_resume_into_another_model_is_one_line(tmp_path, other, detail):
+    path = Checkpointer(str(tmp_path), CheckpointConfig()).save(_fake_trainer(iteration=3))
+    target = _fake_trainer(model=other)
+    with pytest.raises(ConfigError, match=detail) as err:
+        Checkpointer(str(tmp_path), CheckpointConfig()).resume(target, path)
+    message = str(err.value)
+    assert f"runtime.resume: {path} belongs to another model.type or class count" in message
+    assert "runtime.load_from" in message and "\n" not in message
 
 
 def test_resume_on_another_world_size_keeps_progress_and_says_so(tmp_path, caplog):

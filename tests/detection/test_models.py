@@ -100,7 +100,26 @@ def test_ssd300_refuses_inputs_too_small_for_its_feature_maps():
 def test_weights_that_need_a_download_are_refused(key, value):
     with pytest.raises(ConfigError, match="download") as err:
         build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large", **{key: value}), 3, TINY)
-    assert f"model.{key}" in str(err.value) and "local path" in str(err.value)
+    assert f"model.{key}" in str(err.value) and "orch never downloads; give a local file path" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["weights", "backbone_weights"])
+def test_a_directory_as_weights_is_named_a_directory(key, tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a file") as err:
+        build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large", **{key: str(tmp_path)}), 3, TINY)
+    assert f"model.{key}" in str(err.value)
+
+
+@pytest.mark.parametrize("content", ["just some notes\n", '{"model": {"a": 1}}\n', ""])
+def test_a_text_or_json_file_as_weights_is_one_line(content, tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large", weights=str(path)), 3, TINY)
+    message = str(err.value)
+    assert message.startswith(f"model.weights: {path} is not a PyTorch checkpoint (")
+    assert "\n" not in message and "weights_only" not in message
 
 
 def test_missing_weight_file_is_refused(tmp_path):

@@ -144,6 +144,35 @@ def test_cross_field_rules(mapping, parts):
     check_error(mapping, "exp.yaml", *parts)
 
 
+@pytest.mark.parametrize(
+    "mapping, parts",
+    [
+        ({"model": {"type": "fasterrcnn_resnet50"}},
+         ["model.type", "'fasterrcnn_resnet50' is not a known detector", "did you mean 'fasterrcnn_resnet50_fpn'?",
+          "valid: fasterrcnn_resnet50_fpn,", "ssdlite320_mobilenet_v3_large"]),
+        ({"model": {"type": "retinanet_resnet50_fpn", "backbone": "resnet18"}},
+         ["model.backbone", "only used by model.type fasterrcnn", "remove it"]),
+        ({"model": {"type": "fasterrcnn", "backbone": "resnet19"}},
+         ["model.backbone", "did you mean 'resnet18'?", "valid: resnet18, resnet34, resnet50"]),
+        ({"model": {"weights": "https://download.pytorch.org/models/x.pth"}}, ["model.weights", "is a URL"]),
+        ({"model": {"weights": "DEFAULT"}}, ["model.weights", "torchvision weights name"]),
+        ({"model": {"backbone_weights": "IMAGENET1K_V1"}}, ["model.backbone_weights", "torchvision weights name"]),
+        ({"runtime": {"load_from": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}}, ["runtime.load_from"]),
+    ],
+)
+def test_model_rules_are_checked_before_any_job_starts(mapping, parts):
+    message = check_error(mapping, "exp.yaml", *parts)
+    if "weights" in message or "load_from" in message:
+        assert "orch never downloads; give a local file path" in message
+
+
+def test_weight_files_are_not_required_to_exist_at_config_time():
+    # Configs are resolved on login nodes; the files may exist only on the compute nodes.
+    exp = build_experiment({"model": {"type": "fasterrcnn", "backbone": "resnet50",
+                                      "weights": "/nowhere/detector.pth", "backbone_weights": "/nowhere/r50.pth"}})
+    assert exp.model.weights == "/nowhere/detector.pth"
+
+
 def test_valid_resource_shapes():
     for resources in ({"gpus": 16, "gpus_per_node": 8}, {"gpus": 16, "nodes": 2},
                       {"gpus": 16, "gpus_per_node": 8, "nodes": 2}, {"gpus": 3}, {"time": "1-12:00:00"},

@@ -84,16 +84,31 @@ def test_parallel_ddp_jobs_get_distinct_ports(make_experiment, tmp_path, monkeyp
 
 
 def test_failing_job_records_failed(make_experiment, tmp_path, shapes_data):
-    ann = tmp_path / "ann.json"
-    ann.write_bytes((shapes_data / "annotations" / "instances_train.json").read_bytes())
+    ann = tmp_path / "ann.json"  # never written: only the worker finds out
     paths = experiments(make_experiment, tmp_path, ["bad"], **{"data.train.ann_file": str(ann)})
     _, handles = submit(paths, (), SubmitFlags(backend="local"))
-    ann.unlink()  # the worker will not find it
     assert handles[0].wait(TIMEOUT_S) == JobState.FAILED
     record = jobs.load_record(handles[0].job_id)
     assert record.exit_code not in (None, 0)
     assert record.error and "ann.json" in Path(record.log_path).read_text()
     assert list_device_leases("cpu") == []
+    assert _run_status(record) == "FAILED"  # not left RUNNING by a worker that never logged
+
+
+def _run_status(record) -> str:
+    """The MLflow status of the job's run, once orch has closed it (the submitter or the
+    supervisor closes it, whichever learns of the end last)."""
+    from mlflow.tracking import MlflowClient
+
+    deadline = time.monotonic() + 60
+    while True:
+        record = jobs.load_record(record.job_id)
+        if record.mlflow_run_id:
+            status = MlflowClient(record.tracking_uri).get_run(record.mlflow_run_id).info.status
+            if status != "RUNNING" or time.monotonic() > deadline:
+                return status
+        assert time.monotonic() < deadline, "the job's MLflow run was never recorded"
+        time.sleep(0.2)
 
 
 def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, capsys):
@@ -107,6 +122,7 @@ def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, cap
     assert len(list_device_leases("cpu")) == 1
     assert cli(["cancel", record.job_id]) == 0
     assert handles[0].wait(60) == JobState.CANCELLED
+    assert _run_status(jobs.load_record(record.job_id)) == "KILLED"
     for pid in record.extra["pids"]:
         assert not jobs._group_alive(pid)
     deadline = time.monotonic() + 30

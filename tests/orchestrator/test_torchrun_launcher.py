@@ -59,13 +59,24 @@ def test_dry_run_text(tiny_experiment, tmp_path, name, resources):
 
 def test_plan_errors(tiny_experiment):
     with pytest.raises(LaunchError, match="--hosts h1,h2"):
-        TorchrunLauncher().submit(dry_plan(tiny_experiment, gpus=16, nodes=2, gpus_per_node=8))
+        TorchrunLauncher().preflight(dry_plan(tiny_experiment, gpus=16, nodes=2, gpus_per_node=8))
     with pytest.raises(LaunchError, match="rdzv_port"):
         dry_plan(tiny_experiment, gpus=2, nodes=2, gpus_per_node=1, **{"torchrun.node_rank": 1})
     with pytest.raises(LaunchError, match="--hosts names 3 hosts but --nodes is 2"):
         dry_plan(tiny_experiment, gpus=2, nodes=2, gpus_per_node=1, **{"torchrun.hosts": ["a", "b", "c"]})
     with pytest.raises(LaunchError, match="remote nodes cannot reach the master"):
         dry_plan(tiny_experiment, gpus=2, nodes=2, gpus_per_node=1, **{"torchrun.hosts": ["localhost", "gpu02"]})
+
+
+def test_several_nodes_without_hosts_refused_before_anything_is_written(tiny_experiment, tmp_path):
+    # --dry-run still prints the per-node lines; the real submit refuses in preflight, before
+    # config.yaml or an MLflow run exists.
+    flags = SubmitFlags(backend="torchrun", gpus=16, nodes=2, gpus_per_node=8)
+    plan, handles = submit([str(tiny_experiment)], (), flags, dry_run=True)
+    assert handles == [] and "# node 1:" in plan.text
+    with pytest.raises(LaunchError, match="spans several nodes: give --hosts"):
+        submit([str(tiny_experiment)], (), flags)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
 
 
 def one_mlflow_run_with_world_size_2(record):

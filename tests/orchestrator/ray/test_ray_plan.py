@@ -109,3 +109,59 @@ def test_local_head_command_uses_run_time_ports():
     assert argv[1:5] == ["start", "--head", "--block", "--node-ip-address=127.0.0.1"]
     assert "--port=1001" in argv and "--runtime-env-agent-port=1007" in argv
     assert "--include-dashboard=false" in argv and "--num-cpus=2" in argv and "--temp-dir=/tmp/orch-ray-x" in argv
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # bound, then closed: nothing listens there afterwards
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_preflight_refuses_an_address_where_nothing_listens(tiny_experiment, tmp_path, monkeypatch):
+    from cluster.errors import LaunchError
+    from orchestrator.submit import SubmitFlags, submit
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    port = _free_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        plan = _plan(tiny_experiment, **{"resources.ray.address": address})
+        with pytest.raises(LaunchError, match=f"no Ray cluster answers at 127.0.0.1:{port} .*ray start --head"):
+            get_launcher("ray").preflight(plan)
+    # Through `orch submit`: refused before config.yaml, a record or an MLflow run exists.
+    with pytest.raises(LaunchError, match="no Ray cluster answers"):
+        submit([str(tiny_experiment)], (), SubmitFlags(backend="ray", address=f"127.0.0.1:{port}"))
+    assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
+
+
+def test_preflight_passes_when_something_listens(tiny_experiment):
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        port = server.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            get_launcher("ray").preflight(_plan(tiny_experiment, **{"resources.ray.address": address}))
+
+
+def test_preflight_auto_needs_a_local_cluster(tiny_experiment, tmp_path, monkeypatch):
+    import socket
+
+    from cluster.errors import LaunchError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's own variable: <RAY_TMPDIR>/ray/ray_current_cluster
+    plan = _plan(tiny_experiment, **{"resources.ray.address": "auto"})
+    with pytest.raises(LaunchError, match="address=auto but no Ray cluster runs here"):
+        get_launcher("ray").preflight(plan)
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}\n")
+    with pytest.raises(LaunchError, match="no Ray cluster answers"):  # a stale file of a dead head
+        get_launcher("ray").preflight(plan)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{server.getsockname()[1]}")  # wins over the file
+        get_launcher("ray").preflight(plan)

@@ -207,7 +207,7 @@ def test_status_without_accounting(slurm_cluster, write_experiment, module_orch_
     assert done.record().exit_code == 0 and done.record().extra["state_source"] == "scontrol"
     # Slurm's own word on the cancelled job, not orch's record of having cancelled it.
     native = cancelled.record().native_id
-    status = wait_for(lambda: (s := slurm_state.query(native)).state.finished and s, 30, "the cancel to land")
+    status = wait_for(lambda: (s := slurm_state.query(native)).state.finished and s, 120, "the cancel to land")
     assert status.state is JobState.CANCELLED and status.source == "scontrol"
     capsys.readouterr()
     assert main(["status", done.job_id]) == 0

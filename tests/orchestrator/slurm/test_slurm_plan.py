@@ -142,3 +142,19 @@ def test_exit_codes():
     assert parse_exit_code("1:0") == 1
     assert parse_exit_code("0:15") == -15
     assert parse_exit_code("n/a") is None
+
+
+def test_unreachable_slurm_refuses_before_anything_is_written(tiny_experiment, tmp_path, monkeypatch):
+    # No sinfo on PATH: Slurm cannot answer. The refusal must come from preflight, before
+    # build_job_spec writes config.yaml or creates the MLflow run (no orphan RUNNING run).
+    from orchestrator.submit import SubmitFlags, submit
+
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(LaunchError, match="Slurm is not reachable.*SLURM_CONF.*another --backend"):
+        SlurmLauncher().preflight(SlurmLauncher().plan([job(out=str(tmp_path / "never"))]))
+    with pytest.raises(LaunchError, match="Slurm is not reachable"):
+        submit([str(tiny_experiment)], (), SubmitFlags(backend="slurm"))
+    assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
