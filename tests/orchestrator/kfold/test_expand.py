@@ -16,6 +16,7 @@ def experiment(grid=None, **changes):
     exp = build_experiment({
         "name": "exp",
         "data": {"train": {"ann_file": "/d/ann.json", "img_dir": "/d/img"}},
+        "model": {"type": "fasterrcnn", "backbone": "resnet50"},  # a type that takes a backbone
         "runtime": {"seed": 7, "output_dir": "/out/{name}"},
         "tracking": {"tags": {"team": "vision"}},
         "grid": grid or {},
