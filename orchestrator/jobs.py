@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from cluster.errors import JobNotFound, LaunchError
+from cluster.errors import ConfigError, JobNotFound, LaunchError
 from cluster.lease import is_alive, locked, read_json, write_json_atomic
 from orchestrator.spec import JobRecord, JobState
 
@@ -39,7 +39,12 @@ def orch_home() -> Path:
 def jobs_dir() -> Path:
     """Folder holding one sub-folder per job (created on first use)."""
     path = orch_home() / "jobs"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot use {path} for job records ({err.strerror}); point ORCH_HOME at a writable folder"
+        ) from None
     return path
 
 

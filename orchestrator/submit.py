@@ -232,6 +232,9 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry
     preflight = getattr(launcher, "preflight", None)
     if preflight is not None:
         preflight(plan)
+    from orchestrator.jobs import jobs_dir
+
+    jobs_dir()  # the records must be writable too
     # Local jobs start before their MLflow run exists (the run is created while the worker
     # imports torch): that keeps `orch submit` within a second of a bare `orch train`.
     defer = backend == "local"

@@ -125,8 +125,11 @@ def _check_resources(exp: Experiment, ctx: Context) -> None:
         if res.gpus % res.nodes or res.nodes * per_node != res.gpus:
             raise ctx.error(
                 "resources.nodes",
-                f"{res.nodes} nodes x {res.gpus_per_node or 'gpus/nodes'} GPUs per node does not make "
-                f"resources.gpus={res.gpus}; fix gpus, nodes or gpus_per_node",
+                (f"{res.nodes} nodes x {res.gpus_per_node} GPUs per node is not resources.gpus={res.gpus}"
+                 if res.gpus_per_node is not None else
+                 f"resources.gpus={res.gpus} does not split evenly over {res.nodes} nodes")
+                + f"; give --gpus {res.nodes * (res.gpus_per_node or max(1, res.gpus // res.nodes))}, "
+                "or change --nodes / --gpus-per-node",
             )
     if res.time is not None and not _SLURM_TIME.match(res.time):
         raise ctx.error("resources.time", f"{res.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")

@@ -131,7 +131,7 @@ def test_grid_accepts_dotted_or_nested_keys_and_checks_them():
         ({"optim": {"auto_scale_lr": {"base_batch_size": 0}}}, ["optim.auto_scale_lr.base_batch_size"]),
         ({"resources": {"gpus": 0}}, ["resources.gpus", ">= 1"]),
         ({"resources": {"gpus": 12, "gpus_per_node": 8}}, ["resources.gpus", "multiple of gpus_per_node"]),
-        ({"resources": {"gpus": 16, "gpus_per_node": 8, "nodes": 3}}, ["resources.nodes", "does not make"]),
+        ({"resources": {"gpus": 16, "gpus_per_node": 8, "nodes": 3}}, ["resources.nodes", "is not resources.gpus=16"]),
         ({"resources": {"gpus": 5, "nodes": 2}}, ["resources.nodes"]),
         ({"resources": {"time": "two hours"}}, ["resources.time", "not a Slurm time"]),
         ({"eval": {"metric": ["bbox", "keypoints"]}}, ["eval.metric", "bbox, segm"]),
