@@ -234,6 +234,10 @@ def load_with_sources(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) ->
         trail = " -> ".join(display_path(p) for p in (*_chain, resolved))
         raise ConfigError(f"cycle in _base_ inheritance: {trail}; remove one of these _base_ entries")
     data = _read_file(path, list(_chain))
+    if not data and not _chain:
+        # An empty experiment would silently train the defaults (COCO paths): almost surely a
+        # wrong or truncated file.
+        raise ConfigError(f"{display_path(path)} is empty; an experiment needs at least data.train (see experiments/)")
     chain = (*_chain, resolved)
     merged: dict = {}
     sources: Sources = {}

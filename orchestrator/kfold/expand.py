@@ -124,7 +124,8 @@ def expand(experiment: Experiment, folds: Optional[Sequence[tuple[str, str]]] = 
             overrides["tracking.run_name"] = name
             overrides["tracking.tags"] = {**experiment.tracking.tags, **tags}
             # the trial is one plain run: it carries no grid or kfold section of its own
-            resolved = with_overrides(experiment, {**overrides, "grid": {}, "kfold": None})
+            resolved = with_overrides(experiment, {**overrides, "grid": {}, "kfold": None},
+                                      source=f"grid point {point_name or '(none)'}")
             trials.append(Trial(name=name, point_name=point_name, point=point, fold=fold, seed=seed,
                                 overrides=overrides, experiment=resolved))
     return trials

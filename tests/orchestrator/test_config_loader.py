@@ -147,9 +147,12 @@ def test_malformed_files(tmp_path, text, match):
         load_experiment(write(tmp_path, "bad.yaml", text))
 
 
-def test_empty_file_is_all_defaults(tmp_path):
-    exp = load_experiment(write(tmp_path, "empty.yaml", ""))
-    assert exp == build_experiment({"name": "empty"})
+def test_empty_experiment_file_is_refused_but_an_empty_base_is_fine(tmp_path):
+    with pytest.raises(ConfigError, match="empty.yaml is empty"):
+        load_experiment(write(tmp_path, "empty.yaml", "# only a comment\n"))
+    write(tmp_path, "nothing.yaml", "")
+    exp = load_experiment(write(tmp_path, "child.yaml", "_base_: nothing.yaml\nname: child\n"))
+    assert exp == build_experiment({"name": "child"})
 
 
 def test_yaml_dialect_is_1_2_core(tmp_path):
