@@ -173,10 +173,34 @@ def refresh_record(record: JobRecord) -> JobRecord:
     if refresh is None:
         return record
     try:
-        return refresh(record)
+        fresh = refresh(record)
     except Exception as err:  # a flaky scheduler must not break `orch status`
         log.warning("could not refresh %s job %s: %s", record.backend, record.job_id, err)
         return record
+    if fresh.state.finished:
+        close_mlflow_run(fresh)  # first seen ended here: a run its job could not close is closed now
+    return fresh
+
+
+def close_mlflow_run(record: JobRecord) -> None:
+    """A job that failed before its MLflow hook started (bad input found in the worker), or that
+    was killed, must not leave its run RUNNING forever. Notes what it did in the job's log."""
+    if record.state == JobState.SUCCEEDED or not (record.mlflow_run_id and record.tracking_uri):
+        return
+    status = "KILLED" if record.state == JobState.CANCELLED else "FAILED"
+    try:
+        from detection.tracking import end_run_if_running
+
+        note = f"MLflow run {record.mlflow_run_id} marked {status}" if end_run_if_running(
+            record.tracking_uri, record.mlflow_run_id, status) else None
+    except Exception as err:  # the tracking server may be gone; the job's own state is recorded
+        note = f"could not close MLflow run {record.mlflow_run_id}: {err}"
+    if note:
+        try:
+            with open(record.log_path, "a") as handle:
+                handle.write(f"[orch {time.strftime('%H:%M:%S')}] {note}\n")
+        except OSError:
+            pass
 
 
 def cancel_job(job: str) -> JobRecord:

@@ -194,7 +194,7 @@ def create_deferred_runs(plan: Plan, handles: list) -> None:
         if record.state.finished:
             # The job ended before its run existed (e.g. bad input found by the worker at once):
             # the supervisor could not close the run, so close it here.
-            from orchestrator.supervisor import close_mlflow_run
+            from orchestrator.jobs import close_mlflow_run
 
             close_mlflow_run(record)
 

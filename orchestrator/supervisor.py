@@ -35,7 +35,7 @@ from cluster.errors import ClusterError, OrchError
 from cluster.gpus import DeviceLease, DeviceRequest, detect_pool
 from cluster.lease import owner_identity
 from cluster.ports import lease_port
-from orchestrator.jobs import cancel_requested, log_path, update_record
+from orchestrator.jobs import cancel_requested, close_mlflow_run, log_path, update_record
 from orchestrator.spec import JobState
 
 POLL_S = 0.05
@@ -306,21 +306,6 @@ def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[s
     record = update_record(job_id, done)
     _say(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
     close_mlflow_run(record)
-
-
-def close_mlflow_run(record) -> None:
-    """A job that failed before its MLflow hook started (bad input found in the worker), or that
-    was killed, must not leave its run RUNNING forever."""
-    if record.state == JobState.SUCCEEDED or not (record.mlflow_run_id and record.tracking_uri):
-        return
-    try:
-        from detection.tracking import end_run_if_running
-
-        status = "KILLED" if record.state == JobState.CANCELLED else "FAILED"
-        if end_run_if_running(record.tracking_uri, record.mlflow_run_id, status):
-            _say(record.job_id, f"MLflow run {record.mlflow_run_id} marked {status}")
-    except Exception as err:  # the tracking server may be gone; the job's own state is recorded
-        _say(record.job_id, f"could not close MLflow run {record.mlflow_run_id}: {err}")
 
 
 if __name__ == "__main__":
