@@ -43,6 +43,22 @@ def evaluations(exp: Experiment) -> int:
     return max(1, math.ceil(total / interval))
 
 
+def check_space_values(exp: Experiment, dims: list) -> None:
+    """Every value a trial can get must make a valid experiment: choices and grid values each,
+    and the bounds of ranges (a float range over an integer key fails here, not in every trial)."""
+    from orchestrator.config import with_overrides
+
+    for dim in dims:
+        if dim.kind in ("choice", "grid"):
+            values = dim.args
+        elif dim.kind == "randint":
+            values = (dim.args[0], dim.args[1] - 1)
+        else:
+            values = dim.args
+        for value in values:
+            with_overrides(exp, {dim.key: value, "sweep": None}, source=f"sweep.space.{dim.key} ({dim.kind} value {value!r})")
+
+
 def plan_sweep(exp: Experiment, config_path: str = "<experiment>") -> dict[str, Any]:
     """Check the ``sweep:`` section and return the sweep's JSON-able description. Pure."""
     sweep = exp.sweep
@@ -50,6 +66,12 @@ def plan_sweep(exp: Experiment, config_path: str = "<experiment>") -> dict[str, 
         raise ConfigError(f"{config_path} has no `sweep:` section; add one (see `orch sweep --help`)")
     dims = parse_space(sweep.space)
     check_searcher(dims, sweep.searcher)
+    check_space_values(exp, dims)
+    if not (sweep.metric in ("loss",) or sweep.metric.startswith(("bbox_", "segm_", "loss_"))):
+        raise ConfigError(f"sweep.metric={sweep.metric!r} is not a metric orch reports; use an evaluation metric "
+                          "(bbox_mAP, bbox_mAP_50, segm_mAP, ...) or loss")
+    if sweep.cpus_per_trial <= 0 or sweep.gpus_per_trial < 0:
+        raise ConfigError("sweep.cpus_per_trial must be > 0 and sweep.gpus_per_trial >= 0 (fractions allowed)")
     sched = sweep.scheduler
     if sched.type == "pbt":
         raise ConfigError(
