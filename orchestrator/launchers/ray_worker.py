@@ -77,7 +77,8 @@ class StepReporter(Hook):
         self.send(trainer, values, checkpoint)
 
     def send(self, trainer: Any, values: dict[str, Any], checkpoint: Optional[str]) -> None:
-        raise NotImplementedError
+        """Report ``values`` (and ``checkpoint``, a file path or None): Ray Train or Tune below."""
+        raise NotImplementedError  # abstract: RayReportHook and TuneReportHook implement it
 
 
 class RayReportHook(StepReporter):
