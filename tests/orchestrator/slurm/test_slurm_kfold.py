@@ -22,6 +22,7 @@ def test_two_folds_as_one_job_array(slurm_cluster, write_experiment, module_orch
 
     from orchestrator.cli import main
 
+    slurm_cluster.up(accounting=True)  # test_slurm_jobs.py ends with accounting turned off
     path = write_experiment(tmp_path, "kf", **{"kfold.folds": 2, "kfold.allow_small_classes": True,
                                                "tracking.experiment": "slurm-kfold"})
     started = time.monotonic()
