@@ -56,8 +56,6 @@ def make_shapes(
     counts = {"train": n_train, "val": n_val, "test": n_test}
     if min(counts.values()) < 0:
         raise ConfigError(f"shapes: negative image count in {counts} (--train/--val); use 0 or more")
-    if n_train < 1:
-        raise ConfigError("shapes: --train 0 would write a dataset nothing can train on; use 1 or more")
     paths: dict[str, tuple[str, str]] = {}
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     for split, count in counts.items():

@@ -23,7 +23,11 @@ def shapes_cmd(out: str, n_train: int, n_val: int, size: int, seed: int) -> None
     Example:
       orch data shapes --out data/shapes --train 400 --val 100 --seed 0
     """
+    from cluster.errors import ConfigError
     from detection.shapes import make_shapes
+
+    if n_train < 1:
+        raise ConfigError("--train 0 would write a dataset nothing can train on; use 1 or more")
 
     paths = make_shapes(out, n_train=n_train, n_val=n_val, size=size, seed=seed)
     for split, (ann_file, img_dir) in paths.items():
