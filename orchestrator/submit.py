@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -199,15 +198,6 @@ def create_deferred_runs(plan: Plan, handles: list) -> None:
             close_mlflow_run(record)
 
 
-def plan_jobs(experiments: list[Experiment], backend: str, dry_run: bool) -> Plan:
-    """Build job specs (writing them unless ``dry_run``) and ask the backend for its plan."""
-    from orchestrator.launchers.base import get_launcher
-
-    launcher = get_launcher(backend)
-    jobs = [build_job_spec(exp, backend, write=not dry_run) for exp in experiments]
-    return launcher.plan(jobs)
-
-
 def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry_run: bool = False):
     """Resolve, plan and (unless ``dry_run``) launch. Returns ``(plan, handles)``; handles is
     empty for a dry run."""
@@ -244,9 +234,3 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry
         create_deferred_runs(plan, handles)
     return plan, handles
 
-
-def python_executable() -> str:
-    """The interpreter workers run with (the one running orch)."""
-    import sys
-
-    return sys.executable or shutil.which("python3") or "python3"

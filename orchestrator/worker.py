@@ -48,7 +48,7 @@ def write_result(result: Any) -> None:
     os.replace(tmp, path)
 
 
-def _setup_logging(rank: int) -> None:
+def setup_logging(rank: int) -> None:
     # Rank-aware logging: every line says which rank wrote it; non-zero ranks only warn.
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         env = DistEnv.detect(os.environ)
-        _setup_logging(env.rank)
+        setup_logging(env.rank)
         run(args.config, args.overrides, env=env)
     except OrchError as err:
         print(f"orch worker: error: {err}", file=sys.stderr, flush=True)

@@ -127,3 +127,15 @@ def tiny_experiment(make_experiment) -> Path:
     """Path of a tiny experiment YAML: SSDlite at 64 px, 4 iterations, CPU, 1 thread, tracking in
     a tmp SQLite file (``tracking_uri``), outputs in ``<tmp_path>/work``."""
     return make_experiment()
+
+
+@pytest.fixture
+def local_orch_env(tmp_path, monkeypatch):
+    """An isolated orch home and lease folder, a 2-slot CPU pool, one thread per process, no
+    inherited MASTER_PORT, and ``tmp_path`` as the working directory (local/torchrun tests)."""
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCH_RUNTIME_DIR", str(tmp_path / "rt"))
+    monkeypatch.setenv("ORCH_CPU_SLOTS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.chdir(tmp_path)

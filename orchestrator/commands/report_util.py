@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import click
-
 
 def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
     """Print metrics as a two-column table (rich), main COCO numbers first."""
@@ -31,6 +29,3 @@ def mlflow_ui_hint(tracking_uri: Optional[str], run_id: Optional[str]) -> Option
         where = f"mlflow ui --backend-store-uri {tracking_uri}"
     return f"view it: {where}" + (f"   (run {run_id})" if run_id else "")
 
-
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)

@@ -23,10 +23,10 @@ def train_cmd(experiment: str, overrides: tuple[str, ...]) -> None:
     import os
 
     from cluster.env import DistEnv
-    from orchestrator.worker import _setup_logging, run
+    from orchestrator.worker import setup_logging, run
 
     env = DistEnv.detect(os.environ)
-    _setup_logging(env.rank)
+    setup_logging(env.rank)
     result = run(experiment, overrides, env=env)
     if env.is_main:
         _print_result(result)

@@ -128,10 +128,10 @@ class SlurmTrainJob(Checkpointable):
         if master_port is not None:
             os.environ["ORCH_MASTER_PORT"] = os.environ["MASTER_PORT"] = str(master_port)
         from cluster.env import DistEnv
-        from orchestrator.worker import _setup_logging, run
+        from orchestrator.worker import setup_logging, run
 
         env = DistEnv.detect(os.environ)
-        _setup_logging(env.rank)
+        setup_logging(env.rank)
         logging.getLogger("submitit").propagate = False  # it has its own handler: no double lines
         write_task_env(Path(self.folder), env, restarts)
         log.info("slurm job %s task %d/%d on %s, master %s:%s, restart %d", job_key(), env.rank,

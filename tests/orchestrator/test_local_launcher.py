@@ -22,14 +22,7 @@ from orchestrator.submit import SubmitFlags, submit
 TIMEOUT_S = 600
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ORCH_RUNTIME_DIR", str(tmp_path / "rt"))
-    monkeypatch.setenv("ORCH_CPU_SLOTS", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("local_orch_env")
 
 
 def experiments(make_experiment, tmp_path, names, **overrides):

@@ -20,14 +20,7 @@ GOLDEN = Path(__file__).parent / "golden"
 TIMEOUT_S = 600
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ORCH_RUNTIME_DIR", str(tmp_path / "rt"))
-    monkeypatch.setenv("ORCH_CPU_SLOTS", "2")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("local_orch_env")
 
 
 def dry_plan(path, **resources):
