@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping, Optional
 
 from cluster.errors import ClusterError
-from cluster.lease import lease_dir, locked, owner_alive, owner_identity, read_json, unlink_quietly, write_json_atomic
+from cluster.files import read_json, unlink_quietly, write_json_atomic
+from cluster.lease import lease_dir, locked, owner_alive, owner_identity
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import socket
 import tempfile
@@ -110,35 +109,3 @@ def locked(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the flock
-
-
-def write_json_atomic(path: Path, data: Mapping[str, Any], durable: bool = False) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one.
-    ``durable`` also survives a power loss (fsync); leases do not need it, they die with boot."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path: Path) -> Optional[dict[str, Any]]:
-    """The JSON object in ``path``, or None when it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def unlink_quietly(path: Path) -> None:
-    """Remove ``path`` if it exists (releasing twice is fine)."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

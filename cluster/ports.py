@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from cluster.errors import ClusterError
-from cluster.lease import lease_dir, owner_alive, owner_identity, read_json, locked, unlink_quietly, write_json_atomic
+from cluster.files import read_json, unlink_quietly, write_json_atomic
+from cluster.lease import lease_dir, locked, owner_alive, owner_identity
 
 DEFAULT_PORT_RANGE = (29500, 39999)
 

@@ -11,8 +11,6 @@ mlflow is imported inside functions: ``orch --help`` must not load it.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -25,10 +23,10 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
-import yaml
 
 from cluster.errors import ConfigError, OrchError
 from detection.hooks.base import Hook
+from detection.serialize import config_hash, dump_yaml, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -121,30 +119,6 @@ def wait_for_run_id(path: str, timeout_s: float = 600.0) -> str:
         return fh.read().strip()
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """A plain nested dict of a config dataclass (tuples become lists: YAML/JSON friendly)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        return value
-
-    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    return plain(data)
-
-
-def config_yaml(config: Any) -> str:
-    """The resolved config as YAML (what ``config.yaml`` artifacts hold)."""
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
-
-
-def config_hash(config: Any) -> str:
-    """A short stable hash of the resolved config (run identity, not security)."""
-    return hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def flatten_params(config: Any) -> dict[str, str]:
     """``{"optim.lr": "0.02", ...}`` with values cut to MLflow's length limit."""
     out: dict[str, str] = {}
@@ -160,7 +134,7 @@ def flatten_params(config: Any) -> dict[str, str]:
             text = text[: MAX_PARAM_VALUE - len(marker)] + marker
         out[prefix[:250]] = text
 
-    walk("", config_to_dict(config))
+    walk("", to_plain(config))
     return out
 
 
@@ -323,7 +297,7 @@ class MlflowHook(Hook):
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         for start in range(0, len(new), PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=new[start : start + PARAMS_PER_BATCH])
-        self._log_text(config_yaml(self.config), "config.yaml")
+        self._log_text(dump_yaml(self.config), "config.yaml")
         self._writer = _BatchWriter(self.client, self.run_id)
         self._writer.start()
         log.info("MLflow run %s at %s", self.run_id, resolve_tracking_uri(self.tracking))

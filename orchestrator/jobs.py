@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cluster.errors import ConfigError, JobNotFound, LaunchError
-from cluster.lease import is_alive, locked, read_json, write_json_atomic
+from cluster.files import read_json, write_json_atomic
+from cluster.lease import is_alive, locked
 from orchestrator.spec import JobRecord, JobState
 
 log = logging.getLogger(__name__)

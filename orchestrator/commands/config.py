@@ -53,7 +53,7 @@ def _comment_block(derived: dict[str, Any]) -> str:
     # YAML comments, so `orch config exp.yaml > resolved.yaml` stays a loadable experiment.
     import yaml
 
-    from orchestrator.config.serialize import Dumper
+    from detection.serialize import Dumper
 
     body = yaml.dump({"derived": derived}, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=1000)
     return "\n".join(f"# {line}" for line in body.rstrip().splitlines())

@@ -22,13 +22,13 @@ validation errors can say which file to fix.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cluster.errors import ConfigError
+from detection.serialize import YAML12_RESOLVERS
 
 BASE_KEY = "_base_"
 DELETE_KEY = "_delete_"
@@ -39,12 +39,6 @@ EXCLUSIVE_KEYS: dict[str, tuple[str, ...]] = {"schedule": ("epochs", "iterations
 
 Sources = dict[str, str]  # dotted key path -> file (or override) that set it
 
-_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
-_FLOAT = re.compile(
-    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
-)
 _SCALAR_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
@@ -82,9 +76,8 @@ class Loader(_SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
-Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
-Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+for _tag, _rx, _first in YAML12_RESOLVERS:
+    Loader.add_implicit_resolver(_tag, _rx, list(_first))
 Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
 
 

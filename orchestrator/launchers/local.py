@@ -21,7 +21,8 @@ from typing import ClassVar, Optional
 from cluster.env import DistEnv
 from cluster.errors import ClusterError, LaunchError
 from cluster.gpus import detect_pool, list_device_leases
-from cluster.lease import owner_identity, write_json_atomic
+from cluster.files import write_json_atomic
+from cluster.lease import owner_identity
 from orchestrator.jobs import (
     JobHandle,
     job_dir,

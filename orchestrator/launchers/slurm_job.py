@@ -88,7 +88,7 @@ def rendezvous(folder: Path, environ=os.environ) -> tuple[str, Optional[int], An
         return master_addr, None, None
     path = folder / f"{job_key(environ)}_rendezvous_{environ.get('SLURM_RESTART_COUNT', '0')}.json"
     if int(environ["SLURM_PROCID"]) == 0:
-        from cluster.lease import write_json_atomic
+        from cluster.files import write_json_atomic
         from cluster.ports import lease_port
 
         clean = {k: v for k, v in environ.items() if k not in FOREIGN_VARS}
@@ -179,7 +179,7 @@ def write_task_env(folder: Path, env: Any, restarts: int) -> None:
     for diagnosing a hung rendezvous and for the tests that check that ranks agree."""
     import dataclasses
 
-    from cluster.lease import write_json_atomic
+    from cluster.files import write_json_atomic
 
     data = {**dataclasses.asdict(env), "host": socket.gethostname(), "restarts": restarts,
             "slurm_node": os.environ.get("SLURMD_NODENAME"),

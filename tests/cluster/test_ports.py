@@ -85,7 +85,7 @@ def test_reused_pid_does_not_keep_a_lease():
     lease = lease_port()
     # Same pid, another start time: the pid was reused by a process that owns nothing.
     path = lease.path
-    path.write_text(path.read_text().replace(f'"start": "', '"start": "1'))
+    path.write_text(path.read_text().replace('"start": "', '"start": "1'))
     assert list_port_leases() == []
     assert not path.exists()
 

@@ -133,3 +133,18 @@ def test_unreachable_tracking_server_is_one_clear_error(make_experiment, monkeyp
     with pytest.raises(ConfigError, match=rf"MLflow tracking at http://127.0.0.1:{port} failed: .*tracking.enable=false") as err:
         main(exp, DistEnv.single())
     assert "\n" not in str(err.value)
+
+
+def test_config_hash_tag_equals_what_orch_config_prints(make_experiment, tracking_uri, capsys):
+    """One serialisation for both sides: the hash on the MLflow run is the one `orch config --json`
+    shows for the same file (they used to be computed by two drifted copies)."""
+    import json
+
+    from orchestrator.cli import main as cli_main
+
+    path = make_experiment()
+    result = main(load_experiment(path), DistEnv.single())
+    tag = MlflowClient(tracking_uri).get_run(result.run_id).data.tags["config_hash"]
+    capsys.readouterr()
+    assert cli_main(["config", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["derived"]["config_hash"] == tag

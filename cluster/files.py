@@ -1,0 +1,72 @@
+"""Files that readers never see half-written: write to a temporary file in the same folder,
+then ``os.replace`` it over the target (atomic on POSIX). Standard library only."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def write_text_atomic(path: PathLike, text: str, durable: bool = False) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of
+    one. ``durable`` also survives a power loss (fsync of the file before the rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path: PathLike, data: bytes, durable: bool = False) -> None:
+    """Like :func:`write_text_atomic` for bytes."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: PathLike, data: Any, durable: bool = False, indent: Optional[int] = 1,
+                      sort_keys: bool = True) -> None:
+    """Write ``data`` as JSON atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys, default=str) + "\n", durable)
+
+
+def read_json(path: PathLike) -> Optional[dict[str, Any]]:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def unlink_quietly(path: PathLike) -> None:
+    """Remove ``path`` if it exists (releasing twice is fine)."""
+    with contextlib.suppress(FileNotFoundError):
+        Path(path).unlink()
+
+
+__all__ = ["read_json", "unlink_quietly", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
