@@ -14,25 +14,13 @@ PathLike = Union[str, os.PathLike]
 
 
 def write_text_atomic(path: PathLike, text: str, durable: bool = False) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half of
-    one. ``durable`` also survives a power loss (fsync of the file before the rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` so that readers see the old file or the new one, never
+    half of one. ``durable`` also survives a power loss (fsync of the file before the rename)."""
+    write_bytes_atomic(path, text.encode("utf-8"), durable)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, durable: bool = False) -> None:
-    """Like :func:`write_text_atomic` for bytes."""
+    """Write ``data`` to ``path`` atomically (see :func:`write_text_atomic`)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
