@@ -114,23 +114,11 @@ def _check_resources(exp: Experiment, ctx: Context) -> None:
               "resources.cpus_per_task", "resources.local.cpu_slots", "resources.local.max_parallel",
               "resources.slurm.array_parallelism")
     _at_least(exp, ctx, 0, "resources.mem_gb", strict=True)
-    if res.gpus_per_node is not None and res.gpus % res.gpus_per_node:
-        raise ctx.error(
-            "resources.gpus",
-            f"{res.gpus} GPUs do not fill whole nodes of resources.gpus_per_node={res.gpus_per_node}; "
-            "use a multiple of gpus_per_node",
-        )
-    if res.nodes is not None:
-        per_node = res.gpus_per_node if res.gpus_per_node is not None else res.gpus / res.nodes
-        if res.gpus % res.nodes or res.nodes * per_node != res.gpus:
-            raise ctx.error(
-                "resources.nodes",
-                (f"{res.nodes} nodes x {res.gpus_per_node} GPUs per node is not resources.gpus={res.gpus}"
-                 if res.gpus_per_node is not None else
-                 f"resources.gpus={res.gpus} does not split evenly over {res.nodes} nodes")
-                + f"; give --gpus {res.nodes * (res.gpus_per_node or max(1, res.gpus // res.nodes))}, "
-                "or change --nodes / --gpus-per-node",
-            )
+    try:
+        res.layout()
+    except ConfigError as err:
+        key = "resources.nodes" if res.nodes is not None else "resources.gpus"
+        raise ctx.error(key, str(err)) from None
     if res.time is not None and not _SLURM_TIME.match(res.time):
         raise ctx.error("resources.time", f"{res.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
 
