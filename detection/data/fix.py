@@ -110,6 +110,7 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
     reareas = ~drop & (masks["area_inconsistent"] | (clipped & ~anns["has_seg"]))
     note("changed", "annotations", "area recomputed", ids[reareas])
 
+    renumber &= ~drop
     new_ids = dict(zip(np.flatnonzero(renumber).tolist(), range(int(ids[valid].max(initial=0)) + 1, 1 << 62)))
     note("changed", "annotations", "repeated id given a new one (old ids shown)", ids[renumber])
     touched = set(np.flatnonzero(~drop & (clipped | reareas | renumber)).tolist())
@@ -137,7 +138,7 @@ def _duplicates(entries: list[Any], ids: np.ndarray, repeated: np.ndarray) -> tu
     """Split repeated-id annotations into exact copies of the first with that id (dropped)
     and different annotations (renumbered)."""
     if not repeated.any():
-        return repeated, repeated
+        return repeated, repeated.copy()
     first: dict[int, Any] = {}
     for p, ann_id in enumerate(ids.tolist()):
         if not repeated[p] and ann_id not in first:
