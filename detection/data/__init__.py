@@ -2,26 +2,46 @@
 
 ``build_dataset`` and ``build_loader`` (:mod:`detection.data.loader`) are what the trainer uses;
 the pieces are public for tests and tools.
+
+The names below are loaded on first use (PEP 562), so the torch-free tools of this package
+(:mod:`detection.data.convert`, :mod:`detection.data.check`, used by ``orch data``) can be
+imported without importing torch.
 """
 
-from detection.data.coco import CocoDetection
-from detection.data.loader import DetectionLoader, build_dataset, build_loader, collate
-from detection.data.samplers import GroupedBatchSampler, SampleKey, ShardSampler, aspect_ratio_groups
-from detection.data.transforms import Compose, RandomHorizontalFlip, Resize, ToTensor, build_transforms
+from __future__ import annotations
 
-__all__ = [
-    "CocoDetection",
-    "Compose",
-    "DetectionLoader",
-    "GroupedBatchSampler",
-    "RandomHorizontalFlip",
-    "Resize",
-    "SampleKey",
-    "ShardSampler",
-    "ToTensor",
-    "aspect_ratio_groups",
-    "build_dataset",
-    "build_loader",
-    "build_transforms",
-    "collate",
-]
+import importlib
+from typing import Any
+
+# public name -> submodule that defines it
+_LAZY = {
+    "CocoDetection": "coco",
+    "DetectionLoader": "loader",
+    "build_dataset": "loader",
+    "build_loader": "loader",
+    "collate": "loader",
+    "GroupedBatchSampler": "samplers",
+    "SampleKey": "samplers",
+    "ShardSampler": "samplers",
+    "aspect_ratio_groups": "samplers",
+    "Compose": "transforms",
+    "RandomHorizontalFlip": "transforms",
+    "Resize": "transforms",
+    "ToTensor": "transforms",
+    "build_transforms": "transforms",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)
