@@ -101,6 +101,9 @@ class EvalConfig:
     metric: tuple[str, ...] = ("bbox",)  # bbox and/or segm
     classwise: bool = False
     split: Literal["val", "test"] = "val"
+    # COCOeval implementation, same numbers: faster-coco-eval (C++, ~10x faster) or pycocotools;
+    # auto = faster when installed, else pycocotools with one warning
+    engine: Literal["auto", "faster", "pycocotools"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def evaluate_model(
         if predictions_path:
             write_predictions(predictions_path, preds)
         iou_types = tuple(eval_cfg.metric)
-        metrics = evaluate_coco(dataset.coco, preds, iou_types=iou_types, classwise=eval_cfg.classwise)
+        metrics = evaluate_coco(dataset.coco, preds, iou_types=iou_types, classwise=eval_cfg.classwise,
+                                engine=eval_cfg.engine)
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         box = [metrics]
         dist.broadcast_object_list(box, src=0)

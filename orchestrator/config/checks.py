@@ -6,6 +6,7 @@ Each error names the file that set the offending key, the key and how to fix it.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 from typing import Any
 
@@ -58,6 +59,10 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
             raise ctx.error(path, f"is a fraction of the LR in [0, 1], got {_get(exp, path)}")
     if not exp.eval.metric or any(m not in _METRICS for m in exp.eval.metric):
         raise ctx.error("eval.metric", f"must list some of {', '.join(_METRICS)}, got {list(exp.eval.metric)}")
+    if exp.eval.engine == "faster" and importlib.util.find_spec("faster_coco_eval") is None:
+        # found now rather than at the first evaluation, an epoch into training
+        raise ctx.error("eval.engine", "faster needs the faster-coco-eval package: pip install faster-coco-eval, "
+                        "or set eval.engine: auto (falls back to pycocotools)")
     if "{" in exp.runtime.output_dir.replace("{name}", ""):
         raise ctx.error("runtime.output_dir", "may only contain the placeholder {name}, got "
                         f"{exp.runtime.output_dir!r}")

@@ -278,7 +278,8 @@ def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, 
             continue
         files = {t.fold: (fold_files[t.fold][1], Path(state["trials"][t.name]["output_dir"]) / PREDICTIONS)
                  for t in point_trials}
-        summaries.append(summarize_point(name, point_trials[0].point, files, ann_file, exp.eval.metric))
+        summaries.append(summarize_point(name, point_trials[0].point, files, ann_file, exp.eval.metric,
+                                         exp.eval.engine))
     metric = exp.checkpoint.save_best or f"{exp.eval.metric[0]}_mAP"
     mode = "max" if exp.checkpoint.rule == "greater" else "min"
     report = comparison_markdown(summaries, metric, mode)
