@@ -17,6 +17,7 @@ from typing import Any, Optional
 from cluster.errors import ConfigError, LaunchError
 from orchestrator.config.schema import Experiment
 from orchestrator.spec import JobSpec, Plan
+from orchestrator.weights import resolve_weights, weights_environ
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def build_job_spec(experiment: Experiment, backend: str, write: bool = True, tag
 
     output_dir = job_output_dir(experiment)
     updates: dict[str, Any] = {"runtime.output_dir": str(output_dir)}
-    extra_env = {"ORCH_BACKEND": backend}
+    extra_env = {"ORCH_BACKEND": backend, **weights_environ(experiment)}
     if write and experiment.tracking.enable:
         from detection.tracking import resolve_tracking_uri
 
@@ -215,6 +216,7 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: SubmitFlags, dry
     # Plan from unwritten specs first: a bad option fails here, before any run or file exists,
     # so nothing is half-submitted.
     plan = launcher.plan([build_job_spec(exp, backend, write=False) for exp in experiments])
+    resolve_weights(experiments, download=not dry_run)  # weights names -> the cache, before anything is queued
     if dry_run:
         return plan, []
     # Checks that look at the live system (free GPUs, a reachable cluster) also come before any

@@ -11,6 +11,7 @@ from typing import Any
 
 from cluster.errors import ConfigError
 from detection.models import MODELS, RESNET_BACKBONES, download_refusal  # torch-free table
+from detection.weights import WEIGHT_KEYS, is_weights_name, name_problem
 from orchestrator.config.schema import Experiment
 from orchestrator.config.validate import Context, is_schema_path
 
@@ -68,7 +69,8 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
 
 def _check_model(exp: Experiment, ctx: Context) -> None:
     """The model rules the worker would otherwise find only after a job starts (string shape only:
-    weight files usually exist on the compute nodes, not where the config is resolved)."""
+    weight files usually exist on the compute nodes, not where the config is resolved; torchvision
+    weights names are checked against the model's weights enum)."""
     model = exp.model
     entry = MODELS.get(model.type)
     if entry is None:
@@ -86,7 +88,14 @@ def _check_model(exp: Experiment, ctx: Context) -> None:
         raise ctx.error("model.backbone", f"{model.backbone!r} is not valid for model.type {model.type}{hint}; "
                         f"valid: {', '.join(RESNET_BACKBONES)}")
     for path in ("model.weights", "model.backbone_weights", "runtime.load_from"):
-        refusal = download_refusal(_get(exp, path))
+        value = _get(exp, path)
+        if path in WEIGHT_KEYS and is_weights_name(value):
+            # A torchvision name must exist for this model; its file is fetched at submit.
+            problem = name_problem(model.type, model.backbone, path, value)
+            if problem:
+                raise ctx.error(path, problem)
+            continue
+        refusal = download_refusal(value)
         if refusal:
             raise ctx.error(path, refusal)
 

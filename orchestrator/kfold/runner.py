@@ -126,6 +126,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     from orchestrator.kfold.expand import expand
     from orchestrator.launchers.base import get_launcher
     from orchestrator.submit import SubmitFlags, build_job_spec, choose_backend
+    from orchestrator.weights import resolve_weights
 
     extra: dict[str, Any] = {"kfold.folds": folds}
     if max_parallel is not None:  # also the width of a Slurm job array
@@ -134,6 +135,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     flags = dataclasses.replace(flags or SubmitFlags(), backend=backend, gpus=gpus, max_parallel=max_parallel,
                                 extra={k: v for k, v in extra.items() if v is not None})
     exp = load_experiment(path, overrides, extra=flags.as_overrides())
+    resolve_weights(exp, download=not dry_run, echo=echo)  # weights names -> the cache, before anything is written
     kcfg = exp.kfold or KFoldConfig()
     backend = choose_backend(exp, backend)
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
