@@ -307,8 +307,13 @@ def load_detector_weights(model, path: str, key: str = "model.weights") -> None:
 
 
 def load_backbone_weights(model, path: str, key: str = "model.backbone_weights") -> None:
-    """Load a backbone state dict (e.g. torchvision's ResNet ImageNet file) into the part of the
-    model it fits best: ``backbone.body`` (FPN models), ``backbone.features`` or ``backbone``."""
+    """Load a backbone state dict (e.g. torchvision's ImageNet file) into the part of the model it
+    fits best: ``backbone.body`` (FPN models), ``backbone.features`` or ``backbone``.
+
+    Tensors match by name (ResNet bodies keep torchvision's names). torchvision's detectors re-wrap
+    MobileNet's and VGG's ``features`` in their own containers (an FPN body, SSDlite's two stages,
+    SSD's ``features`` + ``extra``) in the same order, so where the names do not cover the file
+    its tensors are placed in order, by shape, as long as every one of them finds its place."""
     state = read_state_dict(path, key)
     candidates = [model.backbone]
     for name in ("body", "features"):
@@ -320,6 +325,36 @@ def load_backbone_weights(model, path: str, key: str = "model.backbone_weights")
         return sum(1 for k, v in state.items() if k in own and own[k].shape == v.shape)
 
     best = max(candidates, key=matches)
+    if matches(best) < len(_backbone_tensors(state)):
+        for module in candidates:
+            placed = _placed_in_order(state, module.state_dict())
+            if placed:
+                log.info("%s: %s matched by order (the detector renames the backbone's layers)", key, path)
+                _load_matching(module, placed, key, path)
+                return
     if matches(best) == 0:
         raise ConfigError(f"{key}: no tensor of {path!r} matches the backbone of this model")
     _load_matching(best, state, key, path)
+
+
+def _backbone_tensors(state: dict) -> list:
+    """The file's ``(name, tensor)`` pairs that a detector backbone can hold: not the classifier
+    (``fc`` / ``classifier``), not BatchNorm's step counters."""
+    return [(k, v) for k, v in state.items()
+            if not k.startswith(("fc.", "classifier.")) and not k.endswith("num_batches_tracked")]
+
+
+def _placed_in_order(state: dict, own: dict) -> dict:
+    """``{own key: file tensor}`` placing the file's backbone tensors on ``own``'s tensors in
+    order, skipping own tensors of another shape (e.g. SSD's ``scale_weight``); empty unless every
+    file tensor is placed."""
+    targets = [(k, v) for k, v in own.items() if not k.endswith("num_batches_tracked")]
+    placed, j = {}, 0
+    for _, value in _backbone_tensors(state):
+        while j < len(targets) and targets[j][1].shape != value.shape:
+            j += 1
+        if j == len(targets):
+            return {}
+        placed[targets[j][0]] = value
+        j += 1
+    return placed

@@ -81,7 +81,9 @@ DETECTOR_ENUMS: dict[str, str] = {
     "maskrcnn_resnet50_fpn": "MaskRCNN_ResNet50_FPN_Weights",
 }
 # model.type -> the enum of its backbone's ImageNet weights (torchvision's weights_backbone);
-# fasterrcnn picks it by model.backbone.
+# fasterrcnn picks it by model.backbone. Not ssdlite320_mobilenet_v3_large: built without backbone
+# weights (as orch builds every model), torchvision gives it a MobileNet with a reduced tail, which
+# the ImageNet files do not fit (its COCO_V1 weights do: torchvision trained it that way).
 BACKBONE_ENUMS: dict[str, str] = {
     "fasterrcnn_resnet50_fpn": "ResNet50_Weights",
     "fasterrcnn_resnet50_fpn_v2": "ResNet50_Weights",
@@ -91,7 +93,6 @@ BACKBONE_ENUMS: dict[str, str] = {
     "retinanet_resnet50_fpn_v2": "ResNet50_Weights",
     "fcos_resnet50_fpn": "ResNet50_Weights",
     "ssd300_vgg16": "VGG16_Weights",
-    "ssdlite320_mobilenet_v3_large": "MobileNet_V3_Large_Weights",
     "maskrcnn_resnet50_fpn": "ResNet50_Weights",
 }
 RESNET_ENUMS: dict[str, str] = {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
@@ -159,8 +160,11 @@ def _resolve(model_type: str, backbone: Optional[str], key: str, name: str) -> W
         if key == "model.weights":
             return (f"torchvision has no detector weights for model.type {model_type} (names exist for: "
                     f"{', '.join(DETECTOR_ENUMS)}); use one of those types, model.backbone_weights, or a local file")
-        return (f"{name!r} needs model.backbone (one of {', '.join(RESNET_ENUMS)}) for model.type {model_type}; "
-                "set model.backbone or give a local file")
+        if model_type == "fasterrcnn":
+            return (f"{name!r} needs model.backbone (one of {', '.join(RESNET_ENUMS)}) for model.type fasterrcnn; "
+                    "set model.backbone or give a local file")
+        return (f"torchvision has no backbone weights that fit model.type {model_type} (names exist for: "
+                f"{', '.join(BACKBONE_ENUMS)}, fasterrcnn); use model.weights or a local file")
     full = _FULL.match(name)
     given_enum, member = (full.group(1), full.group(2)) if full else (enum, name)
     row = ENUMS[enum]

@@ -74,7 +74,7 @@ def _names(enum, folder) -> str:
     from detection.weights import ENUMS
 
     if enum is None:
-        return "none in torchvision (a local file only)"
+        return "none (a local file only)"
     row = ENUMS[enum]
     members = ", ".join(m + ("*" if (folder / f).is_file() else "") for m, f in row.files.items())
     return f"DEFAULT (= {row.default}), {members}  [{enum}]"

@@ -99,16 +99,17 @@ def test_urls_are_refused(key):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("weights", "DEFAULT"), ("weights", "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"),
-    ("backbone_weights", "IMAGENET1K_V1"),
+@pytest.mark.parametrize("model_type, key, value", [
+    ("ssdlite320_mobilenet_v3_large", "weights", "DEFAULT"),
+    ("ssdlite320_mobilenet_v3_large", "weights", "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", "backbone_weights", "IMAGENET1K_V1"),
 ])
-def test_weights_names_come_from_the_cache_never_a_download(key, value, tmp_path, monkeypatch):
+def test_weights_names_come_from_the_cache_never_a_download(model_type, key, value, tmp_path, monkeypatch):
     # Names are accepted now; the worker only reads the cache (tests/detection/test_weights.py).
     monkeypatch.setenv("ORCH_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
     with pytest.raises(ConfigError, match=f"model.{key}: weights .* are not in the cache {tmp_path}") as err:
-        build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large", **{key: value}), 3, TINY)
+        build_model(ModelConfig(type=model_type, **{key: value}), 3, TINY)
     assert "\n" not in str(err.value)
 
 

@@ -159,8 +159,10 @@ def test_cross_field_rules(mapping, parts):
         ({"model": {"weights": "IMAGENET1K_V1"}},
          ["model.weights", "'IMAGENET1K_V1' is not a weights name of model.type ssdlite320_mobilenet_v3_large",
           "valid: DEFAULT (= COCO_V1), COCO_V1, or SSDLite320_MobileNet_V3_Large_Weights.<name>"]),
-        ({"model": {"backbone_weights": "ResNet50_Weights.IMAGENET1K_V1"}},
+        ({"model": {"type": "fasterrcnn_mobilenet_v3_large_fpn", "backbone_weights": "ResNet50_Weights.IMAGENET1K_V1"}},
          ["model.backbone_weights", "(MobileNet_V3_Large_Weights)", "valid: DEFAULT (= IMAGENET1K_V2)"]),
+        ({"model": {"backbone_weights": "IMAGENET1K_V1"}},
+         ["model.backbone_weights", "no backbone weights that fit model.type ssdlite320_mobilenet_v3_large"]),
         ({"model": {"type": "fasterrcnn", "backbone": "resnet50", "weights": "COCO_V1"}},
          ["model.weights", "torchvision has no detector weights for model.type fasterrcnn"]),
         ({"runtime": {"load_from": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}},
@@ -173,7 +175,7 @@ def test_model_rules_are_checked_before_any_job_starts(mapping, parts):
 
 @pytest.mark.parametrize("model", [
     {"weights": "DEFAULT"},
-    {"weights": "COCO_V1", "backbone_weights": "IMAGENET1K_V1"},
+    {"type": "fasterrcnn_mobilenet_v3_large_fpn", "weights": "COCO_V1", "backbone_weights": "IMAGENET1K_V1"},
     {"type": "fasterrcnn_resnet50_fpn_v2", "weights": "FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1"},
     {"type": "fasterrcnn", "backbone": "resnet34", "backbone_weights": "ResNet34_Weights.DEFAULT"},
     {"type": "fasterrcnn", "backbone_weights": "IMAGENET1K_V2"},  # a grid may still set the backbone

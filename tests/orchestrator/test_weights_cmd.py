@@ -83,9 +83,12 @@ def test_weights_list_shows_names_and_what_is_cached(weights_env, capsys):
     assert rc == 0
     assert f"cache: {weights_env}" in out
     assert "model.weights:" in out and "DEFAULT (= COCO_V1), COCO_V1*  [SSDLite320_MobileNet_V3_Large_Weights]" in out
-    assert "DEFAULT (= IMAGENET1K_V2), IMAGENET1K_V1, IMAGENET1K_V2  [MobileNet_V3_Large_Weights]" in out
+    assert "model.backbone_weights:            none (a local file only)" in out  # no ImageNet file fits
     rc, out, _ = _run(capsys, "weights", "list", "fasterrcnn")
-    assert "none in torchvision" in out and "(resnet34):" in out and "[ResNet34_Weights]" in out
+    assert "model.weights:                     none (a local file only)" in out
+    assert "(resnet34): DEFAULT (= IMAGENET1K_V1), IMAGENET1K_V1  [ResNet34_Weights]" in out
+    rc, out, _ = _run(capsys, "weights", "list", "fasterrcnn_mobilenet_v3_large_fpn")
+    assert "DEFAULT (= IMAGENET1K_V2), IMAGENET1K_V1, IMAGENET1K_V2  [MobileNet_V3_Large_Weights]" in out
     rc, _, err = _run(capsys, "weights", "list", "yolo")
     assert rc == 2 and "'yolo' is not a known detector" in err
 
