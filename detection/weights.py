@@ -260,11 +260,12 @@ def fetch(entry: WeightsFile, environ: Optional[Mapping[str, str]] = None,
 
 
 def _download(url: str, path: Path, hash_prefix: Optional[str], progress: bool) -> None:
+    import http.client
     import tempfile
     import urllib.error
 
     hint = (f"connect this machine, set ORCH_WEIGHTS_MIRROR to a mirror of {TORCHVISION_URL}, or copy "
-            f"{path.name} into {path.parent} (ORCH_WEIGHTS_DIR)")
+            f"{path.name} into {path.parent} (the weights cache)")
     try:
         # A temporary file in the cache folder itself, so that the final rename is atomic.
         handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
@@ -279,11 +280,15 @@ def _download(url: str, path: Path, hash_prefix: Optional[str], progress: bool) 
                 raise LaunchError(f"cannot download {url}: HTTP {err.code} {err.reason}; {hint}") from None
             except urllib.error.URLError as err:
                 raise LaunchError(f"cannot download {url} ({_reason(err.reason)}); {hint}") from None
-            except OSError as err:  # timeouts, resets, a full disk
+            except (OSError, http.client.HTTPException) as err:  # timeouts, resets, cut transfers, a full disk
                 raise LaunchError(f"cannot download {url} ({_reason(err)}); {hint}") from None
         if hash_prefix and not digest.startswith(hash_prefix):
             raise LaunchError(f"{url}: sha256 {digest[:len(hash_prefix)]}... does not match the {hash_prefix} in "
                               f"its name (a corrupt download, or a wrong mirror); nothing was kept in {path.parent}")
+        # Temporary files are private (0600); a shared cache must be readable as the umask allows.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
         os.replace(handle.name, path)
     finally:
         if os.path.exists(handle.name):
@@ -305,6 +310,7 @@ def _copy_url(url: str, out, progress: bool, label: str) -> str:
 
             bar = tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=label, file=sys.stderr)
+        written = 0
         try:
             while True:
                 chunk = response.read(1 << 20)
@@ -312,11 +318,14 @@ def _copy_url(url: str, out, progress: bool, label: str) -> str:
                     break
                 out.write(chunk)
                 sha.update(chunk)
+                written += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
         finally:
             if bar is not None:
                 bar.close()
+    if total and written < int(total):  # a cut transfer is a network problem, not a bad file
+        raise ConnectionError(f"the connection closed after {written} of {total} bytes")
     return sha.hexdigest()
 
 

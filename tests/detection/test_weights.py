@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import inspect
 import logging
+import os
 import socket
 import threading
 import typing
@@ -201,6 +202,9 @@ def test_download_once_into_the_cache(server, tmp_path):
     first = fetch(entry, environ=env, progress=False)
     assert not first.cached and first.path == tmp_path / "cache" / entry.file_name
     assert first.path.read_bytes() == PAYLOAD and first.size == len(PAYLOAD)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert first.path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others on a shared cache
     second = fetch(entry, environ=env, progress=False)
     assert second.cached and second.path == first.path
     assert server.requests == [f"/models/{entry.file_name}"]  # the second fetch asked nothing
@@ -228,6 +232,32 @@ def test_unreachable_server_is_one_line_and_leaves_nothing(tmp_path):
     assert message.startswith(f"cannot download {entry.url} (Connection refused); ") and "\n" not in message
     assert "ORCH_WEIGHTS_MIRROR" in message and f"copy {entry.file_name} into {tmp_path / 'cache'}" in message
     assert _cache_files(tmp_path / "cache") == []
+
+
+def test_a_transfer_cut_short_is_one_line_and_leaves_nothing(tmp_path):
+    # A server that promises more bytes than it sends, then closes the connection.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_once():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + PAYLOAD[:1000])
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(LaunchError) as err:
+            fetch(_test_entry(f"http://127.0.0.1:{port}"), environ={"ORCH_WEIGHTS_DIR": str(tmp_path / "c")},
+                  progress=False)
+    finally:
+        thread.join(5)
+        listener.close()
+    message = str(err.value)
+    assert message.startswith("cannot download http://127.0.0.1:") and "\n" not in message
+    assert "(the connection closed after 1000 of 1000000 bytes)" in message
+    assert _cache_files(tmp_path / "c") == []
 
 
 def test_http_error_is_one_line(server, tmp_path):

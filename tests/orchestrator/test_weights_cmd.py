@@ -146,7 +146,7 @@ def test_submit_without_network_queues_nothing(make_experiment, tmp_path, weight
     rc, out, err = _run(capsys, "submit", str(exp), "--backend", "local")
     assert rc == 2 and out == "" and err.count("\n") == 1
     assert f"/models/{SSDLITE_COCO.file_name} (Connection refused)" in err
-    assert f"copy {SSDLITE_COCO.file_name} into {weights_env} (ORCH_WEIGHTS_DIR)" in err
+    assert f"copy {SSDLITE_COCO.file_name} into {weights_env} (the weights cache)" in err
     home = tmp_path / "home"
     assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())  # no job record
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run (the tiny experiment's store)
