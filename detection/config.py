@@ -23,8 +23,10 @@ class ModelConfig:
     # maskrcnn_resnet50_fpn
     type: str = "ssdlite320_mobilenet_v3_large"
     backbone: Optional[str] = None  # resnet18 | resnet34 | resnet50 (FPN backbones)
-    weights: Optional[str] = None  # local file: an orch checkpoint or a torchvision state dict
-    backbone_weights: Optional[str] = None  # local file: a backbone state dict
+    # A local file (an orch checkpoint or a torchvision state dict) or a torchvision weights name
+    # (COCO_V1, DEFAULT, FasterRCNN_ResNet50_FPN_Weights.COCO_V1), fetched into the weights cache at submit.
+    weights: Optional[str] = None
+    backbone_weights: Optional[str] = None  # the same for the backbone (IMAGENET1K_V1, ResNet50_Weights.DEFAULT)
     trainable_backbone_layers: Optional[int] = None
     # Extra keyword arguments for the torchvision builder (e.g. rpn_batch_size_per_image).
     options: dict[str, Any] = field(default_factory=dict)

@@ -116,10 +116,11 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
     the worker imports torch; the worker waits for ``<output_dir>/.mlflow_run_id``.
     """
     from orchestrator.config import dump_experiment, with_overrides
+    from orchestrator.weights import weights_environ
 
     output_dir = job_output_dir(experiment)
     updates: dict[str, Any] = {"runtime.output_dir": str(output_dir)}
-    extra_env = {"ORCH_BACKEND": backend}
+    extra_env = {"ORCH_BACKEND": backend, **weights_environ(experiment)}
     tracking = experiment.tracking
     if write and tracking.enable:
         from orchestrator.tracking import runs

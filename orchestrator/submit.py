@@ -13,6 +13,7 @@ from cluster.errors import ConfigError
 from orchestrator.config.schema import Experiment
 from orchestrator.launch import Launch, ResourceFlags, choose_backend
 from orchestrator.launchers.base import JobHandle, Plan
+from orchestrator.weights import resolve_weights
 
 __all__ = ["ResourceFlags", "resolve_experiments", "submit"]
 
@@ -39,6 +40,7 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
         )
     launch = Launch.to(backends.pop())
     plan = launch.plan(experiments)
+    resolve_weights(experiments, download=not dry_run)  # weights names -> the cache, before anything is queued
     if dry_run:
         return plan, []
     launch.preflight(plan)

@@ -47,11 +47,13 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
     from orchestrator.config import load_experiment
     from orchestrator.sweep import plan_sweep
     from orchestrator.sweep.driver import prepare_sweep
+    from orchestrator.weights import resolve_weights
 
     extra = {"resources.ray.address": address, "sweep.num_samples": num_samples, "sweep.max_concurrent": max_concurrent}
     exp = load_experiment(experiment, overrides, extra=extra)
     plan = plan_sweep(exp, experiment)
     click.echo(plan.text)
+    resolve_weights(exp, download=not dry_run, echo=click.echo)  # weights names -> the cache, before anything runs
     if dry_run:
         return 0
     plan = prepare_sweep(plan)

@@ -6,12 +6,12 @@ Each error names the file that set the offending key, the key and how to fix it.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
 from typing import Any
 
 from cluster.errors import ConfigError
 from detection.models import MODELS, RESNET_BACKBONES, download_refusal  # torch-free table
+from detection.weights import WEIGHT_KEYS, is_weights_name, name_problem
 from orchestrator.config.schema import Experiment
 from orchestrator.config.validate import Context, is_schema_path
 
@@ -37,6 +37,14 @@ def _at_least(exp: Experiment, ctx: Context, minimum: float, *paths: str, strict
             raise ctx.error(path, f"must be {bound}, got {value!r}")
 
 
+def _installed(package: str) -> bool:
+    try:
+        __import__(package)
+    except ImportError:
+        return False
+    return True
+
+
 def check_experiment(exp: Experiment, ctx: Context) -> None:
     """Raise :class:`ConfigError` on the first rule ``exp`` breaks."""
     if not exp.name.strip():
@@ -59,7 +67,7 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
             raise ctx.error(path, f"is a fraction of the LR in [0, 1], got {_get(exp, path)}")
     if not exp.eval.metric or any(m not in _METRICS for m in exp.eval.metric):
         raise ctx.error("eval.metric", f"must list some of {', '.join(_METRICS)}, got {list(exp.eval.metric)}")
-    if exp.eval.engine == "faster" and importlib.util.find_spec("faster_coco_eval") is None:
+    if exp.eval.engine == "faster" and not _installed("faster_coco_eval"):
         # found now rather than at the first evaluation, an epoch into training
         raise ctx.error("eval.engine", "faster needs the faster-coco-eval package: pip install faster-coco-eval, "
                         "or set eval.engine: auto (falls back to pycocotools)")
@@ -73,7 +81,8 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
 
 def _check_model(exp: Experiment, ctx: Context) -> None:
     """The model rules the worker would otherwise find only after a job starts (string shape only:
-    weight files usually exist on the compute nodes, not where the config is resolved)."""
+    weight files usually exist on the compute nodes, not where the config is resolved; torchvision
+    weights names are checked against the model's weights enum)."""
     model = exp.model
     entry = MODELS.get(model.type)
     if entry is None:
@@ -91,7 +100,14 @@ def _check_model(exp: Experiment, ctx: Context) -> None:
         raise ctx.error("model.backbone", f"{model.backbone!r} is not valid for model.type {model.type}{hint}; "
                         f"valid: {', '.join(RESNET_BACKBONES)}")
     for path in ("model.weights", "model.backbone_weights", "runtime.load_from"):
-        refusal = download_refusal(_get(exp, path))
+        value = _get(exp, path)
+        if path in WEIGHT_KEYS and is_weights_name(value):
+            # A torchvision name must exist for this model; its file is fetched at submit.
+            problem = name_problem(model.type, model.backbone, path, value)
+            if problem:
+                raise ctx.error(path, problem)
+            continue
+        refusal = download_refusal(value)
         if refusal:
             raise ctx.error(path, refusal)
 

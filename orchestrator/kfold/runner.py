@@ -126,11 +126,13 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     from orchestrator.config import load_experiment, output_dir_of, with_overrides
     from orchestrator.kfold.expand import expand
     from orchestrator.launch import Launch, ResourceFlags, choose_backend
+    from orchestrator.weights import resolve_weights
 
     changes = {k: v for k, v in {"backend": backend, "gpus": gpus, "max_parallel": max_parallel}.items() if v is not None}
     flags = dataclasses.replace(flags or ResourceFlags(), **changes)
     flags = dataclasses.replace(flags, extra={**flags.extra, **({"kfold.folds": folds} if folds is not None else {})})
     exp = load_experiment(path, overrides, extra=flags.as_overrides())
+    resolve_weights(exp, download=not dry_run, echo=echo)  # weights names -> the cache, before anything is written
     kcfg = exp.kfold or KFoldConfig()
     backend = choose_backend(exp, flags.backend)
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
