@@ -75,8 +75,7 @@ def _init_process_group(env: Any, device: Any) -> bool:
     if env.world_size <= 1 or dist.is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    init = "env://" if env.source == "torchrun" else f"tcp://{env.master_addr}:{env.master_port}"
-    dist.init_process_group(backend, init_method=init, rank=env.rank, world_size=env.world_size,
+    dist.init_process_group(backend, init_method=env.init_method, rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(minutes=30))
     return True
 
