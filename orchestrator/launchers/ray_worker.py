@@ -213,8 +213,8 @@ def trial_experiment(params: dict[str, Any], payload: dict[str, Any], trial_id: 
     if base.tracking.enable:
         from detection.tracking import create_run
 
-        tags = {**base.tracking.tags, "orch.sweep_job": payload["job_id"], "orch.trial_id": trial_id,
-                "orch.backend": "ray"}
+        tags = {"backend": "ray", **base.tracking.tags, "orch.sweep_job": payload["job_id"],
+                "orch.trial_id": trial_id, "orch.backend": "ray"}
         run_id = create_run(base.tracking, trial_name, tags=tags, parent_run_id=payload["parent_run_id"])
         changes.update({"tracking.run_id": run_id, "tracking.parent_run_id": payload["parent_run_id"],
                         "tracking.run_name": trial_name, "tracking.tags": tags})
