@@ -132,13 +132,14 @@ def _state_difference(own: dict[str, Any], saved: Any) -> Optional[str]:
 class Checkpointer:
     """Saves and restores a :class:`~detection.engine.Trainer`'s state (see the module docstring).
 
-    Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes.
+    Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes. ``cfg`` is the
+    ``checkpoint`` section; ``seed`` (``runtime.seed``) reseeds a resume on another world size.
     """
 
-    def __init__(self, output_dir: str, cfg: Any, rank: int = 0, unit: str = "iter") -> None:
+    def __init__(self, output_dir: str, cfg: Any, rank: int = 0, unit: str = "iter", seed: int = 0) -> None:
         self.dir = os.path.join(output_dir, "checkpoints")
         self.cfg = cfg
-        self.rank = rank
+        self.rank, self.seed = rank, seed
         self.unit = unit  # "iter" or "epoch": names of periodic files
         self.best: dict[str, Any] = {}
         self.last_path: Optional[str] = None
@@ -284,7 +285,7 @@ class Checkpointer:
             return
         fraction = state["iter"] / max(1, state["max_iters"])
         trainer.iter = min(trainer.max_iters, round(fraction * trainer.max_iters))
-        seed = trainer.config.runtime.seed + rank + trainer.iter
+        seed = self.seed + rank + trainer.iter
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

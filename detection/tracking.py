@@ -215,14 +215,17 @@ class _BatchWriter(threading.Thread):
 class MlflowHook(Hook):
     """Records a training run in MLflow (rank 0 only; see the module docstring).
 
-    ``hosts``: host names of all ranks (gathered by the trainer's caller). The run is
-    ``tracking.run_id`` (set by the orchestrator before launch), else the one a resumed checkpoint
-    belonged to, else a new one. ``tracking.tags`` (the orchestrator puts ``backend`` there) are
-    logged as tags.
+    ``config``: the experiment (its params, YAML and ``tracking`` section are logged once);
+    ``hosts``: host names of all ranks (gathered by the builder); ``log_interval``: log the
+    training values every that many iterations (and at the end); ``flush_every``: hand buffered
+    values to the writer thread every that many logged steps. The run is ``tracking.run_id``
+    (set by the orchestrator before launch), else the one a resumed checkpoint belonged to, else
+    a new one. ``tracking.tags`` (the orchestrator puts ``backend`` there) are logged as tags.
     """
 
-    def __init__(self, config: Any, hosts: Sequence[str] = (), flush_every: int = 50) -> None:
+    def __init__(self, config: Any, hosts: Sequence[str] = (), log_interval: int = 10, flush_every: int = 50) -> None:
         self.config = config
+        self.log_interval = max(1, int(log_interval))
         self.tracking = config.tracking
         self.hosts = sorted(set(hosts)) or [socket.gethostname()]
         self.flush_every = flush_every
@@ -286,7 +289,7 @@ class MlflowHook(Hook):
         log.info("MLflow run %s at %s", self.run_id, resolve_tracking_uri(self.tracking))
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
-        if trainer.iter % trainer.log_interval and trainer.iter != trainer.max_iters:
+        if trainer.iter % self.log_interval and trainer.iter != trainer.max_iters:
             return
         values = {k: v for k, v in log_values.items() if k == "loss" or k.startswith("loss_") or k in ("lr", "images_per_s")}
         if "images_per_s" not in values and log_values.get("time"):
@@ -352,7 +355,7 @@ class MlflowHook(Hook):
         from detection.evaluation import per_class_table
 
         out = trainer.output_dir
-        split = trainer.config.eval.split
+        split = self.config.eval.split
         for name in (f"eval_{split}.json",):
             if os.path.isfile(os.path.join(out, name)):
                 self.client.log_artifact(self.run_id, os.path.join(out, name))
