@@ -27,6 +27,9 @@ class ModelConfig:
     # (COCO_V1, DEFAULT, FasterRCNN_ResNet50_FPN_Weights.COCO_V1), fetched into the weights cache at submit.
     weights: Optional[str] = None
     backbone_weights: Optional[str] = None  # the same for the backbone (IMAGENET1K_V1, ResNet50_Weights.DEFAULT)
+    # Folder of the weights cache that names resolve to; set by orch submit ($ORCH_WEIGHTS_DIR, else
+    # $TORCH_HOME/hub/checkpoints). null = torch's hub cache.
+    weights_dir: Optional[str] = None
     trainable_backbone_layers: Optional[int] = None
     # Extra keyword arguments for the torchvision builder (e.g. rpn_batch_size_per_image).
     options: dict[str, Any] = field(default_factory=dict)

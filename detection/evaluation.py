@@ -245,3 +245,49 @@ def per_class_table(metrics: Mapping[str, float]) -> str:
             cells.append("-" if value is None or math.isnan(value) else f"{value:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def predict(model: Any, loader: Any, device: Any, dataset: Any, with_masks: bool = False) -> list[dict[str, Any]]:
+    """COCO result dicts of ``model`` on every batch of ``loader`` (this rank's shard).
+
+    The evaluation dataset is not resized (the detector resizes internally and maps its boxes
+    back to the input size), so boxes are in original image coordinates.
+    """
+    import torch  # here, not at the top: scoring saved predictions needs no torch
+
+    was_training = model.training
+    model.eval()
+    preds: list[dict[str, Any]] = []
+    try:
+        with torch.inference_mode():
+            for images, targets in loader:
+                outputs = model([img.to(device, non_blocking=True) for img in images])
+                ids = [int(t["image_id"]) for t in targets]
+                preds.extend(predictions_to_coco(outputs, ids, dataset.label_to_cat_id, with_masks=with_masks))
+    finally:
+        model.train(was_training)
+    return preds
+
+
+def evaluate_model(
+    model: Any, loader: Any, dataset: Any, device: Any, *, iou_types: Sequence[str] = ("bbox",),
+    classwise: bool = False, world_size: int = 1, rank: int = 0, predictions_path: Optional[str] = None,
+    with_masks: bool = False, engine: str = "auto",
+) -> dict[str, float]:
+    """Predict on every rank, gather, evaluate on rank 0 with ``engine`` (writing
+    ``predictions_path``), and return the metrics on every rank (``world_size > 1`` needs a
+    running process group)."""
+    preds = gather_predictions(predict(model, loader, device, dataset, with_masks), world_size)
+    metrics: dict[str, float] = {}
+    if rank == 0:
+        if predictions_path:
+            write_predictions(predictions_path, preds)
+        metrics = evaluate_coco(dataset.coco, preds, iou_types=tuple(iou_types), classwise=classwise, engine=engine)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            box = [metrics]
+            dist.broadcast_object_list(box, src=0)
+            metrics = box[0]
+    return metrics

@@ -221,7 +221,7 @@ def weights_file(model_cfg, key: str) -> str | None:
     if not is_weights_name(value):
         return check_local_weights(value, key)
     entry = lookup(model_cfg.type, model_cfg.backbone, key, value)
-    path = cached_file(entry, key)
+    path = cached_file(entry, key, model_cfg.weights_dir)
     log.info("%s: %s is %s", key, entry.name, path)
     return path
 

@@ -116,11 +116,12 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
     the worker imports torch; the worker waits for ``<output_dir>/.mlflow_run_id``.
     """
     from orchestrator.config import dump_experiment, with_overrides
-    from orchestrator.weights import weights_environ
+    from orchestrator.weights import weights_overrides
 
     output_dir = job_output_dir(experiment)
     updates: dict[str, Any] = {"runtime.output_dir": str(output_dir)}
-    extra_env = {"ORCH_BACKEND": backend, **weights_environ(experiment)}
+    extra_env = {"ORCH_BACKEND": backend}
+    updates.update(weights_overrides(experiment))
     tracking = experiment.tracking
     if write and tracking.enable:
         from orchestrator.tracking import runs

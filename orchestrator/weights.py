@@ -3,7 +3,7 @@
 ``orch submit``, ``orch kfold``, ``orch sweep`` and ``orch weights fetch`` call
 :func:`resolve_weights` on the submitting machine before anything is queued or written: every
 name the experiment can train with (its own values, its grid's and its sweep's choices) is
-downloaded into the cache once (:func:`detection.weights.fetch`); a dry run only reports whether
+downloaded into the cache once (:func:`orchestrator.downloads.fetch`); a dry run only reports whether
 each file is there. Jobs then read the cache and never download.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from cluster.errors import ConfigError
-from detection.weights import WEIGHT_KEYS, WeightsFile, cache_dir, download_url, fetch, is_weights_name, lookup
+from detection.weights import WEIGHT_KEYS, WeightsFile, is_weights_name, lookup
+from orchestrator.downloads import cache_dir, download_url, fetch
 from orchestrator.config.schema import Experiment
 
 
@@ -106,8 +107,7 @@ def resolve_weights(experiments: Union[Experiment, Sequence[Experiment]], downlo
     return out
 
 
-def weights_environ(experiment: Experiment) -> dict[str, str]:
-    """``{"ORCH_WEIGHTS_DIR": <cache>}`` when ``experiment`` uses weights names, for the job's
-    environment: workers on other machines (Ray, torchrun over ssh) then read the cache the
-    submit filled rather than their own default."""
-    return {"ORCH_WEIGHTS_DIR": str(cache_dir())} if weights_requests(experiment) else {}
+def weights_overrides(experiment: Experiment) -> dict[str, str]:
+    """``{"model.weights_dir": <cache>}`` when ``experiment`` uses weights names: the job reads
+    the cache that this submit filled (on any node), never a default of its own."""
+    return {"model.weights_dir": str(cache_dir())} if weights_requests(experiment) else {}

@@ -29,7 +29,7 @@ def fetch_cmd(experiments, overrides) -> int:
       orch weights fetch experiments/coco/faster_rcnn_r50_fpn_ft_coco_v1.yaml
       ORCH_WEIGHTS_DIR=/shared/weights orch weights fetch exp.yaml --set model.backbone_weights=DEFAULT
     """
-    from detection.weights import cache_dir
+    from orchestrator.downloads import cache_dir
     from orchestrator.config import load_experiment
     from orchestrator.weights import resolve_weights
 
@@ -51,7 +51,8 @@ def list_cmd(model_type) -> int:
       orch weights list fasterrcnn          # ImageNet ResNet weights per model.backbone
     """
     from detection.models import MODELS, get_entry
-    from detection.weights import BACKBONE_ENUMS, DETECTOR_ENUMS, RESNET_ENUMS, cache_dir
+    from detection.weights import BACKBONE_ENUMS, DETECTOR_ENUMS, RESNET_ENUMS
+    from orchestrator.downloads import cache_dir
 
     if model_type is not None:
         get_entry(model_type)  # one line naming the valid types

@@ -21,9 +21,10 @@ from cluster.errors import ConfigError, LaunchError
 from detection.config import DataConfig, ModelConfig
 from detection.models import build_model
 from detection.weights import (
-    BACKBONE_ENUMS, DETECTOR_ENUMS, ENUMS, RESNET_ENUMS, TORCHVISION_URL, WeightsFile, cache_dir, download_url,
-    fetch, is_weights_name, lookup, name_problem,
+    BACKBONE_ENUMS, DETECTOR_ENUMS, ENUMS, RESNET_ENUMS, TORCHVISION_URL, WeightsFile, is_weights_name, lookup,
+    name_problem,
 )
+from orchestrator.downloads import cache_dir, download_url, fetch
 
 TINY = DataConfig(min_size=64, max_size=64)
 
@@ -293,12 +294,14 @@ def test_progress_bar_only_when_asked(server, tmp_path, capsys):
 
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch) -> Path:
-    """``ORCH_WEIGHTS_DIR`` in tmp, and any torch.hub download made a test failure."""
-    monkeypatch.setenv("ORCH_WEIGHTS_DIR", str(tmp_path / "cache"))
+    """torch's hub cache in tmp (what training reads when no ``model.weights_dir`` is given), and
+    any torch.hub download made a test failure."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("download attempted"))
-    (tmp_path / "cache").mkdir()
-    return tmp_path / "cache"
+    cache = tmp_path / "th" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    return cache
 
 
 def test_cached_coco_weights_load_into_a_model_of_other_classes(offline_cache, caplog):
@@ -364,3 +367,17 @@ def test_a_name_not_in_the_cache_is_one_line_and_never_downloads(offline_cache):
                               f"the cache {offline_cache} (ssdlite320_mobilenet_v3_large_coco-a79551df.pth); ")
     assert "run `orch weights fetch exp.yaml` on a machine with network or copy the file there" in message
     assert "\n" not in message
+
+
+def test_the_cache_folder_comes_from_the_config_not_the_environment(offline_cache, tmp_path, monkeypatch):
+    """Training reads no ORCH_* variable: orch submit hands the cache it filled to the job as
+    model.weights_dir; $ORCH_WEIGHTS_DIR on a compute node changes nothing."""
+    model_type = "fasterrcnn_mobilenet_v3_large_320_fpn"
+    entry = lookup(model_type, None, "model.weights", "COCO_V1")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    torch.save(build_model(ModelConfig(type=model_type), 91, TINY).state_dict(), shared / entry.file_name)
+    monkeypatch.setenv("ORCH_WEIGHTS_DIR", str(tmp_path / "elsewhere"))
+    build_model(ModelConfig(type=model_type, weights="COCO_V1", weights_dir=str(shared)), 3, TINY)
+    with pytest.raises(ConfigError, match="are not in the cache"):
+        build_model(ModelConfig(type=model_type, weights="COCO_V1"), 3, TINY)  # torch's cache is empty
