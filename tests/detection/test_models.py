@@ -106,10 +106,9 @@ def test_urls_are_refused(key):
 ])
 def test_weights_names_come_from_the_cache_never_a_download(model_type, key, value, tmp_path, monkeypatch):
     # Names are accepted now; the worker only reads the cache (tests/detection/test_weights.py).
-    monkeypatch.setenv("ORCH_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
     with pytest.raises(ConfigError, match=f"model.{key}: weights .* are not in the cache {tmp_path}") as err:
-        build_model(ModelConfig(type=model_type, **{key: value}), 3, TINY)
+        build_model(ModelConfig(type=model_type, weights_dir=str(tmp_path), **{key: value}), 3, TINY)
     assert "\n" not in str(err.value)
 
 
