@@ -248,8 +248,10 @@ class Checkpointer:
         return spec
 
     def resume(self, trainer: Any, path: str) -> None:
-        """Restore ``trainer`` from ``path``. On another world size the position is carried over
-        as the same fraction of training, the LR rule is re-applied and the RNG reseeded."""
+        """Restore ``trainer`` from ``path``. On the same world size the exact position and RNG
+        states (also when the schedule is now longer or shorter); on another world size the
+        position is carried over as the same fraction of training, the LR rule is re-applied and
+        the RNG reseeded."""
         state = load_checkpoint(path)
         missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
         if missing:
@@ -278,10 +280,20 @@ class Checkpointer:
         self.last_path = path
         trainer.run_id = state.get("run_id")  # the MLflow hook continues this run
         rank = trainer.env.rank
-        if state["world_size"] == trainer.env.world_size and state["max_iters"] == trainer.max_iters:
+        if state["world_size"] == trainer.env.world_size:
+            # Same world size: the exact position and RNG states, whatever the schedule length now
+            # is (a longer schedule continues where the checkpoint stopped).
             trainer.iter = int(state["iter"])
             trainer.pending_rng = state["rng"][rank]
-            log.info("resumed from %s at iteration %d", path, trainer.iter)
+            if state["max_iters"] == trainer.max_iters:
+                log.info("resumed from %s at iteration %d", path, trainer.iter)
+            elif trainer.iter < trainer.max_iters:
+                log.info("resumed from %s at iteration %d; schedule changed from %d to %d iterations",
+                         path, trainer.iter, state["max_iters"], trainer.max_iters)
+            else:
+                log.warning("resumed from %s at iteration %d, past the schedule's end (%d iterations now): "
+                            "nothing left to train; lengthen schedule.iterations/epochs to continue",
+                            path, trainer.iter, trainer.max_iters)
             return
         fraction = state["iter"] / max(1, state["max_iters"])
         trainer.iter = min(trainer.max_iters, round(fraction * trainer.max_iters))

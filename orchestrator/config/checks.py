@@ -18,6 +18,9 @@ from orchestrator.config.validate import Context, is_schema_path
 # Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
 _METRICS = ("bbox", "segm")
+# The name is one folder under work_dirs ({name} in runtime.output_dir): no '/', no '..', no
+# hidden or option-like name.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _get(exp: Experiment, path: str) -> Any:
@@ -49,6 +52,10 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
     """Raise :class:`ConfigError` on the first rule ``exp`` breaks."""
     if not exp.name.strip():
         raise ctx.error("name", "must not be empty")
+    if not _SAFE_NAME.fullmatch(exp.name):
+        raise ctx.error("name", f"must be a plain folder name (letters, digits, '_', '.', '-'; not starting with "
+                        f"'.' or '-'), got {exp.name!r}; set name: to one (it defaults to the file's name) and "
+                        "runtime.output_dir to write elsewhere")
     _check_schedule(exp, ctx)
     _at_least(exp, ctx, 1, "data.batch_size_per_gpu", "data.min_size", "data.max_size",
               "optim.accumulation_steps", "optim.auto_scale_lr.base_batch_size",

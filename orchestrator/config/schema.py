@@ -51,7 +51,9 @@ class SlurmOptions:
     constraint: Optional[str] = None
     exclude: Optional[str] = None
     nodelist: Optional[str] = None
-    setup: tuple[str, ...] = ()  # shell lines run before the job (module load, conda activate)
+    # The YAML is data, except these lines, which are shell run by sbatch: copied verbatim into the
+    # batch script before the job starts (module load, conda activate), on purpose, unquoted.
+    setup: tuple[str, ...] = ()
     max_requeues: int = 3
     array_parallelism: int = 8
     additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option

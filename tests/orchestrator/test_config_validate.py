@@ -144,6 +144,22 @@ def test_cross_field_rules(mapping, parts):
     check_error(mapping, "exp.yaml", *parts)
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", ".hidden", "..", "-rf", "a b", "x{a,b}", "ex\u00e9"])
+def test_a_name_that_is_not_one_plain_folder_is_refused(name):
+    # runtime.output_dir is work_dirs/{name}: "../x" would write outside work_dirs.
+    message = check_error({"name": name}, "exp.yaml: name: must be a plain folder name",
+                          "letters, digits, '_', '.', '-'; not starting with '.' or '-'", repr(name),
+                          "set name: to one (it defaults to the file's name) and runtime.output_dir to write elsewhere")
+    assert message.startswith("exp.yaml: name:")
+
+
+def test_plain_names_and_an_explicit_output_dir_stay_allowed(tmp_path):
+    for name in ("shapes_demo", "exp-1.v2", "_x", "2026"):
+        assert build_experiment({"name": name}).name == name
+    exp = build_experiment({"name": "mine", "runtime": {"output_dir": str(tmp_path / ".." / "elsewhere")}})
+    assert exp.runtime.output_dir == str(tmp_path / ".." / "elsewhere")
+
+
 @pytest.mark.parametrize(
     "mapping, parts",
     [

@@ -105,9 +105,20 @@ def base_env(job: JobSpec) -> dict[str, str]:
     return {"PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **job.extra_env}
 
 
+# Characters no shell treats specially in a word (no braces: "a{b,c}" is brace-expanded by bash).
+_SAFE_WORD = re.compile(r"[\w@%+=:,./-]+")
+# What the supervisor (or the user, by hand) fills in: left readable in the dry-run text. Alone,
+# or next to safe characters, such a token is literal in sh and bash (no comma or '..' inside).
+PLACEHOLDERS = ("{port}", "{master_addr}")
+
+
 def _quote(text: str) -> str:
-    # Placeholders such as {port} stay readable: a lone {word} is literal in sh/bash.
-    return text if re.fullmatch(r"[\w@%+=:,./{}-]+", text) else shlex.quote(text)
+    """``text`` as one shell word: as is when made of safe characters and exact placeholders
+    only, else single-quoted (``{port}`` inside quotes is still filled in at launch)."""
+    bare = text
+    for token in PLACEHOLDERS:
+        bare = bare.replace(token, "")
+    return text if _SAFE_WORD.fullmatch(bare) or (text and not bare) else shlex.quote(text)
 
 
 def format_command(argv: list[str] | tuple[str, ...], env: dict[str, str]) -> str:
