@@ -7,6 +7,7 @@ after the cursor in journal order (see ``shipper`` for the exactly-once argument
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, Optional
@@ -15,6 +16,8 @@ from cluster.errors import OrchError
 from detection.journal import TERMINAL, read_entries, read_meta
 from orchestrator.tracking import store
 from orchestrator.tracking.cursor import Cursor, load_cursor, save_cursor
+
+log = logging.getLogger(__name__)
 
 PARAMS_PER_BATCH, METRICS_PER_BATCH, TAGS_PER_BATCH = 100, 1000, 100
 READ_BYTES = 4 << 20  # journal bytes read at a time
@@ -60,7 +63,9 @@ class Shipment:
                 code = getattr(err, "error_code", None)
                 if attempt + 1 == self.attempts or code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
                     raise
-                time.sleep(min(0.5 * 2 ** attempt, 8.0))
+                delay = min(0.5 * 2 ** attempt, 8.0)
+                log.warning("shipper: %s busy (%s); retrying in %.1f s", self.uri, str(err).splitlines()[0][:200], delay)
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     def save(self, **changes: Any) -> None:
@@ -109,9 +114,9 @@ class Shipment:
         folder = _parent_folder(self.dir, ref, self.index)
         if folder is not None:
             return self.ship_parent(folder)
-        experiment = self.call(store.experiment_id, self.client, self.meta["experiment"])
-        run = self.call(store.find_run, self.client, experiment, ref["journal_id"])
-        if run is None:
+        found = self.call(self.client.get_experiment_by_name, self.meta["experiment"])
+        run = found and self.call(store.find_run, self.client, found.experiment_id, ref["journal_id"])
+        if not run:
             raise ShipPending(f"parent journal {ref['journal_id']} of {self.dir} is not at {ref.get('path')} and not "
                               f"shipped to {self.uri}; sync the parent's folder first")
         return run.info.run_id, run.info.experiment_id

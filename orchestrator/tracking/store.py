@@ -88,6 +88,9 @@ def open_client(uri: str) -> tuple[Any, list[str]]:
 
     if uri in _clients:
         return _clients[uri], []
+    # Ending a run on a server prints two "View run" lines to stdout (and costs a get_run):
+    # one per journal would bury the shipper's and orch sync's own summary.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     warnings: list[str] = []
     path = sqlite_path(uri)
     if path is None:
