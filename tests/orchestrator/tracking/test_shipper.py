@@ -226,3 +226,36 @@ def test_shipper_killed_9_mid_ship_then_restarted(tmp_path, destination):
     found = values_of(destination, cut.run_id)
     assert found["run"].info.status == "FINISHED"
     assert step_values(found) == expected_metrics(1200, keys)
+
+
+def test_shipper_process_stops_with_the_process_it_watches_or_on_sigterm(tmp_path, sqlite_uri):
+    """A launcher's two ways to end a shipper whose run never got a final status: the watched
+    process (``--until-pid``) exits, or SIGTERM. Either way one last pass ships what is there."""
+    watched = subprocess.Popen(["sleep", "600"])
+    journals = [make_journal(tmp_path / name / "journal", run_name=name, steps=5, status=None)
+                for name in ("until_pid", "sigterm")]
+    shippers = [subprocess.Popen(shipper_command(journals[0].folder, sqlite_uri, "--follow", "--poll", "0.2",
+                                                 "--until-pid", str(watched.pid)), env=shipper_env()),
+                subprocess.Popen(shipper_command(journals[1].folder, sqlite_uri, "--follow", "--poll", "0.2"),
+                                 env=shipper_env())]
+    try:
+        deadline = time.monotonic() + 300
+        while not all(load_cursor(j.folder, sqlite_uri).offset for j in journals):
+            assert time.monotonic() < deadline, "the shippers never shipped"
+            time.sleep(0.2)
+        for journal in journals:  # training logs a last value, then dies without a final status
+            journal.log_metrics({"loss": -1.0}, step=99)
+            journal.flush()
+        time.sleep(1.0)
+        assert [s.poll() for s in shippers] == [None, None]  # following: no final status yet
+        watched.kill()
+        watched.wait()
+        shippers[1].send_signal(signal.SIGTERM)
+        assert [s.wait(timeout=120) for s in shippers] == [0, 0]
+    finally:
+        for proc in shippers + [watched]:
+            if proc.poll() is None:
+                proc.kill()
+    for journal in journals:
+        found = values_of(sqlite_uri, load_cursor(journal.folder, sqlite_uri).run_id)
+        assert found["run"].info.status == "RUNNING" and found["metrics"]["loss"][-1][0] == 99
