@@ -177,7 +177,8 @@ class Shipment:
                     if not _permanent(err):
                         raise
                     bad.append(f"{item.key}: {str(err).splitlines()[0][:200]}")
-        self.warnings.append(f"{len(bad)} value(s) refused by {self.uri}, first: {bad[0]}")
+        if bad:
+            self.warnings.append(f"{len(bad)} value(s) refused by {self.uri}, first: {bad[0]}")
         return sent
 
     # -- other events --------------------------------------------------------------------------
