@@ -103,6 +103,9 @@ def _writer(uri: str, queue) -> None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.tracking.store import quiet_store_logs
+
+    quiet_store_logs()
     client, errors = MlflowClient(tracking_uri=uri), 0
     while True:
         try:

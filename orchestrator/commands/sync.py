@@ -28,11 +28,13 @@ def sync_cmd(paths: tuple[str, ...], uri: Optional[str], watch: bool, poll: floa
     """
     from cluster.errors import ConfigError
     from detection.tracking import resolve_tracking_uri
+    from orchestrator.tracking.store import quiet_store_logs
     from orchestrator.tracking.sync import sync
 
     if not paths:
         raise ConfigError("orch sync: give at least one folder, e.g. orch sync work/ (a job's output folder or above)")
     target = uri or resolve_tracking_uri(None)
+    quiet_store_logs()
 
     def show(summary) -> None:
         if watch:

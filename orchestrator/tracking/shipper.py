@@ -40,6 +40,7 @@ from cluster.lease import is_alive
 from detection.journal import EVENTS, TERMINAL, read_entries, read_meta
 from orchestrator.tracking.cursor import cursor_lock, normalize_uri
 from orchestrator.tracking.replay import ShipPending, Shipment
+from orchestrator.tracking.store import quiet_store_logs
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="with --follow: make a last pass and stop once this process has exited")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    quiet_store_logs()
     from detection.tracking import resolve_tracking_uri
 
     uri = args.uri or resolve_tracking_uri(None)

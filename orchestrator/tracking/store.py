@@ -2,8 +2,11 @@
 
 - SQLite stores: the first client of a process creates the tables under a machine-wide lock
   (32 shippers starting on a fresh ``mlflow.db`` at once would race in the schema migration)
-  and switches the file to WAL mode on local disks, where it lets readers (``mlflow ui``) and
-  the one writer proceed at once; MLflow itself sets a 20 s busy timeout on every session.
+  and switches the file to WAL mode on local disks, where readers (``mlflow ui``) no longer
+  wait for the writer. MLflow sets a 20 s busy timeout on every session, yet its sessions read
+  then write in one transaction, which SQLite fails at once ("database is locked") when another
+  writer got in between, in WAL mode too (bench_journal.py: 24 writers, 3-7 failed calls either
+  way): the shipper retries those calls (``replay.Shipment.call``), the journal keeps the values.
   On NFS/Lustre WAL cannot work and SQLite locking is unreliable: a warning says to use a server.
 - Experiments are created with MLflow 3's experiment-kind tag, so that ``mlflow ui`` opens them
   on the runs table instead of the GenAI overview.
@@ -37,6 +40,12 @@ EXPERIMENT_KIND = "custom_model_development"
 NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "beegfs", "glusterfs", "fuse")
 
 _clients: dict[str, Any] = {}
+
+
+def quiet_store_logs() -> None:
+    """Silence the full traceback MLflow's SQL store logs at ERROR for each "database is
+    locked" it raises (the shipper retries those and logs one line). For process entry points."""
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def sqlite_path(uri: str) -> Optional[str]:
@@ -147,4 +156,5 @@ def create_run(client: Any, experiment: str, meta: dict[str, Any], parent_run_id
 
 
 __all__ = ["EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "JOURNAL_TAG", "PARENT_TAG", "create_run", "experiment_id",
-           "filesystem_type", "find_run", "open_client", "sqlite_path"]
+           "filesystem_type", "find_run", "open_client",
+           "quiet_store_logs", "sqlite_path"]

@@ -68,7 +68,7 @@ def test_32_shippers_into_one_sqlite_file(tmp_path, sqlite_uri):
     outputs = [p.communicate(timeout=1500)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 32, "\n".join(o[-500:] for o in outputs)
     locked = sum("database is locked" in o for o in outputs)
-    print(f"shippers that met 'database is locked' and retried: {locked}")
+    print(f"shippers that met 'database is locked' and retried: {locked} of 32")
     run_ids = [load_cursor(f, sqlite_uri).run_id for f in folders]
     assert len(set(run_ids)) == 32
     for run_id in run_ids:
