@@ -218,9 +218,9 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
                               engine=config.eval.engine))
     hooks.append(CheckpointHook(config.checkpoint.interval, unit))
     if env.rank == 0 and config.tracking.enable:
-        from detection.tracking import MlflowHook
+        from detection.tracking import JournalHook
 
-        hooks.append(MlflowHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
+        hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
     return [*hooks, *extra]
 
 

@@ -138,14 +138,17 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow. ``uri`` None means ``MLFLOW_TRACKING_URI`` or the local SQLite default."""
+    """MLflow. Training writes a journal in its output folder; a shipper sends it to ``uri``
+    (``MLFLOW_TRACKING_URI`` or the local SQLite default when null) beside training or later."""
 
     enable: bool = True
+    # auto: ship when the server answers, keep journaling (one warning) when not; online: refuse
+    # to submit when it does not answer; offline: never ship during the job (orch sync later).
+    mode: Literal["auto", "online", "offline"] = "auto"
     uri: Optional[str] = None
-    experiment: Optional[str] = None  # None = the experiment name
+    experiment: Optional[str] = None  # MLflow experiment; None = the experiment name
     log_checkpoints: bool = False
     run_name: Optional[str] = None
-    # Set by orch at submit time so every rank, restart and requeue continues one run; leave empty.
-    run_id: Optional[str] = None
-    parent_run_id: Optional[str] = None
+    # Set by orch for nested runs (a fold under its set, a trial under its sweep); leave empty.
+    parent_journal: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)  # extra tags (fold, grid point, trial)

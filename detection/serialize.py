@@ -32,7 +32,7 @@ YAML12_RESOLVERS = (
 
 # Fields that identify a run rather than configure it: left out of config_hash so that the hash
 # of an experiment is the same before and after submit fills them in.
-HASH_EXCLUDED = ("tracking.run_id", "tracking.parent_run_id")
+HASH_EXCLUDED = ("tracking.parent_journal",)
 
 
 class Dumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # libyaml's emitter when available

@@ -1,12 +1,14 @@
-"""MLflow records of training runs: one run per job, written from rank 0 only.
+"""What a training run records for MLflow, written from rank 0 to the run's journal only.
 
-Everything goes through ``MlflowClient`` with an explicit run id (never the fluent API's global
-"active run"), so a Ray worker, a Slurm requeue or a resumed job continues exactly the run that
-``orch`` created at submit time (``tracking.run_id``). Per-step metrics are buffered and written
-by a background thread with ``log_batch`` (a synchronous call per step costs ~56 ms against a
-server; 1000 values in one batch cost 0.2 s, see FIELD_NOTES), so logging does not slow the loop.
-
-mlflow is imported inside functions: ``orch --help`` must not load it.
+Training never talks to a tracking server: :class:`JournalHook` appends params, tags, metric
+values, artifact references and the run's status to ``<output_dir>/journal/``
+(:mod:`detection.journal`); a shipper process replays the journal to MLflow, beside training or
+later (``orch sync``), exactly once. A server that is down at the start, mid-run or at the end,
+or that compute nodes cannot reach at all, costs training nothing and loses no value: the job's
+outcome is the training's outcome. Per step the hook only appends to a buffer (microseconds);
+the buffer is written every ``flush_every`` logged steps or 10 s, and made durable (fsync) after
+every checkpoint and at the end, so a resumed or requeued job continues the same journal (and the
+same MLflow run) from where its last checkpoint left it.
 """
 
 from __future__ import annotations
@@ -15,93 +17,37 @@ import json
 import logging
 import os
 import platform
-import queue
 import re
 import socket
 import subprocess
-import threading
 import time
 from typing import Any, Optional, Sequence
 
-
-from cluster.errors import ConfigError, OrchError
 from detection.hooks.base import Hook
+from detection.journal import Journal, is_journal
 from detection.serialize import config_hash, dump_yaml, to_plain
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit; longer values are cut (the full YAML is an artifact)
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 FLUSH_EVERY_S = 10.0
-# Params a requeued / restarted job changes on purpose (it resumes from its checkpoint).
-RESTART_PARAMS = frozenset({"runtime.resume", "runtime.load_from"})
+JOURNAL_DIR = "journal"
 
 
-def resolve_tracking_uri(tracking: Any) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
-    if getattr(tracking, "uri", None):
-        return str(tracking.uri)
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(os.getcwd(), 'mlflow.db')}"
+def journal_dir(output_dir: str) -> str:
+    """The journal folder of a run whose outputs go to ``output_dir``."""
+    return os.path.join(output_dir, JOURNAL_DIR)
 
 
-def _client(tracking: Any):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking))
-
-
-def artifact_location(uri: str, experiment: str) -> Optional[str]:
-    """Where a new experiment's artifacts go: beside a local SQLite store
-    (``<db folder>/mlartifacts/<experiment>``) instead of MLflow's default ``./mlruns`` of
-    whatever the current directory is; ``None`` (the server decides) for other stores."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment) or "default"
-    return "file://" + os.path.join(folder, "mlartifacts", safe)
-
-
-def _experiment_id(client: Any, name: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    for _ in range(5):  # several jobs may create the same experiment at once
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
-        except MlflowException:
-            time.sleep(0.2)
-    found = client.get_experiment_by_name(name)
-    if found is None:
-        raise RuntimeError(f"MLflow experiment {name!r} could not be created")
-    return found.experiment_id
-
-
-def create_run(tracking: Any, name: str, tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> str:
-    """Create an MLflow run (status RUNNING) in experiment ``tracking.experiment or name`` and
-    return its id. ``parent_run_id`` nests it (k-fold set, sweep)."""
-    client = _client(tracking)
-    experiment = getattr(tracking, "experiment", None) or name
-    all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(_experiment_id(client, experiment), tags=all_tags,
-                            run_name=getattr(tracking, "run_name", None) or name)
-    return run.info.run_id
-
-
-def end_run_if_running(uri: str, run_id: str, status: str = "FAILED") -> bool:
-    """Close a run its job left RUNNING (the job failed before its MLflow hook could, or was
-    killed). Returns True when the run was closed here."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_run(run_id).info.status != "RUNNING":
-        return False
-    client.set_terminated(run_id, status=status)
-    return True
+def open_journal(folder: str, config: Any) -> Journal:
+    """The run's journal: the one orch created at submit (with its parent and tags), else a new
+    one named after the experiment (``detection.train.main`` called directly, ``orch train``)."""
+    if is_journal(folder):
+        return Journal.open(folder)
+    tracking = config.tracking
+    return Journal.create(folder, experiment=tracking.experiment or config.name,
+                          run_name=tracking.run_name or config.name, tags=dict(tracking.tags or {}),
+                          parent=tracking.parent_journal or None)
 
 
 def flatten_params(config: Any) -> dict[str, str]:
@@ -182,45 +128,13 @@ def plot_curves(history: dict[str, list], path: str) -> str:
     return path
 
 
-class _BatchWriter(threading.Thread):
-    """Writes queued metric batches with ``log_batch`` off the training thread."""
+class JournalHook(Hook):
+    """Records a training run in its journal (rank 0 only; see the module docstring).
 
-    def __init__(self, client: Any, run_id: str) -> None:
-        super().__init__(name="mlflow-writer", daemon=True)
-        self.client, self.run_id = client, run_id
-        self.jobs: queue.Queue = queue.Queue()
-        self.errors = 0
-        self.busy_s = 0.0  # this thread's CPU time spent writing (the cost of logging, measured)
-
-    def run(self) -> None:
-        while True:
-            metrics = self.jobs.get()
-            if metrics is None:
-                return
-            started = time.thread_time()
-            for start in range(0, len(metrics), METRICS_PER_BATCH):
-                chunk = metrics[start : start + METRICS_PER_BATCH]
-                for attempt in range(4):  # SQLite shared by many jobs: "database is locked"
-                    try:
-                        self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
-                        break
-                    except Exception as err:  # noqa: BLE001 - tracking must not kill training
-                        if attempt == 3:
-                            self.errors += 1
-                            log.warning("MLflow: %d metric values not logged: %s", len(chunk), err)
-                        time.sleep(0.5 * (attempt + 1))
-            self.busy_s += time.thread_time() - started
-
-
-class MlflowHook(Hook):
-    """Records a training run in MLflow (rank 0 only; see the module docstring).
-
-    ``config``: the experiment (its params, YAML and ``tracking`` section are logged once);
+    ``config``: the experiment (its params, YAML and ``tracking`` tags are logged once);
     ``hosts``: host names of all ranks (gathered by the builder); ``log_interval``: log the
-    training values every that many iterations (and at the end); ``flush_every``: hand buffered
-    values to the writer thread every that many logged steps. The run is ``tracking.run_id``
-    (set by the orchestrator before launch), else the one a resumed checkpoint belonged to, else
-    a new one. ``tracking.tags`` (the orchestrator puts ``backend`` there) are logged as tags.
+    training values every that many iterations (and at the end); ``flush_every``: write the
+    buffered values every that many logged steps (or every 10 s).
     """
 
     def __init__(self, config: Any, hosts: Sequence[str] = (), log_interval: int = 10, flush_every: int = 50) -> None:
@@ -229,40 +143,15 @@ class MlflowHook(Hook):
         self.tracking = config.tracking
         self.hosts = sorted(set(hosts)) or [socket.gethostname()]
         self.flush_every = flush_every
-        self.client: Any = None
-        self.run_id: Optional[str] = None
-        self._buffer: list = []
+        self.journal: Optional[Journal] = None
         self._steps = 0
         self._last_flush = time.monotonic()
-        self._writer: Optional[_BatchWriter] = None
-        self.writer_cpu_s = 0.0  # CPU time of the writer thread, known after the run
 
     # -- lifecycle -------------------------------------------------------------------------
     def before_train(self, trainer: Any) -> None:
-        try:
-            self._start(trainer)
-        except Exception as err:  # noqa: BLE001 - one clear line instead of a client traceback
-            if isinstance(err, OrchError):
-                raise
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            raise ConfigError(
-                f"MLflow tracking at {resolve_tracking_uri(self.tracking)} failed: {first}; start the "
-                "server or fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.enable=false"
-            ) from err
-
-    def _start(self, trainer: Any) -> None:
-        from mlflow.entities import Param, RunTag
-
-        # The run orch created at submit time, else the one a resumed checkpoint belonged to.
-        run_id = self.tracking.run_id or trainer.run_id
-        self.client = _client(self.tracking)
-        if run_id:
-            self.run_id = run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-        else:
-            self.run_id = create_run(self.tracking, self.config.name, parent_run_id=self.tracking.parent_run_id)
-        trainer.run_id = self.run_id
-        tags = {
+        self.journal = open_journal(journal_dir(trainer.output_dir), self.config)
+        self.journal.set_status("RUNNING")
+        self.journal.set_tags({
             "hosts": ",".join(self.hosts),
             "world_size": str(trainer.env.world_size),
             "device": device_model(trainer.device),
@@ -271,22 +160,12 @@ class MlflowHook(Hook):
             "orch_version": orch_version(),
             "lr_scaling": trainer.lr_scaling.describe()[:5000],
             **{str(k): str(v) for k, v in (self.tracking.tags or {}).items()},
-        }
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        existing = self.client.get_run(self.run_id).data.params
-        params = flatten_params(self.config)
-        # A restart legitimately differs in how it resumes; only other edits deserve a warning.
-        changed = sorted(k for k, v in params.items()
-                         if k in existing and existing[k] != v and k not in RESTART_PARAMS)
-        if changed:  # params are immutable in MLflow: a resumed run with edits keeps the old ones
-            log.warning("MLflow run %s already has other values for %s; kept the old ones", self.run_id, changed[:5])
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
-        for start in range(0, len(new), PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=new[start : start + PARAMS_PER_BATCH])
-        self._log_text(dump_yaml(self.config), "config.yaml")
-        self._writer = _BatchWriter(self.client, self.run_id)
-        self._writer.start()
-        log.info("MLflow run %s at %s", self.run_id, resolve_tracking_uri(self.tracking))
+        })
+        # A resumed run logs its config again; the shipper keeps the first value of each param.
+        self.journal.log_params(flatten_params(self.config))
+        self.journal.log_text(dump_yaml(self.config), "config.yaml")
+        self.journal.flush(durable=True)
+        log.info("tracking: journal %s (shipped to MLflow by the shipper / orch sync)", self.journal.folder)
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
         if trainer.iter % self.log_interval and trainer.iter != trainer.max_iters:
@@ -294,7 +173,7 @@ class MlflowHook(Hook):
         values = {k: v for k, v in log_values.items() if k == "loss" or k.startswith("loss_") or k in ("lr", "images_per_s")}
         if "images_per_s" not in values and log_values.get("time"):
             values["images_per_s"] = log_values["images"] / log_values["time"]
-        self._add(values, trainer.iter)
+        self.journal.log_metrics(values, trainer.iter)
         self._steps += 1
         if self._steps % self.flush_every == 0 or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()
@@ -307,62 +186,51 @@ class MlflowHook(Hook):
             values["best_epoch"] = float(best.get("epoch", 0))
             values["best_iter"] = float(best.get("iter", 0))
         values["epoch"] = trainer.iter / trainer.iters_per_epoch
-        self._add(values, trainer.iter)
+        self.journal.log_metrics(values, trainer.iter)
         self.flush()
 
+    def after_checkpoint(self, trainer: Any, path: str) -> None:
+        # What the checkpoint holds is in the journal for good: a requeued run resumes from it.
+        self.journal.flush(durable=True)
+        self._last_flush = time.monotonic()
+
     def after_train(self, trainer: Any, result: Any) -> None:
-        result.run_id = self.run_id
         self._finish(trainer, "FINISHED")
 
     def on_error(self, trainer: Any, error: BaseException) -> None:
         from detection.engine import Preempted
 
+        if self.journal is None:
+            return
         status = "KILLED" if isinstance(error, (Preempted, KeyboardInterrupt)) else "FAILED"
-        if self.run_id is not None:
-            self._finish(trainer, status)
+        self._finish(trainer, status, artifacts=not isinstance(error, Preempted))
 
     # -- helpers ---------------------------------------------------------------------------
-    def _add(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._buffer.extend(Metric(k, float(v), now, int(step)) for k, v in values.items())
-
     def flush(self) -> None:
-        """Hand the buffered metric values to the writer thread."""
-        if self._buffer and self._writer is not None:
-            self._writer.jobs.put(self._buffer)
-            self._buffer = []
+        """Write the buffered metric values to the journal."""
+        self.journal.flush()
         self._last_flush = time.monotonic()
 
-    def _finish(self, trainer: Any, status: str) -> None:
-        self.flush()
-        if self._writer is not None:
-            self._writer.jobs.put(None)
-            self._writer.join(timeout=120)
-            self.writer_cpu_s = self._writer.busy_s
-            self._writer = None
-        try:
-            self._log_artifacts(trainer)
-        except Exception as err:  # noqa: BLE001 - a failed upload must not hide the run's result
-            log.warning("MLflow: artifacts not logged: %s", err)
-        self.client.set_terminated(self.run_id, status=status)
-
-    def _log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+    def _finish(self, trainer: Any, status: str, artifacts: bool = True) -> None:
+        if artifacts:  # a preempted run writes its checkpoint first and leaves at once
+            try:
+                self._log_artifacts(trainer)
+            except Exception as err:  # noqa: BLE001 - a failed plot must not hide the run's result
+                log.warning("tracking: artifacts not recorded: %s", err)
+        self.journal.set_status(status)  # durable
+        self.journal.close()
 
     def _log_artifacts(self, trainer: Any) -> None:
         from detection.evaluation import per_class_table
 
         out = trainer.output_dir
-        split = self.config.eval.split
-        for name in (f"eval_{split}.json",):
-            if os.path.isfile(os.path.join(out, name)):
-                self.client.log_artifact(self.run_id, os.path.join(out, name))
+        path = os.path.join(out, f"eval_{self.config.eval.split}.json")
+        if os.path.isfile(path):
+            self.journal.log_artifact(path)
         if trainer.metrics:
-            self._log_text(per_class_table(trainer.metrics), "per_class_ap.md")
+            self.journal.log_text(per_class_table(trainer.metrics), "per_class_ap.md")
         if trainer.history.get("train") or trainer.history.get("eval"):
-            self.client.log_artifact(self.run_id, plot_curves(trainer.history, os.path.join(out, "curves.png")))
+            self.journal.log_artifact(plot_curves(trainer.history, os.path.join(out, "curves.png")))
         best = getattr(trainer.checkpointer, "best", None) or {}
         if self.tracking.log_checkpoints and best.get("path") and os.path.isfile(best["path"]):
-            self.client.log_artifact(self.run_id, best["path"], artifact_path="checkpoints")
+            self.journal.log_artifact(best["path"], artifact_path="checkpoints")

@@ -22,6 +22,7 @@ from orchestrator.commands.jobs import cancel_cmd, logs_cmd, status_cmd
 from orchestrator.commands.kfold import kfold_cmd, report_cmd, split_cmd
 from orchestrator.commands.submit import submit_cmd
 from orchestrator.commands.sweep import sweep_cmd
+from orchestrator.commands.sync import sync_cmd
 from orchestrator.commands.train import train_cmd
 from orchestrator.commands.weights import weights_group
 
@@ -57,6 +58,7 @@ for _command in (
     kfold_cmd,
     report_cmd,
     sweep_cmd,
+    sync_cmd,
     weights_group,
 ):
     cli.add_command(_command)

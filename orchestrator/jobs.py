@@ -19,17 +19,24 @@ log = logging.getLogger(__name__)
 
 
 def refresh_record(record: JobRecord) -> JobRecord:
-    """``record`` with its backend's current state (stored). A finished record is final; a
-    backend that cannot answer right now leaves the stored state (and a warning)."""
-    if record.state.finished:
-        return record
-    from orchestrator.launchers import launcher_for
+    """``record`` with its backend's current state (stored), and its MLflow run id once its
+    journal was shipped. A finished record's state is final; a backend that cannot answer
+    right now leaves the stored state (and a warning)."""
+    if not record.state.finished:
+        from orchestrator.launchers import launcher_for
 
-    try:
-        return launcher_for(record).refresh(record)
-    except Exception as err:  # noqa: BLE001 - a flaky scheduler must not break `orch status`
-        log.warning("could not refresh %s job %s: %s", record.backend, record.job_id, err)
-        return record
+        try:
+            record = launcher_for(record).refresh(record)
+        except Exception as err:  # noqa: BLE001 - a flaky scheduler must not break `orch status`
+            log.warning("could not refresh %s job %s: %s", record.backend, record.job_id, err)
+    if record.tracking_uri and not record.mlflow_run_id:
+        from orchestrator.records import annotate
+        from orchestrator.tracking.runs import journal_dir, run_id_of
+
+        run_id = run_id_of(journal_dir(record.output_dir), record.tracking_uri)
+        if run_id:
+            record = annotate(record.job_id, mlflow_run_id=run_id)
+    return record
 
 
 def refresh_job(job: str) -> JobRecord:

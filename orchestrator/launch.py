@@ -1,5 +1,5 @@
 """The one launch path of ``orch submit`` and ``orch kfold``: flags -> experiments -> plan ->
-preflight -> identity (config file written, MLflow run created) -> plan -> submit.
+preflight -> identity (config file and run journal written) -> plan -> submit.
 
 A bad option fails while planning unwritten specs, and a request the cluster can never satisfy
 fails in the launcher's ``preflight``: both before any file, record or MLflow run exists, so
@@ -20,9 +20,6 @@ from orchestrator.launchers.base import JobHandle, Launcher, Plan
 from orchestrator.spec import JobSpec
 
 log = logging.getLogger(__name__)
-
-RUN_ID_FILE = ".mlflow_run_id"
-
 
 @dataclass(frozen=True)
 class ResourceFlags:
@@ -104,70 +101,37 @@ def job_output_dir(experiment: Experiment) -> Path:
 
 
 def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None, write: bool = True,
-             defer_run: bool = False) -> JobSpec:
+             continue_run: Optional[bool] = None) -> JobSpec:
     """Turn a resolved experiment into a :class:`JobSpec` named ``name`` (default: the
     experiment's name).
 
-    With ``write`` (a real submission) the job's identity is decided now: the MLflow run is
-    created (unless the experiment names one already, e.g. a k-fold child) and its id, the
-    absolute tracking URI and the backend tag go into the config written to
-    ``<output_dir>/config.yaml``. Without it (a dry run) nothing is created or written. With
-    ``defer_run`` the run is created by :func:`create_deferred_runs` right after launch, while
-    the worker imports torch; the worker waits for ``<output_dir>/.mlflow_run_id``.
+    With ``write`` (a real submission) the job's identity is decided now: its journal is created
+    in ``<output_dir>/journal`` (continued when ``continue_run``, by default when ``runtime.resume``
+    is set: a resumed job goes on in the same MLflow run), and the absolute tracking URI and the backend tag go into the config
+    written to ``<output_dir>/config.yaml``. Without it (a dry run) nothing is written.
     """
     from orchestrator.config import dump_experiment, with_overrides
     from orchestrator.weights import weights_overrides
 
     output_dir = job_output_dir(experiment)
-    updates: dict[str, Any] = {"runtime.output_dir": str(output_dir)}
-    extra_env = {"ORCH_BACKEND": backend}
-    updates.update(weights_overrides(experiment))
+    updates: dict[str, Any] = {"runtime.output_dir": str(output_dir), **weights_overrides(experiment)}
     tracking = experiment.tracking
-    if write and tracking.enable:
+    if tracking.enable:
         from orchestrator.tracking import runs
 
-        uri = runs.tracking_uri_of(experiment)
-        updates["tracking.uri"] = uri
+        updates["tracking.uri"] = runs.tracking_uri_of(experiment)
         updates["tracking.tags"] = {**tracking.tags, "backend": backend}
-        if not tracking.run_id and defer_run:
-            run_id_file = output_dir / RUN_ID_FILE
-            run_id_file.unlink(missing_ok=True)
-            extra_env["ORCH_RUN_ID_FILE"] = str(run_id_file)
-        elif not tracking.run_id:
-            updates["tracking.run_id"] = runs.create_run(
-                uri, runs.experiment_name(experiment), tracking.run_name or experiment.name,
-                tags=updates["tracking.tags"], parent_run_id=tracking.parent_run_id)
     experiment = with_overrides(experiment, updates)
     config_path = output_dir / "config.yaml"
     if write:
         output_dir.mkdir(parents=True, exist_ok=True)
+        if tracking.enable:
+            runs.create_journal(runs.journal_dir(str(output_dir)), experiment, tracking.run_name or experiment.name,
+                                tags=experiment.tracking.tags, parent=tracking.parent_journal,
+                                resume=bool(experiment.runtime.resume) if continue_run is None else continue_run)
         write_text_atomic(config_path, dump_experiment(experiment))
     return JobSpec(name=name or experiment.name, experiment=experiment, config_path=config_path,
-                   output_dir=output_dir, backend=backend, extra_env=extra_env)
-
-
-def create_deferred_runs(plan: Plan, handles: Sequence[JobHandle]) -> None:
-    """Create the MLflow runs of jobs launched with ``defer_run`` and hand their ids to the
-    waiting workers (the run id file) and to ``orch status`` (the job record)."""
-    from orchestrator import records
-    from orchestrator.tracking import runs
-
-    for job, handle in zip(plan.jobs, handles):
-        run_id_file = job.extra_env.get("ORCH_RUN_ID_FILE")
-        if not run_id_file:
-            continue
-        exp = job.experiment
-        run_id = runs.create_run(exp.tracking.uri, runs.experiment_name(exp), exp.tracking.run_name or exp.name,
-                                 tags=exp.tracking.tags, parent_run_id=exp.tracking.parent_run_id)
-        write_text_atomic(run_id_file, run_id)
-        record = records.annotate(handle.job_id, mlflow_run_id=run_id)
-        if record.state.finished:
-            # The job ended before its run existed (e.g. bad input found by the worker at once):
-            # nobody could close the run, so close it here.
-            from orchestrator.spec import JobState
-
-            runs.close_run(exp.tracking.uri, run_id, "KILLED" if record.state == JobState.CANCELLED else
-                           "FINISHED" if record.state == JobState.SUCCEEDED else "FAILED")
+                   output_dir=output_dir, backend=backend, extra_env={})
 
 
 @dataclass
@@ -190,23 +154,21 @@ class Launch:
         return self.launcher.plan([job_spec(e, self.backend, name=n, write=False) for e, n in zip(experiments, names)])
 
     def preflight(self, plan: Plan) -> None:
-        """Can the cluster ever run it (and are the records writable)? Nothing is written."""
-        self.launcher.preflight(plan)
+        """Can the cluster ever run it, does an ``online`` tracking server answer, are the
+        records writable? Nothing is written."""
         from orchestrator.records import jobs_dir
+        from orchestrator.tracking.runs import require_reachable
 
+        for job in plan.jobs:
+            require_reachable(job.experiment)
+        self.launcher.preflight(plan)
         jobs_dir()
 
-    def submit(self, experiments: Sequence[Experiment],
-               names: Optional[Sequence[str]] = None) -> tuple[Plan, list[JobHandle]]:
-        """Decide identities (config files, MLflow runs), plan them and start them."""
-        # Local jobs start before their MLflow run exists (it is created while the worker imports
-        # torch): that keeps `orch submit` within a second of a bare `orch train`.
-        defer = self.backend == "local"
+    def submit(self, experiments: Sequence[Experiment], names: Optional[Sequence[str]] = None,
+               continue_runs: Optional[bool] = None) -> tuple[Plan, list[JobHandle]]:
+        """Decide identities (config files, journals), plan them and start them."""
         names = names or [None] * len(experiments)
-        specs = [job_spec(e, self.backend, name=n, defer_run=defer) for e, n in zip(experiments, names)]
+        specs = [job_spec(e, self.backend, name=n, continue_run=continue_runs) for e, n in zip(experiments, names)]
         plan = self.launcher.plan(specs)
-        handles = self.launcher.submit(plan)
-        if defer:
-            create_deferred_runs(plan, handles)
-        return plan, handles
+        return plan, self.launcher.submit(plan)
 

@@ -219,15 +219,32 @@ def say(job_id: str, message: str) -> None:
 
 
 def _close_tracking(record: JobRecord) -> None:
-    """A job that failed before its MLflow hook started (bad input found by the worker), or that
-    was killed, must not leave its run RUNNING forever. Notes what it did in the job's log."""
-    if record.state == JobState.SUCCEEDED or not (record.mlflow_run_id and record.tracking_uri):
+    """A job that failed before its training started (bad input found by the worker), was
+    killed, or was cancelled while queued must not leave its MLflow run RUNNING: its journal gets
+    the final status (and the error as the tag ``orch.error``) unless training wrote one, and a
+    shipper delivers it, or whatever its own shipper could not (a Slurm job's dies with its
+    allocation): now, or once the server answers again. Notes it in the job's log."""
+    if not record.tracking_uri:
         return
-    from orchestrator.tracking.runs import close_run
+    from orchestrator.tracking import runs
 
-    status = "KILLED" if record.state == JobState.CANCELLED else "FAILED"
+    status = {JobState.SUCCEEDED: "FINISHED", JobState.CANCELLED: "KILLED"}.get(record.state, "FAILED")
+    folder = runs.journal_dir(record.output_dir)
     try:
-        if close_run(record.tracking_uri, record.mlflow_run_id, status):
-            say(record.job_id, f"MLflow run {record.mlflow_run_id} marked {status}")
-    except Exception as err:  # noqa: BLE001 - the tracking server may be gone; the job's state is recorded
-        say(record.job_id, f"could not close MLflow run {record.mlflow_run_id}: {err}")
+        if runs.close_journal(folder, status, error=record.error if status == "FAILED" else None):
+            say(record.job_id, f"MLflow run of {record.name} ends {status} (journal {folder})")
+        if _tracking_mode(record) != "offline":
+            runs.ensure_shipping(folder, record.tracking_uri)
+    except Exception as err:  # noqa: BLE001 - the job's own state is recorded; sync can finish it
+        say(record.job_id, f"could not end the MLflow run in {folder}: {err}; run `orch sync {record.output_dir}`")
+
+
+def _tracking_mode(record: JobRecord) -> str:
+    """``tracking.mode`` of the job's resolved config (auto when unreadable)."""
+    import yaml
+
+    try:
+        with open(record.config_path) as handle:
+            return ((yaml.safe_load(handle) or {}).get("tracking") or {}).get("mode") or "auto"
+    except (OSError, yaml.YAMLError, AttributeError):
+        return "auto"

@@ -1,8 +1,10 @@
 """The process every backend finally starts, once per rank: ``python -m orchestrator.worker CONFIG``.
 
 It loads the resolved experiment YAML that ``orch submit`` wrote, detects the distributed
-environment from the variables the backend set (torchrun, Slurm, Ray, or none), and calls the one
-training entry point, :func:`detection.train.main`. ``orch train`` does the same in-process.
+environment from the variables the backend set (torchrun, Slurm, Ray, or none), starts the
+shipper of the run's journal (rank 0), and calls the one training entry point,
+:func:`detection.train.main`. ``orch train``, Slurm tasks, Ray Train workers and Ray Tune trials
+call :func:`run` in-process.
 """
 
 from __future__ import annotations
@@ -11,73 +13,65 @@ import argparse
 import logging
 import os
 import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from cluster.env import DistEnv
 from cluster.errors import OrchError
+from cluster.logs import setup_logging
+
+log = logging.getLogger("orchestrator.worker")
 
 
-def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = (), env: DistEnv | None = None):
-    """Train the experiment at ``config_path`` in this process; returns the ``TrainResult``."""
+def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = (), env: DistEnv | None = None,
+        ship: bool = True):
+    """Train the experiment at ``config_path`` in this process; returns the ``TrainResult``.
+    ``ship``: rank 0 starts the journal's shipper (a sweep ships its trials itself)."""
     from orchestrator.config import load_experiment
 
     experiment = load_experiment(config_path, overrides)
     env = env or DistEnv.detect(os.environ)
+    if ship and env.is_main:
+        start_shipping(experiment)
     from detection.train import main as train_main  # torch loads here
 
-    result = train_main(launch_overrides(experiment, env, os.environ), env, hooks)
+    result = train_main(experiment, env, hooks)
     if env.is_main:
         write_result(result)
     return result
 
 
-def launch_overrides(experiment: Any, env: DistEnv, environ: Mapping[str, str]) -> Any:
-    """What the launcher tells training through the environment, put into the config:
-    ``tracking.tags.backend`` from ``$ORCH_BACKEND`` (default ``local``), and on rank 0 the MLflow
-    run id that ``orch submit`` writes to ``$ORCH_RUN_ID_FILE`` while this process imports torch
-    (``tracking.run_id``; waited for, up to 10 minutes)."""
-    from orchestrator.config import with_overrides
-
+def start_shipping(experiment: Any) -> None:
+    """Start the detached shipper of this run's journal (``tracking.mode`` auto or online); it
+    follows the journal while training writes it and outlives this process until the run's final
+    status is shipped. A server that does not answer now gets one warning: the values wait in
+    the journal."""
     tracking = experiment.tracking
-    changes: dict[str, Any] = {}
-    if "backend" not in tracking.tags:
-        changes["tracking.tags.backend"] = environ.get("ORCH_BACKEND") or "local"
-    path = environ.get("ORCH_RUN_ID_FILE")
-    if path and env.is_main and tracking.enable and not tracking.run_id:
-        deadline = time.monotonic() + 600.0
-        while not os.path.exists(path):
-            if time.monotonic() > deadline:
-                raise OrchError(f"the MLflow run of this job was never created ({path} missing after 600 s); "
-                                "was orch submit interrupted? submit the job again")
-            time.sleep(0.05)
-        with open(path) as fh:
-            changes["tracking.run_id"] = fh.read().strip()
-    return with_overrides(experiment, changes, source="launch environment") if changes else experiment
+    if not tracking.enable or tracking.mode == "offline":
+        return
+    from orchestrator.config import output_dir_of
+    from orchestrator.tracking import runs
+
+    uri = runs.tracking_uri_of(experiment)
+    folder = runs.journal_dir(output_dir_of(experiment))
+    if not runs.reachable(uri):
+        log.warning("MLflow at %s does not answer from this node: the run is kept in %s and shipped when it "
+                    "answers (or run `orch sync %s` from a machine that reaches it)", uri, folder,
+                    output_dir_of(experiment))
+    runs.start_shipper(folder, uri, until_pid=os.getpid())
 
 
 def write_result(result: Any) -> None:
-    """Write ``<output_dir>/result.json`` (final metrics, run id) so that ``orch submit --wait``,
+    """Write ``<output_dir>/result.json`` (final metrics) so that ``orch submit --wait``,
     ``orch status`` and k-fold aggregation can read a finished job's outcome."""
     import dataclasses
     import json
 
+    from cluster.files import write_text_atomic
+
     data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(vars(result))
     path = os.path.join(str(data.get("output_dir") or "."), "result.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def setup_logging(rank: int) -> None:
-    # Rank-aware logging: every line says which rank wrote it; non-zero ranks only warn.
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

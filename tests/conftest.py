@@ -139,3 +139,23 @@ def local_orch_env(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def ship(tracking_uri):
+    """``ship(*folders, uri=tracking_uri) -> {run name: mlflow Run}``: sync the run journals under
+    ``folders`` to MLflow (what the shipper beside a job does; idempotent) and return every run
+    of the store, read back with ``MlflowClient``."""
+
+    def run(*folders, uri: str = tracking_uri) -> dict:
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator.tracking.sync import sync
+
+        summary = sync([str(f) for f in folders], uri)
+        assert not summary.failed and not summary.pending, summary.lines()
+        client = MlflowClient(uri)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        return {r.info.run_name: r for r in client.search_runs(experiments, max_results=1000)}
+
+    return run

@@ -1,4 +1,4 @@
-"""Hooks around the training loop (see :class:`Hook`). ``MlflowHook`` lives in
+"""Hooks around the training loop (see :class:`Hook`). ``JournalHook`` lives in
 :mod:`detection.tracking`.
 
 Importing this package (or :mod:`detection.hooks.base`) does not import torch, so launchers can

@@ -77,8 +77,10 @@ def kfold_cmd(experiment, folds, flags, overrides, dry_run) -> int:
         click.echo(f"set {outcome.set_id}: {len(outcome.launched)} trained now, {len(outcome.skipped)} "
                    f"already finished; report: {outcome.set_dir / 'report'}  (orch report {outcome.set_id})")
         from orchestrator.commands.report_util import mlflow_ui_hint
+        from orchestrator.tracking.runs import run_id_of
 
-        hint = mlflow_ui_hint(outcome.tracking_uri, outcome.parent_run_id)
+        hint = mlflow_ui_hint(outcome.tracking_uri, run_id_of(outcome.parent_journal, outcome.tracking_uri)
+                              if outcome.parent_journal else None)
         if hint:
             click.echo(hint)
     return 0

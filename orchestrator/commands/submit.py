@@ -58,16 +58,23 @@ def _wait(handles) -> int:
 
 
 def _print_outcome(record) -> None:
-    """Final metrics (from the job's result.json) and the `mlflow ui` command that shows the run."""
+    """Final metrics (from the job's result.json) and the `mlflow ui` command that shows the run
+    (its shipper sends it in the background: waited for a little, not forever)."""
     import json
     from pathlib import Path
 
-    from orchestrator.commands.report_util import mlflow_ui_hint, print_metrics
+    from orchestrator.commands.report_util import mlflow_ui_hint
+    from orchestrator.commands.report_util import print_metrics
+    from orchestrator.tracking.runs import journal_dir, wait_shipped
 
     result_file = Path(record.output_dir) / "result.json"
     if result_file.exists():
         result = json.loads(result_file.read_text())
         print_metrics(result.get("metrics", {}), title=f"{record.name}: final metrics")
-    hint = mlflow_ui_hint(record.tracking_uri, record.mlflow_run_id)
+    run_id = record.mlflow_run_id or wait_shipped(journal_dir(record.output_dir), record.tracking_uri, SHIP_WAIT_S)
+    hint = mlflow_ui_hint(record.tracking_uri, run_id)
     if hint:
-        click.echo(hint)
+        click.echo(hint + ("" if run_id else f"   (still shipping; `orch sync {record.output_dir}` sends it now)"))
+
+
+SHIP_WAIT_S = 60.0

@@ -63,7 +63,8 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
     # The sweep's driver always runs detached (its output goes to the job log), so closing the
     # terminal never kills a sweep; without --detach this command follows it.
     start_driver([sys.executable, "-m", "orchestrator.sweep.driver", os.path.join(plan.output_dir, "sweep.json")], job_id)
-    click.echo(f"submitted sweep {job_id} (MLflow parent run {plan.parent_run_id or '-'})")
+    click.echo(f"submitted sweep {job_id} (MLflow: {plan.tracking_uri or 'off'}; parent run journal "
+               f"{plan.parent_journal or '-'})")
     if detach:
         click.echo(f"follow with: orch status {job_id} / orch logs -f {job_id}")
         return 0

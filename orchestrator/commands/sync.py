@@ -12,35 +12,64 @@ import click
 
 
 @click.command("sync")
-@click.argument("paths", nargs=-1, type=click.Path(file_okay=False), metavar="DIR...")
+@click.argument("targets", nargs=-1, metavar="[JOB|DIR]...")
+@click.option("--all", "all_jobs", is_flag=True, help="Every job in the orch records (orch status --all).")
 @click.option("--uri", default=None, metavar="URI",
-              help="Tracking URI to ship to (default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db).")
+              help="Tracking URI to ship to (default: each job's own, else $MLFLOW_TRACKING_URI, else "
+                   "sqlite:///<cwd>/mlflow.db).")
 @click.option("--watch", is_flag=True, help="Keep shipping new records until every run has ended (Ctrl-C stops).")
 @click.option("--poll", type=float, default=5.0, show_default=True, metavar="S", help="Seconds between passes with --watch.")
-def sync_cmd(paths: tuple[str, ...], uri: Optional[str], watch: bool, poll: float) -> int:
-    """Ship the run journals under each DIR to MLflow (parents first; safe to repeat).
+def sync_cmd(targets: tuple[str, ...], all_jobs: bool, uri: Optional[str], watch: bool, poll: float) -> int:
+    """Ship run journals to MLflow: of JOBs (ids or unique prefixes), or every run under DIRs
+    (a job's output folder, a k-fold set, a sweep, or a folder copied home); parents first,
+    safe to repeat (nothing is sent twice).
 
     \b
     Examples:
-      orch sync work/shapes_demo                         # to $MLFLOW_TRACKING_URI or ./mlflow.db
-      orch sync work/ --uri http://mlflow.example:5000   # every run under work/, to a server
+      orch sync shapes_demo-20261125                     # one job, to the store it was submitted with
+      orch sync --all                                    # every recorded job
+      orch sync work_dirs/ --uri http://mlflow.example:5000   # every run under work_dirs/, to a server
       orch sync /scratch/me/runs --watch                 # follow running jobs (e.g. from a login node)
     """
     from cluster.errors import ConfigError
-    from detection.tracking import resolve_tracking_uri
+    from orchestrator.tracking.runs import resolve_tracking_uri
     from orchestrator.tracking.store import quiet_store_logs
     from orchestrator.tracking.sync import sync
 
-    if not paths:
-        raise ConfigError("orch sync: give at least one folder, e.g. orch sync work/ (a job's output folder or above)")
-    target = uri or resolve_tracking_uri(None)
+    groups = _targets(targets, all_jobs)
+    if not groups:
+        raise ConfigError("orch sync: give job ids, folders (e.g. orch sync work_dirs/) or --all")
     quiet_store_logs()
+    failed = False
+    for job_uri, paths in groups.items():
+        target = uri or job_uri or resolve_tracking_uri(None)
 
-    def show(summary) -> None:
-        if watch:
-            click.echo(summary.lines()[0])
+        def show(summary) -> None:
+            if watch:
+                click.echo(summary.lines()[0])
 
-    summary = sync(paths, target, watch=watch, poll_s=poll, on_pass=show)
-    for line in summary.lines():
-        click.echo(line)
-    return 1 if summary.failed else 0
+        summary = sync(paths, target, watch=watch, poll_s=poll, on_pass=show)
+        for line in summary.lines():
+            click.echo(line)
+        failed = failed or bool(summary.failed)
+    return 1 if failed else 0
+
+
+def _targets(targets: tuple[str, ...], all_jobs: bool) -> dict[Optional[str], list[str]]:
+    """Folders to sync, grouped by the tracking URI their jobs were submitted with (None: a
+    folder given by hand)."""
+    import os
+
+    from orchestrator.records import list_records, load_record
+
+    groups: dict[Optional[str], list[str]] = {}
+    records = list_records() if all_jobs else []
+    for target in targets:
+        if os.path.isdir(target):
+            groups.setdefault(None, []).append(target)
+        else:
+            records.append(load_record(target))  # JobNotFound: one line naming the target
+    for record in records:
+        if record.tracking_uri and os.path.isdir(record.output_dir):
+            groups.setdefault(record.tracking_uri, []).append(record.output_dir)
+    return groups

@@ -23,20 +23,28 @@ def train_cmd(experiment: str, overrides: tuple[str, ...]) -> None:
     import os
 
     from cluster.env import DistEnv
-    from orchestrator.worker import setup_logging, run
+    from cluster.logs import setup_logging
+    from orchestrator.worker import run
 
     env = DistEnv.detect(os.environ)
     setup_logging(env.rank)
     result = run(experiment, overrides, env=env)
     if env.is_main:
-        _print_result(result)
+        _print_result(experiment, overrides, result)
     logging.shutdown()
 
 
-def _print_result(result) -> None:
-    from orchestrator.commands.report_util import print_metrics, mlflow_ui_hint
+def _print_result(experiment: str, overrides: tuple[str, ...], result) -> None:
+    from orchestrator.commands.report_util import mlflow_ui_hint, print_metrics
+    from orchestrator.config import load_experiment
+    from orchestrator.tracking.runs import journal_dir, tracking_uri_of, wait_shipped
 
     print_metrics(result.metrics, title="final metrics")
-    hint = mlflow_ui_hint(getattr(result, "tracking_uri", None), getattr(result, "run_id", None))
+    exp = load_experiment(experiment, overrides)
+    if not exp.tracking.enable:
+        return
+    uri = tracking_uri_of(exp)
+    run_id = wait_shipped(journal_dir(result.output_dir), uri, 60.0) if exp.tracking.mode != "offline" else None
+    hint = mlflow_ui_hint(uri, run_id)
     if hint:
-        click.echo(hint)
+        click.echo(hint + ("" if run_id else f"   (not shipped yet; `orch sync {result.output_dir}` sends it)"))

@@ -45,7 +45,7 @@ class KFoldOutcome:
     launched: list[str]
     skipped: list[str]
     tracking_uri: Optional[str] = None
-    parent_run_id: Optional[str] = None  # the grid parent, else the set's parent
+    parent_journal: Optional[str] = None  # the grid parent's journal, else the set's parent's
 
 
 def set_identity(exp: Experiment, kcfg: KFoldConfig, ann_sha: str) -> str:
@@ -166,7 +166,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
 
     state.update({"set_id": set_id, "experiment": exp.name, "folds": kcfg.folds, "seed": kcfg.seed,
                   "ann_file": str(ann_file), "folds_dir": str(folds_dir), "source": str(Path(path).resolve())})
-    uri = tracking.ensure_parents(exp, trials, state, set_id)
+    uri = tracking.ensure_parents(exp, trials, state, set_id, set_dir)
     save_state(set_dir, state)
     _index_path(set_id).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(_index_path(set_id), {"set_dir": str(set_dir)})
@@ -175,27 +175,29 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     for t in pending:
         trial_exp = t.experiment
         if uri:
-            run_id = tracking.child_run(exp, t, state, set_id, uri)
-            parent = state["parents"]["points"][t.point_name]
-            trial_exp = with_overrides(trial_exp, {"tracking.uri": uri, "tracking.run_id": run_id,
-                                                   "tracking.parent_run_id": parent})
+            trial_exp = with_overrides(trial_exp, tracking.trial_tracking(t, state, set_id, uri))
         trial_exps.append(trial_exp)
         state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
-                                   "point": t.point_name, "output_dir": output_dir_of(trial_exp),
-                                   "run_id": trial_exp.tracking.run_id}
+                                   "point": t.point_name, "output_dir": output_dir_of(trial_exp)}
     save_state(set_dir, state)
     waiting = dict(attached)
     if attached:
         echo(f"{len(attached)} trial(s) of an earlier `orch kfold` still running: waiting for them")
     if trial_exps:
         echo(f"launching {len(trial_exps)} trial(s) on {backend} ({len(done)} already finished)")
-        submitted, handles = launch.submit(trial_exps, names)
+        # a retried fold continues its own MLflow run (its journal)
+        submitted, handles = launch.submit(trial_exps, names, continue_runs=True)
         for t, job in zip(pending, submitted.jobs):
             state["trials"][t.name]["output_dir"] = str(job.output_dir)
         echo(f"submitted jobs {handles[0].job_id} .. {handles[-1].job_id}; follow one with: orch logs -f JOB")
         waiting.update(zip([t.name for t in pending], handles))
     if waiting:
-        _wait_all(set_dir, state, waiting, poll_s, echo)
+        try:
+            _wait_all(set_dir, state, waiting, poll_s, echo)
+        except KeyboardInterrupt:
+            if uri:  # the folds were cancelled (KILLED); their parents must not stay RUNNING
+                tracking.end_parents(state, {name: "KILLED" for name in state["parents"]["points"]}, "KILLED")
+            raise
     else:
         echo(f"all {len(trials)} trials already finished; aggregating")
 
@@ -291,6 +293,6 @@ def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, 
                              meta={"set_id": set_id, "experiment": exp.name, "folds": kcfg.folds,
                                    "seed": kcfg.seed, "parents": state.get("parents", {})})
     if uri:  # also when nothing finished: the parents must not stay RUNNING
-        tracking.log_summaries(uri, state, summaries, paths, finished=not failed, metric=metric, mode=mode)
+        tracking.log_summaries(state, summaries, paths, finished=not failed, metric=metric, mode=mode)
     echo(report)
     return report

@@ -45,7 +45,7 @@ def is_local_host(host: str) -> bool:
 
 def torchrun_argv(job: JobSpec, nnodes: int, nproc: int, endpoint: str) -> list[str]:
     """The torchrun command line of one node."""
-    rdzv_id = job.experiment.tracking.run_id or job.name
+    rdzv_id = job.name
     return [
         torchrun_path(), "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id,

@@ -48,16 +48,18 @@ def prepare_sweep(plan: SweepPlan) -> SweepPlan:
                                storage_path=plan.storage_path or str(out / "ray"))
     exp = build_experiment(yaml.safe_load(plan.config_yaml), source=plan.config_path)
     if exp.tracking.enable:
-        from orchestrator.sweep.report import create_parent_run
+        from orchestrator.sweep.report import create_parent_journal
+        from orchestrator.tracking.runs import tracking_uri_of
 
-        uri, parent = create_parent_run(exp, plan)
         # Trials write to the same store, whatever their working directory.
-        plan = dataclasses.replace(plan, tracking_uri=uri, parent_run_id=parent,
+        uri = tracking_uri_of(exp)
+        plan = dataclasses.replace(plan, tracking_uri=uri,
                                    config_yaml=dump_experiment(with_overrides(exp, {"tracking.uri": uri})))
+        plan = dataclasses.replace(plan, parent_journal=create_parent_journal(exp, plan))
     write_json_atomic(out / "sweep.json", plan.to_json())
     records.create_record(
         job_id=job_id, name=plan.name, backend="ray", output_dir=str(out), config_path=str(out / "config.yaml"),
-        native_id=job_id, mlflow_run_id=plan.parent_run_id, tracking_uri=plan.tracking_uri,
+        native_id=job_id, tracking_uri=plan.tracking_uri,
         extra={"kind": "sweep", "address": plan.address, "metric": plan.metric, "mode": plan.mode, "trials": {}})
     return plan
 
@@ -98,31 +100,42 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
     summary (``best``, ``trials``). SIGTERM / Ctrl-C cancel it."""
     from orchestrator.launchers.ray.driver import Cancelled, ray_connection
     from orchestrator.sweep.report import RecordCallback, end_running_children, finish_parent_run, summarize
+    from orchestrator.tracking.background import FolderShipper
 
     job_id = plan.job_id
     status = "FAILED"
-    try:
-        with ray_connection(plan.address, job_id):
-            records.transition(job_id, JobState.RUNNING, pid=os.getpid())
-            results = build_tuner(plan, [RecordCallback(job_id)]).fit()
+    # One shipper for the parent and every trial (trials do not start their own).
+    with FolderShipper(plan.output_dir, plan.tracking_uri, enabled=bool(plan.parent_journal) and plan_mode(plan) != "offline") as shipper:
+        try:
+            with ray_connection(plan.address, job_id):
+                records.transition(job_id, JobState.RUNNING, pid=os.getpid())
+                results = build_tuner(plan, [RecordCallback(job_id)]).fit()
+            shipper.pass_now()  # so that the trial table can name each trial's MLflow run
             summary = summarize(plan, results)
-        status = "FINISHED" if summary["best"] else "FAILED"
-    except (Cancelled, KeyboardInterrupt):
-        end_running_children(plan, "KILLED")
-        finish_parent_run(plan, None, "KILLED")
-        records.transition(job_id, JobState.CANCELLED)
-        raise
-    except Exception as err:
-        end_running_children(plan, "FAILED")
-        finish_parent_run(plan, None, "FAILED")
-        records.transition(job_id, JobState.FAILED,
-                           error=str(err).strip().splitlines()[-1][:500] if str(err).strip() else repr(err))
-        raise
-    finish_parent_run(plan, summary, status)
+            status = "FINISHED" if summary["best"] else "FAILED"
+            finish_parent_run(plan, summary, status)
+        except (Cancelled, KeyboardInterrupt):
+            end_running_children(plan, "KILLED")
+            finish_parent_run(plan, None, "KILLED")
+            records.transition(job_id, JobState.CANCELLED)
+            raise
+        except Exception as err:
+            end_running_children(plan, "FAILED")
+            finish_parent_run(plan, None, "FAILED")
+            records.transition(job_id, JobState.FAILED,
+                               error=str(err).strip().splitlines()[-1][:500] if str(err).strip() else repr(err))
+            raise
     state = JobState.SUCCEEDED if status == "FINISHED" else JobState.FAILED
     records.transition(job_id, state, extra={"best": summary["best"]},
                        error=None if summary["best"] else f"no trial reported {plan.metric}; see {plan.output_dir}")
     return summary
+
+
+def plan_mode(plan: SweepPlan) -> str:
+    """``tracking.mode`` of the sweep's experiment."""
+    import yaml
+
+    return ((yaml.safe_load(plan.config_yaml) or {}).get("tracking") or {}).get("mode") or "auto"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -53,7 +53,7 @@ class SweepPlan:
     job_id: Optional[str] = None
     output_dir: Optional[str] = None
     cwd: Optional[str] = None
-    parent_run_id: Optional[str] = None
+    parent_journal: Optional[str] = None
     tracking_uri: Optional[str] = None
 
     @property

@@ -1,6 +1,7 @@
-"""The records of a sweep: the parent MLflow run (created first, summarised last), the trial
-table in the orch job record while it runs (``orch status SWEEP``), and the end of every child
-run that a scheduler stopped early."""
+"""The records of a sweep: the parent run's journal (created first, summarised last), the trial
+table in the orch job record while it runs (``orch status SWEEP``), and the end of every trial
+run that a scheduler stopped early. Parent and trials are shipped to MLflow by the sweep driver
+(one experiment, the experiment file's; trials nested under the parent)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import io
 import logging
 import math
+import os
 from typing import Any, Optional
 
 from orchestrator.config.schema import Experiment
@@ -22,20 +24,25 @@ TUNE_KEYS = ("iteration", "max_iters", "timestamp", "pid", "training_iteration",
              "iterations_since_restore", "checkpoint_dir_name")
 
 
-def create_parent_run(exp: Experiment, plan: SweepPlan) -> tuple[str, str]:
-    """Create the sweep's parent run (in the experiment file's MLflow experiment, where the trials
-    go too) with the sweep's settings as params and the base config as an artifact; returns
-    ``(tracking_uri, run_id)``."""
-    uri = runs.tracking_uri_of(exp)
-    run_id = runs.create_run(uri, runs.experiment_name(exp), f"{exp.name} sweep",
-                             tags={"orch.sweep": "parent", "orch.sweep_job": plan.job_id, "backend": "ray"})
-    runs.log_params(uri, run_id, {
+def create_parent_journal(exp: Experiment, plan: SweepPlan) -> str:
+    """Create the sweep's parent run journal in ``<sweep folder>/journal`` with the sweep's
+    settings and search space as params and the base config as an artifact; returns its folder."""
+    journal = runs.create_journal(runs.journal_dir(plan.output_dir), exp, f"{exp.name} sweep",
+                                  tags={"orch.sweep": "parent", "orch.sweep_job": plan.job_id, "backend": "ray"})
+    journal.log_params({
         "sweep.metric": plan.metric, "sweep.mode": plan.mode, "sweep.searcher": plan.searcher,
         "sweep.num_samples": plan.num_samples, "sweep.trials": plan.trials, "sweep.scheduler": plan.scheduler.type,
         **{f"sweep.space.{d.key}": f"{d.kind} {list(d.args)}" for d in plan.space},
     })
-    runs.client(uri).log_text(run_id, plan.config_yaml, "sweep_config.yaml")
-    return uri, run_id
+    journal.log_text(plan.config_yaml, "sweep_config.yaml")
+    journal.set_status("RUNNING")
+    journal.close()
+    return journal.folder
+
+
+def trial_journal(plan: SweepPlan, trial_id: str) -> str:
+    """The journal folder of a trial (its run, nested under the sweep's)."""
+    return runs.journal_dir(os.path.join(plan.output_dir, "trials", trial_id))
 
 
 def RecordCallback(job_id: str):
@@ -77,15 +84,6 @@ def RecordCallback(job_id: str):
     return _RecordCallback()
 
 
-def child_runs(plan: SweepPlan) -> dict[str, Any]:
-    """trial id -> MLflow run of that trial (children of the parent run)."""
-    client = runs.client(plan.tracking_uri)
-    parent = client.get_run(plan.parent_run_id)
-    found = client.search_runs([parent.info.experiment_id],
-                               filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=10000)
-    return {r.data.tags.get("orch.trial_id"): r for r in found}
-
-
 def _best_of(df: Any, metric: str, mode: str) -> Optional[float]:
     if df is None or metric not in getattr(df, "columns", ()):
         return None
@@ -96,35 +94,31 @@ def _best_of(df: Any, metric: str, mode: str) -> Optional[float]:
 
 
 def summarize(plan: SweepPlan, results: Any) -> dict[str, Any]:
-    """Classify each trial (completed / stopped early / failed), end the children a scheduler
-    stopped (tag ``orch.stopped_early=true``, KILLED), and pick the best trial."""
+    """Classify each trial (completed / stopped early / failed), end the trial runs a scheduler
+    stopped (tag ``orch.stopped_early=true``, KILLED) or whose actor died before its training
+    could end them, and pick the best trial. Run ids are those already shipped."""
+    from detection.journal import Journal, is_journal
+
     metric, mode = plan.metric, plan.mode
-    children = child_runs(plan) if plan.parent_run_id else {}
-    client = runs.client(plan.tracking_uri) if children else None
     rows, best = [], None
     for result in results:
         last = result.metrics or {}
         trial_id = str(last.get("trial_id", ""))
-        run = children.get(trial_id)
         if result.error is not None:
             outcome = "failed"
         elif last.get("iteration") is not None and last.get("iteration") < last.get("max_iters", 0):
             outcome = "stopped early"
         else:
             outcome = "completed"
-        if run is not None and client is not None:
-            if outcome == "stopped early":
-                client.set_tag(run.info.run_id, STOPPED_TAG, "true")
-                client.set_terminated(run.info.run_id, status="KILLED")
-            else:
-                client.set_tag(run.info.run_id, STOPPED_TAG, "false")
-                if client.get_run(run.info.run_id).info.status == "RUNNING":
-                    # Training ended (or failed) but the trial's actor was gone before its
-                    # MLflow hook could say so.
-                    client.set_terminated(run.info.run_id, status="FINISHED" if outcome == "completed" else "FAILED")
+        folder = trial_journal(plan, trial_id)
+        if plan.tracking_uri and is_journal(folder):
+            with Journal.open(folder) as journal:
+                journal.set_tags({STOPPED_TAG: "true" if outcome == "stopped early" else "false"})
+            runs.close_journal(folder, {"completed": "FINISHED", "failed": "FAILED"}.get(outcome, "KILLED"))
         value = _best_of(getattr(result, "metrics_dataframe", None), metric, mode)
         params = {k: v for k, v in (result.config or {}).items()}
-        row = {"trial_id": trial_id, "run_id": run.info.run_id if run is not None else "", "outcome": outcome,
+        run_id = runs.run_id_of(folder, plan.tracking_uri) or ""
+        row = {"trial_id": trial_id, "run_id": run_id, "outcome": outcome,
                **params, "evaluations": last.get("training_iteration"), "iteration": last.get("iteration"),
                f"best {metric}": value, f"last {metric}": last.get(metric)}
         rows.append(row)
@@ -155,45 +149,43 @@ def trials_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
 
 
 def end_running_children(plan: SweepPlan, status: str = "KILLED") -> None:
-    """End every child run still RUNNING (the sweep was cancelled or failed under them)."""
-    if not plan.parent_run_id:
+    """End every trial run still RUNNING (the sweep was cancelled or failed under them)."""
+    if not plan.tracking_uri:
         return
-    client = runs.client(plan.tracking_uri)
-    for run in child_runs(plan).values():
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status=status)
+    trials = os.path.join(plan.output_dir, "trials")
+    for trial_id in sorted(os.listdir(trials)) if os.path.isdir(trials) else []:
+        runs.close_journal(trial_journal(plan, trial_id), status)
 
 
 def finish_parent_run(plan: SweepPlan, summary: Optional[dict[str, Any]], status: str) -> None:
-    """Write the best trial (params ``best.<key>``, its metrics, ``best_config.yaml``) and the
+    """Record the best trial (params ``best.<key>``, its metrics, ``best_config.yaml``) and the
     trial table (``trials.md``, ``trials.csv``) on the parent run, then end it."""
-    if not plan.parent_run_id:
+    from detection.journal import Journal
+
+    if not plan.parent_journal:
         return
-    client = runs.client(plan.tracking_uri)
-    run_id = plan.parent_run_id
-    try:
-        if summary is not None:
-            best = summary["best"]
-            client.log_text(run_id, trials_table(summary["trials"], "md"), "trials.md")
-            client.log_text(run_id, trials_table(summary["trials"], "csv"), "trials.csv")
-            if best is not None:
-                import yaml
+    with Journal.open(plan.parent_journal) as journal:
+        try:
+            if summary is not None:
+                best = summary["best"]
+                journal.log_text(trials_table(summary["trials"], "md"), "trials.md")
+                journal.log_text(trials_table(summary["trials"], "csv"), "trials.csv")
+                if best is not None:
+                    import yaml
 
-                from orchestrator.config import build_experiment, dump_experiment, with_overrides
+                    from orchestrator.config import build_experiment, dump_experiment, with_overrides
 
-                for key, value in best["params"].items():
-                    client.log_param(run_id, f"best.{key}"[:250], str(value))
-                client.set_tag(run_id, "orch.best_trial", best["trial_id"])
-                client.set_tag(run_id, "orch.best_run_id", best["run_id"])
-                client.log_metric(run_id, f"best/{plan.metric}", best["value"])
-                for key, value in best["metrics"].items():
-                    if key not in TUNE_KEYS and not key.startswith("time_"):
-                        client.log_metric(run_id, key, float(value))
-                base = build_experiment(yaml.safe_load(plan.config_yaml), source=plan.config_path)
-                config = with_overrides(base, {**best["params"], "sweep": None})
-                client.log_text(run_id, dump_experiment(config), "best_config.yaml")
-    finally:
-        client.set_terminated(run_id, status=status)
+                    journal.log_params({f"best.{key}"[:250]: value for key, value in best["params"].items()})
+                    journal.set_tags({"orch.best_trial": best["trial_id"], "orch.best_run_id": best["run_id"]})
+                    values = {f"best/{plan.metric}": best["value"]}
+                    values.update({k: float(v) for k, v in best["metrics"].items()
+                                   if k not in TUNE_KEYS and not k.startswith("time_")})
+                    journal.log_metrics(values, step=0)
+                    base = build_experiment(yaml.safe_load(plan.config_yaml), source=plan.config_path)
+                    journal.log_text(dump_experiment(with_overrides(base, {**best["params"], "sweep": None})),
+                                     "best_config.yaml")
+        finally:
+            journal.set_status(status)
 
 
 def trial_table(record: Any) -> str:

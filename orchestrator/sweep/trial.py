@@ -19,7 +19,7 @@ class TuneReportHook(StepReporter):
     """Reports each evaluation to Ray Tune (one Tune iteration per evaluation, the unit of ASHA's
     rungs). When the scheduler stops the trial, Tune's ``report`` raises ``SystemExit``; the hook
     turns that into ``should_stop`` so the trainer checkpoints and ends cleanly (``Preempted``):
-    the MLflow hook then ends the run as KILLED instead of leaving it RUNNING."""
+    the journal hook then ends the run as KILLED instead of leaving it RUNNING."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,14 +72,18 @@ def trial_experiment(params: dict[str, Any], plan: SweepPlan, trial_id: str, tri
     changes: dict[str, Any] = dict(params)
     changes["runtime.output_dir"] = os.path.join(plan.output_dir, "trials", trial_id)
     changes["sweep"] = None
-    if base.tracking.enable:
+    if base.tracking.enable and plan.parent_journal:
+        from orchestrator.sweep.report import trial_journal
         from orchestrator.tracking import runs
 
         tags = {**base.tracking.tags, "orch.sweep_job": plan.job_id, "orch.trial_id": trial_id, "backend": "ray"}
-        run_id = runs.create_run(plan.tracking_uri, runs.experiment_name(base), trial_name, tags=tags,
-                                 parent_run_id=plan.parent_run_id)
-        changes.update({"tracking.run_id": run_id, "tracking.parent_run_id": plan.parent_run_id,
-                        "tracking.run_name": trial_name, "tracking.tags": tags})
+        changes.update({"tracking.parent_journal": plan.parent_journal, "tracking.run_name": trial_name,
+                        "tracking.tags": tags})
+        exp = with_overrides(base, changes, source=f"sweep trial {trial_id}")
+        # A restarted trial continues its run.
+        runs.create_journal(trial_journal(plan, trial_id), exp, trial_name, tags=tags, parent=plan.parent_journal,
+                            resume=True).close()
+        return exp
     return with_overrides(base, changes, source=f"sweep trial {trial_id}")
 
 
@@ -112,7 +116,8 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     if plan.workers_per_trial <= 1:
         hook = TuneReportHook()
         try:
-            run(config_path, hooks=[hook], env=DistEnv.from_values(rank=0, world_size=1, source="ray"))
+            # the sweep driver ships every trial's journal
+            run(config_path, hooks=[hook], env=DistEnv.from_values(rank=0, world_size=1, source="ray"), ship=False)
         except Preempted:
             if not hook.stopped:
                 raise
@@ -133,7 +138,7 @@ def run_trial_ddp(exp: Any, config_path: str, plan: SweepPlan) -> None:
         name=os.path.basename(out), config_path=config_path, output_dir=out, num_workers=plan.workers_per_trial,
         storage_path=os.path.join(out, "ray"), cpus_per_worker=plan.cpus_per_worker,
         gpus_per_worker=plan.gpus_per_worker, max_failures=0, keep_checkpoints=1, cwd=plan.cwd,
-        env={"ORCH_BACKEND": "ray"})
+        env={})
     result = build_trainer(request, plan.use_gpu, callbacks=[TuneReportCallback()]).fit()
     if getattr(result, "error", None) is not None:
         raise RuntimeError(f"trial training failed: {result.error}")

@@ -1,29 +1,49 @@
-"""The life of an MLflow run, on the orchestrator side: where the store is, which experiment a run
-belongs to, creating a run (nested or not) before launch, reopening it on a resume, closing it
-when its job could not.
+"""The life of a run, on the orchestrator side: its identity (a journal, created before launch),
+where it goes (tracking URI, one MLflow experiment per experiment file), who ships it, and how
+it ends when its training could not end it.
 
-Identity is decided before launch (STYLE.md): every job, fold, grid point and sweep trial gets
-its run here, in ONE MLflow experiment per experiment file (``tracking.experiment``, default the
-experiment's ``name``), so that ``mlflow ui`` shows parents with their children nested under
-them (the UI nests only inside one experiment). mlflow is imported inside the functions.
+Every MLflow run orch makes (a job, a fold, a k-fold or grid parent, a sweep and its trials) is
+first a journal (:mod:`detection.journal`) in the run's folder, created here before anything
+runs; the shipper (:mod:`orchestrator.tracking.shipper`) creates the MLflow run from it, nested
+under its parent's run in the parent's experiment, and replays every value exactly once. The run
+id is known once the journal was shipped (:func:`run_id_of`).
+
+``tracking.mode``: ``auto`` ships when the server is reachable and keeps journaling (with one
+warning) when it is not; ``online`` refuses to submit when the server does not answer;
+``offline`` never ships during the job (``orch sync`` later).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import re
+import socket
+import sys
 import time
+import urllib.parse
 from typing import Any, Mapping, Optional
 
-from detection.tracking import resolve_tracking_uri
+from cluster.errors import LaunchError
+from detection.journal import TERMINAL, Journal, is_journal, last_status
+from detection.tracking import journal_dir
+
+log = logging.getLogger(__name__)
+
+REACH_TIMEOUT_S = 3.0
+SHIPPER_LINGER_S = 24 * 3600.0  # after its job ended, a shipper keeps trying this long (then: orch sync)
+SHIPPER_FILE = "shipper.json"  # who ships this journal now: {host, pid, start}
 
 __all__ = [
-    "absolute_uri", "client", "close_run", "create_run", "experiment_id", "experiment_name", "is_active",
-    "log_params", "reopen", "resolve_tracking_uri", "tracking_uri_of",
+    "absolute_uri", "close_journal", "create_journal", "ensure_shipping", "experiment_name", "journal_dir", "reachable",
+    "require_reachable", "resolve_tracking_uri", "run_id_of", "start_shipper", "tracking_uri_of", "wait_shipped",
 ]
 
-PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
-MAX_PARAM_VALUE = 6000
+
+def resolve_tracking_uri(tracking: Any) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``."""
+    if getattr(tracking, "uri", None):
+        return str(tracking.uri)
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(os.getcwd(), 'mlflow.db')}"
 
 
 def absolute_uri(uri: str) -> str:
@@ -36,99 +56,134 @@ def absolute_uri(uri: str) -> str:
 
 
 def tracking_uri_of(exp: Any) -> str:
-    """The absolute tracking URI an experiment logs to (``tracking.uri``, ``MLFLOW_TRACKING_URI``,
-    else ``./mlflow.db``)."""
+    """The absolute tracking URI an experiment's runs ship to."""
     return absolute_uri(resolve_tracking_uri(exp.tracking))
 
 
 def experiment_name(exp: Any) -> str:
     """The MLflow experiment of an experiment file: ``tracking.experiment``, else its ``name``.
-    Every job, fold, grid point and trial of that file goes there."""
+    Every job, fold, grid point and sweep trial of that file goes there."""
     return exp.tracking.experiment or exp.name
 
 
-def client(uri: str):
-    """An ``MlflowClient`` for ``uri``."""
-    from mlflow.tracking import MlflowClient
+def create_journal(folder: str, exp: Any, run_name: str, tags: Optional[Mapping[str, Any]] = None,
+                   parent: Optional[str] = None, resume: bool = False) -> Journal:
+    """The journal of a new run in ``folder`` (the run's identity, decided before launch).
 
-    return MlflowClient(tracking_uri=uri)
-
-
-def artifact_location(uri: str, experiment: str) -> Optional[str]:
-    """Where a new experiment's artifacts go: beside a local SQLite store
-    (``<db folder>/mlartifacts/<experiment>``) instead of MLflow's default ``./mlruns`` of
-    whatever the current directory is; ``None`` (the server decides) for other stores."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment) or "default"
-    return "file://" + os.path.join(folder, "mlartifacts", safe)
-
-
-def experiment_id(mlflow_client: Any, name: str) -> str:
-    """The id of MLflow experiment ``name``, created when missing (several jobs may create the
-    same experiment at once: the loser of the race finds the winner's)."""
-    from mlflow.exceptions import MlflowException
-
-    for _ in range(5):
-        found = mlflow_client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        try:
-            return mlflow_client.create_experiment(
-                name, artifact_location=artifact_location(mlflow_client.tracking_uri, name))
-        except MlflowException:
-            time.sleep(0.2)
-    found = mlflow_client.get_experiment_by_name(name)
-    if found is None:
-        raise RuntimeError(f"MLflow experiment {name!r} could not be created")
-    return found.experiment_id
+    An existing journal there is continued when ``resume`` (a resumed job, a retried fold, a
+    resumed set: the same MLflow run goes on); otherwise it is moved aside (``journal.<time>``,
+    still found by ``orch sync``) so that a fresh run gets a fresh MLflow run."""
+    if is_journal(folder):
+        if resume:
+            journal = Journal.open(folder)
+            journal.set_tags({str(k): str(v) for k, v in (tags or {}).items()})
+            return journal
+        os.replace(folder, f"{folder}.{time.strftime('%Y%m%d-%H%M%S')}")
+    return Journal.create(folder, experiment=experiment_name(exp), run_name=run_name,
+                          tags={str(k): str(v) for k, v in (tags or {}).items()}, parent=parent)
 
 
-def create_run(uri: str, experiment: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
-               parent_run_id: Optional[str] = None) -> str:
-    """Create a RUNNING run named ``run_name`` in MLflow experiment ``experiment`` and return its
-    id; ``parent_run_id`` nests it under a parent of the same experiment."""
-    mlflow_client = client(uri)
-    all_tags = {str(k): str(v) for k, v in (tags or {}).items()}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = mlflow_client.create_run(experiment_id(mlflow_client, experiment), tags=all_tags, run_name=run_name)
-    return run.info.run_id
-
-
-def is_active(uri: str, run_id: Optional[str]) -> bool:
-    """Whether run ``run_id`` exists and is not deleted (a resumed set reuses it)."""
-    if not run_id:
+def close_journal(folder: str, status: str, error: Optional[str] = None) -> bool:
+    """End the run of journal ``folder`` with ``status`` (FAILED / KILLED / FINISHED) unless its
+    training already did; ``error`` (one line) becomes the tag ``orch.error``. True when the
+    status was written here."""
+    if not is_journal(folder) or last_status(folder) in TERMINAL:
         return False
-    try:
-        return client(uri).get_run(run_id).info.lifecycle_stage == "active"
-    except Exception:  # noqa: BLE001 - a deleted store or run: the caller creates a new one
-        return False
-
-
-def reopen(uri: str, run_id: str) -> None:
-    """Mark a finished run RUNNING again (a resumed k-fold set continues its parents)."""
-    mlflow_client = client(uri)
-    if mlflow_client.get_run(run_id).info.status != "RUNNING":
-        mlflow_client.update_run(run_id, status="RUNNING")
-
-
-def close_run(uri: str, run_id: str, status: str = "FAILED", only_if_running: bool = True) -> bool:
-    """End run ``run_id`` with ``status`` (FINISHED, FAILED, KILLED). With ``only_if_running`` a
-    run that its training already ended keeps its status. Returns True when closed here."""
-    mlflow_client = client(uri)
-    if only_if_running and mlflow_client.get_run(run_id).info.status != "RUNNING":
-        return False
-    mlflow_client.set_terminated(run_id, status=status)
+    with Journal.open(folder) as journal:
+        if error:
+            journal.set_tags({"orch.error": error[:5000]})
+        journal.set_status(status)
     return True
 
 
-def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    """Log ``params`` (keys and values cut to MLflow's limits) in batches of 100."""
-    from mlflow.entities import Param
+def run_id_of(folder: str, uri: Optional[str]) -> Optional[str]:
+    """The MLflow run id of journal ``folder`` at ``uri``, once it was shipped there."""
+    if not uri or not is_journal(folder):
+        return None
+    from orchestrator.tracking.cursor import shipped_run_id
 
-    items = [Param(str(k)[:250], str(v)[:MAX_PARAM_VALUE]) for k, v in params.items()]
-    mlflow_client = client(uri)
-    for start in range(0, len(items), PARAMS_PER_BATCH):
-        mlflow_client.log_batch(run_id, params=items[start:start + PARAMS_PER_BATCH])
+    return shipped_run_id(folder, uri)
+
+
+def wait_shipped(folder: str, uri: Optional[str], timeout_s: float) -> Optional[str]:
+    """Wait up to ``timeout_s`` for the run of journal ``folder`` to be shipped to ``uri`` with its
+    final status (its shipper works in the background); returns its run id (None if not yet)."""
+    if not uri or not is_journal(folder):
+        return None
+    from orchestrator.tracking.cursor import load_cursor
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cursor = load_cursor(folder, uri)
+        if cursor.status in TERMINAL or time.monotonic() >= deadline:
+            return cursor.run_id
+        time.sleep(0.2)
+
+
+def reachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> bool:
+    """Whether the tracking store at ``uri`` answers now (an HTTP server accepts a connection; a
+    SQLite file's folder exists or can be made). Quick: no MLflow import, no retries."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "localhost", port), timeout=timeout_s).close()
+            return True
+        except OSError:
+            return False
+    if uri.startswith("sqlite:///"):
+        folder = os.path.dirname(os.path.abspath(uri[len("sqlite:///"):]))
+        return os.path.isdir(folder) or os.access(os.path.dirname(folder) or "/", os.W_OK)
+    return True  # databricks, postgresql, ...: left to MLflow
+
+
+def require_reachable(exp: Any) -> None:
+    """``tracking.mode: online``: refuse (one line) before anything is written when the server
+    does not answer."""
+    tracking = exp.tracking
+    if not tracking.enable or tracking.mode != "online":
+        return
+    uri = tracking_uri_of(exp)
+    if not reachable(uri):
+        raise LaunchError(f"tracking.mode=online but the MLflow tracking server {uri} does not answer; start it, fix "
+                          "tracking.uri, or use tracking.mode=auto (journal now, ship when it answers) or offline "
+                          "(orch sync later)")
+
+
+def start_shipper(folder: str, uri: str, until_pid: Optional[int] = None, linger_s: float = SHIPPER_LINGER_S,
+                  log_file: Optional[str] = None) -> int:
+    """Start a detached shipper that follows journal ``folder`` to ``uri`` until its final status
+    is shipped (it retries while the server is down). With ``until_pid`` it gives up ``linger_s``
+    after that process ended (``orch sync`` ships the rest later). Returns its pid."""
+    from cluster.process import start_detached
+
+    argv = [sys.executable, "-m", "orchestrator.tracking.shipper", folder, "--uri", uri, "--follow"]
+    if until_pid is not None:
+        argv += ["--until-pid", str(until_pid), "--linger", str(linger_s)]
+    log_file = log_file or os.path.join(os.path.dirname(folder), "shipper.log")
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    me = start_detached(argv, log_file)
+    if os.path.isdir(folder):
+        from cluster.files import write_json_atomic
+
+        write_json_atomic(os.path.join(folder, SHIPPER_FILE), {**me, "host": socket.gethostname()})
+    return me["pid"]
+
+
+def ensure_shipping(folder: str, uri: Optional[str]) -> bool:
+    """Start a shipper for journal ``folder`` unless its final status is already shipped to
+    ``uri`` or a shipper of it still runs on this host (a Slurm job's own shipper dies with the
+    job's allocation: the login node's ``orch status`` picks the journal up). True if started."""
+    if not uri or not is_journal(folder):
+        return False
+    from cluster.files import read_json
+    from cluster.lease import is_alive
+    from orchestrator.tracking.cursor import load_cursor
+
+    if load_cursor(folder, uri).status in TERMINAL:
+        return False
+    running = read_json(os.path.join(folder, SHIPPER_FILE))
+    if running and running.get("host") == socket.gethostname() and is_alive(running["pid"], running.get("start")):
+        return False
+    start_shipper(folder, uri)
+    return True

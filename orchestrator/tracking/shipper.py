@@ -135,6 +135,18 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
+_gone_since: list[float] = []
+
+
+def _owner_gone(pid: Optional[int], linger_s: float) -> bool:
+    """True once process ``pid`` has been gone for ``linger_s`` seconds."""
+    if pid is None or is_alive(pid):
+        return False
+    if not _gone_since:
+        _gone_since.append(time.monotonic())
+    return time.monotonic() - _gone_since[0] >= linger_s
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m orchestrator.tracking.shipper JOURNAL_DIR --uri URI [--follow]``: exit 0 when
     everything is shipped (with --follow: also the final status), 1 otherwise."""
@@ -145,11 +157,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--follow", action="store_true", help="keep shipping until the run's final status is shipped")
     parser.add_argument("--poll", type=float, default=POLL_S, help="seconds between passes with --follow")
     parser.add_argument("--until-pid", type=int, default=None,
-                        help="with --follow: make a last pass and stop once this process has exited")
+                        help="with --follow: make a last pass and stop once this process has exited (and --linger passed)")
+    parser.add_argument("--linger", type=float, default=0.0, metavar="S",
+                        help="with --until-pid: keep trying this long after the process exited (a server that is "
+                             "down when training ends still gets the run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     quiet_store_logs()
-    from detection.tracking import resolve_tracking_uri
+    from orchestrator.tracking.runs import resolve_tracking_uri
 
     uri = args.uri or resolve_tracking_uri(None)
     if not args.follow:
@@ -163,9 +178,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a last pass, then exit
-        until = args.until_pid
         result = ship_forever(args.journal_dir, uri, poll_s=args.poll,
-                              stop_when=lambda: stop.is_set() or (until is not None and not is_alive(until)))
+                              stop_when=lambda: stop.is_set() or _owner_gone(args.until_pid, args.linger))
         if result is None:
             return 1
     log.info("shipper: %s -> %s run %s: %d bytes of %d shipped, status %s", args.journal_dir, uri, result.run_id,

@@ -118,12 +118,23 @@ def open_client(uri: str) -> tuple[Any, list[str]]:
     return client, warnings
 
 
+def artifact_location(uri: str, experiment: str) -> Optional[str]:
+    """Where a new experiment's artifacts go: beside a local SQLite store
+    (``<db folder>/mlartifacts/<experiment>``) instead of MLflow's default ``./mlruns`` of
+    whatever the current directory is; ``None`` (the server decides) for other stores."""
+    import re
+
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment) or "default"
+    return "file://" + os.path.join(os.path.dirname(path), "mlartifacts", safe)
+
+
 def experiment_id(client: Any, name: str) -> str:
     """The id of experiment ``name``, created (with the experiment-kind tag) when missing.
     An existing experiment without a kind gets it; one with another kind is left alone."""
     from mlflow.exceptions import MlflowException
-
-    from detection.tracking import artifact_location
 
     for attempt in range(6):  # several shippers may create the same experiment at once
         found = client.get_experiment_by_name(name)

@@ -171,11 +171,11 @@ from orchestrator.config import load_experiment
 rank, port, path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 env = DistEnv(rank=rank, local_rank=rank, world_size=2, local_world_size=2, master_port=port, source="single")
 r = main(load_experiment(path), env)
-json.dump({"metrics": r.metrics, "iterations": r.iterations, "best": r.best, "run_id": r.run_id}, open(out, "w"))
+json.dump({"metrics": r.metrics, "iterations": r.iterations, "best": r.best}, open(out, "w"))
 """
 
 
-def test_two_process_ddp_run_agrees_on_every_rank(make_experiment, tmp_path, tracking_uri):
+def test_two_process_ddp_run_agrees_on_every_rank(make_experiment, tmp_path, tracking_uri, ship):
     import os
     import socket
     import subprocess
@@ -197,8 +197,10 @@ def test_two_process_ddp_run_agrees_on_every_rank(make_experiment, tmp_path, tra
     assert results[0]["metrics"] == results[1]["metrics"] and results[0]["iterations"] == 2
     assert results[0]["best"] == results[1]["best"]
     # LR scaled x2 for two ranks of batch 2 (base batch 2); one MLflow run, from rank 0 only.
-    run = MlflowClient(tracking_uri).get_run(results[0]["run_id"])
-    assert run.data.tags["world_size"] == "2" and results[1]["run_id"] is None
+    runs = ship(tmp_path / "work")
+    assert list(runs) == ["tiny"]  # rank 0 journals alone
+    run = runs["tiny"]
+    assert run.data.tags["world_size"] == "2"
     assert max(m.value for m in MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "lr")) == pytest.approx(0.002)
     # Predictions of both ranks' shards were gathered: every val image was predicted.
     preds = json.loads((tmp_path / "work" / "predictions_val.json").read_text())

@@ -109,13 +109,13 @@ def test_lr_schedule_turns_epoch_milestones_into_iterations():
 
 def test_build_hooks_passes_each_hook_its_settings(make_experiment):
     from detection.build import build_hooks
-    from detection.tracking import MlflowHook
+    from detection.tracking import JournalHook
 
     exp = load_experiment(make_experiment(**{"eval.interval": 3, "checkpoint.interval": 5, "runtime.log_interval": 7}))
     scaling = scale_lr(exp.optim, exp.schedule, 1, 2)
     extra = CountingEval()
     hooks = build_hooks(exp, DistEnv.single(), scaling, 8, 4, eval_loader=object(), eval_set=object(), extra=[extra])
-    assert [type(h) for h in hooks] == [LRSchedulerHook, LoggerHook, EvalHook, CheckpointHook, MlflowHook, CountingEval]
+    assert [type(h) for h in hooks] == [LRSchedulerHook, LoggerHook, EvalHook, CheckpointHook, JournalHook, CountingEval]
     _, logger, evaluation, checkpoint, mlflow, _ = hooks
     assert (evaluation.period, evaluation.unit, evaluation.split, evaluation.iou_types) == (3, "iter", "val", ("bbox",))
     assert (checkpoint.period, checkpoint.unit, logger.interval, mlflow.log_interval) == (5, "iter", 7, 7)

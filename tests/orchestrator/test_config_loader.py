@@ -211,11 +211,11 @@ def test_dump_reloads_to_an_equal_experiment(tmp_path):
     assert config_hash(again) == config_hash(exp)
 
 
-def test_config_hash_is_stable_and_ignores_run_ids():
+def test_config_hash_is_stable_and_ignores_the_parent_run():
     exp = build_experiment({"name": "h"})
     assert config_hash(exp) == config_hash(build_experiment({"name": "h"}))
     assert len(config_hash(exp)) == 12 and int(config_hash(exp), 16) >= 0
-    assert config_hash(with_overrides(exp, {"tracking.run_id": "abc"})) == config_hash(exp)
+    assert config_hash(with_overrides(exp, {"tracking.parent_journal": "/x/journal"})) == config_hash(exp)
     assert config_hash(with_overrides(exp, {"optim.lr": 0.03})) != config_hash(exp)
 
 

@@ -72,15 +72,26 @@ def test_transition_rules_first_finished_state_wins():
         records.annotate(running.job_id, state=JobState.FAILED)
 
 
-def test_terminal_transition_closes_the_mlflow_run(tmp_path):
+def test_a_job_that_never_trained_ends_its_mlflow_run(tmp_path):
+    """A job that failed before training (or was cancelled while queued) gets its final status
+    in its journal from the record store, and a shipper delivers it: no run left RUNNING."""
+    from detection.journal import last_status
+    from orchestrator.config import build_experiment
     from orchestrator.tracking import runs
+    from orch_testing import shipped_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = runs.create_run(uri, "exp", "job")
-    record = make(mlflow_run_id=run_id, tracking_uri=uri)
-    records.transition(record.job_id, JobState.FAILED, error="boom")
-    assert runs.client(uri).get_run(run_id).info.status == "FAILED"
-    assert f"MLflow run {run_id} marked FAILED" in records.log_path(record.job_id).read_text()
+    out = tmp_path / "out"
+    runs.create_journal(runs.journal_dir(str(out)), build_experiment({"name": "exp"}), "job").close()
+    record = records.create_record(name="job", backend="local", output_dir=str(out), config_path="/none",
+                                   tracking_uri=uri)
+    records.transition(record.job_id, JobState.FAILED, error="ValueError: bad data")
+    assert last_status(runs.journal_dir(str(out))) == "FAILED"
+    run = shipped_run(records.load_record(record.job_id), timeout_s=120)
+    assert run.info.status == "FAILED" and run.data.tags["orch.error"] == "ValueError: bad data"
+    assert "MLflow run of job ends FAILED" in records.log_path(record.job_id).read_text()
+    # The run id reaches the record (orch status shows it).
+    assert jobs.refresh_record(records.load_record(record.job_id)).mlflow_run_id == run.info.run_id
 
 
 def test_dead_supervisor_marks_the_job_failed():

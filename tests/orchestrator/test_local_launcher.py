@@ -15,6 +15,7 @@ from cluster.gpus import lease_devices, list_device_leases
 from cluster.ports import list_port_leases
 from orchestrator import records as jobs
 from cluster.process import group_alive
+from orch_testing import shipped_run
 from orchestrator.cli import main as cli
 from orchestrator.launchers.local import LocalLauncher
 from orchestrator.spec import JobState
@@ -46,7 +47,7 @@ def test_three_jobs_on_two_slots(make_experiment, tmp_path):
     from orchestrator.launch import job_spec as build_job_spec
 
     launcher = LocalLauncher()
-    plan = launcher.plan([build_job_spec(load_experiment(p), "local") for p in paths])  # creates the runs
+    plan = launcher.plan([build_job_spec(load_experiment(p), "local") for p in paths])  # creates the journals
     start = time.monotonic()
     handles = launcher.submit(plan)
     assert time.monotonic() - start < 3  # returns at once; training happens in the supervisor
@@ -55,7 +56,8 @@ def test_three_jobs_on_two_slots(make_experiment, tmp_path):
     assert max_overlap(records) == 2  # two at once on two slots, the third queued
     for record, job in zip(records, plan.jobs):
         assert record.exit_code == 0 and record.output_dir == str(job.output_dir)
-        assert record.mlflow_run_id and record.mlflow_run_id == job.experiment.tracking.run_id
+        run = shipped_run(record)  # shipped by the shipper each worker started
+        assert run.info.status == "FINISHED" and run.info.run_name == job.name
         assert (Path(record.output_dir) / "result.json").exists()
         assert "iter 4/4" in Path(record.log_path).read_text()
     assert all(len(r.extra["devices"]) == 1 for r in records)
@@ -90,19 +92,9 @@ def test_failing_job_records_failed(make_experiment, tmp_path, shapes_data):
 
 
 def _run_status(record) -> str:
-    """The MLflow status of the job's run, once orch has closed it (the submitter or the
-    supervisor closes it, whichever learns of the end last)."""
-    from mlflow.tracking import MlflowClient
-
-    deadline = time.monotonic() + 60
-    while True:
-        record = jobs.load_record(record.job_id)
-        if record.mlflow_run_id:
-            status = MlflowClient(record.tracking_uri).get_run(record.mlflow_run_id).info.status
-            if status != "RUNNING" or time.monotonic() > deadline:
-                return status
-        assert time.monotonic() < deadline, "the job's MLflow run was never recorded"
-        time.sleep(0.2)
+    """The MLflow status of the job's run, once its final status was shipped (the worker's
+    shipper, or the one the supervisor starts when the job ended without training ending it)."""
+    return shipped_run(record).info.status
 
 
 def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, capsys):

@@ -76,12 +76,13 @@ def test_several_nodes_without_hosts_refused_before_anything_is_written(tiny_exp
 def one_mlflow_run_with_world_size_2(record):
     import mlflow
 
-    client = mlflow.MlflowClient(record.tracking_uri)
-    run = client.get_run(record.mlflow_run_id)
+    from orch_testing import shipped_run
+
+    run = shipped_run(record)
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("world_size") == "2" or run.data.params.get("world_size") == "2"
-    runs = client.search_runs([run.info.experiment_id])
-    assert [r.info.run_id for r in runs] == [record.mlflow_run_id]
+    runs = mlflow.MlflowClient(record.tracking_uri).search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
 
 
 def run_and_check(path, flags):

@@ -145,7 +145,6 @@ class LocalLauncher(Launcher):
             tracking = job.experiment.tracking
             record = records.create_record(
                 name=job.name, backend=plan.backend, output_dir=str(job.output_dir), config_path=str(job.config_path),
-                mlflow_run_id=tracking.run_id if tracking.enable else None,
                 tracking_uri=tracking.uri if tracking.enable else None,
                 extra={"slots": entry.slots, "world_size": job.experiment.resources.gpus})
             ids[entry.index] = record.job_id

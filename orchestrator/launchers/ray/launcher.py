@@ -124,7 +124,7 @@ class RayLauncher(Launcher):
             write_json_atomic(request_path, request.to_json())
             records.create_record(
                 job_id=job_id, name=job.name, backend=self.name, output_dir=str(job.output_dir),
-                config_path=str(job.config_path), native_id=job_id, mlflow_run_id=request.mlflow_run_id,
+                config_path=str(job.config_path), native_id=job_id,
                 tracking_uri=request.tracking_uri, extra={"kind": "train", "address": request.address})
             start_driver([sys.executable, "-m", "orchestrator.launchers.ray.driver", str(request_path)], job_id)
             handles.append(self.handle(job_id))

@@ -30,7 +30,6 @@ class RayJobRequest:
     gpus_per_worker: float = 1.0
     max_failures: int = 2
     keep_checkpoints: int = 1
-    mlflow_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     env: dict[str, str] = field(default_factory=dict)
     job_id: Optional[str] = None
@@ -64,7 +63,7 @@ class RayJobRequest:
             use_gpu=gpu_mode, cpus_per_worker=opts.cpus_per_worker,
             gpus_per_worker=opts.gpus_per_worker if opts.gpus_per_worker is not None else 1,
             max_failures=opts.max_failures, keep_checkpoints=max(1, exp.checkpoint.max_keep or 1),
-            mlflow_run_id=exp.tracking.run_id, tracking_uri=exp.tracking.uri, env=dict(job.extra_env),
+            tracking_uri=exp.tracking.uri if exp.tracking.enable else None, env=dict(job.extra_env),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -98,5 +97,5 @@ class RayJobRequest:
             f"  checkpoints kept:     {self.keep_checkpoints}",
             f"  each worker runs:     detection.train.main(<{self.config_path}>, DistEnv from the Ray context, "
             "hooks=[RayReportHook])",
-            f"  MLflow run:           {self.mlflow_run_id or '(created at submission)'}",
+            f"  MLflow:               {self.tracking_uri or 'off'} (the run's journal is shipped there)",
         ])

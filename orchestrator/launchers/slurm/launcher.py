@@ -122,7 +122,7 @@ class SlurmLauncher(Launcher):
                 record = records.create_record(
                     name=job.name, backend=self.name, output_dir=str(job.output_dir), config_path=str(job.config_path),
                     log_file=str(sjob.paths.stdout), native_id=str(sjob.job_id),
-                    mlflow_run_id=job.experiment.tracking.run_id, tracking_uri=job.experiment.tracking.uri,
+                    tracking_uri=job.experiment.tracking.uri if job.experiment.tracking.enable else None,
                     extra={"slurm_folder": str(folder), "result_path": str(sjob.paths.result_pickle),
                            # An array has one script, named after the array's own id.
                            "submission_file": str(folder / f"{str(sjob.job_id).split('_')[0]}_submission.sh")},

@@ -191,16 +191,14 @@ def write_task_env(folder: Path, env: Any, restarts: int) -> None:
 def record_restarts(config_path: str, restarts: int) -> None:
     """Tag the job's MLflow run with the restart count (tag ``slurm.restarts`` and metric
     ``restarts``), so the runs table shows which runs were requeued."""
+    from detection.journal import Journal, is_journal
     from orchestrator.config import load_experiment
     from orchestrator.tracking import runs
 
-    tracking = load_experiment(config_path).tracking
-    if not (tracking.enable and tracking.run_id):
+    experiment = load_experiment(config_path)
+    folder = runs.journal_dir(experiment.runtime.output_dir)
+    if not (experiment.tracking.enable and is_journal(folder)):
         return
-    try:
-        client = runs.client(runs.resolve_tracking_uri(tracking))
-        client.set_tag(tracking.run_id, "slurm.restarts", str(restarts))
-        client.set_tag(tracking.run_id, "slurm.job_id", job_key())
-        client.log_metric(tracking.run_id, "restarts", restarts, step=restarts)
-    except Exception as err:  # noqa: BLE001 - tracking trouble must not kill a training job
-        log.warning("could not record restarts in MLflow: %s", err)
+    with Journal.open(folder) as journal:
+        journal.set_tags({"slurm.restarts": str(restarts), "slurm.job_id": job_key()})
+        journal.log_metrics({"restarts": restarts}, step=restarts)

@@ -16,11 +16,18 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def _runs(tracking_uri: str):
+def _runs(tracking_uri: str, root):
+    """Every run of the store, after a sync of the journals under ``root`` (idempotent with the
+    shippers beside the jobs and the set: whatever they already sent is not sent again)."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator.tracking.sync import sync
+
+    summary = sync([str(root)], tracking_uri)
+    assert not summary.failed and not summary.pending, summary.lines()
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("tiny-tests")
+    assert [e.name for e in client.search_experiments()] == ["tiny-tests"]  # one experiment for the whole set
     return client, client.search_runs([exp.experiment_id], max_results=100)
 
 
@@ -39,8 +46,10 @@ def test_three_folds_two_slots_then_resume(make_experiment, tracking_uri, tmp_pa
     state = json.loads((outcome.set_dir / "set.json").read_text())
     assert {r["status"] for r in state["trials"].values()} == {"SUCCEEDED"}
 
-    client, runs = _runs(tracking_uri)
-    parent_id = state["parents"]["points"][""]
+    from orchestrator.tracking.runs import run_id_of
+
+    client, runs = _runs(tracking_uri, tmp_path / "work")
+    parent_id = run_id_of(state["parents"]["points"][""], tracking_uri)
     parent = client.get_run(parent_id)
     children = _children(runs, parent_id)
     assert sorted(c.data.tags["fold"] for c in children) == ["0", "1", "2"]
@@ -63,14 +72,14 @@ def test_three_folds_two_slots_then_resume(make_experiment, tracking_uri, tmp_pa
     again = run_kfold(str(exp), backend="local", max_parallel=1, echo=lambda s: None, poll_s=0.5)
     assert again.set_id == outcome.set_id and again.launched == [] and len(again.skipped) == 3
     assert {n: (again.set_dir / n / "config.yaml").stat().st_mtime for n in first_mtime} == first_mtime
-    _, runs_after = _runs(tracking_uri)
+    _, runs_after = _runs(tracking_uri, tmp_path / "work")
     assert len(runs_after) == len(runs) == 4
 
     # a missing fold (deleted predictions = failed evaluation) is retrained, alone, in its own run
     (outcome.set_dir / "fold-1" / "predictions_val.json").unlink()
     third = run_kfold(str(exp), backend="local", echo=lambda s: None, poll_s=0.5)
     assert third.launched == ["fold-1"]
-    _, runs_third = _runs(tracking_uri)
+    _, runs_third = _runs(tracking_uri, tmp_path / "work")
     assert len(runs_third) == 4
 
     # orch report finds the set by id and by folder
@@ -88,14 +97,14 @@ def test_three_folds_two_slots_then_resume(make_experiment, tracking_uri, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_grid_of_two_points_times_two_folds(make_experiment, tracking_uri, capsys):
+def test_grid_of_two_points_times_two_folds(make_experiment, tracking_uri, tmp_path, capsys):
     exp = make_experiment(**{"kfold.folds": 2, "kfold.allow_small_classes": True,
                              "grid": {"optim.lr": [0.001, 0.002]}})
     assert main(["kfold", str(exp), "--backend", "local", "--max-parallel", "2"]) == 0
     out = capsys.readouterr().out
     assert "| **lr=0.00" in out and "| lr=0.00" in out and "p (paired t)" in out
 
-    client, runs = _runs(tracking_uri)
+    client, runs = _runs(tracking_uri, tmp_path / "work")
     grid = [r for r in runs if r.data.tags.get("orch.kind") == "kfold-grid"]
     assert len(grid) == 1 and grid[0].info.status == "FINISHED"
     points = _children(runs, grid[0].info.run_id)
@@ -130,7 +139,7 @@ def test_failed_folds_are_reported_and_retried_alone(make_experiment, tracking_u
     summary = json.loads((set_dir / "report" / "summary.json").read_text())
     assert [p["name"] for p in summary["points"]] == ["load_from=null"]  # only complete points
 
-    client, runs = _runs(tracking_uri)
+    client, runs = _runs(tracking_uri, tmp_path / "work")
     by_name = {r.info.run_name: r for r in runs}
     assert by_name["load_from=null"].info.status == "FINISHED"
     assert by_name[f"load_from={tmp_path / 'missing.pt'}"].info.status == "FAILED"
@@ -141,7 +150,7 @@ def test_failed_folds_are_reported_and_retried_alone(make_experiment, tracking_u
     # only the failed trials ran again, in their own runs (no new runs)
     assert {n for n, r in state_again["trials"].items() if r.get("job_id") != state["trials"][n].get("job_id")} == {
         n for n in status if "missing" in n}
-    assert len(_runs(tracking_uri)[1]) == len(runs)
+    assert len(_runs(tracking_uri, tmp_path / "work")[1]) == len(runs)
 
 
 def test_resume_waits_for_jobs_of_an_interrupted_run_instead_of_relaunching(tmp_path):

@@ -57,14 +57,18 @@ def test_two_folds_as_concurrent_ray_jobs(ray_head, orch_home, make_experiment, 
     # their RUNNING intervals overlap too (the records' own view of the same fact)
     assert max(r.started_at for r in records) < min(r.ended_at for r in records)
 
+    from orch_testing import shipped_run
+    from orchestrator.tracking.runs import wait_shipped
+
+    fold_runs = [shipped_run(r) for r in records]  # by the shippers of the Ray Train workers
+    parent_id = wait_shipped(state["parents"]["points"][""], tracking_uri, 120)  # by the set's shipper
+    assert outcome.parent_journal == state["parents"]["points"][""]
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name("tiny-tests")
     runs = client.search_runs([experiment.experiment_id], max_results=50)
-    parent_id = state["parents"]["points"][""]
-    assert outcome.parent_run_id == parent_id
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert sorted(c.data.tags["fold"] for c in children) == ["0", "1"]
-    assert {c.info.run_id for c in children} == {r.mlflow_run_id for r in records}
+    assert {c.info.run_id for c in children} == {r.info.run_id for r in fold_runs}
     assert all(c.info.status == "FINISHED" for c in children)
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and len(runs) == 3

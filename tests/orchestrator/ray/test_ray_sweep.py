@@ -44,7 +44,9 @@ def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_u
     [record] = list_records()
     assert record.extra["kind"] == "sweep" and len(record.extra["trials"]) == 4
 
+    # The sweep driver shipped the parent and every trial before it ended (the server answered).
     client = MlflowClient(tracking_uri=tracking_uri)
+    assert [e.name for e in client.search_experiments()] == ["tiny-tests"]  # one experiment: nesting shows
     experiment = client.get_experiment_by_name("tiny-tests")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("orch.sweep") == "parent"]
@@ -52,6 +54,9 @@ def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_u
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5
+    assert all(c.info.run_name.startswith("trial ") and "lr=" in c.info.run_name for c in children)
+    # The trial table names each trial's run.
+    assert {t["run_id"] for t in [record.extra["best"]]} <= {c.info.run_id for c in children}
     assert sorted(float(c.data.params["optim.lr"]) for c in children) == [1e-6, 1e-5, 1e-3, 3e-3]
     assert all(c.info.status != "RUNNING" for c in children)
     stopped = [c for c in children if c.data.tags.get("orch.stopped_early") == "true"]

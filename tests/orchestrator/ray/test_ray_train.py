@@ -13,6 +13,8 @@ import pytest
 from orchestrator.spec import JobState
 from orchestrator.submit import ResourceFlags, submit
 
+from orch_testing import shipped_run
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
@@ -31,10 +33,10 @@ def test_two_cpu_workers_log_one_mlflow_run(ray_head, orch_home, tiny_experiment
     record = handles[0].record()
     log = Path(record.log_path).read_text(errors="replace")
     assert state == JobState.SUCCEEDED, f"{record.error}\n{log[-3000:]}"
+    run = shipped_run(record)  # by the shipper that Ray worker rank 0 started
     runs = _runs(tracking_uri)
     assert len(runs) == 1, [r.info.run_name for r in runs]
-    run = runs[0]
-    assert run.info.run_id == record.mlflow_run_id and run.info.status == "FINISHED"
+    assert run.info.run_id == runs[0].info.run_id and run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2" and run.data.tags["backend"] == "ray"
     assert "bbox_mAP" in run.data.metrics
     # Ray stored the reported checkpoint in the job's storage path.
@@ -67,6 +69,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_head, orch_home, make_ex
     assert "restarted by Ray: resuming from" in log and "/ray_restore/rank0/iter_" in log
     assert train_worker_pids() == []  # the new worker group ended too
     # One run, continued by the restarted worker, with the full 16 iterations done.
+    assert shipped_run(record).info.status == "FINISHED"
     runs = _runs(tracking_uri)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert Path(record.output_dir, "checkpoints", "iter_16.pth").exists()

@@ -46,10 +46,12 @@ def log_text(handle) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def mlflow_run(uri: str, run_id: str):
-    from mlflow.tracking import MlflowClient
+def mlflow_run(record):
+    """The job's run at its tracking server, once shipped (by the task's shipper, or by the one
+    `orch status` starts from this machine when the allocation ended first)."""
+    from orch_testing import shipped_run
 
-    return MlflowClient(uri).get_run(run_id)
+    return shipped_run(record)
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +90,12 @@ def check_resumed(handle, mlflow_server: str) -> str:
     assert f"resumed from {saved.group(1)} at iteration" in log, log  # the preemption checkpoint
     record = handle.record()
     result = json.loads((Path(record.output_dir) / "result.json").read_text())
-    assert result["iterations"] == 60 and result["run_id"] == record.mlflow_run_id
+    assert result["iterations"] == 60
+    run = mlflow_run(record)
     client = MlflowClient(mlflow_server)
-    run = client.get_run(record.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.tags["slurm.restarts"] == "1"
     assert [m.value for m in client.get_metric_history(run.info.run_id, "restarts")] == [0, 1]
-    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [record.mlflow_run_id]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]
     return log
 
 
@@ -140,7 +142,7 @@ def test_single_node_job(jobs, mlflow_server):
     record = handle.record()
     assert record.exit_code == 0 and record.extra["state_source"] == "sacct"
     assert "detection.train: done: 4 iterations" in log_text(handle)
-    run = mlflow_run(mlflow_server, record.mlflow_run_id)
+    run = mlflow_run(record)
     assert run.info.status == "FINISHED" and "bbox_mAP" in run.data.metrics
     assert run.data.tags["slurm.restarts"] == "0"
 
@@ -158,7 +160,7 @@ def test_two_node_job_ranks_agree_on_master(jobs, mlflow_server):
     assert ranks[0]["master_addr"] == ranks[1]["master_addr"] == "node1"  # first host of the allocation
     assert ranks[0]["master_port"] == ranks[1]["master_port"] and ranks[0]["master_port"] is not None
     assert {r["cuda_visible_devices"] for r in ranks} == {"0"}  # one fake GPU per task
-    assert mlflow_run(mlflow_server, record.mlflow_run_id).info.status == "FINISHED"
+    assert mlflow_run(record).info.status == "FINISHED"
 
 
 def test_array_of_three(jobs):

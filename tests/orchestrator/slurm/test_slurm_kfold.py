@@ -49,15 +49,18 @@ def test_two_folds_as_one_job_array(slurm_cluster, write_experiment, module_orch
     assert sorted(sacct) == [f"{array_id}_0|COMPLETED", f"{array_id}_1|COMPLETED"], sacct
 
     # MLflow over HTTP: one parent FINISHED with the set's metrics, its two children FINISHED
+    from orch_testing import shipped_run
+    from orchestrator.tracking.runs import wait_shipped
+
+    fold_runs = {n: shipped_run(r) for n, r in records.items()}  # by the shippers the Slurm tasks started
+    parent_id = wait_shipped(state["parents"]["points"][""], mlflow_server, 120)  # by the set's shipper
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("slurm-kfold")
     runs = client.search_runs([experiment.experiment_id], max_results=50)
-    parent_id = state["parents"]["points"][""]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
     assert sorted(c.data.tags["fold"] for c in children) == ["0", "1"]
-    assert {c.info.run_id for c in children} == {state["trials"][n]["run_id"] for n in ("fold-0", "fold-1")}
+    assert {c.info.run_id for c in children} == {r.info.run_id for r in fold_runs.values()}
     assert all(c.info.status == "FINISHED" for c in children)
-    assert {r.mlflow_run_id for r in records.values()} == {c.info.run_id for c in children}
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and len(runs) == 3
     assert {"mean/bbox_mAP", "std/bbox_mAP", "oof/bbox_mAP"} <= set(parent.data.metrics)
