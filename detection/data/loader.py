@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from cluster.errors import DataError
 from detection.config import DataConfig, DataSplit
 from detection.data.coco import CocoDetection
+from detection.data.pipelines import Pipeline, check_keeps_boxes
 from detection.data.samplers import GroupedBatchSampler, ShardSampler, aspect_ratio_groups, mix_seed
 from detection.data.transforms import build_transforms
 
@@ -32,9 +33,11 @@ def build_dataset(
 ) -> CocoDetection:
     """The COCO dataset of one split, checked up front (see :class:`CocoDetection`).
 
-    Training datasets resize and flip and drop images without annotations unless
-    ``data.keep_empty``; evaluation datasets keep every image and are not resized (the detector
-    resizes internally and maps predictions back to the original image size).
+    Training datasets resize and flip (or run ``data.train_pipeline``, tried on a few images
+    here: see :func:`detection.data.pipelines.check_keeps_boxes`) and drop images without
+    annotations unless ``data.keep_empty``; evaluation datasets keep every image and are not
+    resized (the detector resizes internally and maps predictions back to the original image
+    size).
 
     A split without its own ``classes`` uses ``data.train.classes``, so evaluation covers the
     classes the model was trained on. Pass the training set as ``like`` when building an
@@ -46,17 +49,21 @@ def build_dataset(
             f"data split needs both ann_file and img_dir (got ann_file={split.ann_file!r}, "
             f"img_dir={split.img_dir!r}); set them under data.train / data.val / data.test"
         )
-    return CocoDetection(
+    transforms = build_transforms(data_cfg, train)
+    dataset = CocoDetection(
         split.ann_file,
         split.img_dir,
         classes=split.classes if split.classes is not None else data_cfg.train.classes,
         train=train,
         keep_empty=data_cfg.keep_empty if train else True,
-        transforms=build_transforms(data_cfg, train),
+        transforms=transforms,
         with_masks=with_masks,
         on_bad_data=data_cfg.on_bad_data,
         label_to_cat_id=like.label_to_cat_id if like is not None else None,
     )
+    if isinstance(transforms, Pipeline):
+        check_keeps_boxes(dataset)  # here, not as a crash or an empty epoch inside the workers
+    return dataset
 
 
 class DetectionLoader(DataLoader):
@@ -92,6 +99,8 @@ def build_loader(
     seed: int,
     start_epoch: int = 0,
     start_batch: int = 0,
+    device: Any = None,
+    pin_memory: Optional[bool] = None,
 ) -> DetectionLoader:
     """The DataLoader of one rank.
 
@@ -102,8 +111,11 @@ def build_loader(
     Evaluation: natural order, each rank a disjoint shard (``rank::world_size``, no padding, so no
     image is predicted twice), every image kept.
 
-    Workers: ``data.workers_per_gpu`` (0 = load in this process), not persistent, each seeded
-    from ``(seed, rank, worker id)`` and limited to one torch thread.
+    Workers: ``data.workers_per_gpu`` (0 = load in this process), each seeded from
+    ``(seed, rank, worker id)`` and limited to one torch thread; they decode and augment, stay
+    alive across epochs (``persistent_workers``) and keep ``data.prefetch_factor`` batches each
+    ready. ``pin_memory`` (default: when ``device`` is a CUDA device) makes the loader return
+    page-locked tensors, so ``tensor.to(device, non_blocking=True)`` copies asynchronously.
     """
     sampler = ShardSampler(len(dataset), rank, world_size, shuffle=train, seed=seed, pad=train)
     groups = None
@@ -122,14 +134,20 @@ def build_loader(
     if start_batch:
         batch_sampler.skip_batches(start_batch)
     workers = data_cfg.workers_per_gpu
+    if pin_memory is None:
+        pin_memory = device is not None and torch.device(device).type == "cuda"
     return DetectionLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
         collate_fn=collate,
+        pin_memory=pin_memory,
         worker_init_fn=functools.partial(_seed_worker, seed, rank) if workers > 0 else None,
         generator=torch.Generator().manual_seed(mix_seed(seed, rank)),
-        persistent_workers=False,
+        # The batch order lives in the batch sampler, iterated in this process: workers that
+        # outlive an epoch still get each epoch's (and a resumed epoch's) batches.
+        persistent_workers=workers > 0,
+        prefetch_factor=getattr(data_cfg, "prefetch_factor", 2) if workers > 0 else None,
     )
 
 

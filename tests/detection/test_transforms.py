@@ -85,12 +85,29 @@ def test_pipeline_from_config():
     pil = Image.new("RGB", (40, 10), (255, 0, 0))
     target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
     train = build_transforms(cfg, train=True)
-    assert [type(t) for t in train.transforms] == [ToTensor, Resize, RandomHorizontalFlip]
+    # uint8 resize and flip first, float last (cheaper; see the next test for the values)
+    assert [type(t) for t in train.transforms] == [Resize, RandomHorizontalFlip, ToTensor]
     image, out = train(pil, target, torch.Generator().manual_seed(0))
     assert image.shape == (3, 12, 50) and image.dtype == torch.float32 and image.max() == 1.0
     assert out["boxes"].tolist() == [[37.5, 0.0, 50.0, 12.0]]
     evaluation = build_transforms(cfg, train=False)
     image, out = evaluation(pil, target)
     assert image.shape == (3, 10, 40) and out is target
-    assert isinstance(build_transforms(cfg, train=False, resize_eval=True).transforms[1], Resize)
+    assert isinstance(build_transforms(cfg, train=False, resize_eval=True).transforms[0], Resize)
     assert isinstance(Compose([]), Compose)
+
+
+@pytest.mark.parametrize("size, min_size, max_size", [((48, 64), 80, 200), ((120, 90), 30, 40), ((33, 47), 33, 47)])
+def test_uint8_pipeline_matches_the_float_one_within_rounding(size, min_size, max_size):
+    """The default pipeline resizes and flips uint8, then converts: the same pixels as converting
+    first (as orch did before) up to rounding to 1/255, and the very same boxes."""
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]), "area": torch.tensor([551.0])}
+    cfg = DataConfig(min_size=min_size, max_size=max_size, flip_prob=1.0)
+    new_image, new = build_transforms(cfg, train=True)(image, target)
+    old_image, old = Compose([ToTensor(), Resize(min_size, max_size), RandomHorizontalFlip(1.0)])(image, target)
+    assert new_image.dtype == torch.float32 and new_image.shape == old_image.shape
+    diff = (new_image - old_image).abs()
+    assert diff.max() <= 1 / 255 + 1e-6 and diff.mean() < 0.5 / 255
+    assert torch.equal(new["boxes"], old["boxes"]) and torch.equal(new["area"], old["area"])
