@@ -107,7 +107,7 @@ def _build_step(index: int, item: dict[str, Any]) -> Any:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{KEY}[{index}] ({name}): {' '.join(str(err).split())}; fix the arguments "
+        raise ConfigError(f"{KEY}[{index}] ({name}): {_one_line(err)}; fix the arguments "
                           f"({', '.join(TRANSFORMS[name]) or 'none'})") from err
 
 
@@ -189,7 +189,7 @@ def check_keeps_boxes(dataset: Any, images: int = CHECK_IMAGES) -> None:
             _, target = dataset[(index, mix_seed(0, index))]
         except (TypeError, ValueError, RuntimeError, IndexError) as err:
             raise ConfigError(f"{KEY}: fails on training image {dataset.ids[index]}: "
-                              f"{' '.join(str(err).split())}; fix the transform or its arguments") from err
+                              f"{_one_line(err)}; fix the transform or its arguments") from err
         if len(target["boxes"]):
             return
     if indices:
@@ -199,3 +199,7 @@ def check_keeps_boxes(dataset: Any, images: int = CHECK_IMAGES) -> None:
             "the crops or sizes leave no object whole enough for SanitizeBoundingBoxes: check their "
             "arguments (orch data browse shows what the pipeline does)"
         )
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()).rstrip(".")
