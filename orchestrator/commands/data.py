@@ -32,3 +32,7 @@ def shapes_cmd(out: str, n_train: int, n_val: int, size: int, seed: int) -> None
     paths = make_shapes(out, n_train=n_train, n_val=n_val, size=size, seed=seed)
     for split, (ann_file, img_dir) in paths.items():
         click.echo(f"{split}: {ann_file} ({img_dir})")
+
+
+from orchestrator.commands.browse import browse_cmd  # noqa: E402  (orch data browse; own module)
+data_group.add_command(browse_cmd)
