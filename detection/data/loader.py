@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from cluster.errors import DataError
 from detection.config import DataConfig, DataSplit
+from detection.data.batches import Batch, share_in_one_block
 from detection.data.coco import CocoDetection
 from detection.data.pipelines import Pipeline, check_keeps_boxes
 from detection.data.samplers import GroupedBatchSampler, ShardSampler, aspect_ratio_groups, mix_seed
@@ -73,6 +74,12 @@ class DetectionLoader(DataLoader):
     started at ``start_batch`` (that one yields ``len(loader) - start_batch`` batches).
     """
 
+    def __iter__(self) -> Iterator:
+        batches = super().__iter__()
+        # Workers hand over uint8 images (a quarter of the bytes); they become float here, or
+        # already in the pinning thread (Batch.pin_memory).
+        return batches if self.num_workers == 0 else (batch.to_float() for batch in batches)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of the next ``iter(loader)`` (batch order and augmentations)."""
         self.batch_sampler.set_epoch(epoch)
@@ -84,10 +91,16 @@ class DetectionLoader(DataLoader):
 
 
 def collate(batch: Sequence[tuple[Any, dict[str, Any]]]) -> tuple[list[Any], list[dict[str, Any]]]:
-    """``[(image, target), ...]`` -> ``([images], [targets])``: detectors take lists, not stacks."""
+    """``[(image, target), ...]`` -> ``([images], [targets])``: detectors take lists, not stacks.
+
+    In a loader worker every tensor of the batch is copied into ONE shared-memory block (see
+    :mod:`detection.data.batches`), as ``default_collate`` does for the stacks it builds.
+    """
     images = [sample[0] for sample in batch]
     targets = [sample[1] for sample in batch]
-    return images, targets
+    if torch.utils.data.get_worker_info() is not None:
+        images, targets = share_in_one_block((images, targets))
+    return Batch((images, targets))
 
 
 def build_loader(
@@ -113,9 +126,11 @@ def build_loader(
 
     Workers: ``data.workers_per_gpu`` (0 = load in this process), each seeded from
     ``(seed, rank, worker id)`` and limited to one torch thread; they decode and augment, stay
-    alive across epochs (``persistent_workers``) and keep ``data.prefetch_factor`` batches each
-    ready. ``pin_memory`` (default: when ``device`` is a CUDA device) makes the loader return
-    page-locked tensors, so ``tensor.to(device, non_blocking=True)`` copies asynchronously.
+    alive across epochs (``persistent_workers``), keep ``data.prefetch_factor`` batches each
+    ready, and hand each batch over as uint8 images in one shared-memory block (see
+    :mod:`detection.data.batches`); the loader yields float images either way. ``pin_memory``
+    (default: when ``device`` is a CUDA device) makes it yield page-locked tensors, so
+    ``tensor.to(device, non_blocking=True)`` copies asynchronously.
     """
     sampler = ShardSampler(len(dataset), rank, world_size, shuffle=train, seed=seed, pad=train)
     groups = None
@@ -152,7 +167,11 @@ def build_loader(
 
 
 def _seed_worker(seed: int, rank: int, worker_id: int) -> None:
-    """Seed Python, NumPy and torch in a worker; one thread, since workers already run in parallel."""
+    """Seed Python, NumPy and torch in a worker; one thread, since workers already run in parallel;
+    the worker's copy of the dataset hands out uint8 images (the loader makes them float)."""
+    dataset = torch.utils.data.get_worker_info().dataset
+    if hasattr(dataset, "float_images"):
+        dataset.float_images = False
     worker_seed = mix_seed(seed, rank, worker_id)
     random.seed(worker_seed)
     np.random.seed(worker_seed % 2**32)

@@ -4,9 +4,9 @@ The sample handed to the v2 transforms is the decoded ``uint8`` image as a ``tv_
 and its target with ``boxes`` as ``tv_tensors.BoundingBoxes`` (xyxy), ``masks`` as
 ``tv_tensors.Mask`` (Mask R-CNN: masks follow every geometric transform) and ``labels``. Like the
 references' ``DetectionPresetTrain``, the image stays ``uint8`` while it is augmented (fills are in
-0..255), then becomes ``float`` in 0..1, and ``SanitizeBoundingBoxes`` runs last (added when the
-list does not end with one), so boxes left degenerate by a crop are dropped with their labels and
-masks. ``area`` is recomputed from the final boxes.
+0..255; the dataset makes it ``float`` in 0..1 afterwards), and ``SanitizeBoundingBoxes`` runs
+last (added when the list does not end with one), so boxes left degenerate by a crop are dropped
+with their labels and masks. ``area`` is recomputed from the final boxes.
 
 Determinism: v2 transforms draw from torch's global CPU generator, so each sample runs with that
 generator seeded from its own seed (``(runtime.seed, epoch, index)``, see
@@ -112,7 +112,7 @@ def _build_step(index: int, item: dict[str, Any]) -> Any:
 
 
 class Pipeline:
-    """``pipeline(image, target, generator)`` -> ``(float image [3, H, W], target)``, the
+    """``pipeline(image, target, generator)`` -> ``(uint8 image [3, H, W], target)``, the
     callable :class:`~detection.data.coco.CocoDetection` takes as ``transforms``.
 
     ``image`` is a ``uint8 [3, H, W]`` tensor (or a PIL image); ``generator``'s seed, when given,
@@ -148,8 +148,6 @@ class Pipeline:
         with _seeded(seed):
             out_image, sample = self.compose(tv_tensors.Image(image), sample)
         out_image = out_image.as_subclass(torch.Tensor)
-        if not out_image.is_floating_point():
-            out_image = out_image.float().div_(255.0)
         boxes = sample["boxes"].as_subclass(torch.Tensor).float()
         out = dict(target)  # image_id, orig_size pass through
         out["boxes"] = boxes

@@ -7,10 +7,10 @@ given: the samplers hand each sample its own seed, so an augmentation depends on
 
 These make the default pipeline (no ``data.train_pipeline``): resize to ``data.min_size`` /
 ``data.max_size`` and flip with ``data.flip_prob``. Images arrive as decoded ``uint8`` tensors
-and are resized and flipped as ``uint8`` (torch's vectorised ``uint8`` antialiased resize is
-about 3x faster than the ``float`` one; the values differ by rounding to 1/255 at most), then
-become ``float`` in 0..1 last. ``data.train_pipeline`` pipelines are in
-:mod:`detection.data.pipelines`.
+and stay ``uint8`` (torch's vectorised ``uint8`` antialiased resize is about 3x faster than the
+``float`` one; the values differ by rounding to 1/255 at most): the dataset makes them ``float``
+in 0..1 at the very end (:func:`image_to_float`), or the loader does, after the hand-over from
+its workers. ``data.train_pipeline`` pipelines are in :mod:`detection.data.pipelines`.
 """
 
 from __future__ import annotations
@@ -39,14 +39,20 @@ class Compose:
         return f"Compose({', '.join(map(repr, self.transforms))})"
 
 
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """A ``uint8`` image as contiguous float32 in 0..1 (``x / 255``); a float image as it is, made
+    contiguous. Contiguous always: a flip or crop leaves strided views, and the same values in
+    another layout sum in another order, so batches from workers (copied contiguous) and from
+    this process would differ in the last bit."""
+    image = image.contiguous()
+    return image if image.is_floating_point() else image.float().div_(255.0)
+
+
 class ToTensor:
     """PIL image or ``uint8`` tensor -> float tensor ``[3, H, W]`` in 0..1 (float tensors pass)."""
 
     def __call__(self, image: Any, target: Target, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Target]:
-        image = _as_tensor(image)
-        if not image.is_floating_point():
-            image = image.float().div_(255.0)
-        return image, target
+        return image_to_float(_as_tensor(image)), target
 
     def __repr__(self) -> str:
         return "ToTensor()"
@@ -125,10 +131,9 @@ class RandomHorizontalFlip:
 
 
 def build_transforms(data_cfg: Any, train: bool, resize_eval: bool = False) -> Any:
-    """The transforms of a split: ``data.train_pipeline`` for training when it is set (see
-    :func:`detection.data.pipelines.build_pipeline`), else the standard pipeline: resize by
-    ``data.min_size``/``data.max_size`` and (in training) flip with ``data.flip_prob``, then to
-    float.
+    """The transforms of a split, on ``uint8`` images: ``data.train_pipeline`` for training when
+    it is set (see :func:`detection.data.pipelines.build_pipeline`), else the standard pipeline:
+    resize by ``data.min_size``/``data.max_size`` and (in training) flip with ``data.flip_prob``.
 
     Evaluation images are not resized unless ``resize_eval``: torchvision detectors resize
     internally and map their predictions back to the size of the image they were given, so
@@ -144,7 +149,6 @@ def build_transforms(data_cfg: Any, train: bool, resize_eval: bool = False) -> A
         steps.append(Resize(data_cfg.min_size, data_cfg.max_size))
     if train and data_cfg.flip_prob > 0:
         steps.append(RandomHorizontalFlip(data_cfg.flip_prob))
-    steps.append(ToTensor())  # last: resizing and flipping uint8 is cheaper than float
     return Compose(steps)
 
 

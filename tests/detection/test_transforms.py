@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from detection.config import DataConfig
-from detection.data.transforms import Compose, RandomHorizontalFlip, Resize, ToTensor, build_transforms
+from detection.data.transforms import Compose, RandomHorizontalFlip, Resize, ToTensor, build_transforms, image_to_float
 
 
 def _sample(height: int = 30, width: int = 60):
@@ -85,15 +85,17 @@ def test_pipeline_from_config():
     pil = Image.new("RGB", (40, 10), (255, 0, 0))
     target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
     train = build_transforms(cfg, train=True)
-    # uint8 resize and flip first, float last (cheaper; see the next test for the values)
-    assert [type(t) for t in train.transforms] == [Resize, RandomHorizontalFlip, ToTensor]
+    # on uint8 (cheaper; the dataset makes the result float: see the next test for the values)
+    assert [type(t) for t in train.transforms] == [Resize, RandomHorizontalFlip]
     image, out = train(pil, target, torch.Generator().manual_seed(0))
-    assert image.shape == (3, 12, 50) and image.dtype == torch.float32 and image.max() == 1.0
+    assert image.shape == (3, 12, 50) and image.dtype == torch.uint8 and image.max() == 255
+    assert image_to_float(image).max() == 1.0 and image_to_float(image).dtype == torch.float32
     assert out["boxes"].tolist() == [[37.5, 0.0, 50.0, 12.0]]
     evaluation = build_transforms(cfg, train=False)
-    image, out = evaluation(pil, target)
-    assert image.shape == (3, 10, 40) and out is target
+    assert evaluation.transforms == []
     assert isinstance(build_transforms(cfg, train=False, resize_eval=True).transforms[0], Resize)
+    image, out = ToTensor()(pil, target)
+    assert image.shape == (3, 10, 40) and image.dtype == torch.float32 and out is target
     assert isinstance(Compose([]), Compose)
 
 
@@ -106,6 +108,7 @@ def test_uint8_pipeline_matches_the_float_one_within_rounding(size, min_size, ma
     target = {"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]), "area": torch.tensor([551.0])}
     cfg = DataConfig(min_size=min_size, max_size=max_size, flip_prob=1.0)
     new_image, new = build_transforms(cfg, train=True)(image, target)
+    new_image = image_to_float(new_image)
     old_image, old = Compose([ToTensor(), Resize(min_size, max_size), RandomHorizontalFlip(1.0)])(image, target)
     assert new_image.dtype == torch.float32 and new_image.shape == old_image.shape
     diff = (new_image - old_image).abs()
