@@ -83,7 +83,8 @@ def make_data(out: Path, count: int, seed: int = 0) -> tuple[str, str]:
             else:
                 draw.polygon([(x, y + h - 1), (x + w // 2, y), (x + w - 1, y + h - 1)], fill=fill)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": kind + 1,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+                                # floats, as in COCO's files (integer boxes stay integer through v2 resizes)
+                                "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h), "iscrowd": 0})
         name = f"{image_id:06d}.jpg"
         picture.save(img_dir / name, quality=90)
         images.append({"id": image_id, "file_name": name, "width": 640, "height": 480})
@@ -198,29 +199,30 @@ def orch_loader(dataset, ann_file: str, img_dir: str, pipeline, workers: int, ba
 
 # --- measuring ---------------------------------------------------------------------------------------
 
-def timed(loader, images: int) -> tuple[float, float]:
-    """``(images/s, images per CPU-second of the loading processes)`` of ``loader``, from its first
-    batch (workers up) until ``images`` more arrived. The CPU figure counts the worker processes
-    (all of this process's children) and, without workers, this process: on a busy machine it
-    is the steadier measure of what one worker can do."""
+def timed(loader, images: int) -> tuple[float, float, float]:
+    """``(images/s, images per CPU-second of the workers, main-process CPU ms per image)`` of
+    ``loader``, from its first batch (workers up) until ``images`` more arrived. Without workers
+    the CPU figure is this process's. On a busy machine the CPU figures are the steadier ones."""
     import psutil
 
-    def cpu() -> float:
-        procs = psutil.Process().children(recursive=True) or [psutil.Process()]
+    me = psutil.Process()
+
+    def cpu(procs) -> float:
         return sum(sum(p.cpu_times()[:2]) for p in procs)
 
-    seen, start, cpu_start = 0, None, 0.0
+    seen, start = 0, None
     iterator = iter(loader)
     for batch_images, _ in iterator:
         if start is None:
-            start, cpu_start = time.perf_counter(), cpu()
+            workers = me.children(recursive=True) or [me]
+            start, workers_start, main_start = time.perf_counter(), cpu(workers), cpu([me])
             continue
         seen += len(batch_images)
         if seen >= images:
             break
-    wall, used = time.perf_counter() - start, cpu() - cpu_start
+    wall, used, main_used = time.perf_counter() - start, cpu(workers) - workers_start, cpu([me]) - main_start
     del iterator
-    return seen / wall, seen / used
+    return seen / wall, seen / used, main_used / seen * 1000
 
 
 def compare(orch_set, fetch_other, count: int) -> dict:
@@ -300,12 +302,13 @@ def main() -> None:
             ann_file, _ = make_data(data, args.images)
         img_dir = str(data / "images")
         table = variants(args, ann_file, img_dir)
-        rates: dict = {name: {"worker": [], "worker_cpu": [], "inline": []} for name in table}
+        rates: dict = {name: {"worker": [], "worker_cpu": [], "main_ms": [], "inline": []} for name in table}
         for _ in range(args.repeats):
             for name, (_, factory, _, _) in table.items():  # interleaved: a busy moment hits all alike
-                wall, per_cpu = timed(factory(1), args.measure)
+                wall, per_cpu, main_ms = timed(factory(1), args.measure)
                 rates[name]["worker"].append(wall)
                 rates[name]["worker_cpu"].append(per_cpu)
+                rates[name]["main_ms"].append(-main_ms)  # best = least
                 rates[name]["inline"].append(timed(factory(0), max(20, args.measure // 3))[0])
         checks = {name: compare(entry[0], entry[3], args.check) for name, entry in table.items() if entry[3]}
     report = render(args, table, rates, checks)
@@ -324,19 +327,21 @@ def render(args, table, rates, checks) -> str:
         f"Python {platform.python_version()}; {args.images} JPEGs 640x480 q90, batch {args.batch}, best of "
         f"{args.repeats} repeats of {args.measure} images (1 worker) / {max(20, args.measure // 3)} (in-process).",
         "",
-        "img/s, 1 worker: wall clock through a DataLoader with one worker process; per worker CPU-s:",
-        "images per CPU-second that worker used (steadier on a busy machine); in-process: workers=0.",
+        "img/s, 1 worker: wall clock through a DataLoader with one worker process; img / worker CPU-s:",
+        "images per CPU-second that worker used (steadier on a busy machine); main CPU ms/img: what the",
+        "training process spends per image receiving it (and, for orch, making it float); in-process:",
+        "workers=0, wall clock.",
         "",
-        "| variant | img/s, 1 worker | img / worker CPU-s | img/s, in-process | vs | speed-up (wall) | "
-        f"speed-up (CPU) | workers for {GPU_IMAGES_PER_S:.0f} img/s |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| variant | img/s, 1 worker | img / worker CPU-s | main CPU ms/img | img/s, in-process | vs | "
+        f"speed-up (wall) | speed-up (CPU) | workers for {GPU_IMAGES_PER_S:.0f} img/s |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for name, (_, _, against, _) in table.items():
         best = {key: max(values) for key, values in rates[name].items()}
         ratios = ["", ""]
         if against:
             ratios = [f"**{best[key] / max(rates[against][key]):.2f}x**" for key in ("worker", "worker_cpu")]
-        lines.append(f"| {name} | {best['worker']:.1f} | {best['worker_cpu']:.1f} | {best['inline']:.1f} | "
+        lines.append(f"| {name} | {best['worker']:.1f} | {best['worker_cpu']:.1f} | {-best['main_ms']:.1f} | {best['inline']:.1f} | "
                      f"{against or ''} | {ratios[0]} | {ratios[1]} | "
                      f"{math.ceil(GPU_IMAGES_PER_S / min(best['worker'], best['worker_cpu']))} |")
     lines += ["", "Same seed, same sample: orch against its comparator (pixels in 0..255 units).", "",

@@ -5,9 +5,11 @@ segment (its pages faulted in and zeroed by the kernel), a file descriptor and a
 trip per storage. A detection sample has seven tensors (image, boxes, labels, image_id, area,
 iscrowd, orig_size) and its image is the bulk of the bytes, so the worker side:
 
-- keeps images ``uint8`` (a quarter of the bytes of ``float32``): the dataset's copy in a worker
-  has ``float_images = False``, and the training process makes them float, in the pinning thread
-  when the loader pins memory (straight into page-locked memory) or as it yields them;
+- keeps images ``uint8`` (a quarter of the bytes of ``float32``) where the transforms left them
+  ``uint8`` (``data.train_pipeline``, evaluation, default-pipeline images that need no resize):
+  the dataset's copy in a worker has ``float_images = False``, and the training process makes
+  them float, in the pinning thread when the loader pins memory (straight into page-locked
+  memory) or as it yields them;
 - copies the whole batch into ONE shared-memory block (:func:`share_in_one_block`), the copy that
   moving each tensor to shared memory would make anyway, so a batch costs one segment.
 
