@@ -32,9 +32,11 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f
            "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000")
 
 
-def browse(config: Any, out_dir: str, n: int = 16, split: str = "train", seed: Optional[int] = None) -> list[tuple[str, str]]:
+def browse(config: Any, out_dir: str, n: int = 16, split: str = "train",
+           seed: Optional[int] = None) -> tuple[str, list[tuple[str, str]]]:
     """Write ``n`` samples of ``split`` of experiment ``config`` as PNG grids into ``out_dir``;
-    return ``(path, one-line description)`` per file. ``seed`` defaults to ``runtime.seed``."""
+    return the transforms in one line and ``(path, one-line description)`` per file. ``seed``
+    defaults to ``runtime.seed``."""
     if n < 1:
         raise ConfigError(f"--n {n}: show at least one sample")
     data = config.data
@@ -62,7 +64,15 @@ def browse(config: Any, out_dir: str, n: int = 16, split: str = "train", seed: O
         path = os.path.join(out_dir, f"browse_{split}_{start // PER_GRID:02d}.png")
         write_bytes_atomic(path, encode_png(grid).numpy().tobytes())
         written.append((path, f"{len(chunk)} samples (image id:boxes) {' '.join(notes)}"))
-    return written
+    return _describe(dataset.transforms, data, train), written
+
+
+def _describe(transforms: Any, data: Any, train: bool) -> str:
+    if hasattr(transforms, "describe"):
+        return f"data.train_pipeline: {transforms.describe()}"
+    if not train:
+        return "evaluation: as decoded (the model resizes to data.min_size/max_size itself)"
+    return f"default: Resize(min_size={data.min_size}, max_size={data.max_size}) > RandomHorizontalFlip(p={data.flip_prob})"
 
 
 def _cell(image: torch.Tensor, target: dict[str, torch.Tensor], class_names: tuple[str, ...]) -> torch.Tensor:

@@ -9,6 +9,7 @@ each sample's augmentation from ``(seed, epoch, index)``, so a run resumed at
 from __future__ import annotations
 
 import functools
+import logging
 import random
 from typing import Any, Iterator, Optional, Sequence
 
@@ -23,6 +24,8 @@ from detection.data.coco import CocoDetection
 from detection.data.pipelines import Pipeline, check_keeps_boxes
 from detection.data.samplers import GroupedBatchSampler, ShardSampler, aspect_ratio_groups, mix_seed
 from detection.data.transforms import build_transforms
+
+log = logging.getLogger(__name__)
 
 
 def build_dataset(
@@ -63,6 +66,7 @@ def build_dataset(
         label_to_cat_id=like.label_to_cat_id if like is not None else None,
     )
     if isinstance(transforms, Pipeline):
+        log.info("data.train_pipeline: %s", transforms.describe())
         check_keeps_boxes(dataset)  # here, not as a crash or an empty epoch inside the workers
     return dataset
 

@@ -158,6 +158,14 @@ class Pipeline:
             out["masks"] = sample["masks"].as_subclass(torch.Tensor)
         return out_image, out
 
+    def describe(self) -> str:
+        """The transforms in one line, presets spelled out: ``ScaleJitter(target_size=[1024, 1024],
+        antialias=True) > FixedSizeCrop(...) > ... > SanitizeBoundingBoxes()``."""
+        steps = list(self.steps)
+        if len(self.compose.transforms) > len(steps):
+            steps.append({"type": "SanitizeBoundingBoxes"})
+        return " > ".join(f"{s['type']}({', '.join(f'{k}={v}' for k, v in s.items() if k != 'type')})" for s in steps)
+
     def __repr__(self) -> str:
         return f"Pipeline({self.compose.transforms!r}, keep_empty={self.keep_empty})"
 

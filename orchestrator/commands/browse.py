@@ -34,5 +34,7 @@ def browse_cmd(experiment: str, out: str, count: int, split: str, seed: int | No
     exp = load_experiment(experiment, overrides)
     from detection.data.browse import browse  # torch loads only now
 
-    for path, note in browse(exp, out, n=count, split=split, seed=seed):
+    transforms, written = browse(exp, out, n=count, split=split, seed=seed)
+    click.echo(transforms)
+    for path, note in written:
         click.echo(f"{path}: {note}")

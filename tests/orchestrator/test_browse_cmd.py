@@ -23,6 +23,9 @@ def test_grids_of_the_first_samples_of_epoch_0(capsys, make_experiment, tmp_path
     path = make_experiment(**{"data.train_pipeline": "ssd", "runtime.seed": 3})
     code, lines, err = browse(capsys, path, tmp_path / "grids", "--n", 20)  # the set has 16 images
     assert code == 0, err
+    assert lines[0] == ("data.train_pipeline: RandomPhotometricDistort() > RandomZoomOut(fill=[123.0, 117.0, 104.0]) > "
+                        "RandomIoUCrop() > RandomHorizontalFlip(p=0.5) > SanitizeBoundingBoxes()")
+    lines = lines[1:]
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'grids' / 'browse_train_00.png'}: 16 samples")
     with Image.open(tmp_path / "grids" / "browse_train_00.png") as grid:
         assert grid.size == (4 * 324 + 4, 4 * 340 + 4) and grid.mode == "RGB"  # 4 x 4 cells of 320 + caption
@@ -43,7 +46,7 @@ def test_same_seed_same_pictures_another_seed_other_draws(capsys, make_experimen
         pictures[name] = (tmp_path / name / "browse_train_00.png").read_bytes()
     assert pictures["a"] == pictures["b"] and pictures["a"] != pictures["c"]
     code, lines, err = browse(capsys, path, tmp_path / "val", "--split", "val", "--n", 3)
-    assert code == 0 and "3 samples" in lines[0]
+    assert code == 0 and lines[0].startswith("evaluation: as decoded") and "3 samples" in lines[1]
     Image.open(io.BytesIO((tmp_path / "val" / "browse_val_00.png").read_bytes())).verify()
 
 
