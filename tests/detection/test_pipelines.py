@@ -284,7 +284,6 @@ def test_pin_memory_follows_the_device(shapes_data):
     assert not build_loader(dataset, cfg, 0, 1, train=True, seed=0, device="cuda", pin_memory=False).pin_memory
 
 
-@pytest.mark.slow
 def test_resumed_run_with_a_random_pipeline_has_the_losses_of_an_uninterrupted_one(make_experiment):
     """Exact resume with random crops and zoom-outs, and with loader workers in the resumed half."""
     from cluster.env import DistEnv
