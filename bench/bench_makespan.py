@@ -52,9 +52,9 @@ def ideal(jobs: list[tuple[int, float]], order: list[int]) -> float:
 def run(jobs: list[tuple[int, float]]) -> dict:
     """Submit ``jobs`` as one local submission and wait; returns the timings."""
     from orchestrator.config.schema import Experiment, Resources
-    from orchestrator.jobs import load_record
-    from orchestrator.launchers.local import queue_order, start_supervisor
-    from orchestrator.spec import JobSpec, Plan
+    from orchestrator.launchers.local import LocalLauncher, NodeCommand, NodeJob, NodePlan, NodeRequest, queue_order
+    from orchestrator.records import load_record
+    from orchestrator.spec import JobSpec
 
     specs, entries = [], []
     for i, (size, seconds) in enumerate(jobs):
@@ -62,12 +62,12 @@ def run(jobs: list[tuple[int, float]]) -> dict:
         specs.append(JobSpec(name=exp.name, experiment=exp, config_path=Path("/dev/null"),
                              output_dir=Path(tempfile.gettempdir()), backend="local"))
     for index in queue_order([s for s, _ in jobs], [d for _, d in jobs]):
-        entries.append({"index": index, "slots": jobs[index][0], "port": {"mode": "none"},
-                        "commands": [{"argv": ["sleep", str(jobs[index][1])], "env": {},
-                                      "procs": jobs[index][0], "local": True}]})
-    plan = Plan(backend="local", jobs=tuple(specs), text="", payload={"max_parallel": None, "jobs": entries})
+        size, seconds = jobs[index]
+        entries.append(NodeJob(index=index, name=specs[index].name, slots=size,
+                               commands=(NodeCommand(("sleep", str(seconds)), procs=size),)))
+    plan = NodePlan("local", tuple(specs), NodeRequest(jobs=tuple(entries)), ())
     start = time.time()
-    handles = start_supervisor(plan)
+    handles = LocalLauncher().submit(plan)
     for handle in handles:
         handle.wait(poll_s=0.5)
     records = [load_record(h.job_id) for h in handles]

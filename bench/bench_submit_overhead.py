@@ -53,7 +53,7 @@ def time_train(path: Path) -> float:
 
 def time_submit(path: Path) -> tuple[float, float, float]:
     """(time to first step, time until `orch submit` returned, time until the worker started)."""
-    from orchestrator.jobs import list_records
+    from orchestrator.records import list_records
 
     start = time.time()
     out = subprocess.run([ORCH, "submit", str(path), "--backend", "local"], capture_output=True, text=True, check=True)

@@ -56,6 +56,15 @@ class DistEnv:
         """True when a process group is needed (more than one process)."""
         return self.world_size > 1
 
+    @property
+    def init_method(self) -> str:
+        """The ``torch.distributed`` ``init_method`` of this process: ``env://`` under torchrun
+        (its rendezvous put ``MASTER_ADDR`` / ``MASTER_PORT`` in the environment, and an elastic
+        restart may change them), else ``tcp://<master_addr>:<master_port>``."""
+        if self.source == "torchrun":
+            return "env://"
+        return f"tcp://{self.master_addr}:{self.master_port}"
+
     def to_environ(self) -> dict[str, str]:
         """The torch ``env://`` variables describing this process (for a child process)."""
         env = {

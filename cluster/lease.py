@@ -14,25 +14,68 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from stat import S_IMODE, S_ISDIR
 from typing import Any, Iterator, Mapping, Optional
 
 from cluster.errors import ClusterError
 
 
 def runtime_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
-    """Per-user folder for leases: ``$ORCH_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/orch``, else
-    ``/tmp/orch-<uid>`` (created with mode 0700)."""
+    """Per-user folder for leases, the first that fits of:
+
+    - ``$ORCH_RUNTIME_DIR`` (created when missing): an explicit choice wins, and must be usable;
+    - ``$XDG_RUNTIME_DIR/orch``, only when ``$XDG_RUNTIME_DIR`` is a folder of ours that we can
+      write: sbatch exports the login node's value, which a compute node may not have;
+    - ``/tmp/orch-<uid>`` (the system temp folder): created with mode 0700, or, when it already
+      exists, accepted only as a real folder (not a symlink) owned by us, its mode tightened to
+      0700, so that another user can neither read our leases nor block them.
+    """
     env = os.environ if environ is None else environ
     if env.get("ORCH_RUNTIME_DIR"):
         path = Path(env["ORCH_RUNTIME_DIR"])
-    elif env.get("XDG_RUNTIME_DIR"):
-        path = Path(env["XDG_RUNTIME_DIR"]) / "orch"
-    else:
-        path = Path(tempfile.gettempdir()) / f"orch-{os.getuid()}"
+        _make_dir(path, parents=True)
+        if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+            raise ClusterError(f"ORCH_RUNTIME_DIR={path} is not a folder this user can write; set ORCH_RUNTIME_DIR "
+                               "to one that is (or unset it)")
+        return path
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg and _ours(Path(xdg)) and os.access(xdg, os.W_OK | os.X_OK):
+        path = Path(xdg) / "orch"
+        _make_dir(path)
+        return private_dir(path)
+    path = Path(tempfile.gettempdir()) / f"orch-{os.getuid()}"
+    _make_dir(path)
+    return private_dir(path)
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a real folder (a symlink is not followed) owned by this user."""
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _make_dir(path: Path, parents: bool = False) -> None:
+    try:
+        path.mkdir(mode=0o700, parents=parents, exist_ok=True)
+    except FileExistsError:
+        pass  # a symlink or a file of that name: the caller's check says what is wrong
     except OSError as err:
-        raise ClusterError(f"cannot create the orch runtime folder {path}: {err}; set ORCH_RUNTIME_DIR") from None
+        raise ClusterError(f"cannot create the orch runtime folder {path}: {err}; set ORCH_RUNTIME_DIR "
+                           "to a folder of yours") from None
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` if it is a real folder owned by this user (its mode tightened to 0700), else a
+    one-line :class:`ClusterError` naming it: a folder in a shared place like /tmp may have been
+    made (or linked elsewhere) by another user to read or block our leases."""
+    if not _ours(path):
+        raise ClusterError(f"the orch runtime folder {path} is not a folder owned by this user (a symlink, a file, "
+                           "or another user's); remove it or set ORCH_RUNTIME_DIR to a folder of yours")
+    if S_IMODE(os.lstat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700)
     return path
 
 

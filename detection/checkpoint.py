@@ -8,8 +8,9 @@ stopped and resumed gives losses equal to an uninterrupted run (``tests/detectio
 
 Files under ``<output_dir>/checkpoints``: ``iter_<N>.pth`` (or ``epoch_<N>.pth``), ``best_<metric>.pth``
 and ``last_checkpoint`` (the file name of the newest). Each is written to a temporary file in
-the same folder, fsynced and renamed, so a crash never leaves a half-written file under a final
-name. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
+the same folder, fsynced and renamed (the pointer through :func:`cluster.files.write_text_atomic`;
+``torch.save`` streams into its own temporary file so a large state is never held twice in
+memory), so a crash never leaves a half-written file under a final name. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.errors import ConfigError
+from cluster.files import write_text_atomic
 from detection.models import not_a_checkpoint
 
 log = logging.getLogger(__name__)
@@ -49,18 +51,6 @@ def atomic_save(obj: Any, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    _fsync_dir(folder)
-
-
-def atomic_write_text(text: str, path: str) -> None:
-    """Write a small text file atomically (the ``last_checkpoint`` pointer)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
     _fsync_dir(folder)
 
 
@@ -142,20 +132,22 @@ def _state_difference(own: dict[str, Any], saved: Any) -> Optional[str]:
 class Checkpointer:
     """Saves and restores a :class:`~detection.engine.Trainer`'s state (see the module docstring).
 
-    Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes.
+    Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes. ``cfg`` is the
+    ``checkpoint`` section; ``seed`` (``runtime.seed``) reseeds a resume on another world size.
     """
 
-    def __init__(self, output_dir: str, cfg: Any, rank: int = 0, unit: str = "iter") -> None:
+    def __init__(self, output_dir: str, cfg: Any, rank: int = 0, unit: str = "iter", seed: int = 0) -> None:
         self.dir = os.path.join(output_dir, "checkpoints")
         self.cfg = cfg
-        self.rank = rank
+        self.rank, self.seed = rank, seed
         self.unit = unit  # "iter" or "epoch": names of periodic files
         self.best: dict[str, Any] = {}
         self.last_path: Optional[str] = None
         if rank == 0:
             os.makedirs(self.dir, exist_ok=True)
-            for stale in glob.glob(os.path.join(self.dir, ".tmp-*")):
-                os.unlink(stale)  # left by a crash during a save; never a valid checkpoint
+            # Left by a crash during a save (ours, or write_text_atomic's); never a valid checkpoint.
+            for stale in glob.glob(os.path.join(self.dir, ".tmp-*")) + glob.glob(os.path.join(self.dir, ".*.tmp")):
+                os.unlink(stale)
 
     # -- saving ---------------------------------------------------------------------------
     def state(self, trainer: Any) -> dict[str, Any]:
@@ -186,7 +178,8 @@ class Checkpointer:
         state = self.state(trainer)
         if self.rank == 0:
             atomic_save(state, path)
-            atomic_write_text(os.path.basename(path) + "\n", os.path.join(self.dir, POINTER))
+            write_text_atomic(os.path.join(self.dir, POINTER), os.path.basename(path) + "\n", durable=True)
+            _fsync_dir(self.dir)
             self._prune()
             log.info("checkpoint %s (%s)", path, reason)
         self.last_path = path
@@ -255,8 +248,10 @@ class Checkpointer:
         return spec
 
     def resume(self, trainer: Any, path: str) -> None:
-        """Restore ``trainer`` from ``path``. On another world size the position is carried over
-        as the same fraction of training, the LR rule is re-applied and the RNG reseeded."""
+        """Restore ``trainer`` from ``path``. On the same world size the exact position and RNG
+        states (also when the schedule is now longer or shorter); on another world size the
+        position is carried over as the same fraction of training, the LR rule is re-applied and
+        the RNG reseeded."""
         state = load_checkpoint(path)
         missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
         if missing:
@@ -285,14 +280,24 @@ class Checkpointer:
         self.last_path = path
         trainer.run_id = state.get("run_id")  # the MLflow hook continues this run
         rank = trainer.env.rank
-        if state["world_size"] == trainer.env.world_size and state["max_iters"] == trainer.max_iters:
+        if state["world_size"] == trainer.env.world_size:
+            # Same world size: the exact position and RNG states, whatever the schedule length now
+            # is (a longer schedule continues where the checkpoint stopped).
             trainer.iter = int(state["iter"])
             trainer.pending_rng = state["rng"][rank]
-            log.info("resumed from %s at iteration %d", path, trainer.iter)
+            if state["max_iters"] == trainer.max_iters:
+                log.info("resumed from %s at iteration %d", path, trainer.iter)
+            elif trainer.iter < trainer.max_iters:
+                log.info("resumed from %s at iteration %d; schedule changed from %d to %d iterations",
+                         path, trainer.iter, state["max_iters"], trainer.max_iters)
+            else:
+                log.warning("resumed from %s at iteration %d, past the schedule's end (%d iterations now): "
+                            "nothing left to train; lengthen schedule.iterations/epochs to continue",
+                            path, trainer.iter, trainer.max_iters)
             return
         fraction = state["iter"] / max(1, state["max_iters"])
         trainer.iter = min(trainer.max_iters, round(fraction * trainer.max_iters))
-        seed = trainer.config.runtime.seed + rank + trainer.iter
+        seed = self.seed + rank + trainer.iter
         random.seed(seed)
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)

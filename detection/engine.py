@@ -72,14 +72,15 @@ class Trainer:
 
     ``model`` is the bare detector; ``train_model`` what is called (the DDP wrapper, or the model
     itself). ``loader`` is a :class:`detection.data.DetectionLoader` (seeded batch order per
-    epoch, resumable at a batch). Resume state (``iter``, ``pending_rng``) is set by the
-    checkpointer before :meth:`train`.
+    epoch, resumable at a batch). Every step sums ``accumulation_steps`` batches, clips the
+    gradient norm to ``grad_clip`` (when set) and records the loss in ``history`` every
+    ``log_interval`` steps. Resume state (``iter``, ``pending_rng``) is set by the checkpointer
+    before :meth:`train`. ``config`` is kept only for hooks that need the experiment once.
     """
 
     def __init__(
         self,
         *,
-        config: Any,
         env: Any,
         model: torch.nn.Module,
         train_model: torch.nn.Module,
@@ -88,11 +89,15 @@ class Trainer:
         device: torch.device,
         max_iters: int,
         iters_per_epoch: int,
-        output_dir: str,
-        lr_scaling: Any,
+        output_dir: str = "",
+        lr_scaling: Any = None,
         hooks: Sequence[Hook] = (),
         checkpointer: Any = None,
         scaler: Optional[torch.amp.GradScaler] = None,
+        accumulation_steps: int = 1,
+        grad_clip: Optional[float] = None,
+        log_interval: int = 10,
+        config: Any = None,
     ) -> None:
         self.config, self.env = config, env
         self.model, self.train_model, self.optimizer = model, train_model, optimizer
@@ -101,11 +106,11 @@ class Trainer:
         self.output_dir, self.lr_scaling = output_dir, lr_scaling
         self.hooks = list(hooks)
         self.checkpointer, self.scaler = checkpointer, scaler
-        self.accumulation = config.optim.accumulation_steps
-        self.grad_clip = config.optim.grad_clip
+        self.accumulation = accumulation_steps
+        self.grad_clip = grad_clip
         self.iter = 0  # finished optimizer steps
         self.epoch = 0  # 0-based epoch in progress (in after_epoch: the epoch just finished)
-        self.log_interval = max(1, int(config.runtime.log_interval))
+        self.log_interval = max(1, int(log_interval))
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.metrics: dict[str, float] = {}
         self.run_id: Optional[str] = None

@@ -2,8 +2,10 @@
 
 Every builder is called with ``weights=None, weights_backbone=None``: this machine (and most
 clusters' compute nodes) cannot download, and a silent download inside 64 ranks is the wrong
-place to find that out. Pretrained weights come from local files only (``model.weights``: a
-whole detector, ``model.backbone_weights``: a backbone), loaded after the build.
+place to find that out. Pretrained weights (``model.weights``: a whole detector,
+``model.backbone_weights``: a backbone) are loaded after the build, from a local file or, for a
+torchvision weights name (``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V2``), from the weights cache
+that ``orch submit`` / ``orch weights fetch`` filled (:mod:`detection.weights`).
 
 Input size: the detector's own transform resizes images, so ``data.min_size/max_size`` are passed
 to it. SSD and SSDlite have a fixed input size (300/320); orch forces it to ``data.min_size`` so
@@ -19,11 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from cluster.errors import ConfigError
+from detection.weights import cached_file, is_weights_name, lookup
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +89,13 @@ def build_model(model_cfg, num_classes: int, data_cfg):
     ``num_classes`` labels including background, sized by ``data_cfg`` (``DataConfig``), then load
     ``model.backbone_weights`` and ``model.weights`` when given. Never downloads."""
     entry = get_entry(model_cfg.type)
-    # Check the weight paths before the (slow) build, so a typo fails in milliseconds.
-    weights = check_local_weights(model_cfg.weights, "model.weights")
-    backbone_weights = check_local_weights(model_cfg.backbone_weights, "model.backbone_weights")
     if model_cfg.backbone is not None and not entry.takes_backbone:
         raise ConfigError(
             f"model.backbone is only used by model.type fasterrcnn, not {model_cfg.type!r}; remove it"
         )
+    # Check the weight files before the (slow) build, so a typo fails in milliseconds.
+    weights = weights_file(model_cfg, "model.weights")
+    backbone_weights = weights_file(model_cfg, "model.backbone_weights")
     if data_cfg.min_size < entry.min_input:
         raise ConfigError(
             f"model.type {model_cfg.type} needs data.min_size >= {entry.min_input} "
@@ -193,30 +195,39 @@ def _check_options(builder: Callable, options: dict[str, Any], model_type: str) 
         raise ConfigError(f"model.options {unknown} not accepted by {model_type}; valid: {valid}")
 
 
-_ENUM_NAME = re.compile(r"^(DEFAULT|[A-Z0-9_]+_V\d+|[A-Za-z0-9_]+_Weights\.[A-Z0-9_]+)$")
-
-
 def download_refusal(value: str | None) -> str | None:
-    """Why weights ``value`` would need a download (a URL or a torchvision weights enum name
-    such as ``DEFAULT``/``IMAGENET1K_V1``), or None. String shape only: configs are often checked
-    on a login node where the weight files are not, so file existence is left to the worker."""
+    """Why ``value`` cannot be a local weights file: a URL (orch downloads torchvision's files by
+    name only, with their hash check) or a torchvision weights name (which only ``model.weights``
+    and ``model.backbone_weights`` take); None otherwise. String shape only: configs are often
+    checked on a login node where the weight files are not, so file existence is left to the worker."""
     if not value:
         return None
     text = str(value)
     if "://" in text:
-        what = "a URL"
-    elif _ENUM_NAME.match(text):
-        what = "a torchvision weights name"
-    else:
-        return None
-    return (
-        f"{text!r} is {what}; orch never downloads; give a local file path (download it "
-        "yourself, e.g. torch.hub.load_state_dict_from_url on a machine with internet)"
-    )
+        return (f"{text!r} is a URL; orch does not download URLs: use a torchvision weights name in "
+                "model.weights / model.backbone_weights (`orch weights list MODEL_TYPE`), or download the "
+                "file yourself and give its local path")
+    if is_weights_name(text):
+        return (f"{text!r} is a torchvision weights name; names go in model.weights / model.backbone_weights "
+                "(fetched into the weights cache at submit); give a local file path here")
+    return None
+
+
+def weights_file(model_cfg, key: str) -> str | None:
+    """The local file of ``model.weights`` / ``model.backbone_weights`` (``key``) of ``model_cfg``:
+    a torchvision weights name is looked up in the weights cache (never downloaded), anything
+    else must be an existing local file."""
+    value = getattr(model_cfg, key.split(".", 1)[1])
+    if not is_weights_name(value):
+        return check_local_weights(value, key)
+    entry = lookup(model_cfg.type, model_cfg.backbone, key, value)
+    path = cached_file(entry, key, model_cfg.weights_dir)
+    log.info("%s: %s is %s", key, entry.name, path)
+    return path
 
 
 def check_local_weights(value: str | None, key: str) -> str | None:
-    """Return ``value`` if it names an existing local file; refuse URLs, torchvision weight enum
+    """Return ``value`` if it names an existing local file; refuse URLs, torchvision weights
     names, directories and missing files with a :class:`ConfigError` saying how to fix it."""
     if not value:
         return None
@@ -280,7 +291,9 @@ def _load_matching(module, state: dict, key: str, path: str) -> int:
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     if skipped:
-        log.warning("%s: %d tensors with other shapes not loaded (e.g. %s)", key, len(skipped), skipped[0])
+        # The usual case is fine-tuning: a head for another class count starts from scratch.
+        log.warning("%s: %d tensors with other shapes not loaded (e.g. %s: %s in the file, %s here)", key,
+                    len(skipped), skipped[0], tuple(state[skipped[0]].shape), tuple(own[skipped[0]].shape))
     module.load_state_dict(usable, strict=False)
     log.info("%s: loaded %d/%d tensors from %s", key, len(usable), len(own), path)
     return len(usable)
@@ -294,8 +307,13 @@ def load_detector_weights(model, path: str, key: str = "model.weights") -> None:
 
 
 def load_backbone_weights(model, path: str, key: str = "model.backbone_weights") -> None:
-    """Load a backbone state dict (e.g. torchvision's ResNet ImageNet file) into the part of the
-    model it fits best: ``backbone.body`` (FPN models), ``backbone.features`` or ``backbone``."""
+    """Load a backbone state dict (e.g. torchvision's ImageNet file) into the part of the model it
+    fits best: ``backbone.body`` (FPN models), ``backbone.features`` or ``backbone``.
+
+    Tensors match by name (ResNet bodies keep torchvision's names). torchvision's detectors re-wrap
+    MobileNet's and VGG's ``features`` in their own containers (an FPN body, SSDlite's two stages,
+    SSD's ``features`` + ``extra``) in the same order, so where the names do not cover the file
+    its tensors are placed in order, by shape, as long as every one of them finds its place."""
     state = read_state_dict(path, key)
     candidates = [model.backbone]
     for name in ("body", "features"):
@@ -307,6 +325,36 @@ def load_backbone_weights(model, path: str, key: str = "model.backbone_weights")
         return sum(1 for k, v in state.items() if k in own and own[k].shape == v.shape)
 
     best = max(candidates, key=matches)
+    if matches(best) < len(_backbone_tensors(state)):
+        for module in candidates:
+            placed = _placed_in_order(state, module.state_dict())
+            if placed:
+                log.info("%s: %s matched by order (the detector renames the backbone's layers)", key, path)
+                _load_matching(module, placed, key, path)
+                return
     if matches(best) == 0:
         raise ConfigError(f"{key}: no tensor of {path!r} matches the backbone of this model")
     _load_matching(best, state, key, path)
+
+
+def _backbone_tensors(state: dict) -> list:
+    """The file's ``(name, tensor)`` pairs that a detector backbone can hold: not the classifier
+    (``fc`` / ``classifier``), not BatchNorm's step counters."""
+    return [(k, v) for k, v in state.items()
+            if not k.startswith(("fc.", "classifier.")) and not k.endswith("num_batches_tracked")]
+
+
+def _placed_in_order(state: dict, own: dict) -> dict:
+    """``{own key: file tensor}`` placing the file's backbone tensors on ``own``'s tensors in
+    order, skipping own tensors of another shape (e.g. SSD's ``scale_weight``); empty unless every
+    file tensor is placed."""
+    targets = [(k, v) for k, v in own.items() if not k.endswith("num_batches_tracked")]
+    placed, j = {}, 0
+    for _, value in _backbone_tensors(state):
+        while j < len(targets) and targets[j][1].shape != value.shape:
+            j += 1
+        if j == len(targets):
+            return {}
+        placed[targets[j][0]] = value
+        j += 1
+    return placed

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cluster.errors import ConfigError
+from cluster.files import write_text_atomic
 
 #: Category ids and names written into every split (COCO ids start at 1; 0 is no category).
 CATEGORIES: tuple[dict[str, Any], ...] = (
@@ -80,7 +81,8 @@ def make_shapes(
             "annotations": annotations,
             "categories": list(CATEGORIES),
         }
-        _write_json(ann_file, dataset)
+        # Compact separators: the file is only read by programs, and the same seed gives the same bytes.
+        write_text_atomic(ann_file, json.dumps(dataset, separators=(",", ":")))
         paths[split] = (ann_file, img_dir)
     return paths
 
@@ -173,11 +175,3 @@ def _annotation(ann_id: int, image_id: int, category_id: int, polygon: np.ndarra
         "segmentation": [[float(v) for v in polygon.reshape(-1)]],
         "iscrowd": 0,
     }
-
-
-def _write_json(path: str, data: dict[str, Any]) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, separators=(",", ":"))
-    os.replace(tmp, path)

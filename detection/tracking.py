@@ -104,21 +104,6 @@ def end_run_if_running(uri: str, run_id: str, status: str = "FAILED") -> bool:
     return True
 
 
-def wait_for_run_id(path: str, timeout_s: float = 600.0) -> str:
-    """The run id a launcher writes to ``path`` once it has created the run (it does so while the
-    training process starts, so that creating the run costs no start-up time)."""
-    deadline = time.monotonic() + timeout_s
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            raise OrchError(
-                f"the MLflow run of this job was never created ({path} missing after {timeout_s:.0f} s); "
-                "was orch submit interrupted? submit the job again"
-            )
-        time.sleep(0.05)
-    with open(path) as fh:
-        return fh.read().strip()
-
-
 def flatten_params(config: Any) -> dict[str, str]:
     """``{"optim.lr": "0.02", ...}`` with values cut to MLflow's length limit."""
     out: dict[str, str] = {}
@@ -230,11 +215,17 @@ class _BatchWriter(threading.Thread):
 class MlflowHook(Hook):
     """Records a training run in MLflow (rank 0 only; see the module docstring).
 
-    ``hosts``: host names of all ranks (gathered by the trainer's caller).
+    ``config``: the experiment (its params, YAML and ``tracking`` section are logged once);
+    ``hosts``: host names of all ranks (gathered by the builder); ``log_interval``: log the
+    training values every that many iterations (and at the end); ``flush_every``: hand buffered
+    values to the writer thread every that many logged steps. The run is ``tracking.run_id``
+    (set by the orchestrator before launch), else the one a resumed checkpoint belonged to, else
+    a new one. ``tracking.tags`` (the orchestrator puts ``backend`` there) are logged as tags.
     """
 
-    def __init__(self, config: Any, hosts: Sequence[str] = (), flush_every: int = 50) -> None:
+    def __init__(self, config: Any, hosts: Sequence[str] = (), log_interval: int = 10, flush_every: int = 50) -> None:
         self.config = config
+        self.log_interval = max(1, int(log_interval))
         self.tracking = config.tracking
         self.hosts = sorted(set(hosts)) or [socket.gethostname()]
         self.flush_every = flush_every
@@ -262,12 +253,8 @@ class MlflowHook(Hook):
     def _start(self, trainer: Any) -> None:
         from mlflow.entities import Param, RunTag
 
-        # The run orch created at submit time, else the one a resumed checkpoint belonged to, else
-        # the one the launcher is creating while this process starts ($ORCH_RUN_ID_FILE: wait for
-        # it before opening the store, which the launcher may still be initialising).
+        # The run orch created at submit time, else the one a resumed checkpoint belonged to.
         run_id = self.tracking.run_id or trainer.run_id
-        if not run_id and os.environ.get("ORCH_RUN_ID_FILE"):
-            run_id = wait_for_run_id(os.environ["ORCH_RUN_ID_FILE"])
         self.client = _client(self.tracking)
         if run_id:
             self.run_id = run_id
@@ -276,7 +263,6 @@ class MlflowHook(Hook):
             self.run_id = create_run(self.tracking, self.config.name, parent_run_id=self.tracking.parent_run_id)
         trainer.run_id = self.run_id
         tags = {
-            "backend": os.environ.get("ORCH_BACKEND", "local"),
             "hosts": ",".join(self.hosts),
             "world_size": str(trainer.env.world_size),
             "device": device_model(trainer.device),
@@ -303,7 +289,7 @@ class MlflowHook(Hook):
         log.info("MLflow run %s at %s", self.run_id, resolve_tracking_uri(self.tracking))
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
-        if trainer.iter % trainer.log_interval and trainer.iter != trainer.max_iters:
+        if trainer.iter % self.log_interval and trainer.iter != trainer.max_iters:
             return
         values = {k: v for k, v in log_values.items() if k == "loss" or k.startswith("loss_") or k in ("lr", "images_per_s")}
         if "images_per_s" not in values and log_values.get("time"):
@@ -369,7 +355,7 @@ class MlflowHook(Hook):
         from detection.evaluation import per_class_table
 
         out = trainer.output_dir
-        split = trainer.config.eval.split
+        split = self.config.eval.split
         for name in (f"eval_{split}.json",):
             if os.path.isfile(os.path.join(out, name)):
                 self.client.log_artifact(self.run_id, os.path.join(out, name))

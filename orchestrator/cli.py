@@ -23,6 +23,7 @@ from orchestrator.commands.kfold import kfold_cmd, report_cmd, split_cmd
 from orchestrator.commands.submit import submit_cmd
 from orchestrator.commands.sweep import sweep_cmd
 from orchestrator.commands.train import train_cmd
+from orchestrator.commands.weights import weights_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -56,6 +57,7 @@ for _command in (
     kfold_cmd,
     report_cmd,
     sweep_cmd,
+    weights_group,
 ):
     cli.add_command(_command)
 

@@ -1,4 +1,5 @@
-"""Data only: what a job is, what a backend plans to do with it, and what state it is in."""
+"""Data only: what a job is and what state it is in (a backend's plan is in
+:mod:`orchestrator.launchers.base`)."""
 
 from __future__ import annotations
 
@@ -40,20 +41,6 @@ class JobSpec:
     output_dir: Path
     backend: str
     extra_env: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a backend will do: ``text`` is exactly what ``orch submit --dry-run`` prints
-    (sbatch script, torchrun command lines, Ray job description). ``payload`` is backend data."""
-
-    backend: str
-    jobs: tuple[JobSpec, ...]
-    text: str
-    payload: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return self.text
 
 
 @dataclass

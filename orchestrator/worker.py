@@ -11,7 +11,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cluster.env import DistEnv
@@ -24,14 +25,36 @@ def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = 
 
     experiment = load_experiment(config_path, overrides)
     env = env or DistEnv.detect(os.environ)
-    # For a local job, `orch submit` creates the MLflow run while this process starts; the
-    # MLflow hook waits for its id in $ORCH_RUN_ID_FILE (detection.tracking.wait_for_run_id).
-    from detection.train import main as train_main
+    from detection.train import main as train_main  # torch loads here
 
-    result = train_main(experiment, env, hooks)
+    result = train_main(launch_overrides(experiment, env, os.environ), env, hooks)
     if env.is_main:
         write_result(result)
     return result
+
+
+def launch_overrides(experiment: Any, env: DistEnv, environ: Mapping[str, str]) -> Any:
+    """What the launcher tells training through the environment, put into the config:
+    ``tracking.tags.backend`` from ``$ORCH_BACKEND`` (default ``local``), and on rank 0 the MLflow
+    run id that ``orch submit`` writes to ``$ORCH_RUN_ID_FILE`` while this process imports torch
+    (``tracking.run_id``; waited for, up to 10 minutes)."""
+    from orchestrator.config import with_overrides
+
+    tracking = experiment.tracking
+    changes: dict[str, Any] = {}
+    if "backend" not in tracking.tags:
+        changes["tracking.tags.backend"] = environ.get("ORCH_BACKEND") or "local"
+    path = environ.get("ORCH_RUN_ID_FILE")
+    if path and env.is_main and tracking.enable and not tracking.run_id:
+        deadline = time.monotonic() + 600.0
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise OrchError(f"the MLflow run of this job was never created ({path} missing after 600 s); "
+                                "was orch submit interrupted? submit the job again")
+            time.sleep(0.05)
+        with open(path) as fh:
+            changes["tracking.run_id"] = fh.read().strip()
+    return with_overrides(experiment, changes, source="launch environment") if changes else experiment
 
 
 def write_result(result: Any) -> None:

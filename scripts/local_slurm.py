@@ -13,7 +13,10 @@
 and returns once every node is idle. Ports are chosen at run time, so it never clashes with
 another cluster or service; ``up`` again with the same options does nothing, with other options
 it restarts from scratch. Fake GPUs are GRES whose files are symlinks to /dev/null (Slurm only
-sets CUDA_VISIBLE_DEVICES for character devices). Needs root (apt, /etc/hosts, daemons).
+sets CUDA_VISIBLE_DEVICES for character devices). Needs root: apt-get installs the packages,
+/etc/hosts gets the node names, munged and MariaDB are started as their own users (munge,
+mysql), and slurmd runs as root to start jobs as the user who submitted them. As root it uses a
+state dir only after ``local_slurm_state`` checked it (no symlink, ours, writable by no one else).
 Standard library only. Facts behind every setting: shared/LOCAL_SLURM.md.
 """
 
@@ -29,6 +32,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Next to this file; `python scripts/local_slurm.py` puts scripts/ first on sys.path.
+from local_slurm_state import (UnsafeStateDir, check_removable, check_state_dir, make_state_dir,
+                               remove_state_dir, state_path)
 
 DEFAULT_STATE_DIR = os.environ.get("ORCH_SLURM_DIR", "/tmp/orch-slurm")
 SLURM_PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]
@@ -319,7 +326,9 @@ def running_daemons(state: Path) -> dict[str, int]:
 
 
 def stop(state: Path) -> None:
-    """Cancel jobs, stop this state dir's daemons (TERM, then KILL) and wipe the state dir."""
+    """Cancel jobs, stop this state dir's daemons (TERM, then KILL) and wipe the state dir.
+    Raises UnsafeStateDir, before anything is read, for a folder local_slurm_state refuses."""
+    check_removable(state)
     conf = state / "slurm.conf"
     daemons = running_daemons(state)
     if conf.exists() and any(name.startswith("slurmctld") for name in daemons):
@@ -346,7 +355,8 @@ def stop(state: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
     # Slurm state and the accounting database go together: a kept DB with fresh job ids makes
     # sacct report an old job's final state for a new job.
-    shutil.rmtree(state, ignore_errors=True)
+    if not remove_state_dir(state):
+        _log(f"could not remove all of {state}")
     remove_hosts()
 
 
@@ -361,7 +371,7 @@ def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool) -> None:
     if state.exists():
         stop(state)
     ensure_packages(accounting)
-    state.mkdir(parents=True, exist_ok=True)
+    make_state_dir(state)
     started = time.monotonic()
     ports = write_config(state, nodes, gpus_per_node, accounting)
     meta.write_text(json.dumps({"options": options, "ports": ports}, indent=1))
@@ -396,8 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="slurmdbd + MariaDB so that sacct works (default: on)")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"all state and logs (default {DEFAULT_STATE_DIR})")
     args = parser.parse_args(argv)
-    state = Path(args.state_dir).resolve()
     try:
+        state = state_path(args.state_dir)
+        if args.command != "env":
+            check_state_dir(state)  # before root reads or writes anything in it
         if args.command == "up":
             if os.geteuid() != 0:
                 raise SetupError("run as root: it installs packages, edits /etc/hosts and starts daemons")
@@ -417,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_run(["sinfo"], check=False, env=env).stdout, end="")
                 print(env_line(state))
             return 0 if daemons else 1
-    except (SetupError, subprocess.TimeoutExpired) as err:
+    except (SetupError, UnsafeStateDir, subprocess.TimeoutExpired) as err:
         _log(f"error: {err}")
         return 1
     return 0

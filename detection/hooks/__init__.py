@@ -13,11 +13,10 @@ from detection.hooks.base import Hook
 _LAZY = {
     "CheckpointHook": "detection.hooks.checkpoint",
     "EvalHook": "detection.hooks.evaluation",
-    "evaluate_model": "detection.hooks.evaluation",
-    "predict": "detection.hooks.evaluation",
     "LoggerHook": "detection.hooks.logger",
     "LRSchedulerHook": "detection.hooks.lr",
     "lr_at": "detection.hooks.lr",
+    "lr_schedule": "detection.hooks.lr",
 }
 
 __all__ = ["Hook", *_LAZY]

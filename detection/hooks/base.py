@@ -15,7 +15,8 @@ class Hook:
 
     Attributes of the trainer a hook may read: ``config, env, model, optimizer, epoch, iter,
     max_iters, iters_per_epoch, output_dir, checkpointer, history`` (and ``lr_scaling``,
-    ``device``, ``run_id``).
+    ``device``, ``run_id``). A hook gets its own settings (periods, intervals, schedule) when it
+    is built, not from ``trainer.config`` on every step.
     """
 
     def before_train(self, trainer: Any) -> None:
@@ -44,3 +45,10 @@ class Hook:
         """Return True to have the trainer checkpoint and stop at the next step boundary (then
         it raises ``Preempted``). Checked on every rank; any rank asking stops all."""
         return False
+
+
+def due(trainer: Any, period: int, unit: str) -> bool:
+    """Whether an action timed in steps falls on the step just finished: every ``period``
+    iterations when ``unit`` is ``"iter"`` (epoch units are timed in ``after_epoch``), and always
+    on the last step."""
+    return (unit == "iter" and trainer.iter % period == 0) or trainer.iter == trainer.max_iters

@@ -1,5 +1,5 @@
 """Progress on rank 0: a tqdm bar (loss, lr, images/s, ETA) on a terminal, plain log lines
-every ``runtime.log_interval`` iterations otherwise (batch logs, Slurm output files)."""
+every ``interval`` iterations otherwise (batch logs, Slurm output files)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ log = logging.getLogger("detection.train")
 
 
 class LoggerHook(Hook):
-    """Rank 0 only (the trainer adds it there). ``tty=None`` asks ``sys.stderr.isatty()``."""
+    """Rank 0 only (the builder adds it there): a line every ``interval`` iterations and at the
+    end; ``name`` titles the bar and the first line. ``tty=None`` asks ``sys.stderr.isatty()``."""
 
-    def __init__(self, tty: Optional[bool] = None) -> None:
+    def __init__(self, interval: int = 10, name: str = "train", tty: Optional[bool] = None) -> None:
+        self.interval, self.name = max(1, int(interval)), name
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.bar: Any = None
         self._window: list[tuple[float, float]] = []  # (images, seconds) since the last line
@@ -26,17 +28,17 @@ class LoggerHook(Hook):
 
     def before_train(self, trainer: Any) -> None:
         self._start, self._start_iter = time.perf_counter(), trainer.iter
-        log.info("training %s: %d iterations (%d per epoch), %s", trainer.config.name, trainer.max_iters,
+        log.info("training %s: %d iterations (%d per epoch), %s", self.name, trainer.max_iters,
                  trainer.iters_per_epoch, trainer.lr_scaling.describe())
         if self.tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=trainer.max_iters, initial=trainer.iter, unit="it", dynamic_ncols=True,
-                            desc=trainer.config.name, file=sys.stderr)
+                            desc=self.name, file=sys.stderr)
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
         self._window.append((log_values["images"], log_values["time"]))
-        if trainer.iter % trainer.log_interval and trainer.iter != trainer.max_iters:
+        if trainer.iter % self.interval and trainer.iter != trainer.max_iters:
             if self.bar is not None:
                 self.bar.update(1)
             return

@@ -2,14 +2,16 @@
 
 The LR is a pure function of the iteration (:func:`lr_at`), so a resumed run needs only the
 iteration count to continue the schedule exactly, and a resume on another world size just
-recomputes it from the new :class:`~detection.lr_scaling.LRScaling`.
+recomputes it from the new :class:`~detection.lr_scaling.LRScaling` (the schedule is built
+from the scaling of the run's real world size, before the resume).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from detection.hooks.base import Hook
 
@@ -47,9 +49,26 @@ def lr_at(
     return lr
 
 
+def lr_schedule(schedule: Any, scaling: Any, iters_per_epoch: int, max_iters: int) -> Callable[[int], float]:
+    """The LR of each iteration for ``schedule`` (a ``ScheduleConfig``) at ``scaling`` (the
+    :class:`~detection.lr_scaling.LRScaling` of this run's real world size): :func:`lr_at` with
+    every setting bound, epoch milestones turned into iterations."""
+    milestones = tuple(scaling.milestones)
+    if schedule.iterations is None:  # epoch milestones -> iterations
+        milestones = tuple(m * iters_per_epoch for m in milestones)
+    return functools.partial(
+        lr_at, base_lr=scaling.lr, max_iters=max_iters, warmup_iters=scaling.warmup_iters,
+        warmup_ratio=schedule.warmup_ratio, policy=schedule.policy, milestones=milestones,
+        gamma=schedule.gamma, min_lr_ratio=schedule.min_lr_ratio,
+    )
+
+
 class LRSchedulerHook(Hook):
-    """Sets ``param_group["lr"]`` before every step from ``trainer.lr_scaling`` (the LR scaled
-    to the real world size at run time) and ``config.schedule``."""
+    """Sets ``param_group["lr"]`` (times the group's ``lr_mult``) before every step to
+    ``schedule(trainer.iter)``, e.g. a :func:`lr_schedule`."""
+
+    def __init__(self, schedule: Callable[[int], float]) -> None:
+        self.schedule = schedule
 
     def before_train(self, trainer: Any) -> None:
         self._apply(trainer)
@@ -57,21 +76,7 @@ class LRSchedulerHook(Hook):
     def after_iter(self, trainer: Any, log: dict[str, float]) -> None:
         self._apply(trainer)  # for the next step
 
-    @staticmethod
-    def schedule_lr(trainer: Any, iteration: int) -> float:
-        """The LR of ``iteration`` for this trainer."""
-        sched = trainer.config.schedule
-        scaling = trainer.lr_scaling
-        milestones = scaling.milestones
-        if sched.iterations is None:  # epoch milestones -> iterations
-            milestones = tuple(m * trainer.iters_per_epoch for m in milestones)
-        return lr_at(
-            iteration, base_lr=scaling.lr, max_iters=trainer.max_iters, warmup_iters=scaling.warmup_iters,
-            warmup_ratio=sched.warmup_ratio, policy=sched.policy, milestones=milestones,
-            gamma=sched.gamma, min_lr_ratio=sched.min_lr_ratio,
-        )
-
     def _apply(self, trainer: Any) -> None:
-        lr = self.schedule_lr(trainer, trainer.iter)
+        lr = self.schedule(trainer.iter)
         for group in trainer.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -19,11 +19,11 @@ def derived_values(exp: Any) -> dict[str, Any]:
     from orchestrator.config import config_hash, output_dir_of
 
     res = exp.resources
-    per_node = res.gpus_per_node or (res.gpus // res.nodes if res.nodes else res.gpus)
+    nodes, per_node = res.layout()
     scaling = scale_lr(exp.optim, exp.schedule, res.gpus, exp.data.batch_size_per_gpu)
     return {
         "world_size": res.gpus,
-        "nodes": res.nodes or max(1, res.gpus // per_node),
+        "nodes": nodes,
         "gpus_per_node": per_node,
         "batch_per_gpu": scaling.batch_per_gpu,
         "accumulation_steps": scaling.accumulation_steps,

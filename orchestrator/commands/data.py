@@ -34,5 +34,82 @@ def shapes_cmd(out: str, n_train: int, n_val: int, size: int, seed: int) -> None
         click.echo(f"{split}: {ann_file} ({img_dir})")
 
 
+@data_group.command("convert")
+@click.argument("src", type=click.Path())
+@click.option("--from", "fmt", required=True, type=click.Choice(["voc", "yolo", "labelme"]),
+              help="Format of SRC: a VOC root or folder of .xml, a YOLO folder (images/ + labels/), "
+                   "a folder of LabelMe .json.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="COCO instances .json to write.")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
+              help="Class names, one a line: fixes the categories and their ids (1..N). "
+                   "Default: YOLO's data.yaml/classes.txt, else the sorted names found.")
+@click.option("--img-dir", type=click.Path(file_okay=False), default=None,
+              help="Image folder; file_name is written relative to it (default: JPEGImages/, images/, SRC).")
+@click.option("--split", default=None, help="VOC: convert only ImageSets/Main/<SPLIT>.txt (train, val, ...).")
+@click.option("--skip-unknown", is_flag=True, help="Leave out objects whose label is not in --classes (counted).")
+def convert_cmd(src: str, fmt: str, out: str, classes_file: str | None, img_dir: str | None, split: str | None,
+                skip_unknown: bool) -> None:
+    """Convert Pascal VOC, YOLO or LabelMe annotations in SRC into one COCO instances file.
+
+    \b
+    Examples:
+      orch data convert --from voc data/VOC2007 --split trainval --out voc07_trainval.json
+      orch data convert --from yolo data/my_yolo --out train.json          # classes from data.yaml
+      orch data convert --from labelme data/labelme --classes classes.txt --out ann.json
+    """
+    from detection.data.convert import convert
+
+    summary = convert(fmt, src, out, classes_file=classes_file, img_dir=img_dir, split=split,
+                      skip_unknown=skip_unknown)
+    click.echo(summary.text())
+
+
+@data_group.command("check")
+@click.argument("ann_file", type=click.Path(dir_okay=False))
+@click.option("--img-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder the images' file_name are relative to; without it image files are not checked.")
+@click.option("--fix", "fix_out", type=click.Path(dir_okay=False), default=None,
+              help="Write a cleaned copy here (and the list of changes beside it, *.changes.json).")
+@click.option("--tolerance", type=float, default=1.0, show_default=True,
+              help="Pixels a box may reach outside its image before it is an error.")
+@click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Examples shown per problem.")
+def check_cmd(ann_file: str, img_dir: str | None, fix_out: str | None, tolerance: float, examples: int) -> int:
+    """Find problems in a COCO instances file and its images; exit 1 when there are errors.
+
+    Checks boxes (degenerate, outside the image), ids (duplicate images, annotations,
+    categories; annotations of missing images or categories), image files (missing,
+    unreadable, other size than the JSON says), unused or gapped categories, area (warning)
+    and empty images (information). With --fix the exit status is that of the cleaned copy.
+
+    \b
+    Examples:
+      orch data check annotations/instances_train.json --img-dir train/
+      orch data check ann.json --img-dir images/ --fix ann_clean.json
+    """
+    from detection.data.check import check_coco
+
+    report, found = check_coco(ann_file, img_dir, tolerance=tolerance, examples=examples)
+    click.echo(report.table())
+    if fix_out is None:
+        return 1 if report.has_errors else 0
+
+    from detection.data.fix import changes_path, write_fixed
+
+    changes, after = write_fixed(found, fix_out, examples)
+    click.echo("")
+    click.echo(f"wrote {fix_out} (every change with all its ids: {changes_path(fix_out)})")
+    for change in changes or ():
+        click.echo(f"  {change.line()}")
+    if not changes:
+        click.echo("  nothing to change: the copy equals the input")
+    if after.has_errors:
+        click.echo(f"errors left in {fix_out} (--fix cannot decide these):")
+        click.echo(after.table())
+        return 1
+    click.echo(f"{fix_out}: no errors left")
+    return 0
+
+
 from orchestrator.commands.browse import browse_cmd  # noqa: E402  (orch data browse; own module)
 data_group.add_command(browse_cmd)

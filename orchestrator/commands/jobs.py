@@ -1,6 +1,7 @@
 """``orch status``, ``orch logs``, ``orch cancel``: jobs of every backend, from any shell.
 
-They read the records under ``$ORCH_HOME/jobs`` (see :mod:`orchestrator.jobs`).
+They read the records under ``$ORCH_HOME/jobs`` (:mod:`orchestrator.records`) and ask each job's
+launcher for a fresh state (:mod:`orchestrator.jobs`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Optional
 
 import click
 
-from orchestrator.jobs import cancel_job, list_records, load_record, refresh_record
+from orchestrator.jobs import cancel_job, refresh_record
+from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobRecord, JobState
 
 RECENT_S = 24 * 3600
@@ -77,22 +79,13 @@ def _show_one(r: JobRecord) -> None:
         ("output", r.output_dir), ("config", r.config_path), ("log", r.log_path),
         ("mlflow run", r.mlflow_run_id or "-"),
     ]
-    if r.extra.get("devices"):
-        rows.append(("devices", ",".join(r.extra["devices"])))
-    if r.extra.get("port"):
-        rows.append(("port", str(r.extra["port"])))
-    if r.extra.get("waiting") and r.state == JobState.PENDING:
-        rows.append(("queue", r.extra["waiting"]))
+    from orchestrator.launchers import launcher_for
+
+    rows += launcher_for(r).describe(r)  # devices and port, Slurm state, a sweep's trials, ...
     if r.error:
         rows.append(("error", f"[red]{r.error}[/]"))
     for key, value in rows:
         console.print(f"[bold]{key:>12}[/]  {value}")
-    # Backends with more to say (a sweep's trials) describe their own records.
-    from orchestrator import jobs
-
-    describe = getattr(jobs._backend_module(r.backend), "describe_record", None)
-    if describe is not None:
-        console.print(describe(r))
     if r.mlflow_run_id:
         uri = r.tracking_uri or "sqlite:///mlflow.db"
         console.print(f"\n  compare runs:  mlflow ui --backend-store-uri {uri}")

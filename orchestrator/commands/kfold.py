@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.commands.common import backend_option, experiment_argument, gpus_option, max_parallel_option, set_option
+from orchestrator.commands.common import experiment_argument, resource_options, set_option
 
 
 @click.command("split")
@@ -51,19 +51,10 @@ def split_cmd(ann_file, folds, out_dir, seed, group_key, group_regex, allow_smal
 @click.command("kfold")
 @experiment_argument
 @click.option("--folds", "-k", type=int, default=None, help="Number of folds (default: kfold.folds, else 5).")
-@backend_option
-@gpus_option
-@max_parallel_option
-@click.option("--gpus-per-node", type=int, default=None, help="GPUs (processes) per node, per fold run.")
-@click.option("--partition", default=None, help="Slurm partition (selects the Slurm backend).")
-@click.option("--time", "time_", default=None, help="Slurm time limit per fold run (e.g. 12:00:00).")
-@click.option("--account", default=None, help="Slurm account.")
-@click.option("--qos", default=None, help="Slurm QOS.")
-@click.option("--address", default=None, help="Ray: auto | HOST:PORT | ray://HOST:10001.")
+@resource_options
 @set_option
 @click.option("--dry-run", is_flag=True, help="Show the split and the plan; write and start nothing.")
-def kfold_cmd(experiment, folds, backend, gpus, max_parallel, gpus_per_node, partition, time_, account, qos,
-              address, overrides, dry_run) -> int:
+def kfold_cmd(experiment, folds, flags, overrides, dry_run) -> int:
     """K-fold cross-validation of EXPERIMENT, times its grid: section, as one submission.
 
     Splits the training annotations into K folds (kfold: section), trains every grid point on
@@ -80,12 +71,8 @@ def kfold_cmd(experiment, folds, backend, gpus, max_parallel, gpus_per_node, par
       orch kfold exp.yaml --backend ray --dry-run           # show the plan only
     """
     from orchestrator.kfold.runner import run_kfold
-    from orchestrator.submit import SubmitFlags
 
-    flags = SubmitFlags(gpus_per_node=gpus_per_node, partition=partition, time=time_, account=account, qos=qos,
-                        address=address)
-    outcome = run_kfold(experiment, tuple(overrides), folds=folds, backend=backend, gpus=gpus,
-                        max_parallel=max_parallel, dry_run=dry_run, echo=click.echo, flags=flags)
+    outcome = run_kfold(experiment, tuple(overrides), folds=folds, dry_run=dry_run, echo=click.echo, flags=flags)
     if not dry_run:
         click.echo(f"set {outcome.set_id}: {len(outcome.launched)} trained now, {len(outcome.skipped)} "
                    f"already finished; report: {outcome.set_dir / 'report'}  (orch report {outcome.set_id})")

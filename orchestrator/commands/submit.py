@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.commands.common import backend_option, gpus_option, max_parallel_option, set_option
+from orchestrator.commands.common import resource_options, set_option
 
 
 @click.command("submit")
 @click.argument("experiments", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@backend_option
-@gpus_option
-@click.option("--nodes", type=int, default=None, help="Number of nodes.")
-@click.option("--gpus-per-node", type=int, default=None, help="GPUs (processes) per node.")
-@click.option("--partition", default=None, help="Slurm partition (selects the Slurm backend).")
-@click.option("--time", "time_", default=None, help="Time limit, Slurm format (e.g. 2-00:00:00).")
-@click.option("--cpus-per-task", type=int, default=None)
-@click.option("--mem-gb", type=float, default=None)
-@click.option("--account", default=None, help="Slurm account.")
-@click.option("--qos", default=None, help="Slurm QOS.")
-@max_parallel_option
-@click.option("--no-wait", is_flag=True, help="Local: fail at once when the GPUs/slots are busy instead of queueing.")
-@click.option("--address", default=None, help="Ray: auto | HOST:PORT | ray://HOST:10001.")
-@click.option("--hosts", default=None, help="torchrun: comma-separated hosts, one node each (ssh).")
-@click.option("--node-rank", type=int, default=None, help="torchrun: start only this node (by hand).")
-@click.option("--master-addr", default=None, help="torchrun: address of node 0 (with --node-rank).")
+@resource_options
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print exactly what would run; start and write nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Block until the jobs end, streaming the log.")
-def submit_cmd(experiments, backend, gpus, nodes, gpus_per_node, partition, time_, cpus_per_task, mem_gb,
-               account, qos, max_parallel, no_wait, address, hosts, node_rank, master_addr, overrides,
-               dry_run, wait_) -> int:
+def submit_cmd(experiments, flags, overrides, dry_run, wait_) -> int:
     """Launch EXPERIMENTS on a backend and return at once (job ids printed).
 
     \b
@@ -42,14 +25,8 @@ def submit_cmd(experiments, backend, gpus, nodes, gpus_per_node, partition, time
       orch submit exp.yaml --backend ray --address auto --gpus 4
       orch submit exp.yaml --dry-run                      # show the plan only
     """
-    from orchestrator.submit import SubmitFlags, submit
+    from orchestrator.submit import submit
 
-    flags = SubmitFlags(
-        backend=backend, gpus=gpus, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition,
-        time=time_, cpus_per_task=cpus_per_task, mem_gb=mem_gb, max_parallel=max_parallel,
-        no_wait=no_wait, address=address, hosts=hosts, node_rank=node_rank, master_addr=master_addr,
-        account=account, qos=qos,
-    )
     plan, handles = submit(list(experiments), tuple(overrides), flags, dry_run=dry_run)
     if dry_run:
         click.echo(str(plan))
@@ -64,7 +41,8 @@ def submit_cmd(experiments, backend, gpus, nodes, gpus_per_node, partition, time
 
 def _wait(handles) -> int:
     """Block until every job ends, streaming the first job's log; exit 1 if any failed."""
-    from orchestrator.jobs import follow_log, load_record
+    from orchestrator.jobs import follow_log
+    from orchestrator.records import load_record
     from orchestrator.spec import JobState
 
     if len(handles) == 1:

@@ -45,22 +45,25 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
       orch status SWEEP_ID                             # trials so far
     """
     from orchestrator.config import load_experiment
-    from orchestrator.sweep import describe_sweep, plan_sweep, prepare_sweep
+    from orchestrator.sweep import plan_sweep
+    from orchestrator.sweep.driver import prepare_sweep
+    from orchestrator.weights import resolve_weights
 
     extra = {"resources.ray.address": address, "sweep.num_samples": num_samples, "sweep.max_concurrent": max_concurrent}
     exp = load_experiment(experiment, overrides, extra=extra)
     plan = plan_sweep(exp, experiment)
-    click.echo(describe_sweep(plan))
+    click.echo(plan.text)
+    resolve_weights(exp, download=not dry_run, echo=click.echo)  # weights names -> the cache, before anything runs
     if dry_run:
         return 0
-    payload = prepare_sweep(plan)
-    job_id = payload["job_id"]
-    from orchestrator.launchers.ray import start_detached
+    plan = prepare_sweep(plan)
+    job_id = plan.job_id
+    from orchestrator.launchers.ray import start_driver
 
     # The sweep's driver always runs detached (its output goes to the job log), so closing the
     # terminal never kills a sweep; without --detach this command follows it.
-    start_detached([sys.executable, "-m", "orchestrator.sweep", os.path.join(payload["output_dir"], "sweep.json")], job_id)
-    click.echo(f"submitted sweep {job_id} (MLflow parent run {payload['parent_run_id'] or '-'})")
+    start_driver([sys.executable, "-m", "orchestrator.sweep.driver", os.path.join(plan.output_dir, "sweep.json")], job_id)
+    click.echo(f"submitted sweep {job_id} (MLflow parent run {plan.parent_run_id or '-'})")
     if detach:
         click.echo(f"follow with: orch status {job_id} / orch logs -f {job_id}")
         return 0
@@ -70,13 +73,13 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
 def attach(job_id: str) -> int:
     """Stream the sweep's log until it ends, then print the trial table. Ctrl-C cancels it."""
     from orchestrator.jobs import cancel_job, follow_log
-    from orchestrator.launchers.ray import describe_record
     from orchestrator.spec import JobState
+    from orchestrator.sweep.report import trial_table
 
     try:
         record = follow_log(job_id)
     except KeyboardInterrupt:
         click.echo(f"\ncancelling sweep {job_id} ...", err=True)
         record = cancel_job(job_id)
-    click.echo(describe_record(record))
+    click.echo(trial_table(record))
     return 0 if record.state == JobState.SUCCEEDED else 1

@@ -11,12 +11,16 @@ from typing import Any
 
 from cluster.errors import ConfigError
 from detection.models import MODELS, RESNET_BACKBONES, download_refusal  # torch-free table
+from detection.weights import WEIGHT_KEYS, is_weights_name, name_problem
 from orchestrator.config.schema import Experiment
 from orchestrator.config.validate import Context, is_schema_path
 
 # Slurm's --time formats: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _SLURM_TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
 _METRICS = ("bbox", "segm")
+# The name is one folder under work_dirs ({name} in runtime.output_dir): no '/', no '..', no
+# hidden or option-like name.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _get(exp: Experiment, path: str) -> Any:
@@ -36,10 +40,22 @@ def _at_least(exp: Experiment, ctx: Context, minimum: float, *paths: str, strict
             raise ctx.error(path, f"must be {bound}, got {value!r}")
 
 
+def _installed(package: str) -> bool:
+    try:
+        __import__(package)
+    except ImportError:
+        return False
+    return True
+
+
 def check_experiment(exp: Experiment, ctx: Context) -> None:
     """Raise :class:`ConfigError` on the first rule ``exp`` breaks."""
     if not exp.name.strip():
         raise ctx.error("name", "must not be empty")
+    if not _SAFE_NAME.fullmatch(exp.name):
+        raise ctx.error("name", f"must be a plain folder name (letters, digits, '_', '.', '-'; not starting with "
+                        f"'.' or '-'), got {exp.name!r}; set name: to one (it defaults to the file's name) and "
+                        "runtime.output_dir to write elsewhere")
     _check_schedule(exp, ctx)
     _at_least(exp, ctx, 1, "data.batch_size_per_gpu", "data.min_size", "data.max_size",
               "optim.accumulation_steps", "optim.auto_scale_lr.base_batch_size",
@@ -58,6 +74,10 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
             raise ctx.error(path, f"is a fraction of the LR in [0, 1], got {_get(exp, path)}")
     if not exp.eval.metric or any(m not in _METRICS for m in exp.eval.metric):
         raise ctx.error("eval.metric", f"must list some of {', '.join(_METRICS)}, got {list(exp.eval.metric)}")
+    if exp.eval.engine == "faster" and not _installed("faster_coco_eval"):
+        # found now rather than at the first evaluation, an epoch into training
+        raise ctx.error("eval.engine", "faster needs the faster-coco-eval package: pip install faster-coco-eval, "
+                        "or set eval.engine: auto (falls back to pycocotools)")
     if "{" in exp.runtime.output_dir.replace("{name}", ""):
         raise ctx.error("runtime.output_dir", "may only contain the placeholder {name}, got "
                         f"{exp.runtime.output_dir!r}")
@@ -69,7 +89,8 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
 
 def _check_model(exp: Experiment, ctx: Context) -> None:
     """The model rules the worker would otherwise find only after a job starts (string shape only:
-    weight files usually exist on the compute nodes, not where the config is resolved)."""
+    weight files usually exist on the compute nodes, not where the config is resolved; torchvision
+    weights names are checked against the model's weights enum)."""
     model = exp.model
     entry = MODELS.get(model.type)
     if entry is None:
@@ -87,7 +108,14 @@ def _check_model(exp: Experiment, ctx: Context) -> None:
         raise ctx.error("model.backbone", f"{model.backbone!r} is not valid for model.type {model.type}{hint}; "
                         f"valid: {', '.join(RESNET_BACKBONES)}")
     for path in ("model.weights", "model.backbone_weights", "runtime.load_from"):
-        refusal = download_refusal(_get(exp, path))
+        value = _get(exp, path)
+        if path in WEIGHT_KEYS and is_weights_name(value):
+            # A torchvision name must exist for this model; its file is fetched at submit.
+            problem = name_problem(model.type, model.backbone, path, value)
+            if problem:
+                raise ctx.error(path, problem)
+            continue
+        refusal = download_refusal(value)
         if refusal:
             raise ctx.error(path, refusal)
 
@@ -127,23 +155,11 @@ def _check_resources(exp: Experiment, ctx: Context) -> None:
               "resources.cpus_per_task", "resources.local.cpu_slots", "resources.local.max_parallel",
               "resources.slurm.array_parallelism")
     _at_least(exp, ctx, 0, "resources.mem_gb", strict=True)
-    if res.gpus_per_node is not None and res.gpus % res.gpus_per_node:
-        raise ctx.error(
-            "resources.gpus",
-            f"{res.gpus} GPUs do not fill whole nodes of resources.gpus_per_node={res.gpus_per_node}; "
-            "use a multiple of gpus_per_node",
-        )
-    if res.nodes is not None:
-        per_node = res.gpus_per_node if res.gpus_per_node is not None else res.gpus / res.nodes
-        if res.gpus % res.nodes or res.nodes * per_node != res.gpus:
-            raise ctx.error(
-                "resources.nodes",
-                (f"{res.nodes} nodes x {res.gpus_per_node} GPUs per node is not resources.gpus={res.gpus}"
-                 if res.gpus_per_node is not None else
-                 f"resources.gpus={res.gpus} does not split evenly over {res.nodes} nodes")
-                + f"; give --gpus {res.nodes * (res.gpus_per_node or max(1, res.gpus // res.nodes))}, "
-                "or change --nodes / --gpus-per-node",
-            )
+    try:
+        res.layout()
+    except ConfigError as err:
+        key = "resources.nodes" if res.nodes is not None else "resources.gpus"
+        raise ctx.error(key, str(err)) from None
     if res.time is not None and not _SLURM_TIME.match(res.time):
         raise ctx.error("resources.time", f"{res.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
 

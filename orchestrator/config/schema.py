@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from cluster.errors import ConfigError
+
 from detection.config import (
     CheckpointConfig,
     DataConfig,
@@ -49,7 +51,9 @@ class SlurmOptions:
     constraint: Optional[str] = None
     exclude: Optional[str] = None
     nodelist: Optional[str] = None
-    setup: tuple[str, ...] = ()  # shell lines run before the job (module load, conda activate)
+    # The YAML is data, except these lines, which are shell run by sbatch: copied verbatim into the
+    # batch script before the job starts (module load, conda activate), on purpose, unquoted.
+    setup: tuple[str, ...] = ()
     max_requeues: int = 3
     array_parallelism: int = 8
     additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
@@ -82,6 +86,30 @@ class Resources:
     torchrun: TorchrunOptions = field(default_factory=TorchrunOptions)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     ray: RayOptions = field(default_factory=RayOptions)
+
+    def layout(self) -> tuple[int, int]:
+        """``(nodes, gpus_per_node)``: the one rule every backend and ``orch config`` use.
+        ``gpus`` is the world size; ``nodes`` and ``gpus_per_node`` default to what the others
+        imply (all on one node when neither is given). ConfigError when they do not multiply out."""
+        gpus, nodes, per_node = self.gpus, self.nodes, self.gpus_per_node
+        if gpus < 1:
+            raise ConfigError(f"resources.gpus={gpus}: a job needs at least 1 GPU / process (--gpus)")
+        if (nodes is not None and nodes < 1) or (per_node is not None and per_node < 1):
+            raise ConfigError(f"--nodes {nodes} / --gpus-per-node {per_node}: both must be >= 1")
+        if per_node is None and nodes is None:
+            return 1, gpus
+        if per_node is None:
+            if gpus % nodes:
+                raise ConfigError(f"--gpus {gpus} does not split evenly over --nodes {nodes}; "
+                                  f"give a multiple of {nodes} (e.g. --gpus {nodes * max(1, gpus // nodes)})")
+            return nodes, gpus // nodes
+        if gpus % per_node:
+            raise ConfigError(f"--gpus {gpus} does not fill whole nodes of --gpus-per-node {per_node}; "
+                              f"give a multiple of {per_node} (e.g. --gpus {max(per_node, gpus - gpus % per_node)})")
+        if nodes is not None and nodes * per_node != gpus:
+            raise ConfigError(f"--nodes {nodes} x --gpus-per-node {per_node} != --gpus {gpus}; "
+                              f"give --gpus {nodes * per_node}, or drop --nodes / --gpus-per-node")
+        return gpus // per_node, per_node
 
 
 @dataclass(frozen=True)

@@ -66,15 +66,16 @@ def load_predictions(path: PathLike) -> list[dict[str, Any]]:
 
 
 def evaluate_fold(val_ann: PathLike, predictions: Sequence[Mapping[str, Any]],
-                  iou_types: Sequence[str] = ("bbox",)) -> dict[str, float]:
-    """COCOeval of one fold's validation predictions against its ``val_<k>.json``, per class too."""
+                  iou_types: Sequence[str] = ("bbox",), engine: str = "auto") -> dict[str, float]:
+    """COCOeval of one fold's validation predictions against its ``val_<k>.json``, per class too;
+    ``engine`` is ``eval.engine``."""
     from detection.evaluation import evaluate_coco
 
-    return evaluate_coco(load_coco(val_ann), predictions, iou_types=tuple(iou_types), classwise=True)
+    return evaluate_coco(load_coco(val_ann), predictions, iou_types=tuple(iou_types), classwise=True, engine=engine)
 
 
 def out_of_fold(full_ann: PathLike, fold_predictions: Sequence[Sequence[Mapping[str, Any]]],
-                iou_types: Sequence[str] = ("bbox",)) -> dict[str, float]:
+                iou_types: Sequence[str] = ("bbox",), engine: str = "auto") -> dict[str, float]:
     """One COCOeval over the concatenated predictions of every fold against the full file.
 
     Raises :class:`DataError` when two folds predicted the same image (the folds leak)."""
@@ -87,7 +88,7 @@ def out_of_fold(full_ann: PathLike, fold_predictions: Sequence[Sequence[Mapping[
             if seen.setdefault(image_id, index) != index:
                 raise DataError(f"image {image_id} has validation predictions from folds {seen[image_id]} and {index}; the folds leak")
         union.extend(preds)
-    return evaluate_coco(load_coco(full_ann), union, iou_types=tuple(iou_types), classwise=True)
+    return evaluate_coco(load_coco(full_ann), union, iou_types=tuple(iou_types), classwise=True, engine=engine)
 
 
 def mean_std(per_fold: Mapping[int, Mapping[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
@@ -110,17 +111,18 @@ def mean_std(per_fold: Mapping[int, Mapping[str, float]]) -> tuple[dict[str, flo
 
 
 def summarize_point(name: str, point: Mapping[str, Any], folds: Mapping[int, tuple[PathLike, PathLike]],
-                    full_ann: PathLike, iou_types: Sequence[str] = ("bbox",)) -> PointSummary:
-    """Summary of one grid point; ``folds`` maps fold -> ``(val_ann_file, predictions_file)``."""
+                    full_ann: PathLike, iou_types: Sequence[str] = ("bbox",), engine: str = "auto") -> PointSummary:
+    """Summary of one grid point; ``folds`` maps fold -> ``(val_ann_file, predictions_file)``;
+    ``engine`` is ``eval.engine``."""
     per_fold, preds = {}, []
     for fold in sorted(folds):
         val_ann, pred_file = folds[fold]
         fold_preds = load_predictions(pred_file)
-        per_fold[fold] = evaluate_fold(val_ann, fold_preds, iou_types)
+        per_fold[fold] = evaluate_fold(val_ann, fold_preds, iou_types, engine)
         preds.append(fold_preds)
     mean, std = mean_std(per_fold)
     return PointSummary(name=name, point=dict(point), folds=per_fold, mean=mean, std=std,
-                        oof=out_of_fold(full_ann, preds, iou_types))
+                        oof=out_of_fold(full_ann, preds, iou_types, engine))
 
 
 def compare_points(points: Sequence[PointSummary], metric: str = "bbox_mAP", mode: str = "max") -> list[dict[str, Any]]:

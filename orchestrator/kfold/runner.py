@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from cluster.errors import DataError, JobFailed, JobNotFound
+from cluster.files import write_json_atomic
 from orchestrator.config.schema import Experiment, KFoldConfig, Resources
 from orchestrator.kfold.split import file_sha256
 
 if TYPE_CHECKING:
-    from orchestrator.submit import SubmitFlags
+    from orchestrator.launch import ResourceFlags
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "predictions_val.json"
@@ -58,7 +59,7 @@ def set_identity(exp: Experiment, kcfg: KFoldConfig, ann_sha: str) -> str:
 
 
 def _index_path(set_id: str) -> Path:
-    from orchestrator.jobs import orch_home
+    from orchestrator.records import orch_home
 
     return orch_home() / "kfold" / f"{set_id}.json"
 
@@ -85,9 +86,7 @@ def load_state(set_dir: Path) -> dict[str, Any]:
 def save_state(set_dir: Path, state: dict[str, Any]) -> None:
     """Write ``set.json`` atomically: a crash never leaves a half-written record."""
     set_dir.mkdir(parents=True, exist_ok=True)
-    tmp = set_dir / (SET_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(set_dir / SET_FILE)
+    write_json_atomic(set_dir / SET_FILE, state, indent=2, sort_keys=False)
 
 
 def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bool, echo: Callable[[str], None]):
@@ -120,22 +119,22 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
 def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] = None, backend: Optional[str] = None,
               gpus: Optional[int] = None, max_parallel: Optional[int] = None, dry_run: bool = False,
               echo: Callable[[str], None] = print, poll_s: float = 1.0,
-              flags: Optional["SubmitFlags"] = None) -> KFoldOutcome:
-    """Run (or resume) the k-fold set of the experiment file ``path``; see the module docstring."""
+              flags: Optional["ResourceFlags"] = None) -> KFoldOutcome:
+    """Run (or resume) the k-fold set of the experiment file ``path``; see the module docstring.
+    ``flags`` are the resource flags shared with ``orch submit`` (``--gpus``, ``--partition``,
+    ``--max-parallel``, ``--address``, ...); ``backend``/``gpus``/``max_parallel`` override them."""
     from orchestrator.config import load_experiment, output_dir_of, with_overrides
     from orchestrator.kfold.expand import expand
-    from orchestrator.launchers.base import get_launcher
-    from orchestrator.submit import SubmitFlags, build_job_spec, choose_backend
+    from orchestrator.launch import Launch, ResourceFlags, choose_backend
+    from orchestrator.weights import resolve_weights
 
-    extra: dict[str, Any] = {"kfold.folds": folds}
-    if max_parallel is not None:  # also the width of a Slurm job array
-        extra["resources.slurm.array_parallelism"] = max_parallel
-    # Backend flags shared with `orch submit` (--partition, --address, ...) come in `flags`.
-    flags = dataclasses.replace(flags or SubmitFlags(), backend=backend, gpus=gpus, max_parallel=max_parallel,
-                                extra={k: v for k, v in extra.items() if v is not None})
+    changes = {k: v for k, v in {"backend": backend, "gpus": gpus, "max_parallel": max_parallel}.items() if v is not None}
+    flags = dataclasses.replace(flags or ResourceFlags(), **changes)
+    flags = dataclasses.replace(flags, extra={**flags.extra, **({"kfold.folds": folds} if folds is not None else {})})
     exp = load_experiment(path, overrides, extra=flags.as_overrides())
+    resolve_weights(exp, download=not dry_run, echo=echo)  # weights names -> the cache, before anything is written
     kcfg = exp.kfold or KFoldConfig()
-    backend = choose_backend(exp, backend)
+    backend = choose_backend(exp, flags.backend)
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
     if not ann_file.is_file():
         raise DataError(f"k-fold annotation file {ann_file} does not exist; set kfold.ann_file or data.train.ann_file")
@@ -152,17 +151,16 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     attached = {} if dry_run else _still_running(state, trials)
     done = {t.name for t in trials if _finished(state, t)}
     pending = [t for t in trials if t.name not in done and t.name not in attached]
-    launcher = get_launcher(backend)
+    launch = Launch.to(backend)
+    names = [f"{exp.name}/{t.name}" for t in pending]  # so that `orch status` and job ids tell the folds apart
     # Plan from unwritten specs first: a bad option fails here, before any run or file exists.
     # Nothing pending (a finished set resumed) plans nothing: Slurm refuses an empty plan.
-    plan = launcher.plan([dataclasses.replace(build_job_spec(t.experiment, backend, write=False),
-                                              name=f"{exp.name}/{t.name}") for t in pending]) if pending else "nothing"
+    plan = launch.plan([t.experiment for t in pending], names) if pending else "nothing"
     if dry_run:
         echo(f"{len(trials)} trials, {len(done)} already finished; would run:\n{plan}")
         return KFoldOutcome(set_id, set_dir, None, [t.name for t in pending], sorted(done))
-    preflight = getattr(launcher, "preflight", None)
-    if pending and preflight is not None:  # live checks (free slots, reachable cluster) before any run exists
-        preflight(plan)
+    if pending:  # live checks (free slots, reachable cluster) before any run exists
+        launch.preflight(plan)
 
     from orchestrator.kfold import tracking
 
@@ -171,9 +169,9 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     uri = tracking.ensure_parents(exp, trials, state, set_id)
     save_state(set_dir, state)
     _index_path(set_id).parent.mkdir(parents=True, exist_ok=True)
-    _index_path(set_id).write_text(json.dumps({"set_dir": str(set_dir)}))
+    write_json_atomic(_index_path(set_id), {"set_dir": str(set_dir)})
 
-    jobs = []
+    trial_exps = []
     for t in pending:
         trial_exp = t.experiment
         if uri:
@@ -181,18 +179,19 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
             parent = state["parents"]["points"][t.point_name]
             trial_exp = with_overrides(trial_exp, {"tracking.uri": uri, "tracking.run_id": run_id,
                                                    "tracking.parent_run_id": parent})
-        # named after the trial so that `orch status` and job ids tell the folds apart
-        jobs.append(dataclasses.replace(build_job_spec(trial_exp, backend, write=True), name=f"{exp.name}/{t.name}"))
+        trial_exps.append(trial_exp)
         state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
-                                   "point": t.point_name, "output_dir": str(jobs[-1].output_dir),
+                                   "point": t.point_name, "output_dir": output_dir_of(trial_exp),
                                    "run_id": trial_exp.tracking.run_id}
     save_state(set_dir, state)
     waiting = dict(attached)
     if attached:
         echo(f"{len(attached)} trial(s) of an earlier `orch kfold` still running: waiting for them")
-    if jobs:
-        echo(f"launching {len(jobs)} trial(s) on {backend} ({len(done)} already finished)")
-        handles = launcher.submit(launcher.plan(jobs))
+    if trial_exps:
+        echo(f"launching {len(trial_exps)} trial(s) on {backend} ({len(done)} already finished)")
+        submitted, handles = launch.submit(trial_exps, names)
+        for t, job in zip(pending, submitted.jobs):
+            state["trials"][t.name]["output_dir"] = str(job.output_dir)
         echo(f"submitted jobs {handles[0].job_id} .. {handles[-1].job_id}; follow one with: orch logs -f JOB")
         waiting.update(zip([t.name for t in pending], handles))
     if waiting:
@@ -215,31 +214,16 @@ def _finished(state: dict, trial) -> bool:
     return record.get("status") == "SUCCEEDED" and (Path(record.get("output_dir", "")) / PREDICTIONS).is_file()
 
 
-class _RecordHandle:
-    """A job of an earlier ``orch kfold`` run, followed through its job record (any backend)."""
-
-    def __init__(self, job_id: str):
-        self.job_id = job_id
-
-    def state(self):
-        from orchestrator.jobs import load_record, refresh_record
-
-        return refresh_record(load_record(self.job_id)).state
-
-    def cancel(self) -> None:
-        from orchestrator.jobs import cancel_job
-
-        cancel_job(self.job_id)
-
-
-def _still_running(state: dict, trials) -> dict[str, _RecordHandle]:
+def _still_running(state: dict, trials) -> dict[str, Any]:
     """Trials an earlier, interrupted ``orch kfold`` launched and whose jobs still run: waited
     for, not launched twice into the same folder and run."""
+    from orchestrator.launchers.base import JobHandle
+
     running = {}
     for t in trials:
         record = state["trials"].get(t.name, {})
         if record.get("status") in ("PENDING", "RUNNING") and record.get("job_id"):
-            handle = _RecordHandle(record["job_id"])
+            handle = JobHandle(record["job_id"])
             try:
                 if not handle.state().finished:
                     running[t.name] = handle
@@ -296,7 +280,8 @@ def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, 
             continue
         files = {t.fold: (fold_files[t.fold][1], Path(state["trials"][t.name]["output_dir"]) / PREDICTIONS)
                  for t in point_trials}
-        summaries.append(summarize_point(name, point_trials[0].point, files, ann_file, exp.eval.metric))
+        summaries.append(summarize_point(name, point_trials[0].point, files, ann_file, exp.eval.metric,
+                                         exp.eval.engine))
     metric = exp.checkpoint.save_best or f"{exp.eval.metric[0]}_mAP"
     mode = "max" if exp.checkpoint.rule == "greater" else "min"
     report = comparison_markdown(summaries, metric, mode)

@@ -18,26 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from orchestrator.config.schema import Experiment
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _alive(client, run_id: Optional[str]) -> bool:
-    if not run_id:
-        return False
-    try:
-        return client.get_run(run_id).info.lifecycle_stage == "active"
-    except Exception:  # deleted store or run: create a new one rather than fail the set
-        return False
-
-
-def _reopen(client, run_id: str) -> None:
-    if client.get_run(run_id).info.status != "RUNNING":
-        client.update_run(run_id, status="RUNNING")
+from orchestrator.tracking import runs
 
 
 def ensure_parents(exp: Experiment, trials: Sequence[Any], state: dict, set_id: str) -> Optional[str]:
@@ -45,47 +26,37 @@ def ensure_parents(exp: Experiment, trials: Sequence[Any], state: dict, set_id: 
     returns the absolute tracking URI, or None when tracking is off."""
     if not exp.tracking.enable:
         return None
-    from dataclasses import replace
-
-    from detection.tracking import create_run, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(exp.tracking)
-    tracking = replace(exp.tracking, uri=uri, run_name=None)  # run_name would name every parent
-    client = _client(uri)
+    uri = runs.tracking_uri_of(exp)
+    experiment = runs.experiment_name(exp)
     parents = state.setdefault("parents", {})
     tags = {"orch.kfold_set": set_id, **exp.tracking.tags}
     points = {t.point_name: t.point for t in trials}
     has_grid = any(points)
-    if has_grid and not _alive(client, parents.get("grid")):
-        parents["grid"] = create_run(tracking, f"{exp.name} grid", tags={**tags, "orch.kind": "kfold-grid"})
+    if has_grid and not runs.is_active(uri, parents.get("grid")):
+        parents["grid"] = runs.create_run(uri, experiment, f"{exp.name} grid", tags={**tags, "orch.kind": "kfold-grid"})
     elif has_grid:
-        _reopen(client, parents["grid"])
+        runs.reopen(uri, parents["grid"])
     known = parents.setdefault("points", {})
     for name, point in points.items():
-        if _alive(client, known.get(name)):
-            _reopen(client, known[name])
+        if runs.is_active(uri, known.get(name)):
+            runs.reopen(uri, known[name])
             continue
         point_tags = {**tags, "orch.kind": "kfold-point" if has_grid else "kfold",
                       **{k: _text(v) for k, v in point.items()}}
-        known[name] = create_run(tracking, name if has_grid else f"{exp.name} k-fold", tags=point_tags,
-                                 parent_run_id=parents.get("grid") if has_grid else None)
-        for key, value in point.items():
-            client.log_param(known[name], key, _text(value))
+        known[name] = runs.create_run(uri, experiment, name if has_grid else f"{exp.name} k-fold", tags=point_tags,
+                                      parent_run_id=parents.get("grid") if has_grid else None)
+        runs.log_params(uri, known[name], {k: _text(v) for k, v in point.items()})
     return uri
 
 
 def child_run(exp: Experiment, trial: Any, state: dict, set_id: str, uri: str) -> str:
     """The run of one trial: the one recorded for it (a retried fold continues its run), else new."""
-    from dataclasses import replace
-
-    from detection.tracking import create_run
-
     recorded = state["trials"].get(trial.name, {}).get("run_id")
-    if _alive(_client(uri), recorded):
+    if runs.is_active(uri, recorded):
         return recorded
     tags = {"orch.kfold_set": set_id, "orch.trial": trial.name, **trial.experiment.tracking.tags}
-    return create_run(replace(exp.tracking, uri=uri, run_name=None), trial.name, tags=tags,
-                      parent_run_id=state["parents"]["points"][trial.point_name])
+    return runs.create_run(uri, runs.experiment_name(exp), trial.name, tags=tags,
+                           parent_run_id=state["parents"]["points"][trial.point_name])
 
 
 def _text(value: Any) -> str:
@@ -104,7 +75,7 @@ def log_summaries(uri: str, state: dict, summaries: Sequence[Any], paths: dict[s
     from detection.tracking import metric_key
     from orchestrator.kfold.aggregate import compare_points
 
-    client = _client(uri)
+    client = runs.client(uri)
     parents = state["parents"]
     now = int(time.time() * 1000)
     done = set()

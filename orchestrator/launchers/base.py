@@ -1,56 +1,121 @@
-"""The launcher interface (TorchX's printable dry run, submitit's handles) and the backend table."""
+"""The launcher interface: the whole life of a job as one abstract class (TorchX's scheduler API,
+submitit's executor), the typed plan every backend returns, and the one handle of a submitted job.
+
+A backend is one class filling in :class:`Launcher`: ``plan`` is pure (no processes, no network,
+no writes) and its :class:`Plan`'s text is exactly what ``orch submit --dry-run`` prints;
+``preflight`` asks the live system whether the plan can ever run (and refuses with one line
+before anything is written); ``submit`` takes only a plan, so what the dry run showed is what
+runs; ``refresh`` and ``cancel`` are what ``orch status`` and ``orch cancel`` call for a record of
+that backend; ``describe`` adds backend lines to ``orch status JOB``.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import ClassVar, Optional, Protocol
+import abc
+import dataclasses
+import time
+from typing import Any, ClassVar, Optional, Sequence
 
-from cluster.errors import LaunchError
-from orchestrator.spec import JobSpec, JobState, Plan
-
-
-class Handle(Protocol):
-    """A submitted job."""
-
-    job_id: str
-
-    def state(self) -> JobState: ...
-
-    def wait(self, timeout_s: Optional[float] = None) -> JobState: ...
-
-    def cancel(self) -> None:  # idempotent
-        ...
+from orchestrator.spec import JobRecord, JobSpec, JobState
 
 
-class Launcher(Protocol):
-    """One backend. ``plan`` is pure (no processes, no network, no writes); ``submit`` only takes
-    a :class:`Plan`, so what ``--dry-run`` showed is what runs."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a backend will do with ``jobs``. Subclasses add their typed, JSON-able request
+    (``to_json``/``from_json``) and render :attr:`text` from it."""
+
+    backend: str
+    jobs: tuple[JobSpec, ...]
+
+    @property
+    def text(self) -> str:
+        """Exactly what ``--dry-run`` prints."""
+        raise NotImplementedError  # each backend's plan renders its own request
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class Launcher(abc.ABC):
+    """One backend. Launchers take no constructor arguments: everything a job needs is in its
+    :class:`JobSpec` (the resolved experiment, with the command-line flags folded in)."""
 
     name: ClassVar[str]
+    poll_s: ClassVar[float] = 1.0  # how often a handle asks for a fresh state
 
-    def plan(self, jobs: list[JobSpec]) -> Plan: ...
+    @abc.abstractmethod
+    def plan(self, jobs: Sequence[JobSpec]) -> Plan:
+        """Pure: what would run for ``jobs``. Raises ConfigError / LaunchError on bad options."""
 
-    def submit(self, plan: Plan) -> list[Handle]: ...
+    @abc.abstractmethod
+    def preflight(self, plan: Plan) -> None:
+        """Can the cluster ever run ``plan``? Raise an OrchError naming the shortfall otherwise.
+        Called before any record, config file or MLflow run exists."""
+
+    @abc.abstractmethod
+    def submit(self, plan: Plan) -> list["JobHandle"]:
+        """Start ``plan`` (writing one record per job); returns at once, one handle per job in
+        the order of ``plan.jobs``."""
+
+    @abc.abstractmethod
+    def refresh(self, record: JobRecord) -> JobRecord:
+        """The record with the backend's current state (stored through
+        :func:`orchestrator.records.transition`); never raises for a flaky backend."""
+
+    @abc.abstractmethod
+    def cancel(self, record: JobRecord) -> None:
+        """Stop the job's processes. Idempotent; the caller records CANCELLED."""
+
+    def describe(self, record: JobRecord) -> list[tuple[str, str]]:
+        """Extra ``(label, value)`` rows for ``orch status JOB``."""
+        return []
+
+    def handle(self, job_id: str) -> "JobHandle":
+        """The handle of a job of this backend."""
+        return JobHandle(job_id, self.poll_s)
 
 
-# name -> "module:Class"; imported on demand so that submitit / ray load only when used.
-LAUNCHERS: dict[str, str] = {
-    "local": "orchestrator.launchers.local:LocalLauncher",
-    "torchrun": "orchestrator.launchers.torchrun:TorchrunLauncher",
-    "slurm": "orchestrator.launchers.slurm:SlurmLauncher",
-    "ray": "orchestrator.launchers.ray:RayLauncher",
-}
+class JobHandle:
+    """A submitted job of any backend, seen through its record: works from any process
+    (``state`` asks the job's launcher for a fresh state)."""
+
+    def __init__(self, job_id: str, poll_s: float = 1.0) -> None:
+        self.job_id = job_id
+        self.poll_s = poll_s
+
+    def record(self) -> JobRecord:
+        """The refreshed record."""
+        from orchestrator.jobs import refresh_job
+
+        return refresh_job(self.job_id)
+
+    def state(self) -> JobState:
+        """Current state."""
+        return self.record().state
+
+    def wait(self, timeout_s: Optional[float] = None, poll_s: Optional[float] = None) -> JobState:
+        """Poll until the job has finished (or ``timeout_s`` passed); returns the last state."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.state()
+            if state.finished or (deadline is not None and time.monotonic() >= deadline):
+                return state
+            time.sleep(self.poll_s if poll_s is None else poll_s)
+
+    def cancel(self) -> None:
+        """Stop the job (idempotent)."""
+        from orchestrator.jobs import cancel_job
+
+        cancel_job(self.job_id)
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r})"
 
 
-def get_launcher(name: str, **options) -> Launcher:
-    """Instantiate the launcher of backend ``name``."""
-    if name not in LAUNCHERS:
-        raise LaunchError(f"unknown backend {name!r}; valid backends: {', '.join(LAUNCHERS)}")
-    module_name, class_name = LAUNCHERS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            raise LaunchError(f"the {name} backend is not available yet in this orch version") from None
-        raise
-    return getattr(module, class_name)(**options)
+def json_ready(value: Any) -> Any:
+    """Tuples to lists, recursively (what ``json.dumps`` of a plan request needs)."""
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    return value

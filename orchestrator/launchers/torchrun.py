@@ -16,16 +16,18 @@ torchrun ignores ``--node_rank`` with c10d (ranks are assigned at rendezvous), s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 from cluster.errors import LaunchError
-from orchestrator.launchers.local import LocalHandle, base_env, format_command, start_supervisor
-from orchestrator.spec import JobSpec, Plan
+from orchestrator.launchers.local.launcher import LocalLauncher, node_request
+from orchestrator.launchers.local.plan import NodeCommand, NodeJob, NodePlan, PortRule, base_env, format_command
+from orchestrator.spec import JobSpec
 
 LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -59,49 +61,41 @@ def ssh_argv(host: str, argv: list[str], env: dict[str, str]) -> list[str]:
 
 
 def layout(job: JobSpec) -> tuple[int, int]:
-    """(nodes, processes per node) from ``resources``; LaunchError when they disagree."""
+    """(nodes, processes per node): ``resources.layout()``, with the hosts counting as nodes when
+    ``--nodes`` is not given; LaunchError when the hosts and the layout disagree."""
     res = job.experiment.resources
     hosts = res.torchrun.hosts
-    if res.gpus_per_node:
-        nodes = res.nodes or len(hosts) or max(1, res.gpus // res.gpus_per_node)
-        nproc = res.gpus_per_node
-        if res.gpus not in (1, nodes * nproc):
-            raise LaunchError(f"job {job.name}: --gpus {res.gpus} != --nodes {nodes} x --gpus-per-node {nproc}; drop one of them")
-    else:
-        nodes = res.nodes or len(hosts) or 1
-        if res.gpus % nodes:
-            raise LaunchError(f"job {job.name}: --gpus {res.gpus} is not a multiple of --nodes {nodes}; set --gpus-per-node")
-        nproc = res.gpus // nodes
-    if nproc < 1:
-        raise LaunchError(f"job {job.name}: at least one process per node is needed (--gpus-per-node)")
+    if hosts and res.nodes is None and res.gpus_per_node is None:
+        res = dataclasses.replace(res, nodes=len(hosts))
+    nodes, nproc = res.layout()
     if hosts and len(hosts) != nodes:
-        raise LaunchError(f"job {job.name}: --hosts names {len(hosts)} hosts but --nodes is {nodes}")
+        raise LaunchError(f"job {job.name}: --hosts names {len(hosts)} hosts but the job spans {nodes} node(s)")
     return nodes, nproc
 
 
-class TorchrunLauncher:
-    """Backend ``torchrun``: c10d rendezvous on one node or several (ssh, or by hand)."""
+class TorchrunLauncher(LocalLauncher):
+    """Backend ``torchrun``: c10d rendezvous on one node or several (ssh, or by hand). Its jobs
+    run under the local backend's supervisor (device and port leases, records, cancel), so it is
+    the local launcher with other command lines."""
 
     name: ClassVar[str] = "torchrun"
 
-    def plan(self, jobs: list[JobSpec]) -> Plan:
+    def plan(self, jobs: Sequence[JobSpec]) -> NodePlan:
         """Pure: the exact per-node command lines of every job."""
-        texts, entries = [], []
+        lines, entries = [], []
         for index, job in enumerate(jobs):
-            text, entry = self._plan_one(job)
-            texts.append(text)
-            entries.append(dict(entry, index=index))
-        payload = {"max_parallel": None, "queue": all(j.experiment.resources.local.queue for j in jobs),
-                   "cpu_slots": jobs[0].experiment.resources.local.cpu_slots if jobs else None, "jobs": entries}
-        return Plan(backend=self.name, jobs=tuple(jobs), text="\n".join(texts), payload=payload)
+            text, entry = self._plan_one(index, job)
+            lines += [""] * bool(lines) + [text]  # a blank line between jobs
+            entries.append(entry)
+        return NodePlan(self.name, tuple(jobs), node_request(jobs, entries, None), tuple(lines))
 
-    def _plan_one(self, job: JobSpec) -> tuple[str, dict]:
+    def _plan_one(self, index: int, job: JobSpec) -> tuple[str, NodeJob]:
         opts = job.experiment.resources.torchrun
         nodes, nproc = layout(job)
         env = base_env(job)
         head = f"# orch torchrun plan: job {job.name}: {nodes} node(s) x {nproc} process(es) = world size {nodes * nproc}"
         port_text = str(opts.rdzv_port) if opts.rdzv_port else "{port}"
-        port: dict = {"mode": "fixed", "port": opts.rdzv_port} if opts.rdzv_port else {"mode": "lease"}
+        port = PortRule("fixed", port=opts.rdzv_port) if opts.rdzv_port else PortRule("lease")
         if opts.node_rank is not None:
             if nodes > 1 and not (opts.master_addr and opts.rdzv_port):
                 raise LaunchError(
@@ -114,7 +108,7 @@ class TorchrunLauncher:
             argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
             lines = [head, f"# this node only (node {opts.node_rank} of {nodes}); run the same line on every node:",
                      format_command(argv, env)]
-            commands = [{"argv": argv, "env": env, "procs": nproc, "local": True}]
+            commands = [NodeCommand(tuple(argv), env, procs=nproc)]
         elif nodes == 1 or opts.hosts:
             hosts = opts.hosts or ("127.0.0.1",)
             addr = opts.master_addr or hosts[0]
@@ -122,14 +116,14 @@ class TorchrunLauncher:
                 raise LaunchError(f"job {job.name}: remote nodes cannot reach the master as {addr!r}; "
                                   "name the first host by its network name or pass --master-addr")
             if not opts.rdzv_port and not is_local_host(addr):
-                port = {"mode": "probe", "host": addr, "argv": ssh_argv(addr, [sys.executable, "-m", "cluster.ports"], {})}
+                port = PortRule("probe", host=addr, argv=tuple(ssh_argv(addr, [sys.executable, "-m", "cluster.ports"], {})))
             argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
             lines, commands = [head], []
             for rank, host in enumerate(hosts):
                 local = is_local_host(host)
                 run = argv if local else ssh_argv(host, argv, env)
-                commands.append({"argv": run, "env": env if local else {}, "procs": nproc, "local": local})
-                lines += [f"# node {rank} ({host}{'' if local else ', over ssh'}):", format_command(run, commands[-1]["env"])]
+                commands.append(NodeCommand(tuple(run), env if local else {}, procs=nproc, local=local))
+                lines += [f"# node {rank} ({host}{'' if local else ', over ssh'}):", format_command(run, commands[-1].env)]
         else:
             addr = opts.master_addr or "{master_addr}"
             argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
@@ -141,21 +135,19 @@ class TorchrunLauncher:
             lines.append("# {port}: chosen at launch on the master, bind-checked (and leased when the master is this machine); "
                          "fix it with --set resources.torchrun.rdzv_port=P")
         lines.append("# torchrun assigns node ranks at rendezvous (it ignores --node_rank with c10d)")
-        slots = sum(c["procs"] for c in commands if c["local"])
-        entry = {"slots": slots, "commands": commands, "port": port, "runnable": bool(commands)}
-        return "\n".join(lines) + "\n", entry
+        slots = sum(c.procs for c in commands if c.local)
+        entry = NodeJob(index=index, name=job.name, slots=slots, commands=tuple(commands), port=port,
+                        runnable=bool(commands))
+        return "\n".join(lines), entry
 
-    def preflight(self, plan: Plan) -> None:
+    def preflight(self, plan: NodePlan) -> None:
         """Refuse, before any file or MLflow run exists, a job that spans several nodes with no way
-        to start them (``plan`` keeps it, so that ``--dry-run`` prints the per-node lines)."""
-        for entry in plan.payload["jobs"]:
-            if not entry["runnable"]:
+        to start them (``plan`` keeps it, so that ``--dry-run`` prints the per-node lines), then
+        check this node's capacity like the local backend."""
+        for entry in plan.request.jobs:
+            if not entry.runnable:
                 raise LaunchError(
-                    f"job {plan.jobs[entry['index']].name} spans several nodes: give --hosts h1,h2,... to start them "
+                    f"job {entry.name} spans several nodes: give --hosts h1,h2,... to start them "
                     "over ssh, or start each node with --node-rank i --master-addr H (orch submit --dry-run prints the lines)"
                 )
-
-    def submit(self, plan: Plan) -> list[LocalHandle]:
-        """Start the planned torchrun agents under a detached supervisor; returns at once."""
-        self.preflight(plan)  # also when called without orchestrator.submit
-        return start_supervisor(plan)
+        super().preflight(plan)

@@ -121,3 +121,9 @@ def test_detect_reads_os_environ_by_default(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert DistEnv.detect().source == "torchrun"
+
+
+def test_init_method_is_env_under_torchrun_and_tcp_elsewhere():
+    assert DistEnv.detect(TORCHRUN).init_method == "env://"  # torchrun's rendezvous owns the address
+    assert DistEnv.detect(SLURM).init_method == "tcp://gpu01:31234"
+    assert DistEnv.detect(RAY).init_method == "tcp://10.0.0.7:30001"

@@ -79,6 +79,53 @@ def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(make_exp
     assert resumed == whole.losses  # exactly equal floats, not approximately
 
 
+def test_resume_auto_with_a_longer_schedule_continues_exactly(make_experiment, caplog):
+    # Same world size, schedule.iterations 4 -> 8: iterations 5..8 are trained, with the losses of
+    # an uninterrupted 8-iteration run (milestones 8, 11: the LR of steps 1..8 does not depend on
+    # the length), and no world-size change is reported.
+    path = _resume_experiment(make_experiment, **{"schedule.iterations": 8})
+    whole = LossRecorder()
+    main(load_experiment(path, [f"runtime.output_dir={path.parent / 'whole'}"]), DistEnv.single(), hooks=[whole])
+    split_dir = path.parent / "split"
+    first = LossRecorder()
+    main(load_experiment(path, [f"runtime.output_dir={split_dir}", "schedule.iterations=4"]),
+         DistEnv.single(), hooks=[first])
+    second = LossRecorder()
+    with caplog.at_level(logging.INFO, logger="detection.checkpoint"):
+        result = main(load_experiment(path, [f"runtime.output_dir={split_dir}", "runtime.resume=auto"]),
+                      DistEnv.single(), hooks=[second])
+    assert result.iterations == 8
+    assert sorted(first.losses) == [1, 2, 3, 4] and sorted(second.losses) == [5, 6, 7, 8]
+    assert {**first.losses, **second.losses} == whole.losses  # exactly equal floats
+    assert "world size" not in caplog.text and "LR rule re-applied" not in caplog.text
+    assert "at iteration 4; schedule changed from 4 to 8 iterations" in caplog.text
+
+
+def test_resume_auto_on_another_world_size_still_rescales(make_experiment, caplog):
+    # A checkpoint of world size 2 at iteration 4 of 16 (faked by editing a world-size-1 one)
+    # resumed on world size 1 with 8 iterations: the same fraction, 2 of 8, and a warning.
+    path = make_experiment(**{"tracking.enable": False, "data.val": None})
+    first = main(load_experiment(path), DistEnv.single())
+    state = load_checkpoint(first.last_checkpoint)
+    assert state["iter"] == 4 and state["world_size"] == 1
+    atomic_save({**state, "world_size": 2, "max_iters": 16}, first.last_checkpoint)
+    steps = LossRecorder()
+    with caplog.at_level(logging.WARNING, logger="detection.checkpoint"):
+        result = main(load_experiment(path, ["runtime.resume=auto", "schedule.iterations=8"]),
+                      DistEnv.single(), hooks=[steps])
+    assert sorted(steps.losses) == [3, 4, 5, 6, 7, 8] and result.iterations == 8
+    assert "(world size 2, iteration 4/16) on world size 1: continuing at iteration 2/8" in caplog.text
+
+
+def test_resume_past_the_end_of_a_shorter_schedule_says_nothing_is_left(tmp_path, caplog):
+    path = Checkpointer(str(tmp_path), CheckpointConfig()).save(_fake_trainer(iteration=6, max_iters=10))
+    target = _fake_trainer(max_iters=4)
+    with caplog.at_level(logging.WARNING, logger="detection.checkpoint"):
+        Checkpointer(str(tmp_path), CheckpointConfig()).resume(target, path)
+    assert target.iter == 6 and target.pending_rng is not None
+    assert "past the schedule's end (4 iterations now): nothing left to train" in caplog.text
+
+
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     final = tmp_path / "ckpt" / "iter_1.pth"
     atomic_save({"k": 0, "w": torch.zeros(4_000_000)}, str(final))

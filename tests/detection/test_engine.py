@@ -41,6 +41,31 @@ def test_tiny_run_trains_evaluates_and_checkpoints(make_experiment):
     assert result.best["metric"] == "bbox_mAP" and result.best["iter"] == 4
 
 
+# Losses and mAP of the tiny experiment (tracking off) from ``main`` as it was before the
+# training side was split into builders (commit af1e7c2), recorded on this machine's CPU: the
+# split must not change a single step. Deterministic CPU runs repeat these bits exactly; the
+# tolerance only allows for another CPU's float rounding.
+GOLDEN = {
+    "iter": {"losses": [13.17334270477295, 10.020251750946045, 12.405421257019043, 12.042421817779541],
+             "bbox_mAP": 0.0037537713010168975},
+    "epoch": {"losses": [13.17334270477295, 10.020251750946045, 12.405421257019043, 12.042421817779541,
+                         10.656804084777832, 11.380783081054688, 10.640161514282227, 10.561683654785156],
+              "bbox_mAP": 0.001352859480993434},
+}
+EPOCH_RUN = {"schedule.iterations": None, "schedule.epochs": 1, "schedule.policy": "step", "schedule.milestones": [1],
+             "eval.interval": 1, "checkpoint.interval": 1}
+
+
+@pytest.mark.parametrize("kind", ["iter", "epoch"])
+def test_main_gives_the_losses_it_gave_before_the_builders(make_experiment, kind):
+    exp = load_experiment(make_experiment(**{"tracking.enable": False, **(EPOCH_RUN if kind == "epoch" else {})}))
+    rec = Recorder()
+    result = main(exp, DistEnv.single(), hooks=[rec])
+    assert [log["loss"] for log in rec.logs] == pytest.approx(GOLDEN[kind]["losses"], rel=1e-6)
+    assert result.metrics["bbox_mAP"] == pytest.approx(GOLDEN[kind]["bbox_mAP"], rel=1e-4)
+    assert result.best["iter"] == len(GOLDEN[kind]["losses"])
+
+
 class PoisonWeights(Hook):
     """Makes the model produce NaN from the first step on."""
 
@@ -86,20 +111,17 @@ def _toy_step(shapes_data, batch, accumulation):
     from detection.engine import Trainer
     from detection.lr_scaling import scale_lr
     from detection.config import OptimConfig, ScheduleConfig, AutoScaleLR
-    from types import SimpleNamespace
-
     data = DataConfig(train=DataSplit(str(shapes_data / "annotations/instances_train.json"), str(shapes_data / "train")),
                       batch_size_per_gpu=batch, workers_per_gpu=0, min_size=64, max_size=64, flip_prob=0.0)
     dataset = build_dataset(data.train, data, train=True)
     loader = build_loader(dataset, data, 0, 1, train=True, seed=0)
     optim = OptimConfig(type="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, accumulation_steps=accumulation,
                         auto_scale_lr=AutoScaleLR(enable=False))
-    config = SimpleNamespace(optim=optim, runtime=SimpleNamespace(log_interval=1))
     model = _LinearDetector()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = Trainer(config=config, env=DistEnv.single(), model=model, train_model=model, optimizer=opt,
+    trainer = Trainer(env=DistEnv.single(), model=model, train_model=model, optimizer=opt,
                       loader=loader, device=torch.device("cpu"), max_iters=1, iters_per_epoch=1,
-                      output_dir="", lr_scaling=scale_lr(optim, ScheduleConfig(), 1, batch))
+                      lr_scaling=scale_lr(optim, ScheduleConfig(), 1, batch), accumulation_steps=accumulation)
     trainer.train()
     return model.w.detach().clone()
 

@@ -1,5 +1,5 @@
 """The model table: every detector builds offline with the data's class count, small detectors
-run at tiny sizes, and weights come from local files only."""
+run at tiny sizes, and weights come from local files or the weights cache, never a download."""
 
 from __future__ import annotations
 
@@ -91,17 +91,30 @@ def test_ssd300_refuses_inputs_too_small_for_its_feature_maps():
 
 
 @pytest.mark.parametrize("key", ["weights", "backbone_weights"])
-@pytest.mark.parametrize("value", [
-    "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    "DEFAULT",
-    "IMAGENET1K_V1",
-    "FasterRCNN_ResNet50_FPN_Weights.COCO_V1",
-])
-def test_weights_that_need_a_download_are_refused(key, value):
+def test_urls_are_refused(key):
     with pytest.raises(ConfigError, match="download") as err:
-        build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large", **{key: value}), 3, TINY)
-    assert f"model.{key}" in str(err.value) and "orch never downloads; give a local file path" in str(err.value)
+        build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large",
+                                **{key: "https://download.pytorch.org/models/resnet18-f37072fd.pth"}), 3, TINY)
+    assert f"model.{key}" in str(err.value) and "is a URL; orch does not download URLs" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("model_type, key, value", [
+    ("ssdlite320_mobilenet_v3_large", "weights", "DEFAULT"),
+    ("ssdlite320_mobilenet_v3_large", "weights", "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", "backbone_weights", "IMAGENET1K_V1"),
+])
+def test_weights_names_come_from_the_cache_never_a_download(model_type, key, value, tmp_path, monkeypatch):
+    # Names are accepted now; the worker only reads the cache (tests/detection/test_weights.py).
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
+    with pytest.raises(ConfigError, match=f"model.{key}: weights .* are not in the cache {tmp_path}") as err:
+        build_model(ModelConfig(type=model_type, weights_dir=str(tmp_path), **{key: value}), 3, TINY)
+    assert "\n" not in str(err.value)
+
+
+def test_a_weights_name_of_another_model_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="valid: DEFAULT \\(= COCO_V1\\), COCO_V1"):
+        build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large", weights="IMAGENET1K_V1"), 3, TINY)
 
 
 @pytest.mark.parametrize("key", ["weights", "backbone_weights"])

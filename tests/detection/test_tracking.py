@@ -23,8 +23,9 @@ from orchestrator.config import load_experiment
 
 
 def test_run_records_params_metrics_tags_and_artifacts(make_experiment, tracking_uri, monkeypatch):
-    monkeypatch.setenv("ORCH_BACKEND", "torchrun")
-    exp = load_experiment(make_experiment(**{"tracking.log_checkpoints": True, "tracking.tags": {"fold": "3"}}))
+    monkeypatch.setenv("ORCH_BACKEND", "slurm")  # ignored: the orchestrator puts the backend in the tags
+    exp = load_experiment(make_experiment(**{"tracking.log_checkpoints": True,
+                                             "tracking.tags": {"fold": "3", "backend": "torchrun"}}))
     result = main(exp, DistEnv.single())
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
@@ -69,6 +70,13 @@ def test_worker_continues_the_run_created_at_submit_time(make_experiment, tracki
     assert result.run_id == run_id
     run = MlflowClient(tracking_uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["submitted_by"] == "orch" and "loss" in run.data.metrics
+
+
+def test_metrics_are_logged_every_log_interval_and_at_the_end(make_experiment, tracking_uri):
+    result = main(load_experiment(make_experiment(**{"runtime.log_interval": 3})), DistEnv.single())
+    client = MlflowClient(tracking_uri)
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [3, 4]
+    assert "backend" not in client.get_run(result.run_id).data.tags  # no tag unless the orchestrator gave one
 
 
 class Poison(Hook):

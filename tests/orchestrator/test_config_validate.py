@@ -130,8 +130,8 @@ def test_grid_accepts_dotted_or_nested_keys_and_checks_them():
         ({"optim": {"accumulation_steps": 0}}, ["optim.accumulation_steps", ">= 1"]),
         ({"optim": {"auto_scale_lr": {"base_batch_size": 0}}}, ["optim.auto_scale_lr.base_batch_size"]),
         ({"resources": {"gpus": 0}}, ["resources.gpus", ">= 1"]),
-        ({"resources": {"gpus": 12, "gpus_per_node": 8}}, ["resources.gpus", "multiple of gpus_per_node"]),
-        ({"resources": {"gpus": 16, "gpus_per_node": 8, "nodes": 3}}, ["resources.nodes", "is not resources.gpus=16"]),
+        ({"resources": {"gpus": 12, "gpus_per_node": 8}}, ["resources.gpus", "does not fill whole nodes of --gpus-per-node 8"]),
+        ({"resources": {"gpus": 16, "gpus_per_node": 8, "nodes": 3}}, ["resources.nodes", "--nodes 3 x --gpus-per-node 8 != --gpus 16"]),
         ({"resources": {"gpus": 5, "nodes": 2}}, ["resources.nodes"]),
         ({"resources": {"time": "two hours"}}, ["resources.time", "not a Slurm time"]),
         ({"eval": {"metric": ["bbox", "keypoints"]}}, ["eval.metric", "bbox, segm"]),
@@ -144,6 +144,22 @@ def test_cross_field_rules(mapping, parts):
     check_error(mapping, "exp.yaml", *parts)
 
 
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", ".hidden", "..", "-rf", "a b", "x{a,b}", "ex\u00e9"])
+def test_a_name_that_is_not_one_plain_folder_is_refused(name):
+    # runtime.output_dir is work_dirs/{name}: "../x" would write outside work_dirs.
+    message = check_error({"name": name}, "exp.yaml: name: must be a plain folder name",
+                          "letters, digits, '_', '.', '-'; not starting with '.' or '-'", repr(name),
+                          "set name: to one (it defaults to the file's name) and runtime.output_dir to write elsewhere")
+    assert message.startswith("exp.yaml: name:")
+
+
+def test_plain_names_and_an_explicit_output_dir_stay_allowed(tmp_path):
+    for name in ("shapes_demo", "exp-1.v2", "_x", "2026"):
+        assert build_experiment({"name": name}).name == name
+    exp = build_experiment({"name": "mine", "runtime": {"output_dir": str(tmp_path / ".." / "elsewhere")}})
+    assert exp.runtime.output_dir == str(tmp_path / ".." / "elsewhere")
+
+
 @pytest.mark.parametrize(
     "mapping, parts",
     [
@@ -154,16 +170,35 @@ def test_cross_field_rules(mapping, parts):
          ["model.backbone", "only used by model.type fasterrcnn", "remove it"]),
         ({"model": {"type": "fasterrcnn", "backbone": "resnet19"}},
          ["model.backbone", "did you mean 'resnet18'?", "valid: resnet18, resnet34, resnet50"]),
-        ({"model": {"weights": "https://download.pytorch.org/models/x.pth"}}, ["model.weights", "is a URL"]),
-        ({"model": {"weights": "DEFAULT"}}, ["model.weights", "torchvision weights name"]),
-        ({"model": {"backbone_weights": "IMAGENET1K_V1"}}, ["model.backbone_weights", "torchvision weights name"]),
-        ({"runtime": {"load_from": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}}, ["runtime.load_from"]),
+        ({"model": {"weights": "https://download.pytorch.org/models/x.pth"}},
+         ["model.weights", "is a URL; orch does not download URLs", "orch weights list"]),
+        ({"model": {"weights": "IMAGENET1K_V1"}},
+         ["model.weights", "'IMAGENET1K_V1' is not a weights name of model.type ssdlite320_mobilenet_v3_large",
+          "valid: DEFAULT (= COCO_V1), COCO_V1, or SSDLite320_MobileNet_V3_Large_Weights.<name>"]),
+        ({"model": {"type": "fasterrcnn_mobilenet_v3_large_fpn", "backbone_weights": "ResNet50_Weights.IMAGENET1K_V1"}},
+         ["model.backbone_weights", "(MobileNet_V3_Large_Weights)", "valid: DEFAULT (= IMAGENET1K_V2)"]),
+        ({"model": {"backbone_weights": "IMAGENET1K_V1"}},
+         ["model.backbone_weights", "no backbone weights that fit model.type ssdlite320_mobilenet_v3_large"]),
+        ({"model": {"type": "fasterrcnn", "backbone": "resnet50", "weights": "COCO_V1"}},
+         ["model.weights", "torchvision has no detector weights for model.type fasterrcnn"]),
+        ({"runtime": {"load_from": "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"}},
+         ["runtime.load_from", "is a torchvision weights name; names go in model.weights"]),
     ],
 )
 def test_model_rules_are_checked_before_any_job_starts(mapping, parts):
-    message = check_error(mapping, "exp.yaml", *parts)
-    if "weights" in message or "load_from" in message:
-        assert "orch never downloads; give a local file path" in message
+    check_error(mapping, "exp.yaml", *parts)
+
+
+@pytest.mark.parametrize("model", [
+    {"weights": "DEFAULT"},
+    {"type": "fasterrcnn_mobilenet_v3_large_fpn", "weights": "COCO_V1", "backbone_weights": "IMAGENET1K_V1"},
+    {"type": "fasterrcnn_resnet50_fpn_v2", "weights": "FasterRCNN_ResNet50_FPN_V2_Weights.COCO_V1"},
+    {"type": "fasterrcnn", "backbone": "resnet34", "backbone_weights": "ResNet34_Weights.DEFAULT"},
+    {"type": "fasterrcnn", "backbone_weights": "IMAGENET1K_V2"},  # a grid may still set the backbone
+])
+def test_torchvision_weights_names_of_the_model_are_accepted(model):
+    exp = build_experiment({"model": model})
+    assert exp.model.weights == model.get("weights")
 
 
 def test_weight_files_are_not_required_to_exist_at_config_time():

@@ -1,18 +1,22 @@
-"""Job records under $ORCH_HOME and the status / logs / cancel commands (real processes)."""
+"""Job records under $ORCH_HOME (orchestrator.records), fresh states through each backend's
+launcher (orchestrator.jobs), and the status / logs / cancel commands (real processes)."""
 
 import os
 import re
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 
-from cluster.errors import JobNotFound
-from orchestrator import jobs
+from cluster.errors import JobNotFound, LaunchError
+from cluster.process import group_alive
+from orchestrator import jobs, records
 from orchestrator.cli import main as cli
-from orchestrator.spec import JobRecord, JobState
+from orchestrator.launchers import LAUNCHERS
+from orchestrator.launchers.base import Launcher
+from orchestrator.launchers.local import cancel_requested
+from orchestrator.spec import JobState
 
 
 @pytest.fixture(autouse=True)
@@ -21,40 +25,62 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "home"
 
 
-def make(name="exp", backend="local", state=JobState.PENDING, **extra):
-    job_id = jobs.new_job_id(name)
-    record = JobRecord(job_id=job_id, name=name, backend=backend, state=state, output_dir="/out/" + name,
-                       config_path="/out/config.yaml", log_path=str(jobs.log_path(job_id)),
-                       submitted_at=time.time(), **extra)
-    jobs.save_record(record)
-    return record
+def make(name="exp", backend="local", state=JobState.PENDING, **fields):
+    record = records.create_record(name=name, backend=backend, output_dir="/out/" + name,
+                                   config_path="/out/config.yaml", extra=fields.pop("extra", None))
+    if state != JobState.PENDING:
+        records.transition(record.job_id, state)
+    if fields:
+        records.annotate(record.job_id, **fields)
+    return records.load_record(record.job_id)
 
 
 def test_job_ids_are_readable_unique_and_records_round_trip(home):
-    ids = {jobs.new_job_id("my exp/1") for _ in range(50)}
+    ids = {records.new_job_id("my exp/1") for _ in range(50)}
     assert len(ids) == 50
     assert all(re.fullmatch(r"my-exp-1-\d{8}-\d{6}-[0-9a-f]{4}", i) for i in ids)
     record = make(mlflow_run_id="abc", extra={"devices": ["cpu0"]})
-    assert jobs.load_record(record.job_id) == record
+    assert records.load_record(record.job_id) == record
     assert (home / "jobs" / record.job_id / "record.json").exists()
 
 
 def test_prefix_match_and_helpful_errors():
     a, b = make("alpha"), make("beta")
-    assert jobs.load_record("alp").job_id == a.job_id
-    assert jobs.load_record(b.job_id[:6]).job_id == b.job_id
+    assert records.load_record("alp").job_id == a.job_id
+    assert records.load_record(b.job_id[:6]).job_id == b.job_id
     make("alpha")
     with pytest.raises(JobNotFound, match="matches 2 jobs"):
-        jobs.load_record("alpha")
+        records.load_record("alpha")
     with pytest.raises(JobNotFound, match="orch status --all"):
-        jobs.load_record("nothing")
-    assert [r.name for r in jobs.list_records()][:1] == ["alpha"]  # newest first
+        records.load_record("nothing")
+    assert [r.name for r in records.list_records()][:1] == ["alpha"]  # newest first
 
 
-def test_finished_state_is_never_overwritten_by_a_running_one():
+def test_transition_rules_first_finished_state_wins():
     record = make(state=JobState.CANCELLED)
-    jobs.update_record(record.job_id, lambda r: setattr(r, "state", JobState.RUNNING))
-    assert jobs.load_record(record.job_id).state == JobState.CANCELLED
+    records.transition(record.job_id, JobState.RUNNING)
+    assert records.load_record(record.job_id).state == JobState.CANCELLED
+    # A later terminal state (the supervisor seeing the killed process) fills empty fields only.
+    after = records.transition(record.job_id, JobState.FAILED, exit_code=-15, error="killed")
+    assert after.state == JobState.CANCELLED and after.exit_code == -15
+    running = make("r")
+    started = records.transition(running.job_id, JobState.RUNNING)
+    assert started.started_at and not started.ended_at
+    ended = records.transition(running.job_id, JobState.SUCCEEDED, exit_code=0)
+    assert ended.ended_at >= started.started_at
+    with pytest.raises(TypeError, match="transition"):
+        records.annotate(running.job_id, state=JobState.FAILED)
+
+
+def test_terminal_transition_closes_the_mlflow_run(tmp_path):
+    from orchestrator.tracking import runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = runs.create_run(uri, "exp", "job")
+    record = make(mlflow_run_id=run_id, tracking_uri=uri)
+    records.transition(record.job_id, JobState.FAILED, error="boom")
+    assert runs.client(uri).get_run(run_id).info.status == "FAILED"
+    assert f"MLflow run {run_id} marked FAILED" in records.log_path(record.job_id).read_text()
 
 
 def test_dead_supervisor_marks_the_job_failed():
@@ -65,20 +91,45 @@ def test_dead_supervisor_marks_the_job_failed():
     assert refreshed.state == JobState.FAILED and "supervisor" in refreshed.error
 
 
-def test_remote_backends_are_dispatched_lazily(monkeypatch):
-    calls = []
-    module = types.SimpleNamespace(
-        refresh_record=lambda r: (calls.append("refresh"), r)[1],
-        cancel_record=lambda r: calls.append("cancel"),
-    )
-    monkeypatch.setitem(sys.modules, "orchestrator.launchers.fakesched", module)
+class FakeLauncher(Launcher):
+    """A backend that only counts the calls the job layer makes."""
+
+    name = "fakesched"
+    calls: list = []
+
+    def plan(self, jobs):
+        raise NotImplementedError
+
+    def preflight(self, plan):
+        pass
+
+    def submit(self, plan):
+        raise NotImplementedError
+
+    def refresh(self, record):
+        self.calls.append("refresh")
+        return record
+
+    def cancel(self, record):
+        self.calls.append("cancel")
+
+    def describe(self, record):
+        return [("fake", "row")]
+
+
+def test_every_backend_is_reached_through_the_registry(monkeypatch, capsys):
+    monkeypatch.setitem(LAUNCHERS, "fakesched", f"{__name__}:FakeLauncher")
+    FakeLauncher.calls.clear()
     record = make(backend="fakesched", state=JobState.RUNNING)
     assert jobs.refresh_record(record).state == JobState.RUNNING
+    assert cli(["status", record.job_id]) == 0 and "fake  row" in capsys.readouterr().out
     assert jobs.cancel_job(record.job_id).state == JobState.CANCELLED
-    assert calls == ["refresh", "refresh", "cancel"]
-    # A backend without a module: the stored state is shown.
+    assert FakeLauncher.calls == ["refresh", "refresh", "refresh", "cancel"]
+    # A backend that is not in the registry: the stored state is shown (with a warning).
     other = make(backend="nosuchbackend", state=JobState.RUNNING)
     assert jobs.refresh_record(other).state == JobState.RUNNING
+    with pytest.raises(LaunchError, match="unknown backend 'nosuchbackend'"):
+        jobs.cancel_job(other.job_id)
 
 
 def test_cancel_kills_the_process_group_and_is_idempotent(capsys):
@@ -91,18 +142,18 @@ def test_cancel_kills_the_process_group_and_is_idempotent(capsys):
     assert cli(["cancel", record.job_id[:10]]) == 0
     assert "CANCELLED" in capsys.readouterr().out
     assert proc.wait(timeout=15) != 0
-    assert not jobs._group_alive(proc.pid)  # the grandchild too (zombies aside)
+    assert not group_alive(proc.pid)  # the grandchild too (zombies aside)
     assert cli(["cancel", record.job_id]) == 0
     assert "already ended: CANCELLED" in capsys.readouterr().out
-    assert jobs.cancel_requested(record.job_id)
+    assert cancel_requested(record.job_id)
 
 
 def test_status_logs_commands(capsys):
     done = make("done", state=JobState.SUCCEEDED, mlflow_run_id="run123", exit_code=0,
                 tracking_uri="sqlite:////tmp/m.db")
-    jobs.update_record(done.job_id, lambda r: (setattr(r, "started_at", r.submitted_at), setattr(r, "ended_at", r.submitted_at + 75)))
+    records.annotate(done.job_id, started_at=done.submitted_at, ended_at=done.submitted_at + 75)
     failed = make("broken", state=JobState.FAILED, exit_code=3, error="ValueError: bad")
-    jobs.log_path(failed.job_id).write_text("line one\nValueError: bad\n")
+    records.log_path(failed.job_id).write_text("line one\nValueError: bad\n")
     assert cli(["status"]) == 0
     out = capsys.readouterr().out
     assert done.job_id in out and failed.job_id in out and "run123" in out and "1m15s" in out

@@ -13,11 +13,12 @@ import pytest
 from cluster.errors import ClusterError, LaunchError
 from cluster.gpus import lease_devices, list_device_leases
 from cluster.ports import list_port_leases
-from orchestrator import jobs
+from orchestrator import records as jobs
+from cluster.process import group_alive
 from orchestrator.cli import main as cli
 from orchestrator.launchers.local import LocalLauncher
 from orchestrator.spec import JobState
-from orchestrator.submit import SubmitFlags, submit
+from orchestrator.submit import ResourceFlags, submit
 
 TIMEOUT_S = 600
 
@@ -42,7 +43,7 @@ def max_overlap(records):
 def test_three_jobs_on_two_slots(make_experiment, tmp_path):
     paths = experiments(make_experiment, tmp_path, ["a", "b", "c"])
     from orchestrator.config import load_experiment
-    from orchestrator.submit import build_job_spec
+    from orchestrator.launch import job_spec as build_job_spec
 
     launcher = LocalLauncher()
     plan = launcher.plan([build_job_spec(load_experiment(p), "local") for p in paths])  # creates the runs
@@ -66,7 +67,7 @@ def test_three_jobs_on_two_slots(make_experiment, tmp_path):
 def test_parallel_ddp_jobs_get_distinct_ports(make_experiment, tmp_path, monkeypatch):
     monkeypatch.setenv("ORCH_CPU_SLOTS", "4")
     paths = experiments(make_experiment, tmp_path, ["p", "q"], **{"resources.gpus": 2})
-    _, handles = submit(paths, (), SubmitFlags(backend="local"))
+    _, handles = submit(paths, (), ResourceFlags(backend="local"))
     assert [h.wait(TIMEOUT_S) for h in handles] == [JobState.SUCCEEDED] * 2
     records = [jobs.load_record(h.job_id) for h in handles]
     assert max_overlap(records) == 2
@@ -79,7 +80,7 @@ def test_parallel_ddp_jobs_get_distinct_ports(make_experiment, tmp_path, monkeyp
 def test_failing_job_records_failed(make_experiment, tmp_path, shapes_data):
     ann = tmp_path / "ann.json"  # never written: only the worker finds out
     paths = experiments(make_experiment, tmp_path, ["bad"], **{"data.train.ann_file": str(ann)})
-    _, handles = submit(paths, (), SubmitFlags(backend="local"))
+    _, handles = submit(paths, (), ResourceFlags(backend="local"))
     assert handles[0].wait(TIMEOUT_S) == JobState.FAILED
     record = jobs.load_record(handles[0].job_id)
     assert record.exit_code not in (None, 0)
@@ -106,7 +107,7 @@ def _run_status(record) -> str:
 
 def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, capsys):
     paths = experiments(make_experiment, tmp_path, ["long"], **{"schedule.iterations": 100000})
-    _, handles = submit(paths, (), SubmitFlags(backend="local"))
+    _, handles = submit(paths, (), ResourceFlags(backend="local"))
     deadline = time.monotonic() + TIMEOUT_S
     while jobs.load_record(handles[0].job_id).state != JobState.RUNNING:
         assert time.monotonic() < deadline
@@ -117,7 +118,7 @@ def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, cap
     assert handles[0].wait(60) == JobState.CANCELLED
     assert _run_status(jobs.load_record(record.job_id)) == "KILLED"
     for pid in record.extra["pids"]:
-        assert not jobs._group_alive(pid)
+        assert not group_alive(pid)
     deadline = time.monotonic() + 30
     while list_device_leases("cpu"):  # the supervisor frees it as it records the end
         assert time.monotonic() < deadline
@@ -130,12 +131,12 @@ def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, cap
 def test_capacity_errors_come_at_once(make_experiment, tmp_path):
     too_big = experiments(make_experiment, tmp_path, ["big"], **{"resources.gpus": 3})
     with pytest.raises(ClusterError, match="asks for 3 CPU slots but this node has 2"):
-        submit(too_big, (), SubmitFlags(backend="local"))
+        submit(too_big, (), ResourceFlags(backend="local"))
     held = lease_devices(2)
     try:
         one = experiments(make_experiment, tmp_path, ["one"])
         with pytest.raises(ClusterError, match="--no-wait"):
-            submit(one, (), SubmitFlags(backend="local", no_wait=True))
+            submit(one, (), ResourceFlags(backend="local", no_wait=True))
     finally:
         held.release()
     assert jobs.list_records() == []  # nothing half-submitted
@@ -143,7 +144,7 @@ def test_capacity_errors_come_at_once(make_experiment, tmp_path):
 
 def test_plan_is_pure_and_ordered(make_experiment, tmp_path):
     from orchestrator.config import load_experiment
-    from orchestrator.submit import build_job_spec
+    from orchestrator.launch import job_spec as build_job_spec
 
     specs = [build_job_spec(load_experiment(p), "local", write=False)
              for p in experiments(make_experiment, tmp_path, ["s"]) +
@@ -151,7 +152,7 @@ def test_plan_is_pure_and_ordered(make_experiment, tmp_path):
     before = sorted(os.listdir(tmp_path))
     plan = LocalLauncher().plan(specs)
     assert sorted(os.listdir(tmp_path)) == before
-    assert [e["index"] for e in plan.payload["jobs"]] == [1, 0]  # largest first
+    assert [e.index for e in plan.request.jobs] == [1, 0]  # largest first
     text = str(plan)
     assert text.index("job 1: l") < text.index("job 2: s")
     assert "RANK=1" in text and "MASTER_PORT={port}" in text and "-m orchestrator.worker" in text
@@ -166,19 +167,19 @@ def command_plan(commands_per_job, max_parallel=None):
     import sys
 
     from orchestrator.config.schema import Experiment, Resources
-    from orchestrator.launchers.local import start_supervisor
-    from orchestrator.spec import JobSpec, Plan
+    from orchestrator.launchers.local import NodeCommand, NodeJob, NodePlan, NodeRequest, PortRule
+    from orchestrator.spec import JobSpec
 
     specs, entries = [], []
     for index, commands in enumerate(commands_per_job):
         exp = Experiment(name=f"cmd{index}", resources=Resources(gpus=len(commands)))
         specs.append(JobSpec(name=exp.name, experiment=exp, config_path=Path("/dev/null"),
                              output_dir=Path("/tmp"), backend="local"))
-        entries.append({"index": index, "slots": len(commands), "port": {"mode": "lease"},
-                        "commands": [{"argv": [sys.executable, "-c", code], "env": {"P": "{port}"}, "procs": 1,
-                                      "local": True} for code in commands]})
-    plan = Plan(backend="local", jobs=tuple(specs), text="", payload={"max_parallel": max_parallel, "jobs": entries})
-    return start_supervisor(plan)
+        entries.append(NodeJob(index=index, name=exp.name, slots=len(commands), port=PortRule("lease"),
+                               commands=tuple(NodeCommand((sys.executable, "-c", code), {"P": "{port}"})
+                                              for code in commands)))
+    plan = NodePlan("local", tuple(specs), NodeRequest(jobs=tuple(entries), max_parallel=max_parallel), ())
+    return LocalLauncher().submit(plan)
 
 
 def test_max_parallel_caps_running_jobs(monkeypatch):
@@ -199,4 +200,4 @@ def test_one_failing_rank_stops_the_others_and_logs_follow(capsys):
     assert f"rank0 port {record.extra['port']}" in out.out  # the leased {port} reached the env
     assert "FAILED (exit status 3)" in out.err
     assert record.state == JobState.FAILED and record.exit_code == 3
-    assert all(not jobs._group_alive(pid) for pid in record.extra["pids"])
+    assert all(not group_alive(pid) for pid in record.extra["pids"])

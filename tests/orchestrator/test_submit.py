@@ -8,7 +8,9 @@ import pytest
 
 from cluster.errors import ConfigError, LaunchError
 from orchestrator.config import load_experiment
-from orchestrator.submit import SubmitFlags, build_job_spec, choose_backend, resolve_experiments, submit
+from orchestrator.launch import ResourceFlags, choose_backend
+from orchestrator.launch import job_spec as build_job_spec
+from orchestrator.submit import resolve_experiments, submit
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def exp_file(tmp_path: Path) -> Path:
 
 
 def test_flags_fold_into_resources(exp_file):
-    flags = SubmitFlags(gpus=16, gpus_per_node=8, partition="dev", time="2-00:00:00", max_parallel=3,
+    flags = ResourceFlags(gpus=16, gpus_per_node=8, partition="dev", time="2-00:00:00", max_parallel=3,
                         no_wait=True, hosts="h1,h2", account="proj")
     (exp,) = resolve_experiments([str(exp_file)], (), flags)
     r = exp.resources
@@ -34,7 +36,7 @@ def test_flags_fold_into_resources(exp_file):
 
 
 def test_unset_flags_keep_experiment_values(exp_file):
-    (exp,) = resolve_experiments([str(exp_file)], ("resources.gpus=2",), SubmitFlags())
+    (exp,) = resolve_experiments([str(exp_file)], ("resources.gpus=2",), ResourceFlags())
     assert exp.resources.gpus == 2
 
 
@@ -64,7 +66,7 @@ def test_job_spec_resolves_output_dir_and_writes_config(exp_file, tmp_path):
 
 
 def test_dry_run_plan_mentions_worker_and_writes_nothing(exp_file, tmp_path):
-    plan, handles = submit([str(exp_file)], (), SubmitFlags(backend="local"), dry_run=True)
+    plan, handles = submit([str(exp_file)], (), ResourceFlags(backend="local"), dry_run=True)
     assert handles == []
     assert "orchestrator.worker" in str(plan)
     assert not (tmp_path / "work").exists()
@@ -74,7 +76,7 @@ def test_mixed_backends_refused(exp_file, tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text(exp_file.read_text() + "resources: {backend: ray}\n")
     with pytest.raises(ConfigError, match="different backends"):
-        submit([str(exp_file), str(other)], (), SubmitFlags(), dry_run=True)
+        submit([str(exp_file), str(other)], (), ResourceFlags(), dry_run=True)
 
 
 def test_impossible_local_request_writes_nothing(exp_file, tmp_path, monkeypatch):
@@ -84,6 +86,6 @@ def test_impossible_local_request_writes_nothing(exp_file, tmp_path, monkeypatch
     monkeypatch.setenv("ORCH_CPU_SLOTS", "2")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(ClusterError, match="asks for 64"):
-        submit([str(exp_file)], (), SubmitFlags(backend="local", gpus=64))
+        submit([str(exp_file)], (), ResourceFlags(backend="local", gpus=64))
     assert not (tmp_path / "work").exists()
     assert not (tmp_path / "home" / "jobs").exists() or not any((tmp_path / "home" / "jobs").iterdir())

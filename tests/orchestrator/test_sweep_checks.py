@@ -18,7 +18,7 @@ def sweep_experiment(**sweep):
 
 
 def test_a_valid_sweep_plans():
-    assert plan_sweep(sweep_experiment())["name"] == "s"
+    assert plan_sweep(sweep_experiment()).name == "s"
 
 
 @pytest.mark.parametrize("sweep, message", [

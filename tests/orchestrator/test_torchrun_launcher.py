@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from cluster.errors import LaunchError
-from orchestrator import jobs
+from orchestrator import records as jobs
 from orchestrator.config import load_experiment
 from orchestrator.launchers.torchrun import TorchrunLauncher, torchrun_path
 from orchestrator.spec import JobState
-from orchestrator.submit import SubmitFlags, build_job_spec, submit
+from orchestrator.launch import job_spec as build_job_spec
+from orchestrator.submit import ResourceFlags, submit
 
 GOLDEN = Path(__file__).parent / "golden"
 TIMEOUT_S = 600
@@ -55,7 +56,7 @@ def test_plan_errors(tiny_experiment):
         TorchrunLauncher().preflight(dry_plan(tiny_experiment, gpus=16, nodes=2, gpus_per_node=8))
     with pytest.raises(LaunchError, match="rdzv_port"):
         dry_plan(tiny_experiment, gpus=2, nodes=2, gpus_per_node=1, **{"torchrun.node_rank": 1})
-    with pytest.raises(LaunchError, match="--hosts names 3 hosts but --nodes is 2"):
+    with pytest.raises(LaunchError, match="--hosts names 3 hosts but the job spans 2 node"):
         dry_plan(tiny_experiment, gpus=2, nodes=2, gpus_per_node=1, **{"torchrun.hosts": ["a", "b", "c"]})
     with pytest.raises(LaunchError, match="remote nodes cannot reach the master"):
         dry_plan(tiny_experiment, gpus=2, nodes=2, gpus_per_node=1, **{"torchrun.hosts": ["localhost", "gpu02"]})
@@ -64,7 +65,7 @@ def test_plan_errors(tiny_experiment):
 def test_several_nodes_without_hosts_refused_before_anything_is_written(tiny_experiment, tmp_path):
     # --dry-run still prints the per-node lines; the real submit refuses in preflight, before
     # config.yaml or an MLflow run exists.
-    flags = SubmitFlags(backend="torchrun", gpus=16, nodes=2, gpus_per_node=8)
+    flags = ResourceFlags(backend="torchrun", gpus=16, nodes=2, gpus_per_node=8)
     plan, handles = submit([str(tiny_experiment)], (), flags, dry_run=True)
     assert handles == [] and "# node 1:" in plan.text
     with pytest.raises(LaunchError, match="spans several nodes: give --hosts"):
@@ -95,13 +96,13 @@ def run_and_check(path, flags):
 
 @pytest.mark.slow
 def test_two_processes_one_node(tiny_experiment):
-    record = run_and_check(tiny_experiment, SubmitFlags(backend="torchrun", gpus=2))
+    record = run_and_check(tiny_experiment, ResourceFlags(backend="torchrun", gpus=2))
     assert len(record.extra["pids"]) == 1  # one torchrun agent, two workers
 
 
 @pytest.mark.slow
 def test_two_nodes_on_this_machine(tiny_experiment):
     # Two torchrun agents (hosts naming this machine start without ssh), c10d rendezvous.
-    record = run_and_check(tiny_experiment, SubmitFlags(backend="torchrun", gpus=2, nodes=2, gpus_per_node=1,
+    record = run_and_check(tiny_experiment, ResourceFlags(backend="torchrun", gpus=2, nodes=2, gpus_per_node=1,
                                                         hosts="localhost,localhost"))
     assert len(record.extra["pids"]) == 2

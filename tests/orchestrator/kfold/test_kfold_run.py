@@ -148,18 +148,18 @@ def test_resume_waits_for_jobs_of_an_interrupted_run_instead_of_relaunching(tmp_
     import os
     import subprocess
     import sys
-    import time
     from types import SimpleNamespace
 
-    from orchestrator.jobs import save_record
+    from orchestrator import records
     from orchestrator.kfold.runner import _still_running
-    from orchestrator.spec import JobRecord, JobState
+    from orchestrator.spec import JobState
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for job_id, pid in (("alive-1", os.getpid()), ("dead-1", dead.pid)):
-        save_record(JobRecord(job_id=job_id, name="tiny", backend="local", state=JobState.RUNNING,
-                              output_dir=str(tmp_path), config_path="", log_path="", submitted_at=time.time(), pid=pid))
+        records.create_record(job_id=job_id, name="tiny", backend="local", output_dir=str(tmp_path), config_path="",
+                              state=JobState.RUNNING)
+        records.annotate(job_id, pid=pid)
     state = {"trials": {"fold-0": {"status": "RUNNING", "job_id": "alive-1"},
                         "fold-1": {"status": "RUNNING", "job_id": "dead-1"},
                         "fold-2": {"status": "PENDING", "job_id": "never-recorded"},

@@ -12,8 +12,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """The running :class:`~orchestrator.launchers.ray_cluster.LocalRay` (``.address``)."""
-    from orchestrator.launchers.ray_cluster import LocalRay
+    """The running :class:`~orchestrator.launchers.ray.cluster.LocalRay` (``.address``)."""
+    from orchestrator.launchers.ray.cluster import LocalRay
 
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     # Workers inherit the head's environment: one thread each on this 2-core machine.

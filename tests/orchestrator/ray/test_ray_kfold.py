@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from orchestrator.jobs import load_record
+from orchestrator.records import load_record
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -9,9 +9,9 @@ import pytest
 from cluster.errors import ConfigError
 from orchestrator.cli import main as orch
 from orchestrator.config import load_experiment
-from orchestrator.launchers.base import get_launcher
-from orchestrator.launchers.ray_cluster import LocalRay, is_loopback
-from orchestrator.submit import build_job_spec
+from orchestrator.launchers import get_launcher
+from orchestrator.launchers.ray.cluster import LocalRay, is_loopback
+from orchestrator.launch import job_spec as build_job_spec
 
 
 def _plan(path, **changes):
@@ -33,7 +33,7 @@ def test_plan_text_names_everything_ray_will_do(tiny_experiment, tmp_path):
     assert f"storage path:         {tmp_path / 'work' / 'ray'}" in text
     assert "max_failures=3 (restart up to 3 times, from the last reported checkpoint)" in text
     assert "hooks=[RayReportHook]" in text
-    assert plan.payload["jobs"][0]["num_workers"] == 2
+    assert plan.requests[0].num_workers == 2
 
 
 def test_plan_on_an_existing_cluster_with_gpus(tiny_experiment):
@@ -54,7 +54,7 @@ def test_plan_imports_no_ray(tiny_experiment):
     import subprocess
 
     code = ("import sys; from orchestrator.config import load_experiment, with_overrides; "
-            "from orchestrator.launchers.base import get_launcher; from orchestrator.submit import build_job_spec; "
+            "from orchestrator.launchers import get_launcher; from orchestrator.launch import job_spec as build_job_spec; "
             f"e = with_overrides(load_experiment({str(tiny_experiment)!r}), {{'resources.backend': 'ray'}}); "
             "get_launcher('ray').plan([build_job_spec(e, 'ray', write=False)]); "
             "print(sorted(m for m in ('ray', 'torch', 'mlflow') if m in sys.modules))")
@@ -121,7 +121,7 @@ def _free_port() -> int:
 
 def test_preflight_refuses_an_address_where_nothing_listens(tiny_experiment, tmp_path, monkeypatch):
     from cluster.errors import LaunchError
-    from orchestrator.submit import SubmitFlags, submit
+    from orchestrator.submit import ResourceFlags, submit
 
     monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
     port = _free_port()
@@ -131,7 +131,7 @@ def test_preflight_refuses_an_address_where_nothing_listens(tiny_experiment, tmp
             get_launcher("ray").preflight(plan)
     # Through `orch submit`: refused before config.yaml, a record or an MLflow run exists.
     with pytest.raises(LaunchError, match="no Ray cluster answers"):
-        submit([str(tiny_experiment)], (), SubmitFlags(backend="ray", address=f"127.0.0.1:{port}"))
+        submit([str(tiny_experiment)], (), ResourceFlags(backend="ray", address=f"127.0.0.1:{port}"))
     assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
 
 

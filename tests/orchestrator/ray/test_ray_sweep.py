@@ -11,8 +11,8 @@ import yaml
 
 from orchestrator.cli import main as orch
 from orchestrator.commands.sweep import attach
-from orchestrator.jobs import list_records
-from orchestrator.launchers.ray import RayHandle
+from orchestrator.records import list_records
+from orchestrator.launchers.base import JobHandle
 from orchestrator.spec import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -35,7 +35,7 @@ def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_u
     assert time.monotonic() - started < 60  # --detach returns once submitted
     [record] = list_records()
     assert f"submitted sweep {record.job_id}" in capsys.readouterr().out
-    assert RayHandle(record.job_id).wait(timeout_s=600) == JobState.SUCCEEDED, Path(record.log_path).read_text()[-3000:]
+    assert JobHandle(record.job_id).wait(timeout_s=600) == JobState.SUCCEEDED, Path(record.log_path).read_text()[-3000:]
     # Re-attaching to the finished sweep replays its log and shows its trials.
     assert attach(record.job_id) == 0
     out = capsys.readouterr().out

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.spec import JobState
-from orchestrator.submit import SubmitFlags, submit
+from orchestrator.submit import ResourceFlags, submit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def _runs(tracking_uri):
 
 
 def test_two_cpu_workers_log_one_mlflow_run(ray_head, orch_home, tiny_experiment, tracking_uri):
-    plan, handles = submit([str(tiny_experiment)], (), SubmitFlags(backend="ray", gpus=2, address=ray_head.address))
+    plan, handles = submit([str(tiny_experiment)], (), ResourceFlags(backend="ray", gpus=2, address=ray_head.address))
     assert f"cluster address:      {ray_head.address}" in plan.text
     state = handles[0].wait(timeout_s=400)
     record = handles[0].record()
@@ -46,7 +46,7 @@ def test_killed_worker_restarts_from_its_checkpoint(ray_head, orch_home, make_ex
     # Long enough to be killed mid-run: 16 iterations, a checkpoint (and a Ray report) every 2.
     path = make_experiment(**{"schedule.iterations": 16, "checkpoint.interval": 2, "eval.interval": 16,
                               "eval.classwise": False})
-    _, handles = submit([str(path)], (), SubmitFlags(backend="ray", gpus=1, address=ray_head.address))
+    _, handles = submit([str(path)], (), ResourceFlags(backend="ray", gpus=1, address=ray_head.address))
     record = handles[0].record()
     storage = Path(record.output_dir, "ray", record.job_id)
     deadline = time.monotonic() + 300

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from orchestrator.launchers.ray_worker import StepReporter, TuneReportHook
+from orchestrator.launchers.ray.worker import StepReporter
+from orchestrator.sweep.trial import TuneReportHook
 
 
 class Recorder(StepReporter):

@@ -6,8 +6,8 @@ import pytest
 
 from cluster.errors import ConfigError
 from orchestrator.config import load_experiment
-from orchestrator.sweep import describe_sweep, evaluations, plan_sweep
-from orchestrator.sweep_space import Dimension, check_searcher, parse_space, trial_count
+from orchestrator.sweep import evaluations, plan_sweep
+from orchestrator.sweep.space import Dimension, check_searcher, parse_space, trial_count
 
 
 def test_every_kind_parses_in_file_order():
@@ -72,7 +72,7 @@ def test_to_tune_builds_tune_domains():
     from ray import tune
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    from orchestrator.sweep_space import to_tune
+    from orchestrator.sweep.space import to_tune
 
     dims = parse_space({"optim.lr": {"loguniform": [1e-4, 1e-2]}, "optim.type": {"grid": ["sgd", "adamw"]},
                         "data.batch_size_per_gpu": {"randint": [2, 4]}, "model.backbone": {"choice": ["a", "b"]}})
@@ -93,8 +93,9 @@ def test_plan_describes_the_search(make_experiment):
                             scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
     assert evaluations(exp) == 4
     plan = plan_sweep(exp, "tiny.yaml")
-    assert plan["trials"] == 4 and plan["scheduler"]["max_t"] == 4 and plan["workers_per_trial"] == 1
-    text = describe_sweep(plan)
+    assert plan.trials == 4 and plan.scheduler.max_t == 4 and plan.workers_per_trial == 1
+    text = plan.text
+    assert type(plan).from_json(plan.to_json()) == plan  # what the driver reads back
     assert "optim.lr: loguniform [0.0001, 0.01)" in text
     assert "asha (grace_period 1, reduction_factor 2, max_t 4 evaluations)" in text
     assert "min loss" in text and "max concurrent:  2" in text
@@ -105,8 +106,8 @@ def test_plan_describes_the_search(make_experiment):
 def test_plan_with_ddp_trials(make_experiment):
     exp = _sweep_experiment(make_experiment, gpus_per_trial=2, cpus_per_trial=4)
     plan = plan_sweep(exp)
-    assert plan["workers_per_trial"] == 2 and plan["cpus_per_worker"] == 2.0
-    assert "2 DDP workers (TorchTrainer inside the trial, 1 GPU + 2 CPU each) + 0.1 CPU driver" in describe_sweep(plan)
+    assert plan.workers_per_trial == 2 and plan.cpus_per_worker == 2.0
+    assert "2 DDP workers (TorchTrainer inside the trial, 1 GPU + 2 CPU each) + 0.1 CPU driver" in plan.text
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(300)]
 
 def submit(paths, **flags):
     """``orch submit PATHS --backend slurm --partition dev [flags]`` -> (plan, handles, seconds)."""
-    from orchestrator.submit import SubmitFlags, submit as orch_submit
+    from orchestrator.submit import ResourceFlags, submit as orch_submit
 
     started = time.monotonic()
-    plan, handles = orch_submit([str(p) for p in paths], (), SubmitFlags(backend="slurm", partition="dev", **flags))
+    plan, handles = orch_submit([str(p) for p in paths], (), ResourceFlags(backend="slurm", partition="dev", **flags))
     return plan, handles, time.monotonic() - started
 
 
@@ -135,7 +135,7 @@ def test_single_node_job(jobs, mlflow_server):
     record = handle.record()
     # Submission returned with the Slurm job id; what --dry-run shows is exactly what went to sbatch.
     assert record.native_id and record.native_id.isdigit() and seconds < 30
-    assert Path(record.extra["submission_file"]).read_text() == plan.payload["groups"][0]["script"]
+    assert Path(record.extra["submission_file"]).read_text() == plan.groups[0].script
     assert handle.wait(timeout_s=240) is JobState.SUCCEEDED, log_text(handle)
     record = handle.record()
     assert record.exit_code == 0 and record.extra["state_source"] == "sacct"
@@ -163,11 +163,11 @@ def test_two_node_job_ranks_agree_on_master(jobs, mlflow_server):
 
 def test_array_of_three(jobs):
     plan, handles, _, folder = jobs["array"]
-    assert len(plan.payload["groups"]) == 1 and "#SBATCH --array=0-2%2" in plan.text
+    assert len(plan.groups) == 1 and "#SBATCH --array=0-2%2" in plan.text
     ids = [h.record().native_id for h in handles]
     array_id = ids[0].split("_")[0]
     assert ids == [f"{array_id}_{i}" for i in range(3)]
-    script = plan.payload["groups"][0]["script"]
+    script = plan.groups[0].script
     assert {Path(h.record().extra["submission_file"]).read_text() for h in handles} == {script}
     assert [h.wait(timeout_s=240) for h in handles] == [JobState.SUCCEEDED] * 3
     for i in range(3):
@@ -192,7 +192,7 @@ def test_status_without_accounting(slurm_cluster, write_experiment, module_orch_
     even waits forever on a cancelled job). orch reads squeue / scontrol instead. Last in this
     module: it restarts the cluster without accounting."""
     from orchestrator.cli import main
-    from orchestrator.launchers import slurm_state
+    from orchestrator.launchers.slurm import state as slurm_state
 
     slurm_cluster.up(accounting=False)
     assert not slurm_state.accounting_enabled()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from orchestrator.jobs import load_record
+from orchestrator.records import load_record
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -16,8 +16,8 @@ import pytest
 from cluster.errors import ConfigError, LaunchError
 from orchestrator.config import with_overrides
 from orchestrator.config.schema import Experiment
-from orchestrator.launchers.slurm import SlurmLauncher, layout, parse_time, sbatch_parameters
-from orchestrator.launchers.slurm_state import parse_exit_code, to_state
+from orchestrator.launchers.slurm import SlurmLauncher, parse_time, sbatch_parameters
+from orchestrator.launchers.slurm.state import parse_exit_code, to_state
 from orchestrator.spec import JobSpec, JobState
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -55,13 +55,13 @@ def test_dry_run_script_is_golden():
     plan = SlurmLauncher().plan([job()])
     check_golden("sbatch_2x8.sh", plan.text)
     assert "#SBATCH --nodes=2" in plan.text and "#SBATCH --ntasks-per-node=8" in plan.text
-    assert plan.payload["groups"][0]["script"] == plan.text
+    assert plan.groups[0].script == plan.text
 
 
 def test_set_of_runs_is_one_array_with_parallelism_cap():
     jobs = [job(f"grid-{i}", f"/shared/work/grid/{i}", **{"resources.slurm.array_parallelism": 2}) for i in range(3)]
     plan = SlurmLauncher().plan(jobs)
-    assert len(plan.payload["groups"]) == 1
+    assert len(plan.groups) == 1
     check_golden("sbatch_array3.sh", plan.text)
     assert "#SBATCH --array=0-2%2" in plan.text
     assert "#SBATCH --job-name=grid" in plan.text
@@ -78,23 +78,13 @@ def test_cpu_experiment_asks_for_tasks_not_gpus():
     assert params["nodes"] == 2 and params["ntasks_per_node"] == 1 and "gpus_per_node" not in params
 
 
-@pytest.mark.parametrize(
-    "gpus,nodes,per_node,expected",
-    [(16, None, 8, (2, 8)), (4, None, None, (1, 4)), (6, 3, None, (3, 2)), (8, 2, 4, (2, 4))],
-)
-def test_layout(gpus, nodes, per_node, expected):
-    res = with_overrides(Experiment(), {"resources.gpus": gpus, "resources.nodes": nodes,
-                                        "resources.gpus_per_node": per_node}).resources
-    assert layout(res) == expected
-
-
 def test_gpus_not_divisible_is_a_clear_error():
     # Built without the config validator (which has its own check), as a launcher may be handed
     # specs from code, not only from YAML.
     spec = job()
-    for changes, message in (({"gpus": 12}, r"--gpus 12 is not divisible by --gpus-per-node 8"),
+    for changes, message in (({"gpus": 12}, r"--gpus 12 does not fill whole nodes of --gpus-per-node 8"),
                              ({"nodes": 3}, r"--nodes 3 x --gpus-per-node 8 != --gpus 16"),
-                             ({"gpus": 5, "gpus_per_node": None, "nodes": 2}, r"--gpus 5 is not divisible by --nodes 2")):
+                             ({"gpus": 5, "gpus_per_node": None, "nodes": 2}, r"--gpus 5 does not split evenly over --nodes 2")):
         resources = dataclasses.replace(spec.experiment.resources, **changes)
         bad = dataclasses.replace(spec, experiment=dataclasses.replace(spec.experiment, resources=resources))
         with pytest.raises(ConfigError, match=message):
@@ -147,7 +137,7 @@ def test_exit_codes():
 def test_unreachable_slurm_refuses_before_anything_is_written(tiny_experiment, tmp_path, monkeypatch):
     # No sinfo on PATH: Slurm cannot answer. The refusal must come from preflight, before
     # build_job_spec writes config.yaml or creates the MLflow run (no orphan RUNNING run).
-    from orchestrator.submit import SubmitFlags, submit
+    from orchestrator.submit import ResourceFlags, submit
 
     empty = tmp_path / "empty-bin"
     empty.mkdir()
@@ -156,5 +146,5 @@ def test_unreachable_slurm_refuses_before_anything_is_written(tiny_experiment, t
     with pytest.raises(LaunchError, match="Slurm is not reachable.*SLURM_CONF.*another --backend"):
         SlurmLauncher().preflight(SlurmLauncher().plan([job(out=str(tmp_path / "never"))]))
     with pytest.raises(LaunchError, match="Slurm is not reachable"):
-        submit([str(tiny_experiment)], (), SubmitFlags(backend="slurm"))
+        submit([str(tiny_experiment)], (), ResourceFlags(backend="slurm"))
     assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()

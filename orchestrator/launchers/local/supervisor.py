@@ -1,17 +1,12 @@
 """The detached process that runs the jobs of one local or torchrun submission.
 
-``python -m orchestrator.supervisor PAYLOAD.json`` is started by ``LocalLauncher.submit`` /
-``TorchrunLauncher.submit`` in its own session, so it outlives the submitting shell. For each job,
-in the payload's queue order, it waits for a device lease (GPU slice or CPU slots) while keeping
-at most ``max_parallel`` jobs past the queue, leases the rendezvous port, starts the job's
-processes in one process group with their output appended to the job's log, and records
-RUNNING, then SUCCEEDED / FAILED / CANCELLED with the exit status, and frees the leases.
-
-Payload (written by the launcher)::
-
-    {"max_parallel": int|null, "cpu_slots": int|null,
-     "jobs": [{"job_id": str, "slots": int, "port": {"mode": "none"|"lease"|"fixed"|"probe", ...},
-               "commands": [{"argv": [...], "env": {...}, "procs": int, "local": bool}]}]}
+``python -m orchestrator.launchers.local.supervisor REQUEST.json`` is started by
+``LocalLauncher.submit`` in its own session, so it outlives the submitting shell. It reads the
+typed :class:`~orchestrator.launchers.local.plan.NodeRequest`. For each job, in queue order, it
+waits for a device lease (GPU slice or CPU slots) while keeping at most ``max_parallel`` jobs past
+the queue, leases the rendezvous port, starts the job's processes in one process group with their
+output appended to the job's log, and records RUNNING, then SUCCEEDED / FAILED / CANCELLED with
+the exit status (:func:`orchestrator.records.transition`), and frees the leases.
 
 ``{port}`` in a command's argv or env is replaced by the job's port. Local commands get a
 disjoint share of the leased devices (``procs`` each) and their thread share.
@@ -34,8 +29,12 @@ from typing import Optional
 from cluster.errors import ClusterError, OrchError
 from cluster.gpus import DeviceLease, DeviceRequest, detect_pool
 from cluster.lease import owner_identity
+from cluster.logs import setup_logging
 from cluster.ports import lease_port
-from orchestrator.jobs import cancel_requested, close_mlflow_run, log_path, update_record
+from cluster.process import signal_group
+from orchestrator.launchers.local.launcher import cancel_requested
+from orchestrator.launchers.local.plan import NodeJob, NodeRequest
+from orchestrator.records import annotate, log_path, say, transition
 from orchestrator.spec import JobState
 
 POLL_S = 0.05
@@ -51,33 +50,33 @@ _stopping = threading.Event()
 def main(argv: Optional[list[str]] = None) -> int:
     """Run every job of the payload file; returns 0 once all of them have ended."""
     args = sys.argv[1:] if argv is None else argv
-    payload = json.loads(Path(args[0]).read_text())
+    setup_logging()
+    plan = NodeRequest.from_json(json.loads(Path(args[0]).read_text()))
     signal.signal(signal.SIGTERM, lambda *_: _stopping.set())
     me = owner_identity()
-    for job in payload["jobs"]:
-        update_record(job["job_id"], lambda r: (setattr(r, "pid", me["pid"]), r.extra.update(pid_start=me["start"])))
-    limit = payload.get("max_parallel") or len(payload["jobs"])
-    gate = threading.BoundedSemaphore(max(1, limit))
+    for job in plan.jobs:
+        annotate(job.job_id, pid=me["pid"], extra={"pid_start": me["start"]})
+    gate = threading.BoundedSemaphore(max(1, plan.max_parallel or len(plan.jobs)))
     pool = None
     threads = []
-    for job in payload["jobs"]:
+    for job in plan.jobs:
         # max_parallel: the next job joins the device queue only when a running one ends.
         acquired = False
         while not acquired and not _stopping.is_set():
             acquired = gate.acquire(timeout=0.2)
-        if _stopping.is_set() or cancel_requested(job["job_id"]):
-            _finish(job["job_id"], JobState.CANCELLED, None, None)
+        if _stopping.is_set() or cancel_requested(job.job_id):
+            _finish(job.job_id, JobState.CANCELLED, None, None)
             if acquired:
                 gate.release()
             continue
         try:
-            pool = pool or detect_pool(cpu_slots=payload.get("cpu_slots"))
-            request = DeviceRequest(job["slots"], pool, label=job["job_id"]) if job["slots"] else None
+            pool = pool or detect_pool(cpu_slots=plan.cpu_slots)
+            request = DeviceRequest(job.slots, pool, label=job.job_id) if job.slots else None
         except OrchError as err:
-            _finish(job["job_id"], JobState.FAILED, None, str(err))
+            _finish(job.job_id, JobState.FAILED, None, str(err))
             gate.release()
             continue
-        thread = threading.Thread(target=_run_job, args=(job, request, gate), name=job["job_id"])
+        thread = threading.Thread(target=_run_job, args=(job, request, gate), name=job.job_id)
         thread.start()
         threads.append(thread)
     for thread in threads:
@@ -85,14 +84,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _say(job_id: str, message: str) -> None:
-    """A line of orch's own in the job's log (what `orch logs` shows while it queues)."""
-    with open(log_path(job_id), "a") as handle:
-        handle.write(f"[orch {time.strftime('%H:%M:%S')}] {message}\n")
-
-
-def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.BoundedSemaphore) -> None:
-    job_id = job["job_id"]
+def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.BoundedSemaphore) -> None:
+    job_id = job.job_id
     devices: Optional[DeviceLease] = None
     port_lease = None
     try:
@@ -120,7 +113,7 @@ def _run_job(job: dict, request: Optional[DeviceRequest], gate: threading.Bounde
         else:
             _finish(job_id, JobState.FAILED, code, _error_line(job_id) or f"exit status {code}", ended_at)
     except Exception as err:  # anything here is orch's fault or the machine's: record it
-        _say(job_id, f"error: {err}")
+        say(job_id, f"error: {err}")
         _finish(job_id, JobState.FAILED, None, f"{type(err).__name__}: {err}")
     finally:
         if request is not None:
@@ -153,54 +146,53 @@ def _wait_for_devices(job_id: str, request: DeviceRequest) -> Optional[DeviceLea
             return None
         if not told:
             message = request.status()
-            _say(job_id, message)
-            update_record(job_id, lambda r: r.extra.update(waiting=message))
+            say(job_id, message)
+            annotate(job_id, extra={"waiting": message})
             told = True
         with _released:
             if _releases[0] == seen:
                 _released.wait(QUEUE_POLL_S)
 
 
-def _choose_port(job: dict):
-    """(port, lease or None) following the payload's port rule."""
-    spec = job.get("port") or {"mode": "none"}
-    mode = spec["mode"]
-    if mode == "none":
+def _choose_port(job: NodeJob):
+    """(port, lease or None) following the job's port rule."""
+    rule = job.port
+    if rule.mode == "none":
         return None, None
-    if mode == "fixed":
-        return int(spec["port"]), None
-    if mode == "probe":  # a remote master: ask it for a bind-checked free port over ssh
-        out = subprocess.run(spec["argv"], capture_output=True, text=True, timeout=120)
+    if rule.mode == "fixed":
+        return int(rule.port), None
+    if rule.mode == "probe":  # a remote master: ask it for a bind-checked free port over ssh
+        out = subprocess.run(list(rule.argv), capture_output=True, text=True, timeout=120)
         if out.returncode != 0 or not out.stdout.strip().isdigit():
-            raise ClusterError(f"could not get a free port from {spec.get('host', 'the master')} ({' '.join(spec['argv'][:5])}): "
+            raise ClusterError(f"could not get a free port from {rule.host or 'the master'} ({' '.join(rule.argv[:5])}): "
                                f"{out.stderr.strip() or out.stdout.strip()}; set resources.torchrun.rdzv_port")
         return int(out.stdout.strip()), None
-    lease = lease_port(label=job["job_id"])
+    lease = lease_port(label=job.job_id)
     return lease.port, lease
 
 
-def _start(job: dict, devices: Optional[DeviceLease], port: Optional[int]) -> list[subprocess.Popen]:
+def _start(job: NodeJob, devices: Optional[DeviceLease], port: Optional[int]) -> list[subprocess.Popen]:
     """Start the job's commands in one new process group; record RUNNING."""
-    job_id = job["job_id"]
+    job_id = job.job_id
     log = open(log_path(job_id), "ab")
     procs: list[subprocess.Popen] = []
     offset = 0
     try:
-        for command in job["commands"]:
+        for command in job.commands:
             env = dict(os.environ)
-            if devices is not None and command.get("local", True):
-                share = DeviceLease(devices.pool, devices.devices[offset: offset + command["procs"]], None)
-                offset += command["procs"]
+            if devices is not None and command.local:
+                share = DeviceLease(devices.pool, devices.devices[offset: offset + command.procs], None)
+                offset += command.procs
                 # A thread count the user exported wins over the computed share.
-                env.update({k: v for k, v in share.environ(command["procs"]).items()
+                env.update({k: v for k, v in share.environ(command.procs).items()
                             if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") or k not in os.environ})
-            env.update({k: _fill(v, port) for k, v in command["env"].items()})
-            argv = [_fill(a, port) for a in command["argv"]]
+            env.update({k: _fill(v, port) for k, v in command.env.items()})
+            argv = [_fill(a, port) for a in command.argv]
             # One new process group per job (joinable only within our session, hence not setsid):
             # `orch cancel` signals the whole group.
             group = {"process_group": procs[0].pid if procs else 0}
             procs.append(subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, cwd=command.get("cwd"), **group))
+                                          stderr=subprocess.STDOUT, cwd=command.cwd, **group))
     except BaseException:
         for proc in procs:
             proc.kill()
@@ -209,13 +201,9 @@ def _start(job: dict, devices: Optional[DeviceLease], port: Optional[int]) -> li
         log.close()
     pgid = procs[0].pid
 
-    def running(r) -> None:
-        r.state = JobState.RUNNING
-        r.started_at = time.time()
-        r.extra.update(pgid=pgid, devices=list(devices.devices) if devices else [], port=port,
-                       waiting=None, pids=[p.pid for p in procs])
-    update_record(job_id, running)
-    _say(job_id, f"started {len(procs)} process(es) (pgid {pgid})"
+    transition(job_id, JobState.RUNNING, extra={"pgid": pgid, "devices": list(devices.devices) if devices else [],
+                                                "port": port, "waiting": None, "pids": [p.pid for p in procs]})
+    say(job_id, f"started {len(procs)} process(es) (pgid {pgid})"
          + (f" on {devices.pool.kind} {','.join(devices.devices)}" if devices else "")
          + (f", port {port}" if port else ""))
     return procs
@@ -241,12 +229,12 @@ def _watch(job_id: str, procs: list[subprocess.Popen]) -> int:
         stop = first_bad is not None or _stopping.is_set() or cancel_requested(job_id)
         if stop and stopped_at is None:
             stopped_at = time.monotonic()
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
         if stopped_at is not None and time.monotonic() - stopped_at > TERM_GRACE_S:
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
         _wait_any(procs, WATCH_POLL_S)
     # Leftovers (data-loader workers, grandchildren) must not outlive the job or its lease.
-    _signal_group(pgid, signal.SIGKILL)
+    signal_group(pgid, signal.SIGKILL)
     return first_bad if first_bad is not None else 0
 
 
@@ -269,13 +257,6 @@ def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:
             os.close(fd)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _error_line(job_id: str) -> Optional[str]:
     """The last line of the log that looks like an error (what `orch status JOB` shows)."""
     try:
@@ -295,17 +276,8 @@ def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[s
             ended_at: Optional[float] = None) -> None:
     """Record the end of a job. ``ended_at`` is when its processes ended (taken before its slice
     was handed on, so that records never show more jobs running than there are slots)."""
-    def done(r) -> None:
-        if r.state.finished and r.state != JobState.CANCELLED:
-            return
-        r.state = state if r.state != JobState.CANCELLED else JobState.CANCELLED
-        r.exit_code = code if code is not None else r.exit_code
-        r.ended_at = r.ended_at or ended_at or time.time()
-        r.error = error or r.error
-        r.extra["waiting"] = None
-    record = update_record(job_id, done)
-    _say(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
-    close_mlflow_run(record)
+    record = transition(job_id, state, exit_code=code, error=error, ended_at=ended_at, extra={"waiting": None})
+    say(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ class SlurmTrainJob(Checkpointable):
         if master_port is not None:
             os.environ["ORCH_MASTER_PORT"] = os.environ["MASTER_PORT"] = str(master_port)
         from cluster.env import DistEnv
-        from orchestrator.worker import setup_logging, run
+        from cluster.logs import setup_logging
+        from orchestrator.worker import run
 
         env = DistEnv.detect(os.environ)
         setup_logging(env.rank)
@@ -191,18 +192,15 @@ def record_restarts(config_path: str, restarts: int) -> None:
     """Tag the job's MLflow run with the restart count (tag ``slurm.restarts`` and metric
     ``restarts``), so the runs table shows which runs were requeued."""
     from orchestrator.config import load_experiment
+    from orchestrator.tracking import runs
 
     tracking = load_experiment(config_path).tracking
     if not (tracking.enable and tracking.run_id):
         return
     try:
-        from mlflow.tracking import MlflowClient
-
-        from detection.tracking import resolve_tracking_uri
-
-        client = MlflowClient(resolve_tracking_uri(tracking))
+        client = runs.client(runs.resolve_tracking_uri(tracking))
         client.set_tag(tracking.run_id, "slurm.restarts", str(restarts))
         client.set_tag(tracking.run_id, "slurm.job_id", job_key())
         client.log_metric(tracking.run_id, "restarts", restarts, step=restarts)
-    except Exception as err:  # tracking trouble must not kill a training job
+    except Exception as err:  # noqa: BLE001 - tracking trouble must not kill a training job
         log.warning("could not record restarts in MLflow: %s", err)

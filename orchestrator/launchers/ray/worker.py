@@ -139,17 +139,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     (resolved YAML), ``output_dir``, ``cwd`` (the submitting directory, for relative paths)."""
     import ray.train
 
+    from cluster.logs import setup_logging
     from orchestrator.worker import run
 
     cwd = loop_config.get("cwd")
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)  # Ray workers start elsewhere; relative data paths mean the submit dir
     env = dist_env_from_ray()
-    logging.basicConfig(
-        level=logging.INFO if env.rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(env.rank)
     overrides = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -158,119 +155,3 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             log.info("restarted by Ray: resuming from %s", path)
             overrides.append(f"runtime.resume={path}")
     run(loop_config["config_path"], overrides, hooks=[RayReportHook()], env=env)
-
-
-# -- Ray Tune trials (orch sweep) -----------------------------------------------------------
-
-
-class TuneReportHook(StepReporter):
-    """Reports each evaluation to Ray Tune (one Tune iteration per evaluation, the unit of ASHA's
-    rungs). When the scheduler stops the trial, Tune's ``report`` raises ``SystemExit``; the hook
-    turns that into ``should_stop`` so the trainer checkpoints and ends cleanly (``Preempted``):
-    the MLflow hook then ends the run as KILLED instead of leaving it RUNNING."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stopped = False
-
-    def after_checkpoint(self, trainer: Any, path: str) -> None:
-        pass  # Tune trials report metrics only
-
-    def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
-        self.train_log = dict(log_values)
-        # The last report may end the trial (ASHA stops at max_t) and Tune then kills the actor:
-        # send it from after_train, once the last checkpoint and the MLflow run are written.
-        if trainer.iter < trainer.max_iters:
-            self._flush(trainer)
-
-    def after_epoch(self, trainer: Any) -> None:
-        if trainer.iter < trainer.max_iters:
-            self._flush(trainer)
-
-    def send(self, trainer: Any, values: dict[str, Any], checkpoint: Optional[str]) -> None:
-        from ray import tune
-
-        try:
-            tune.report(values)
-        except SystemExit:
-            self.stopped = True
-
-    def should_stop(self, trainer: Any) -> bool:
-        return self.stopped
-
-
-def trial_experiment(params: dict[str, Any], payload: dict[str, Any], trial_id: str, trial_name: str):
-    """The experiment of one trial: the sweep's base config with the sampled ``params``, its own
-    output folder, and a child MLflow run of the sweep's parent run (created here)."""
-    import yaml
-
-    from orchestrator.config import build_experiment, with_overrides
-
-    base = build_experiment(yaml.safe_load(payload["config_yaml"]), source=payload["config_path"])
-    changes: dict[str, Any] = dict(params)
-    changes["runtime.output_dir"] = os.path.join(payload["output_dir"], "trials", trial_id)
-    changes["sweep"] = None
-    if base.tracking.enable:
-        from detection.tracking import create_run
-
-        tags = {**base.tracking.tags, "orch.sweep_job": payload["job_id"], "orch.trial_id": trial_id,
-                "orch.backend": "ray"}
-        run_id = create_run(base.tracking, trial_name, tags=tags, parent_run_id=payload["parent_run_id"])
-        changes.update({"tracking.run_id": run_id, "tracking.parent_run_id": payload["parent_run_id"],
-                        "tracking.run_name": trial_name, "tracking.tags": tags})
-    return with_overrides(base, changes, source=f"sweep trial {trial_id}")
-
-
-def run_trial(params: dict[str, Any], payload: dict[str, Any]) -> None:
-    """Ray Tune function trainable: one full orch training run with ``params`` applied.
-
-    One worker: ``detection.train.main`` runs right here (no second actor, no process group).
-    Several (``sweep.gpus_per_trial`` > 1): a ``TorchTrainer`` inside the trial (DDP), whose
-    reports reach Tune through ``TuneReportCallback``.
-    """
-    from ray import tune
-
-    from cluster.env import DistEnv
-    from detection.engine import Preempted
-
-    os.environ["ORCH_BACKEND"] = "ray"
-    if payload.get("cwd") and os.path.isdir(payload["cwd"]):
-        os.chdir(payload["cwd"])  # Tune starts trials in their own folder; paths are the user's
-    ctx = tune.get_context()
-    exp = trial_experiment(params, payload, ctx.get_trial_id(), ctx.get_trial_name())
-    workers = int(payload["workers_per_trial"])
-    if workers <= 1:
-        from detection.train import main
-
-        hook = TuneReportHook()
-        try:
-            main(exp, DistEnv.from_values(rank=0, world_size=1, source="ray"), hooks=[hook])
-        except Preempted:
-            if not hook.stopped:
-                raise
-        return
-    run_trial_ddp(exp, payload, workers)
-
-
-def run_trial_ddp(exp: Any, payload: dict[str, Any], workers: int) -> None:
-    """A trial of ``workers`` DDP processes: a ``TorchTrainer`` built and fitted inside the Tune
-    trial (Train V2 takes no Trainer in a Tuner), reporting through ``TuneReportCallback``."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.config import dump_experiment
-    from orchestrator.launchers.ray_driver import build_trainer
-
-    out = exp.runtime.output_dir
-    os.makedirs(out, exist_ok=True)
-    config_path = os.path.join(out, "config.yaml")
-    with open(config_path, "w", encoding="utf-8") as handle:
-        handle.write(dump_experiment(exp))
-    job = {
-        "name": os.path.basename(out), "config_path": config_path, "output_dir": out, "cwd": payload.get("cwd"),
-        "num_workers": workers, "cpus_per_worker": payload["cpus_per_worker"],
-        "gpus_per_worker": payload["gpus_per_worker"], "storage_path": os.path.join(out, "ray"),
-        "max_failures": 0, "keep_checkpoints": 1, "env": {"ORCH_BACKEND": "ray"},
-    }
-    result = build_trainer(job, payload["use_gpu"], callbacks=[TuneReportCallback()]).fit()
-    if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"trial training failed: {result.error}")

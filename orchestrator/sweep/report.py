@@ -5,13 +5,14 @@ run that a scheduler stopped early."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import math
 from typing import Any, Optional
 
 from orchestrator.config.schema import Experiment
+from orchestrator.sweep.plan import SweepPlan
+from orchestrator.tracking import runs
 
 log = logging.getLogger("orchestrator.sweep")
 
@@ -21,25 +22,19 @@ TUNE_KEYS = ("iteration", "max_iters", "timestamp", "pid", "training_iteration",
              "iterations_since_restore", "checkpoint_dir_name")
 
 
-def create_parent_run(exp: Experiment, payload: dict[str, Any]) -> tuple[str, str]:
-    """Create the sweep's parent run with the sweep's settings as params and the base config as an
-    artifact; returns ``(tracking_uri, run_id)``."""
-    from detection.tracking import _client, create_run, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(exp.tracking)
-    tracking = dataclasses.replace(exp.tracking, uri=uri)
-    run_id = create_run(tracking, f"{exp.name}-sweep", parent_run_id=None,
-                        tags={"orch.sweep": "parent", "orch.sweep_job": payload["job_id"], "orch.backend": "ray"})
-    client = _client(tracking)
-    params = {
-        "sweep.metric": payload["metric"], "sweep.mode": payload["mode"], "sweep.searcher": payload["searcher"],
-        "sweep.num_samples": payload["num_samples"], "sweep.trials": payload["trials"],
-        "sweep.scheduler": payload["scheduler"]["type"],
-        **{f"sweep.space.{k}": f"{kind} {a}" for k, kind, a in payload["space"]},
-    }
-    for key, value in params.items():
-        client.log_param(run_id, key[:250], str(value)[:6000])
-    client.log_text(run_id, payload["config_yaml"], "sweep_config.yaml")
+def create_parent_run(exp: Experiment, plan: SweepPlan) -> tuple[str, str]:
+    """Create the sweep's parent run (in the experiment file's MLflow experiment, where the trials
+    go too) with the sweep's settings as params and the base config as an artifact; returns
+    ``(tracking_uri, run_id)``."""
+    uri = runs.tracking_uri_of(exp)
+    run_id = runs.create_run(uri, runs.experiment_name(exp), f"{exp.name} sweep",
+                             tags={"orch.sweep": "parent", "orch.sweep_job": plan.job_id, "backend": "ray"})
+    runs.log_params(uri, run_id, {
+        "sweep.metric": plan.metric, "sweep.mode": plan.mode, "sweep.searcher": plan.searcher,
+        "sweep.num_samples": plan.num_samples, "sweep.trials": plan.trials, "sweep.scheduler": plan.scheduler.type,
+        **{f"sweep.space.{d.key}": f"{d.kind} {list(d.args)}" for d in plan.space},
+    })
+    runs.client(uri).log_text(run_id, plan.config_yaml, "sweep_config.yaml")
     return uri, run_id
 
 
@@ -48,24 +43,22 @@ def RecordCallback(job_id: str):
     params), so ``orch status SWEEP`` shows the trials from any shell."""
     from ray.tune import Callback
 
-    from orchestrator import jobs as records
+    from orchestrator import records
 
     class _RecordCallback(Callback):
         def _update(self, trial: Any, status: str, result: Optional[dict] = None) -> None:
             result = result or trial.last_result or {}
-
-            def change(r: Any) -> None:
-                trials = r.extra.setdefault("trials", {})
+            try:  # the driver is the only writer of `trials`
+                record = records.load_record(job_id)
+                trials = record.extra.get("trials") or {}
                 entry = trials.setdefault(trial.trial_id, {})
                 entry.update(status=status, params={k: v for k, v in (trial.config or {}).items()})
                 if "training_iteration" in result:
                     entry["evaluations"] = result["training_iteration"]
-                metric = r.extra.get("metric")
+                metric = record.extra.get("metric")
                 if metric in result:
                     entry[metric] = result[metric]
-
-            try:
-                records.update_record(job_id, change)
+                records.annotate(job_id, extra={"trials": trials})
             except Exception as err:  # noqa: BLE001 - bookkeeping must not stop the sweep
                 log.warning("could not update the record of %s: %s", job_id, err)
 
@@ -84,19 +77,13 @@ def RecordCallback(job_id: str):
     return _RecordCallback()
 
 
-def _client(payload: dict[str, Any]):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=payload["tracking_uri"])
-
-
-def child_runs(payload: dict[str, Any]) -> dict[str, Any]:
+def child_runs(plan: SweepPlan) -> dict[str, Any]:
     """trial id -> MLflow run of that trial (children of the parent run)."""
-    client = _client(payload)
-    parent = client.get_run(payload["parent_run_id"])
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.mlflow.parentRunId = '{payload['parent_run_id']}'", max_results=10000)
-    return {r.data.tags.get("orch.trial_id"): r for r in runs}
+    client = runs.client(plan.tracking_uri)
+    parent = client.get_run(plan.parent_run_id)
+    found = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{plan.parent_run_id}'", max_results=10000)
+    return {r.data.tags.get("orch.trial_id"): r for r in found}
 
 
 def _best_of(df: Any, metric: str, mode: str) -> Optional[float]:
@@ -108,17 +95,17 @@ def _best_of(df: Any, metric: str, mode: str) -> Optional[float]:
     return max(values) if mode == "max" else min(values)
 
 
-def summarize(payload: dict[str, Any], results: Any) -> dict[str, Any]:
+def summarize(plan: SweepPlan, results: Any) -> dict[str, Any]:
     """Classify each trial (completed / stopped early / failed), end the children a scheduler
     stopped (tag ``orch.stopped_early=true``, KILLED), and pick the best trial."""
-    metric, mode = payload["metric"], payload["mode"]
-    runs = child_runs(payload) if payload.get("parent_run_id") else {}
-    client = _client(payload) if runs else None
+    metric, mode = plan.metric, plan.mode
+    children = child_runs(plan) if plan.parent_run_id else {}
+    client = runs.client(plan.tracking_uri) if children else None
     rows, best = [], None
     for result in results:
         last = result.metrics or {}
         trial_id = str(last.get("trial_id", ""))
-        run = runs.get(trial_id)
+        run = children.get(trial_id)
         if result.error is not None:
             outcome = "failed"
         elif last.get("iteration") is not None and last.get("iteration") < last.get("max_iters", 0):
@@ -167,23 +154,23 @@ def trials_table(rows: list[dict[str, Any]], fmt: str = "md") -> str:
     return "\n".join(lines) + "\n"
 
 
-def end_running_children(payload: dict[str, Any], status: str = "KILLED") -> None:
+def end_running_children(plan: SweepPlan, status: str = "KILLED") -> None:
     """End every child run still RUNNING (the sweep was cancelled or failed under them)."""
-    if not payload.get("parent_run_id"):
+    if not plan.parent_run_id:
         return
-    client = _client(payload)
-    for run in child_runs(payload).values():
+    client = runs.client(plan.tracking_uri)
+    for run in child_runs(plan).values():
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status=status)
 
 
-def finish_parent_run(payload: dict[str, Any], summary: Optional[dict[str, Any]], status: str) -> None:
+def finish_parent_run(plan: SweepPlan, summary: Optional[dict[str, Any]], status: str) -> None:
     """Write the best trial (params ``best.<key>``, its metrics, ``best_config.yaml``) and the
     trial table (``trials.md``, ``trials.csv``) on the parent run, then end it."""
-    if not payload.get("parent_run_id"):
+    if not plan.parent_run_id:
         return
-    client = _client(payload)
-    run_id = payload["parent_run_id"]
+    client = runs.client(plan.tracking_uri)
+    run_id = plan.parent_run_id
     try:
         if summary is not None:
             best = summary["best"]
@@ -198,12 +185,30 @@ def finish_parent_run(payload: dict[str, Any], summary: Optional[dict[str, Any]]
                     client.log_param(run_id, f"best.{key}"[:250], str(value))
                 client.set_tag(run_id, "orch.best_trial", best["trial_id"])
                 client.set_tag(run_id, "orch.best_run_id", best["run_id"])
-                client.log_metric(run_id, f"best/{payload['metric']}", best["value"])
+                client.log_metric(run_id, f"best/{plan.metric}", best["value"])
                 for key, value in best["metrics"].items():
                     if key not in TUNE_KEYS and not key.startswith("time_"):
                         client.log_metric(run_id, key, float(value))
-                base = build_experiment(yaml.safe_load(payload["config_yaml"]), source=payload["config_path"])
+                base = build_experiment(yaml.safe_load(plan.config_yaml), source=plan.config_path)
                 config = with_overrides(base, {**best["params"], "sweep": None})
                 client.log_text(run_id, dump_experiment(config), "best_config.yaml")
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def trial_table(record: Any) -> str:
+    """The trials of a sweep record (status, evaluations, metric, params) and the best so far:
+    what ``orch status SWEEP`` and ``orch sweep`` print."""
+    metric = record.extra.get("metric", "metric")
+    trials = record.extra.get("trials") or {}
+    lines = [f"  trials ({len(trials)}), objective {record.extra.get('mode', '')} {metric}:"]
+    for trial_id, t in sorted(trials.items()):
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.get("params", {}).items())
+        value = t.get(metric)
+        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        lines.append(f"    {trial_id:<14} {t.get('status', '?'):<11} evals {t.get('evaluations', 0):<3} "
+                     f"{metric} {shown:<8} {params}")
+    best = record.extra.get("best")
+    if best:
+        lines.append(f"  best: trial {best['trial_id']} {metric}={best['value']:.4f} (MLflow run {best['run_id']})")
+    return "\n".join(lines)

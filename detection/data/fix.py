@@ -1,0 +1,187 @@
+"""``orch data check --fix``: a cleaned copy of a COCO file, from :func:`detection.data.check.analyse`.
+
+What is dropped or changed (every change is listed, with the ids it touched):
+
+- images: invalid entries and later entries of a repeated id are dropped; with the image folder,
+  images whose file is missing or unreadable are dropped with their annotations, and
+  ``width``/``height`` that differ from the file are set from it;
+- annotations: invalid ones, those of a missing image, of an unknown category and with a
+  degenerate box are dropped; a repeated id is dropped when the annotation is an exact copy of the
+  first, else given a new id; boxes are clipped to their (corrected) image, and dropped when
+  nothing is left inside; the ``area`` of clipped box-only annotations and of inconsistent ones
+  is recomputed (the box's area, or for masks the area pycocotools gives them, COCO's rule);
+- categories: exact copies of an entry are dropped. Gaps in category ids, unused categories and
+  empty images are left as they are: changing them would change what other files refer to.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cluster.files import write_json_atomic
+from detection.data.check import Analysis, CheckReport, analyse, report
+
+
+@dataclass(frozen=True)
+class Change:
+    """One kind of change: ``action`` (dropped/changed), what (``images``, ``annotations``,
+    ``categories``), why, and the ids of the entries it touched."""
+
+    action: str
+    what: str
+    reason: str
+    ids: tuple[int, ...]
+
+    def line(self, shown: int = 10) -> str:
+        """``dropped 3 annotations: degenerate box (ids 4, 9, 12)``."""
+        ids = ", ".join(map(str, self.ids[:shown])) + (", ..." if len(self.ids) > shown else "")
+        return f"{self.action} {len(self.ids)} {self.what}: {self.reason} (ids {ids})"
+
+
+def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
+    """The cleaned copy of ``found.data`` and the list of changes (see the module docstring).
+    Entries that need no change are shared with the input, not copied."""
+    data, images, anns = found.data, found.images, found.annotations
+    changes: list[Change] = []
+
+    def note(action: str, what: str, reason: str, ids: Any) -> None:
+        ids = tuple(int(i) for i in ids)
+        if ids:
+            changes.append(Change(action, what, reason, ids))
+
+    # Images.
+    entries = data["images"]
+    keep_image = images["first"].copy()
+    # Invalid entries may have no usable id: their positions in the list are shown instead.
+    note("dropped", "image entries", "invalid: no integer id, file_name or positive size (positions)",
+         np.flatnonzero(~images["valid"]))
+    note("dropped", "images", "repeated image id (the first entry is kept)",
+         images["ids"][images["valid"] & ~images["first"]])
+    width, height = images["width"].copy(), images["height"].copy()
+    for status, reason in (("missing_image_file", "image file missing"), ("unreadable_image", "image file unreadable")):
+        gone = [p for p, info in found.files.items() if info.status == status]
+        keep_image[gone] = False
+        note("dropped", "images", f"{reason} (their annotations too)", images["ids"][gone])
+    resized = [p for p, info in found.files.items() if info.status == "ok"
+               and (info.width, info.height) != (width[p], height[p])]
+    for p in resized:
+        width[p], height[p] = found.files[p].width, found.files[p].height
+    note("changed", "images", "width/height set from the image file", images["ids"][resized])
+    resized_at = set(resized)
+    new_images = [entries[p] if p not in resized_at else {**entries[p], "width": int(width[p]), "height": int(height[p])}
+                  for p in np.flatnonzero(keep_image).tolist()]
+
+    # Annotations: the first reason that applies is the one reported.
+    masks, valid, ids = anns["masks"], anns["valid"], anns["id"]
+    image_pos = anns["image_pos"]
+    image_kept = np.append(keep_image, False)[image_pos] & (image_pos >= 0)
+    drop = ~valid
+    note("dropped", "annotation entries", "invalid: no id, image_id, category_id or 4-number bbox (positions)",
+         np.flatnonzero(~valid))
+    for reason, mask in (
+        ("image_id not in 'images'", masks["annotation_of_missing_image"]),
+        ("their image was dropped above", valid & ~image_kept),
+        ("category_id not in 'categories'", masks["unknown_category"]),
+        ("degenerate box (w or h <= 0, or NaN)", masks["degenerate_box"]),
+    ):
+        mask = mask & ~drop
+        note("dropped", "annotations", reason, ids[mask])
+        drop |= mask
+    copies, renumber = _duplicates(data["annotations"], ids, masks["duplicate_annotation_id"] & ~drop)
+    note("dropped", "annotations", "exact copies of an earlier annotation with the same id", ids[copies])
+    drop |= copies
+
+    boxes = anns["boxes"]
+    W, H = np.append(width, 0)[image_pos], np.append(height, 0)[image_pos]
+    x0, y0 = np.maximum(boxes[:, 0], 0), np.maximum(boxes[:, 1], 0)
+    x1, y1 = np.minimum(boxes[:, 0] + boxes[:, 2], W), np.minimum(boxes[:, 1] + boxes[:, 3], H)
+    with np.errstate(invalid="ignore"):
+        nothing_inside = ~drop & ((x1 <= x0) | (y1 <= y0))
+        note("dropped", "annotations", "box entirely outside its image", ids[nothing_inside])
+        drop |= nothing_inside
+        clipped = ~drop & ((x0 != boxes[:, 0]) | (y0 != boxes[:, 1]) | (x1 != boxes[:, 0] + boxes[:, 2])
+                           | (y1 != boxes[:, 1] + boxes[:, 3]))
+    note("changed", "annotations", "box clipped to its image", ids[clipped])
+    reareas = ~drop & (masks["area_inconsistent"] | (clipped & ~anns["has_seg"]))
+    note("changed", "annotations", "area recomputed", ids[reareas])
+
+    renumber &= ~drop
+    new_ids = dict(zip(np.flatnonzero(renumber).tolist(), range(int(ids[valid].max(initial=0)) + 1, 1 << 62)))
+    note("changed", "annotations", "repeated id given a new one (old ids shown)", ids[renumber])
+    touched = set(np.flatnonzero(~drop & (clipped | reareas | renumber)).tolist())
+    new_anns = []
+    for p in np.flatnonzero(~drop).tolist():
+        ann = data["annotations"][p]
+        if p in touched:
+            ann = dict(ann)
+            if clipped[p]:
+                ann["bbox"] = [float(x0[p]), float(y0[p]), float(x1[p] - x0[p]), float(y1[p] - y0[p])]
+            if reareas[p]:
+                ann["area"] = _area(ann, int(W[p]), int(H[p]))
+            if p in new_ids:
+                ann["id"] = new_ids[p]
+        new_anns.append(ann)
+
+    # Categories.
+    copies_at = set(found.categories["exact_copies"])
+    note("dropped", "categories", "exact copies of an earlier entry", [data["categories"][p]["id"] for p in sorted(copies_at)])
+    new_cats = [c for p, c in enumerate(data["categories"]) if p not in copies_at]
+    return {**data, "images": new_images, "annotations": new_anns, "categories": new_cats}, changes
+
+
+def _duplicates(entries: list[Any], ids: np.ndarray, repeated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split repeated-id annotations into exact copies of the first with that id (dropped)
+    and different annotations (renumbered)."""
+    if not repeated.any():
+        return repeated, repeated.copy()
+    first: dict[int, Any] = {}
+    for p, ann_id in enumerate(ids.tolist()):
+        if not repeated[p] and ann_id not in first:
+            first[ann_id] = entries[p]
+    copies = np.zeros(len(ids), dtype=bool)
+    for p in np.flatnonzero(repeated).tolist():
+        copies[p] = entries[p] == first.get(int(ids[p]))
+    return copies, repeated & ~copies
+
+
+def _area(ann: dict[str, Any], width: int, height: int) -> float:
+    """COCO's area: a mask's pixel count when there is a segmentation, else the box's area."""
+    seg = ann.get("segmentation")
+    if seg:
+        from pycocotools import (
+            mask as mask_utils,  # C extension, no torch; needed only here
+        )
+
+        try:
+            rle = mask_utils.frPyObjects(seg, height, width)
+            return float(mask_utils.area(mask_utils.merge(rle) if isinstance(rle, list) else rle))
+        except (TypeError, ValueError, KeyError, IndexError):
+            pass  # a malformed segmentation: fall back to the box
+    return float(ann["bbox"][2] * ann["bbox"][3])
+
+
+def write_fixed(found: Analysis, out: str | Path, examples: int = 3) -> tuple[list[Change], CheckReport]:
+    """Write the cleaned copy of ``found`` to ``out`` and every change, with all the ids it
+    touched, to ``<out stem>.changes.json`` beside it (both atomically); return the changes and
+    the check of the cleaned copy (image files are not opened again)."""
+    start = time.perf_counter()
+    fixed, changes = fix_coco(found)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, fixed, indent=None, sort_keys=False)
+    write_json_atomic(changes_path(out), [asdict(change) for change in changes], indent=None, sort_keys=False)
+    known = {found.data["images"][p]["file_name"]: info for p, info in found.files.items()}
+    img_dir = found.img_dir if found.files_checked else None
+    after = analyse(fixed, img_dir, found.tolerance, files=known)
+    return changes, report(after, str(out), time.perf_counter() - start, examples)
+
+
+def changes_path(out: str | Path) -> Path:
+    """Where :func:`write_fixed` lists its changes: ``clean.json`` -> ``clean.changes.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.changes.json")

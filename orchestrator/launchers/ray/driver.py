@@ -1,0 +1,140 @@
+"""The detached driver of one Ray job: ``python -m orchestrator.launchers.ray.driver JOB.json``.
+
+Started by :meth:`orchestrator.launchers.ray.RayLauncher.submit` with a typed
+:class:`~orchestrator.launchers.ray.request.RayJobRequest`. It starts a private Ray head when the
+job names no address, runs the ``TorchTrainer``, and records RUNNING then SUCCEEDED / FAILED /
+CANCELLED in the job's record (the record store closes the MLflow run of a job that did not
+succeed). SIGTERM (``orch cancel``) stops the run cleanly: the Ray head it started is stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from cluster.errors import OrchError
+from cluster.logs import setup_logging
+from orchestrator import records
+from orchestrator.launchers.ray.request import RayJobRequest
+from orchestrator.spec import JobState
+
+log = logging.getLogger("orchestrator.ray")
+
+
+class Cancelled(BaseException):
+    """Raised in the driver by SIGTERM (BaseException: nothing on the way may swallow it)."""
+
+
+def _raise_cancelled(*_: Any) -> None:
+    raise Cancelled()
+
+
+def set_state(job_id: Optional[str], state: JobState, **fields: Any) -> None:
+    """Record ``state`` (and record fields) for ``job_id``; no-op without a job id (a sweep's
+    trial runs a trainer that is not a job of its own)."""
+    if job_id:
+        records.transition(job_id, state, **fields)
+
+
+def build_trainer(request: RayJobRequest, use_gpu: bool, callbacks: Optional[list] = None):
+    """The ``TorchTrainer`` of the job (Train V2 API); ``callbacks`` are Ray Train callbacks."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.launchers.ray.worker import train_loop
+
+    resources = {"CPU": float(request.cpus_per_worker)}
+    if use_gpu:
+        resources["GPU"] = float(request.gpus_per_worker)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config_path": request.config_path, "output_dir": request.output_dir, "cwd": request.cwd},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(request.num_workers), use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=request.run_name or request.name,
+            storage_path=request.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=int(request.max_failures)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=int(request.keep_checkpoints)),
+            worker_runtime_env={"env_vars": dict(request.env)},
+            callbacks=callbacks,
+        ),
+    )
+
+
+@contextlib.contextmanager
+def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpus: Optional[float] = None):
+    """Connect to ``address``, or start a private local head first (stopped on exit)."""
+    from orchestrator.launchers.ray.cluster import LocalRay, prepare_client
+
+    prepare_client(address)
+    import ray
+    head = None
+    try:
+        if not address:
+            head = LocalRay(num_cpus=num_cpus)
+            address = head.start()
+            if job_id:
+                records.annotate(job_id, extra={"ray_head_pid": head.process.pid, "ray_address": address})
+            log.info("started a private Ray head at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        yield address
+    finally:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if head is not None:
+            head.stop()
+
+
+def run_job(request: RayJobRequest) -> JobState:
+    """Run one Ray job to its end; returns the final state (also recorded)."""
+    job_id = request.job_id
+    try:
+        with ray_connection(request.address, job_id):
+            import ray
+
+            gpu = request.use_gpu
+            use_gpu = gpu == "yes" or (gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+            set_state(job_id, JobState.RUNNING)
+            result = build_trainer(request, use_gpu).fit()
+            error = getattr(result, "error", None)
+            if error is not None:
+                raise RuntimeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error))
+    except Cancelled:
+        set_state(job_id, JobState.CANCELLED)
+        return JobState.CANCELLED
+    except Exception as err:  # noqa: BLE001 - any failure ends as a FAILED record with its line
+        log.error("Ray job failed: %s", err)
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        set_state(job_id, JobState.FAILED, error=message[:500], exit_code=1)
+        return JobState.FAILED
+    set_state(job_id, JobState.SUCCEEDED, exit_code=0)
+    return JobState.SUCCEEDED
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point; exit code 0 when the job succeeded, 1 otherwise."""
+    args = sys.argv[1:] if argv is None else argv
+    setup_logging()
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    try:
+        request = RayJobRequest.from_json(json.loads(Path(args[0]).read_text()))
+    except (IndexError, OSError, ValueError, TypeError) as err:
+        print(f"orch ray driver: error: cannot read the job file: {err}", file=sys.stderr)
+        return 2
+    try:
+        state = run_job(request)
+    except OrchError as err:
+        print(f"orch ray driver: error: {err}", file=sys.stderr)
+        set_state(request.job_id, JobState.FAILED, error=str(err), exit_code=err.exit_code)
+        return err.exit_code
+    return 0 if state == JobState.SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

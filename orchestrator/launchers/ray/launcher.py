@@ -1,0 +1,164 @@
+"""The Ray backend: one Ray Train ``TorchTrainer`` run per job, on an existing Ray cluster
+(``resources.ray.address``) or on a private local one that lives as long as the job.
+
+``plan`` is pure and its text is the job as Ray will see it (:class:`RayPlan` of
+:class:`~.request.RayJobRequest`). ``submit`` returns at once: each job is driven by a detached
+``python -m orchestrator.launchers.ray.driver JOB.json`` process (it connects to Ray, runs
+``TorchTrainer.fit`` and records the outcome), so ``orch status`` / ``orch cancel`` work from any
+shell. Sweeps (``orch sweep``) are Ray jobs too: their records have ``extra.kind == "sweep"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional, Sequence
+
+from cluster.errors import LaunchError
+from cluster.files import write_json_atomic
+from cluster.process import group_alive, signal_group, start_detached
+from orchestrator import records
+from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.launchers.ray.request import RayJobRequest
+from orchestrator.spec import JobRecord, JobSpec
+
+CANCEL_GRACE_S = 30.0
+CONNECT_TIMEOUT_S = 3.0
+
+
+def ray_temp_dir() -> str:
+    """Ray's default temp folder, found the way Ray finds it (RAY_TMPDIR, TMPDIR, /tmp) + ``/ray``."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray")
+
+
+def resolve_auto() -> Optional[str]:
+    """The cluster ``auto`` means, as Ray resolves it without importing Ray: RAY_ADDRESS, else the
+    address the last ``ray start`` on this machine wrote to ``<temp>/ray_current_cluster``."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env and env != "auto":
+        return env
+    with contextlib.suppress(OSError):
+        return Path(ray_temp_dir(), "ray_current_cluster").read_text().strip() or None
+    return None
+
+
+def check_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """LaunchError unless something accepts a TCP connection at ``address`` (``HOST:PORT`` or
+    ``ray://HOST:PORT``); other schemes are left to Ray."""
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    if "://" in target:
+        return
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise LaunchError(f"resources.ray.address={address!r} is not HOST:PORT; give e.g. 10.0.0.5:6379, "
+                          "ray://HOST:10001 or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError:
+        raise LaunchError(f"no Ray cluster answers at {target} (start one with `ray start --head`, or leave "
+                          "resources.ray.address empty for a private local Ray)") from None
+
+
+@dataclass(frozen=True)
+class RayPlan(Plan):
+    """One :class:`RayJobRequest` per job."""
+
+    requests: tuple[RayJobRequest, ...]
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(r.describe() for r in self.requests) + "\n"
+
+
+def start_driver(argv: list[str], job_id: str) -> None:
+    """Start a detached driver process (a Ray job's or a sweep's) writing to the job's log, and
+    record its pid and process group on the job."""
+    me = start_detached(argv, str(records.log_path(job_id)))
+    records.annotate(job_id, pid=me["pid"], extra={"pgid": me["pid"], "pid_start": me["start"]})
+
+
+def check_addresses(addresses: Sequence[Optional[str]]) -> None:
+    """LaunchError unless every named cluster answers (``auto`` resolved as Ray would)."""
+    for address in dict.fromkeys(a for a in addresses if a):
+        if address == "auto":
+            found = resolve_auto()
+            if not found:
+                raise LaunchError("resources.ray.address=auto but no Ray cluster runs here (no RAY_ADDRESS, no "
+                                  f"{ray_temp_dir()}/ray_current_cluster); start one with `ray start --head`, or "
+                                  "leave resources.ray.address empty for a private local Ray")
+            address = found
+        check_address(address)
+
+
+class RayLauncher(Launcher):
+    """Backend ``ray``: Ray Train on a Ray cluster (see the module docstring)."""
+
+    name: ClassVar[str] = "ray"
+    poll_s: ClassVar[float] = 1.0
+
+    def plan(self, jobs: Sequence[JobSpec]) -> RayPlan:
+        """Describe the Ray jobs; pure (no processes, no network, no writes)."""
+        return RayPlan(self.name, tuple(jobs), tuple(RayJobRequest.for_job(job) for job in jobs))
+
+    def preflight(self, plan: RayPlan) -> None:
+        """Fail before any record or MLflow run exists when the named cluster does not answer
+        (otherwise the detached driver would retry for minutes behind a successful submit)."""
+        check_addresses([r.address for r in plan.requests])
+
+    def submit(self, plan: RayPlan) -> list[JobHandle]:
+        """Start one detached driver per job; returns at once with one handle per job."""
+        self.preflight(plan)
+        handles = []
+        for job, request in zip(plan.jobs, plan.requests):
+            job_id = records.new_job_id(job.name)
+            request = dataclasses.replace(request, job_id=job_id, run_name=job_id, cwd=os.getcwd())
+            request_path = records.job_dir(job_id) / "ray_job.json"
+            write_json_atomic(request_path, request.to_json())
+            records.create_record(
+                job_id=job_id, name=job.name, backend=self.name, output_dir=str(job.output_dir),
+                config_path=str(job.config_path), native_id=job_id, mlflow_run_id=request.mlflow_run_id,
+                tracking_uri=request.tracking_uri, extra={"kind": "train", "address": request.address})
+            start_driver([sys.executable, "-m", "orchestrator.launchers.ray.driver", str(request_path)], job_id)
+            handles.append(self.handle(job_id))
+        return handles
+
+    def refresh(self, record: JobRecord) -> JobRecord:
+        """The driver records every change itself; a driver that died without recording an end
+        (killed, machine rebooted) makes the job FAILED."""
+        return records.fail_if_owner_died(record, "Ray driver")
+
+    def cancel(self, record: JobRecord) -> None:
+        """SIGTERM the driver's process group: the driver stops the Ray run (and its private Ray
+        head) and records CANCELLED. SIGKILL after a grace period, the private head too."""
+        import time
+
+        pgid = record.extra.get("pgid")
+        if not pgid or not signal_group(pgid, signal.SIGTERM):
+            return
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        while time.monotonic() < deadline:
+            if not group_alive(pgid):
+                return
+            time.sleep(0.2)
+        # The driver did not stop in time: kill it, and the private Ray head it started (that head
+        # runs in its own process group).
+        head = records.load_record(record.job_id).extra.get("ray_head_pid")
+        for group in (pgid, head):
+            if group:
+                signal_group(group, signal.SIGKILL)
+
+    def describe(self, record: JobRecord) -> list[tuple[str, str]]:
+        """The Ray address; for a sweep, its trials and the best trial so far."""
+        if record.extra.get("kind") != "sweep":
+            return [("ray address", record.extra.get("ray_address") or record.extra.get("address") or "-")]
+        from orchestrator.sweep.report import trial_table
+
+        return [("trials", "\n" + trial_table(record))]

@@ -1,0 +1,168 @@
+"""The Slurm backend: one sbatch job per experiment (one job array per set of runs) via submitit.
+
+``plan`` groups jobs with identical sbatch parameters (each group is one job or one array) into a
+typed :class:`SlurmPlan` whose text is submitit's own sbatch script (:mod:`.sbatch`); ``submit``
+hands exactly that to sbatch through ``submitit.SlurmExecutor``. Job state comes from
+:mod:`.state` (sacct when accounting exists, squeue / scontrol otherwise); the code that runs
+inside the job is :mod:`.task`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from cluster.errors import LaunchError
+from orchestrator import records
+from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
+from orchestrator.spec import JobRecord, JobSpec, JobState
+
+
+@dataclass(frozen=True)
+class SbatchGroup:
+    """Jobs sharing one set of sbatch parameters: one sbatch job, or one job array."""
+
+    params: dict[str, Any]  # submitit SlurmExecutor parameters
+    indices: tuple[int, ...]  # positions in Plan.jobs
+    folder: str  # submitit folder (scripts, pickles, logs, rendezvous files)
+    script: str  # the sbatch script submitit writes for it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params": self.params, "indices": list(self.indices), "folder": self.folder, "script": self.script}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SbatchGroup":
+        return cls(data["params"], tuple(data["indices"]), data["folder"], data["script"])
+
+
+@dataclass(frozen=True)
+class SlurmPlan(Plan):
+    """The sbatch scripts of a submission (TorchX's ``SlurmBatchRequest``: its text is the dry run)."""
+
+    groups: tuple[SbatchGroup, ...]
+
+    @property
+    def text(self) -> str:
+        texts = []
+        for group in self.groups:
+            text = group.script
+            if len(group.indices) > 1:
+                text += "# array tasks (each runs one resolved config):\n" + "".join(
+                    f"#   {i}: {self.jobs[j].name}  {self.jobs[j].config_path}\n" for i, j in enumerate(group.indices))
+            texts.append(text)
+        return "\n".join(texts)
+
+
+class SlurmLauncher(Launcher):
+    """``orch submit --backend slurm`` (or ``--partition P`` with Slurm reachable)."""
+
+    name: ClassVar[str] = "slurm"
+    poll_s: ClassVar[float] = 1.0
+
+    def plan(self, jobs: Sequence[JobSpec]) -> SlurmPlan:
+        """Group and render (pure: no processes, no files)."""
+        if not jobs:
+            raise LaunchError("nothing to submit: no jobs were planned")
+        grouped: dict[str, tuple[dict[str, Any], list[int]]] = {}
+        for index, job in enumerate(jobs):
+            params = sbatch_parameters(job)
+            key = json.dumps({**params, "job_name": None}, sort_keys=True, default=str)
+            grouped.setdefault(key, (params, []))[1].append(index)
+        groups = []
+        for params, indices in grouped.values():
+            members = [jobs[i] for i in indices]
+            if len(members) > 1:  # one name for the array: what its runs' names share
+                prefix = os.path.commonprefix([j.name for j in members]).rstrip("-_.")
+                params = {**params, "job_name": prefix or "orch-array"}
+            folder = job_folder(members)
+            groups.append(SbatchGroup(params, tuple(indices), str(folder), render(params, folder, len(members))))
+        return SlurmPlan(self.name, tuple(jobs), tuple(groups))
+
+    def preflight(self, plan: SlurmPlan) -> None:
+        """Fail before any file or MLflow run exists when no Slurm controller answers."""
+        if not slurm_reachable():
+            raise LaunchError("Slurm is not reachable (sinfo failed); check SLURM_CONF and that slurmctld runs, "
+                              "start the local cluster (python scripts/local_slurm.py up), or use another --backend")
+
+    def submit(self, plan: SlurmPlan) -> list[JobHandle]:
+        """sbatch every group; returns at once with one handle (and record) per job."""
+        import submitit
+
+        from orchestrator.launchers.slurm.task import SlurmTrainJob
+
+        self.preflight(plan)
+        handles: list[JobHandle] = [None] * len(plan.jobs)  # type: ignore[list-item]
+        for group in plan.groups:
+            members = [plan.jobs[i] for i in group.indices]
+            folder = Path(group.folder)
+            max_requeues = members[0].experiment.resources.slurm.max_requeues
+            executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
+            executor.update_parameters(**group.params)
+            calls = [SlurmTrainJob(str(j.config_path), str(folder), max_requeues, j.extra_env) for j in members]
+            try:
+                if len(calls) == 1:
+                    submitted = [executor.submit(calls[0])]
+                else:
+                    with executor.batch():
+                        pending = [executor.submit(call) for call in calls]
+                    submitted = list(pending)
+            except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as err:
+                detail = getattr(err, "stderr", None) or getattr(err, "output", None) or str(err)
+                detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
+                line = next((s for s in reversed(detail.strip().splitlines()) if s.strip()), str(err))
+                raise LaunchError(f"sbatch refused {members[0].name}: {line.strip()}; check --partition, "
+                                  "--gpus-per-node and resources.slurm") from None
+            for index, job, sjob in zip(group.indices, members, submitted):
+                record = records.create_record(
+                    name=job.name, backend=self.name, output_dir=str(job.output_dir), config_path=str(job.config_path),
+                    log_file=str(sjob.paths.stdout), native_id=str(sjob.job_id),
+                    mlflow_run_id=job.experiment.tracking.run_id, tracking_uri=job.experiment.tracking.uri,
+                    extra={"slurm_folder": str(folder), "result_path": str(sjob.paths.result_pickle),
+                           # An array has one script, named after the array's own id.
+                           "submission_file": str(folder / f"{str(sjob.job_id).split('_')[0]}_submission.sh")},
+                )
+                handles[index] = self.handle(record.job_id)
+        return handles
+
+    def refresh(self, record: JobRecord) -> JobRecord:
+        """Ask Slurm (sacct, else squeue / scontrol, else the job's result file) and store the answer."""
+        from orchestrator.launchers.slurm import state as slurm_state
+
+        if record.state.finished or not record.native_id:
+            return record
+        status = slurm_state.query(record.native_id, record.extra.get("result_path"))
+        if status.state is JobState.UNKNOWN and status.source == "none":
+            return record  # Slurm forgot the job and it left no result: keep what we knew
+        fields: dict[str, Any] = {"extra": {"slurm_state": status.raw, "state_source": status.source}}
+        if status.started_at:
+            fields["started_at"] = status.started_at
+        if status.ended_at:
+            fields["ended_at"] = status.ended_at
+        if status.exit_code is not None:
+            fields["exit_code"] = status.exit_code
+        if status.state is JobState.FAILED and not record.error:
+            why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
+            fields["error"] = f"Slurm job {record.native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
+                f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
+        return records.transition(record.job_id, status.state, **fields)
+
+    def cancel(self, record: JobRecord) -> None:
+        """``scancel`` the job (a job Slurm already finished is left alone)."""
+        if record.native_id and shutil.which("scancel"):
+            proc = subprocess.run(["scancel", record.native_id], capture_output=True, text=True, timeout=30)
+            if proc.returncode != 0 and "already completing or completed" not in proc.stderr \
+                    and "Invalid job id" not in proc.stderr:
+                raise LaunchError(f"scancel {record.native_id} failed: {proc.stderr.strip()}")
+
+    def describe(self, record: JobRecord) -> list[tuple[str, str]]:
+        rows = [("slurm state", record.extra["slurm_state"])] if record.extra.get("slurm_state") else []
+        if record.extra.get("submission_file"):
+            rows.append(("sbatch script", record.extra["submission_file"]))
+        return rows
+
