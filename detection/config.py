@@ -10,7 +10,7 @@ Field comments are the schema documentation: the README's schema table is writte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,13 @@ class DataConfig:
     keep_empty: bool = False  # keep training images that have no annotations
     aspect_ratio_grouping: bool = True
     on_bad_data: Literal["error", "skip"] = "error"  # skip = drop and count bad boxes/images
+    # Training augmentation on torchvision.transforms.v2: a preset of torchvision's detection
+    # references (hflip | lsj | multiscale | ssd | ssdlite; their flip uses flip_prob) or a list
+    # of {type: <v2 transform>, <argument>: value, ...}; SanitizeBoundingBoxes is added at the end.
+    # null = resize to min_size/max_size and flip with flip_prob. The model still resizes its
+    # input to min_size/max_size either way.
+    train_pipeline: Union[str, tuple[dict[str, Any], ...], None] = None
+    prefetch_factor: int = 2  # batches each loader worker prepares ahead
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 the pieces are public for tests and tools.
 
 The names below are loaded on first use (PEP 562), so the torch-free tools of this package
-(:mod:`detection.data.convert`, :mod:`detection.data.check`, used by ``orch data``) can be
-imported without importing torch.
+(:mod:`detection.data.convert`, :mod:`detection.data.check`, used by ``orch data``, and
+:mod:`detection.data.pipeline_spec`, read by ``orch config``) can be imported without importing
+torch.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ _LAZY = {
     "Resize": "transforms",
     "ToTensor": "transforms",
     "build_transforms": "transforms",
+    "Pipeline": "pipelines",
+    "build_pipeline": "pipelines",
+    "read_image": "decode",
 }
 
 

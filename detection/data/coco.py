@@ -26,10 +26,11 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 
 from cluster.errors import DataError
+from detection.data.decode import read_image
+from detection.data.transforms import image_to_float
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,10 @@ Transform = Callable[..., tuple[Any, dict[str, Any]]]
 class CocoDetection(torch.utils.data.Dataset):
     """COCO detection dataset returning ``(image, target)``.
 
-    ``image`` is what ``transforms`` makes of the RGB PIL image (a float tensor ``[3, H, W]`` in
-    0..1 with the transforms of :mod:`detection.data.transforms`). ``target`` holds tensors only
+    ``image`` is what ``transforms`` makes of the decoded RGB image, a ``uint8 [3, H, W]`` tensor
+    (:func:`detection.data.decode.read_image`; see :mod:`detection.data.transforms` and
+    :mod:`detection.data.pipelines`), as float32 in 0..1 (as ``uint8`` when
+    :attr:`float_images` is false: the loader's workers hand over uint8 and convert after). ``target`` holds tensors only
     (so ``{k: v.to(device)}`` works): ``boxes`` float32 ``[N, 4]`` xyxy, ``labels`` int64 ``[N]``
     (1..K), ``image_id`` int64 scalar (the COCO image id), ``area`` float32, ``iscrowd`` int64,
     ``orig_size`` int64 ``[2]`` (height, width in the file) and, with ``with_masks``, ``masks``
@@ -79,6 +82,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.train = train
         self.transforms = transforms
         self.with_masks = with_masks
+        #: Hand out float images in 0..1 (else uint8 as the transforms leave them).
+        self.float_images = True
 
         raw = load_coco_json(ann_file)
         all_cats = sorted(raw["categories"], key=lambda c: c["id"])
@@ -147,18 +152,22 @@ class CocoDetection(torch.utils.data.Dataset):
         target = self._target(info)
         if self.transforms is not None:
             image, target = self.transforms(image, target, generator)
-        return image, target
+        return (image_to_float(image) if self.float_images else image), target
 
-    def _load_image(self, info: dict[str, Any]) -> Image.Image:
+    def annotation_count(self, index: int) -> int:
+        """Number of (training: non-crowd) annotations of image ``index`` before any transform."""
+        return len(self._anns[self.ids[index]])
+
+    def _load_image(self, info: dict[str, Any]) -> torch.Tensor:
         path = info["path"]
         try:
-            with Image.open(path) as handle:
-                image = handle.convert("RGB")
+            image = read_image(path)
         except OSError as err:
             raise DataError(f"{path}: cannot read image {info['id']} of {self.ann_file}: {err}") from err
-        if image.size != (info["width"], info["height"]):
+        height, width = image.shape[-2:]
+        if (width, height) != (info["width"], info["height"]):
             raise DataError(
-                f"{path}: image {info['id']} is {image.size[0]}x{image.size[1]} but {self.ann_file} "
+                f"{path}: image {info['id']} is {width}x{height} but {self.ann_file} "
                 f"says {info['width']}x{info['height']}; fix the width/height in the file"
             )
         return image

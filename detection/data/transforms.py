@@ -4,6 +4,16 @@ Every transform is called as ``transform(image, target, generator=None)`` and re
 ``(image, target)``. Random choices draw from ``generator`` (a ``torch.Generator``) when one is
 given: the samplers hand each sample its own seed, so an augmentation depends only on
 ``(seed, epoch, index)``, not on the DataLoader worker that ran it or on where a run resumed.
+
+These make the default pipeline (no ``data.train_pipeline``): resize to ``data.min_size`` /
+``data.max_size`` and flip with ``data.flip_prob``, with exactly the values orch always gave.
+Images arrive as decoded ``uint8`` tensors; :class:`Resize` makes them ``float`` before it
+interpolates (as before: resizing ``uint8`` is ~3x faster but rounds every pixel to 1/255, and
+the shapes demo then ended 0.02 mAP lower on both seeds tried), while an image that needs no
+resize stays ``uint8``, flips as ``uint8`` (bit-identical), and becomes ``float`` at the very end
+(:func:`image_to_float`): in the dataset, or in the training process after the loader's workers
+handed it over as ``uint8``. ``data.train_pipeline`` pipelines are in
+:mod:`detection.data.pipelines`.
 """
 
 from __future__ import annotations
@@ -32,15 +42,20 @@ class Compose:
         return f"Compose({', '.join(map(repr, self.transforms))})"
 
 
+def image_to_float(image: torch.Tensor) -> torch.Tensor:
+    """A ``uint8`` image as contiguous float32 in 0..1 (``x / 255``); a float image as it is, made
+    contiguous. Contiguous always: a flip or crop leaves strided views, and the same values in
+    another layout sum in another order, so batches from workers (copied contiguous) and from
+    this process would differ in the last bit."""
+    image = image.contiguous()
+    return image if image.is_floating_point() else image.float().div_(255.0)
+
+
 class ToTensor:
-    """PIL image -> float tensor ``[3, H, W]`` in 0..1 (tensors pass through as float)."""
+    """PIL image or ``uint8`` tensor -> float tensor ``[3, H, W]`` in 0..1 (float tensors pass)."""
 
     def __call__(self, image: Any, target: Target, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Target]:
-        if not isinstance(image, torch.Tensor):
-            image = pil_to_tensor(image)
-        if not image.is_floating_point():
-            image = image.float().div_(255.0)
-        return image, target
+        return image_to_float(_as_tensor(image)), target
 
     def __repr__(self) -> str:
         return "ToTensor()"
@@ -51,7 +66,8 @@ class Resize:
     ``max_size`` (then the longer side is ``max_size``), like torchvision's detection transform.
 
     Boxes and areas are scaled with the image; masks are resized with nearest neighbour so they
-    stay binary. Works on tensors (put it after :class:`ToTensor`).
+    stay binary. Interpolates in ``float``: a ``uint8`` (or PIL) image that needs resizing is made
+    float in 0..1 first; one that does not is returned unchanged.
     """
 
     def __init__(self, min_size: int, max_size: int) -> None:
@@ -65,11 +81,13 @@ class Resize:
         scale = min(self.min_size / min(height, width), self.max_size / max(height, width))
         return max(1, round(height * scale)), max(1, round(width * scale))
 
-    def __call__(self, image: torch.Tensor, target: Target, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Target]:
+    def __call__(self, image: Any, target: Target, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, Target]:
+        image = _as_tensor(image)
         height, width = image.shape[-2:]
         new_h, new_w = self.output_size(height, width)
         if (new_h, new_w) == (height, width):
             return image, target
+        image = image_to_float(image)
         image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)[0]
         sx, sy = new_w / width, new_h / height
         target = dict(target)
@@ -117,17 +135,27 @@ class RandomHorizontalFlip:
         return f"RandomHorizontalFlip(prob={self.prob})"
 
 
-def build_transforms(data_cfg: Any, train: bool, resize_eval: bool = False) -> Compose:
-    """The standard pipeline: to tensor, resize by ``data.min_size``/``data.max_size``, and (in
-    training) flip with ``data.flip_prob``.
+def build_transforms(data_cfg: Any, train: bool, resize_eval: bool = False) -> Any:
+    """The transforms of a split, on ``uint8`` images: ``data.train_pipeline`` for training when
+    it is set (see :func:`detection.data.pipelines.build_pipeline`), else the standard pipeline:
+    resize by ``data.min_size``/``data.max_size`` and (in training) flip with ``data.flip_prob``.
 
     Evaluation images are not resized unless ``resize_eval``: torchvision detectors resize
     internally and map their predictions back to the size of the image they were given, so
     predictions come out in the original image coordinates the COCO ground truth uses.
     """
-    steps: list[Any] = [ToTensor()]
+    pipeline = getattr(data_cfg, "train_pipeline", None)
+    if train and pipeline is not None:
+        from detection.data.pipelines import build_pipeline
+
+        return build_pipeline(pipeline, data_cfg.flip_prob, data_cfg.keep_empty)
+    steps: list[Any] = []
     if train or resize_eval:
         steps.append(Resize(data_cfg.min_size, data_cfg.max_size))
     if train and data_cfg.flip_prob > 0:
         steps.append(RandomHorizontalFlip(data_cfg.flip_prob))
     return Compose(steps)
+
+
+def _as_tensor(image: Any) -> torch.Tensor:
+    return image if isinstance(image, torch.Tensor) else pil_to_tensor(image)

@@ -109,3 +109,7 @@ def check_cmd(ann_file: str, img_dir: str | None, fix_out: str | None, tolerance
         return 1
     click.echo(f"{fix_out}: no errors left")
     return 0
+
+
+from orchestrator.commands.browse import browse_cmd  # noqa: E402  (orch data browse; own module)
+data_group.add_command(browse_cmd)

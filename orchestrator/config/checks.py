@@ -82,6 +82,7 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
         raise ctx.error("runtime.output_dir", "may only contain the placeholder {name}, got "
                         f"{exp.runtime.output_dir!r}")
     _check_model(exp, ctx)
+    _check_train_pipeline(exp, ctx)
     _check_resources(exp, ctx)
     _check_searches(exp, ctx)
 
@@ -117,6 +118,18 @@ def _check_model(exp: Experiment, ctx: Context) -> None:
         refusal = download_refusal(value)
         if refusal:
             raise ctx.error(path, refusal)
+
+
+def _check_train_pipeline(exp: Experiment, ctx: Context) -> None:
+    """Transform names and argument names of ``data.train_pipeline`` (values are checked when the
+    worker builds the pipeline: that needs torchvision), and the loader's prefetch depth."""
+    from detection.data.pipeline_spec import pipeline_problem  # a torch-free table
+
+    _at_least(exp, ctx, 1, "data.prefetch_factor")
+    problem = pipeline_problem(exp.data.train_pipeline)
+    if problem:
+        key, message = problem
+        raise ctx.error(f"data.train_pipeline{key}", message)
 
 
 def _check_schedule(exp: Experiment, ctx: Context) -> None:

@@ -222,3 +222,44 @@ def test_bad_data_found_before_any_worker_starts(tmp_path):
     batches = list(build_loader(ds, skip_cfg, rank=0, world_size=1, train=True, seed=0))
     assert sorted(int(t[0]["image_id"]) for _, t in batches) == [1, 2]
     assert np.isclose(sum(float(t[0]["boxes"].numel()) for _, t in batches), 8)  # one box each
+
+
+def _photo(width: int = 96, height: int = 64) -> Image.Image:
+    """A noisy image, so JPEG has real work (flat colours decode identically anywhere)."""
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, width * height * 3).reshape(height, width, 3)
+    return Image.fromarray((base + rng.integers(-40, 40, base.shape)).clip(0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("suffix, options, fast", [
+    ("jpg", {"quality": 90}, True), ("png", {}, True), ("bmp", {}, False),
+    ("png", {"mode": "L"}, True), ("png", {"mode": "RGBA"}, True), ("png", {"mode": "P"}, True),
+    ("jpg", {"mode": "L", "quality": 90}, True),
+])
+def test_images_decode_as_pil_decodes_them(tmp_path, suffix, options, fast):
+    """torchvision's decoders for JPEG/PNG (grey, alpha and palette PNGs too), PIL for the rest:
+    the same pixels as PIL's decode + convert("RGB"), as uint8 [3, H, W]."""
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from detection.data.decode import _decode_fast, read_image
+
+    options = dict(options)
+    mode = options.pop("mode", "RGB")
+    path = tmp_path / f"im.{suffix}"
+    _photo().convert(mode).save(path, **options)
+    image = read_image(str(path))
+    with Image.open(path) as handle:
+        expected = pil_to_tensor(handle.convert("RGB"))
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 96)
+    assert (image.int() - expected.int()).abs().max() <= (1 if suffix == "jpg" else 0)
+    from torchvision.io import read_file
+
+    assert (_decode_fast(read_file(str(path))) is not None) == fast
+
+
+def test_unreadable_image_is_a_data_error(tmp_path):
+    ann, img = _write(tmp_path, _base())
+    Path(img, "im1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    ds = CocoDetection(ann, img)
+    with pytest.raises(DataError, match=r"im1.png: cannot read image 1 of .*ann.json"):
+        ds[0]

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from detection.config import DataConfig
-from detection.data.transforms import Compose, RandomHorizontalFlip, Resize, ToTensor, build_transforms
+from detection.data.transforms import Compose, RandomHorizontalFlip, Resize, ToTensor, build_transforms, image_to_float
 
 
 def _sample(height: int = 30, width: int = 60):
@@ -85,12 +85,32 @@ def test_pipeline_from_config():
     pil = Image.new("RGB", (40, 10), (255, 0, 0))
     target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}
     train = build_transforms(cfg, train=True)
-    assert [type(t) for t in train.transforms] == [ToTensor, Resize, RandomHorizontalFlip]
+    # float conversion inside Resize, when it resizes; the dataset converts the others at the end
+    assert [type(t) for t in train.transforms] == [Resize, RandomHorizontalFlip]
     image, out = train(pil, target, torch.Generator().manual_seed(0))
     assert image.shape == (3, 12, 50) and image.dtype == torch.float32 and image.max() == 1.0
+    same_size, _ = build_transforms(DataConfig(min_size=10, max_size=40), train=True)(pil, target, torch.Generator())
+    assert same_size.dtype == torch.uint8 and image_to_float(same_size).max() == 1.0
     assert out["boxes"].tolist() == [[37.5, 0.0, 50.0, 12.0]]
     evaluation = build_transforms(cfg, train=False)
-    image, out = evaluation(pil, target)
-    assert image.shape == (3, 10, 40) and out is target
-    assert isinstance(build_transforms(cfg, train=False, resize_eval=True).transforms[1], Resize)
+    assert evaluation.transforms == []
+    assert isinstance(build_transforms(cfg, train=False, resize_eval=True).transforms[0], Resize)
+    image, out = ToTensor()(pil, target)
+    assert image.shape == (3, 10, 40) and image.dtype == torch.float32 and out is target
     assert isinstance(Compose([]), Compose)
+
+
+@pytest.mark.parametrize("size, min_size, max_size", [((48, 64), 80, 200), ((120, 90), 30, 40), ((33, 47), 33, 47)])
+def test_default_pipeline_gives_exactly_the_values_of_before(size, min_size, max_size):
+    """Decoded uint8 in, the same bits out as orch's former pipeline (to float, resize, flip)."""
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8)
+    target = {"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]), "area": torch.tensor([551.0])}
+    for flip in (0.0, 1.0):
+        cfg = DataConfig(min_size=min_size, max_size=max_size, flip_prob=flip)
+        new_image, new = build_transforms(cfg, train=True)(image, target)
+        new_image = image_to_float(new_image)
+        before = [ToTensor(), Resize(min_size, max_size)] + ([RandomHorizontalFlip(flip)] if flip else [])
+        old_image, old = Compose(before)(image, target)
+        assert new_image.dtype == torch.float32 and torch.equal(new_image, old_image)
+        assert torch.equal(new["boxes"], old["boxes"]) and torch.equal(new["area"], old["area"])
