@@ -125,7 +125,14 @@ def build_model_from_checkpoint(config: Any, path: str, num_classes: int) -> tor
     state dict; ``model.weights`` / ``backbone_weights`` are not loaded first)."""
     bare = dataclasses.replace(config.model, weights=None, backbone_weights=None)
     model = models.build_model(bare, num_classes, config.data)
-    missing, unexpected = model.load_state_dict(models.read_state_dict(path, "--checkpoint"), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(models.read_state_dict(path, "--checkpoint"), strict=False)
+    except RuntimeError as err:  # shapes differ (another class count): torch lists every tensor
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ConfigError(
+            f"--checkpoint {path}: does not fit model.type {config.model.type} with {num_classes - 1} classes "
+            f"({lines[0] if lines else 'tensor shapes differ'}); use the experiment it was trained with"
+        ) from None
     if missing or unexpected:
         raise ConfigError(
             f"--checkpoint {path}: does not fit model.type {config.model.type} with {num_classes - 1} classes "

@@ -9,6 +9,7 @@ Fixtures:
     tracking_uri       ``sqlite:///<tmp>/mlflow.db`` for this test
     make_experiment    function(**dotted_overrides) -> Path of a tiny experiment YAML in tmp
     tiny_experiment    Path of the tiny experiment YAML with no overrides
+    tiny_checkpoint    (session) (experiment YAML, best checkpoint) of one tiny training run
 """
 
 from __future__ import annotations
@@ -139,3 +140,20 @@ def local_orch_env(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
+    """``(experiment YAML, checkpoint)`` of the tiny experiment trained once per session (no
+    tracking); prediction tests share it: do not modify either file."""
+    from cluster.env import DistEnv
+    from detection.train import main
+    from orchestrator.config import load_experiment
+
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    mapping = tiny_experiment_dict(shapes_data, folder / "work", f"sqlite:///{folder / 'mlflow.db'}")
+    mapping["tracking"]["enable"] = False
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    result = main(load_experiment(path), DistEnv.single())
+    return path, Path(result.best["path"])
