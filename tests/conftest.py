@@ -10,6 +10,7 @@ Fixtures:
     make_experiment    function(**dotted_overrides) -> Path of a tiny experiment YAML in tmp
     tiny_experiment    Path of the tiny experiment YAML with no overrides
     tiny_checkpoint    (session) (experiment YAML, best checkpoint) of one tiny training run
+    random_detector    (session) (experiment YAML, state dict) of a seeded random Faster R-CNN
 """
 
 from __future__ import annotations
@@ -157,3 +158,26 @@ def tiny_checkpoint(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
     path.write_text(yaml.safe_dump(mapping, sort_keys=False))
     result = main(load_experiment(path), DistEnv.single())
     return path, Path(result.best["path"])
+
+
+@pytest.fixture(scope="session")
+def random_detector(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
+    """``(experiment YAML, state dict)`` of a Faster R-CNN (ResNet-18 FPN, 64 px) with seeded
+    random weights. Unlike the briefly trained tiny SSDlite, whose outputs barely depend on the
+    image, its detections change with every pixel: tests comparing two prediction paths use it."""
+    import torch
+
+    from detection import models
+    from orchestrator.config import load_experiment
+
+    folder = tmp_path_factory.mktemp("random_detector")
+    mapping = tiny_experiment_dict(shapes_data, folder / "work", f"sqlite:///{folder / 'mlflow.db'}")
+    mapping["tracking"]["enable"] = False
+    mapping["model"] = {"type": "fasterrcnn", "backbone": "resnet18"}
+    path = folder / "random.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    config = load_experiment(path)
+    torch.manual_seed(0)
+    checkpoint = folder / "random.pth"
+    torch.save(models.build_model(config.model, 4, config.data).state_dict(), checkpoint)
+    return path, checkpoint

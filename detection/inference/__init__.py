@@ -7,10 +7,16 @@ Modules: ``sources`` (inputs and the image dataset), ``video`` (PyAV reader/writ
 of a checkpoint), ``draw``, ``outputs`` (atomic, streamed results files), ``progress``.
 """
 
-from detection.inference.format_only import FormatSummary, format_results
-from detection.inference.model import Predictor, load_predictor
-from detection.inference.run import PredictSummary, predict_sources
-from detection.inference.sources import Source, resolve_sources
+import os
+
+# Before torch loads, as in detection.train: spinning OpenMP waiters collapse throughput on a
+# shared, oversubscribed machine. An explicit OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from detection.inference.format_only import FormatSummary, format_results  # noqa: E402
+from detection.inference.model import Predictor, load_predictor  # noqa: E402
+from detection.inference.run import PredictSummary, predict_sources  # noqa: E402
+from detection.inference.sources import Source, resolve_sources  # noqa: E402
 
 __all__ = ["FormatSummary", "PredictSummary", "Predictor", "Source", "format_results", "load_predictor",
            "predict_sources", "resolve_sources"]

@@ -45,7 +45,7 @@ def draw_detections(image: torch.Tensor, output: dict[str, Any], class_names: Se
         masks = masks[:, 0] if masks.dim() == 4 else masks
         image = draw_segmentation_masks(image, masks > MASK_THRESHOLD, alpha=MASK_ALPHA, colors=colors)
     texts = [f"{_name(class_names, label)} {score:.2f}" for label, score in zip(labels, output["scores"][keep].tolist())]
-    width = max(1, round(max(image.shape[-2:]) / 320))  # 2 px lines at 640 px, 6 at 1920
+    width = max(2, round(max(image.shape[-2:]) / 320))  # 2 px lines up to 800 px, 6 at 1920
     extra = {"fill_labels": True, "label_colors": "black"} if _label_fill_supported() else {}
     return draw_bounding_boxes(image, output["boxes"][keep], labels=texts, colors=colors, width=width, **extra)
 

@@ -20,7 +20,7 @@ from cluster.errors import ConfigError, DataError
 from detection import build
 from detection.inference.classes import read_image_info
 from detection.inference.model import load_predictor
-from detection.inference.outputs import JsonArrayWriter, detections_to_results
+from detection.inference.outputs import JsonArrayWriter, check_out_dir, detections_to_results
 from detection.inference.progress import Progress
 from detection.inference.sources import check_image_header, image_batches, resolve_sources
 
@@ -83,6 +83,7 @@ def format_results(config: Any, checkpoint: str, split: str, out: str, image_inf
         raise ConfigError(f"data.{split} is not set in the experiment; add data.{split}.img_dir (and ann_file) or pick --split")
     if os.path.isdir(out):
         raise ConfigError(f"--out {out} is a folder; give the path of the results JSON file")
+    check_out_dir(os.path.dirname(out) or ".")
     predictor = load_predictor(config, checkpoint)
     ids = read_image_info(image_info, predictor.classes) if image_info else None
     images = split_images(data_split, split, ids)

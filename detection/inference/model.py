@@ -9,27 +9,44 @@ from typing import Any, Optional, Sequence
 import torch
 
 from cluster.env import DistEnv
+from cluster.errors import ConfigError
 from detection import build
 from detection.inference.classes import ClassMap, resolve_class_map
+from detection.inference.draw import MASK_THRESHOLD
+from detection.inference.outputs import RESULTS_SCORE_FLOOR
 
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
     """Calls the detector on batches of images (``inference_mode``; float16 autocast on CUDA
-    when ``amp``) and returns its outputs on the CPU in float32."""
+    when ``amp``) and returns, on the CPU, its detections scoring at least ``floor`` (boxes and
+    scores in float32, masks thresholded at 0.5 to bool while still on the device: a float mask
+    per detection of a full-HD frame would be 8 MB)."""
 
     model: torch.nn.Module
     device: torch.device
     classes: ClassMap
     amp: bool
     masks: bool
+    floor: float = RESULTS_SCORE_FLOOR
 
     def __call__(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         inputs = [image.to(self.device, non_blocking=True) for image in images]
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             outputs = self.model(inputs)
-        return [{key: (value.float() if value.is_floating_point() else value).cpu() for key, value in output.items()}
-                for output in outputs]
+        return [self._kept(output) for output in outputs]
+
+    def _kept(self, output: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        keep = output["scores"] >= self.floor
+        kept = {}
+        for key, value in output.items():
+            value = value[keep]
+            if key == "masks":
+                value = value > MASK_THRESHOLD
+            elif value.is_floating_point():
+                value = value.float()
+            kept[key] = value.cpu()
+        return kept
 
 
 def load_predictor(config: Any, checkpoint: str, device: Optional[str] = None) -> Predictor:
@@ -38,6 +55,8 @@ def load_predictor(config: Any, checkpoint: str, device: Optional[str] = None) -
     ConfigError for a missing file or a checkpoint of another model or class count."""
     from detection.models import check_local_weights
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible here; use --device auto or cpu")
     path = check_local_weights(checkpoint, "--checkpoint")
     classes = resolve_class_map(config, path)
     runtime = dataclasses.replace(config.runtime, device=device or config.runtime.device)

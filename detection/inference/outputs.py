@@ -113,11 +113,9 @@ class JsonArrayWriter:
 
 
 def detections_to_results(output: Mapping[str, Any], image_id: int, label_to_cat_id: Mapping[int, int],
-                          masks: bool, floor: float = RESULTS_SCORE_FLOOR) -> list[dict[str, Any]]:
+                          masks: bool) -> list[dict[str, Any]]:
     """COCO result dicts (:func:`detection.evaluation.predictions_to_coco`) of one image's
-    detections with a score of at least ``floor``."""
+    detections (a :class:`~detection.inference.model.Predictor` output: already above the floor)."""
     from detection.evaluation import predictions_to_coco
 
-    keep = output["scores"] >= floor
-    kept = {key: value[keep] for key, value in output.items()}
-    return predictions_to_coco([kept], [image_id], label_to_cat_id, with_masks=masks and "masks" in output)
+    return predictions_to_coco([output], [image_id], label_to_cat_id, with_masks=masks and "masks" in output)

@@ -43,7 +43,7 @@ class VideoReader:
         self.path = path
         try:
             self._container = av.open(path)
-        except (av.FFmpegError, OSError) as err:
+        except (av.error.FFmpegError, OSError) as err:
             raise DataError(f"{path}: cannot open the video ({short_reason(err)}); is it a complete video file?") from None
         if not self._container.streams.video:
             self._container.close()
@@ -65,7 +65,7 @@ class VideoReader:
             for frame in self._container.decode(self._stream):
                 yield frame.to_ndarray(format="rgb24")
                 count += 1
-        except av.FFmpegError as err:
+        except av.error.FFmpegError as err:
             raise DataError(f"{self.path}: cannot decode frame {count} ({short_reason(err)}); the file is truncated "
                             "or corrupt") from None
 

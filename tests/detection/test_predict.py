@@ -33,8 +33,8 @@ def _by_image(preds, id_of=lambda i: i):
     return {k: sorted(v, key=lambda p: (p["category_id"], -p["score"], p["bbox"])) for k, v in grouped.items()}
 
 
-def test_predicting_a_coco_split_folder_gives_orch_evals_predictions(tiny_checkpoint, tmp_path):
-    path, ckpt = tiny_checkpoint
+def test_predicting_a_coco_split_folder_gives_orch_evals_predictions(random_detector, tmp_path):
+    path, ckpt = random_detector  # detections that change with every pixel of the input
     config = load_experiment(path)
     evaluate_checkpoint(config, str(ckpt), split="val", out=str(tmp_path / "eval.json"))
     expected = json.loads((tmp_path / "eval.json").read_text())
@@ -48,7 +48,7 @@ def test_predicting_a_coco_split_folder_gives_orch_evals_predictions(tiny_checkp
     coco_ids = {img["file_name"]: img["id"] for img in json.loads(Path(config.data.val.ann_file).read_text())["images"]}
     ours = {img["id"]: coco_ids[img["file_name"]] for img in info["images"]}
     assert info["categories"] == [{"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"}]
-    assert len(expected) > 100 and len(got) == len(expected)
+    assert len(expected) == 800 and len(got) == len(expected)  # 100 per image
     want, have = _by_image(expected), _by_image(got, ours.get)
     assert want.keys() == have.keys()
     for image_id in want:
@@ -193,3 +193,25 @@ def test_a_mask_model_writes_segmentations(shapes_data, make_experiment, tmp_pat
     results = json.loads(Path(summary.results).read_text())
     assert results and all(set(r["segmentation"]) == {"size", "counts"} for r in results)
     assert (tmp_path / "out" / "000001.png").is_file()
+
+
+def test_progress_is_a_bar_on_a_terminal_and_quiet_lines_otherwise(caplog):
+    import io
+    import logging
+
+    from detection.inference.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    bar = Progress(4, stream=screen)
+    bar.update(3), bar.update(1), bar.close()
+    assert "4/4" in screen.getvalue() and bar.done == 4
+    plain = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="detection.inference"):
+        lines = Progress(None, stream=plain)
+        lines._last -= 60  # as if the last line was a minute ago
+        lines.update(2)
+    assert plain.getvalue() == "" and "predict: 2 images" in caplog.text

@@ -37,30 +37,37 @@ def clip(shapes_data, tmp_path_factory) -> Path:
     return path
 
 
-def test_predict_images_a_glob_and_a_video(tiny_checkpoint, shapes_data, clip, tmp_path, capsys):
-    exp, ckpt = tiny_checkpoint
+def test_predict_images_a_glob_and_a_video(random_detector, shapes_data, clip, tmp_path, capsys):
+    exp, ckpt = random_detector  # detections that change with every pixel
+    frames = tmp_path / "frames"  # the video's frames as decoded, as PNG images
+    frames.mkdir()
+    with av.open(str(clip)) as video:
+        for k, frame in enumerate(video.decode(video=0)):
+            Image.fromarray(frame.to_ndarray(format="rgb24")).save(frames / f"f{k:02d}.png")
     out = tmp_path / "out"
     code = orch(["predict", str(exp), "--checkpoint", str(ckpt), str(shapes_data / "val"),
-                 str(shapes_data / "train" / "00001[01].png"), str(clip), "--out", str(out), "--score-thr", "0.1",
-                 "--batch-size", "3"])
+                 str(frames / "f*.png"), str(clip), "--out", str(out), "--score-thr", "0.3", "--batch-size", "3"])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert "predicted 10 images, 10 frames of 1 videos" in printed and "images/s on cpu" in printed
-    assert sorted(p.name for p in out.iterdir()) == sorted([*VAL_FILES, "000010.png", "000011.png", "clip.mp4",
+    assert "predicted 18 images, 10 frames of 1 videos" in printed and "images/s on cpu" in printed
+    frame_files = [f"f{k:02d}.png" for k in range(10)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*VAL_FILES, *frame_files, "clip.mp4",
                                                            "images.json", "results.json"])
     info = json.loads((out / "images.json").read_text())
     names = [img["file_name"] for img in info["images"]]
-    assert names == [*VAL_FILES, "000010.png", "000011.png", *[f"clip.mp4#frame={k:06d}" for k in range(10)]]
-    assert [img["id"] for img in info["images"]] == list(range(1, 21))
+    assert names == [*VAL_FILES, *frame_files, *[f"clip.mp4#frame={k:06d}" for k in range(10)]]
+    assert [img["id"] for img in info["images"]] == list(range(1, 29))
     assert {c["name"] for c in info["categories"]} == {"rectangle", "ellipse", "triangle"}
     results = json.loads((out / "results.json").read_text())
-    assert {r["image_id"] for r in results} == set(range(1, 21)) and {r["category_id"] for r in results} <= {1, 2, 3}
+    assert {r["image_id"] for r in results} == set(range(1, 29)) and {r["category_id"] for r in results} <= {1, 2, 3}
     assert min(r["score"] for r in results) >= 0.001
-    # The frames are the val images again: frame k has the detections of image k % 8 (H.264 is
-    # lossy, so nearly, not exactly).
-    first = sorted(r["score"] for r in results if r["image_id"] == 1)
-    frame0 = sorted(r["score"] for r in results if r["image_id"] == 11)
-    assert abs(first[-1] - frame0[-1]) < 0.05
+    # Frame k of the video has the detections of its decoded PNG f<k>.png, to the last digits.
+    for k in range(10):
+        from_video = sorted((r["category_id"], r["score"], r["bbox"]) for r in results if r["image_id"] == 19 + k)
+        from_png = sorted((r["category_id"], r["score"], r["bbox"]) for r in results if r["image_id"] == 9 + k)
+        assert len(from_video) == len(from_png) == 100
+        for (cat_a, score_a, box_a), (cat_b, score_b, box_b) in zip(from_video, from_png):
+            assert cat_a == cat_b and score_a == pytest.approx(score_b, abs=1e-6) and box_a == pytest.approx(box_b, abs=1e-4)
     with av.open(str(out / "clip.mp4")) as video:
         stream = video.streams.video[0]
         assert (stream.average_rate, stream.width, stream.height, stream.codec_context.name) == (5, 64, 64, "h264")
@@ -96,6 +103,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_output(tiny_checkpoint, shap
         ([str(tmp_path / "missing.png")], ["missing.png: no such file"]),
         ([str(bad / "garbage.png")], ["garbage.png: cannot read the image"]),
         ([str(bad / "cut.png")], ["cut.png: cannot decode the image"]),
+        ([str(bad / "cut.png"), "--set", "data.workers_per_gpu=1"], ["cut.png: cannot decode the image"]),  # in a worker
         ([str(bad / "cut.mp4")], ["cut.mp4: cannot open the video"]),
         ([str(tmp_path / "empty")], ["no image file"]),
         ([str(shapes_data / "val"), "--set", "model.type=fasterrcnn_mobilenet_v3_large_320_fpn"],
@@ -105,6 +113,11 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_output(tiny_checkpoint, shap
          ["does not fit model.type ssdlite320_mobilenet_v3_large with 2 classes", "size mismatch"]),
         ([str(shapes_data / "val"), "--score-thr", "1.5"], ["--score-thr 1.5"]),
         ([str(shapes_data / "val"), "--checkpoint", str(tmp_path / "none.pth")], ["does not exist"]),
+        ([str(shapes_data / "val"), "--batch-size", "0"], ["--batch-size 0"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([str(shapes_data / "val"), "--device", "cuda"], ["--device cuda: no CUDA GPU"]))
+    cases += [
     ]
     for extra, parts in cases:
         assert orch([*base, *extra]) == 2, extra
@@ -120,8 +133,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_output(tiny_checkpoint, shap
     _one_line_error(capsys, "would overwrite the input")
 
 
-def test_format_only_writes_results_without_metrics(tiny_checkpoint, shapes_data, tmp_path, capsys):
-    exp, ckpt = tiny_checkpoint
+def test_format_only_writes_results_without_metrics(random_detector, shapes_data, tmp_path, capsys):
+    exp, ckpt = random_detector  # each image its own detections: a wrong image id shows
     scored = tmp_path / "scored.json"
     assert orch(["eval", str(exp), "--checkpoint", str(ckpt), "--out", str(scored)]) == 0
     capsys.readouterr()
