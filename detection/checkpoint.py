@@ -198,7 +198,7 @@ class Checkpointer:
             "metrics": dict(trainer.metrics),
             "rng": rng,
             "run_id": getattr(trainer, "run_id", None),
-            "classes": dataset_classes(getattr(trainer.loader, "dataset", None)),
+            "classes": dataset_classes(getattr(getattr(trainer, "loader", None), "dataset", None)),
         }
 
     def save(self, trainer: Any, reason: str = "interval") -> str:

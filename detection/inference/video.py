@@ -62,9 +62,15 @@ class VideoReader:
         av = _av()
         count = 0
         try:
-            for frame in self._container.decode(self._stream):
-                yield frame.to_ndarray(format="rgb24")
-                count += 1
+            for packet in self._container.demux(self._stream):
+                # A file cut short ends in a packet the demuxer marks corrupt ("partial file");
+                # decoding would just stop early, and the video would look complete.
+                if packet.is_corrupt:
+                    raise DataError(f"{self.path}: frame {count} is cut short or corrupt; the file is truncated "
+                                    "or damaged")
+                for frame in packet.decode():
+                    yield frame.to_ndarray(format="rgb24")
+                    count += 1
         except av.error.FFmpegError as err:
             raise DataError(f"{self.path}: cannot decode frame {count} ({short_reason(err)}); the file is truncated "
                             "or corrupt") from None

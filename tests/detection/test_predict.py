@@ -147,6 +147,21 @@ def test_video_written_and_read_frame_by_frame(tmp_path):
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match="cut.mp4: cannot open the video"):
         VideoReader(str(tmp_path / "cut.mp4"))
+    # Header first (as streaming sites write it), data cut: it opens, and fails at the first lost frame.
+    import av
+
+    with av.open(str(tmp_path / "fast.mp4"), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in _frames(30):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    data = (tmp_path / "fast.mp4").read_bytes()
+    (tmp_path / "fast_cut.mp4").write_bytes(data[: len(data) * 2 // 3])
+    with VideoReader(str(tmp_path / "fast_cut.mp4")) as reader, pytest.raises(DataError, match="fast_cut.mp4: .*frame"):
+        assert reader.frames == 30
+        for _ in reader:
+            pass
     with pytest.raises(RuntimeError):  # a failed run leaves no file, not even a temporary one
         with VideoWriter(str(tmp_path / "w" / "fail.mp4"), Fraction(25), 64, 48) as writer:
             writer.write(_frames(1)[0])
