@@ -105,10 +105,14 @@ def predict_sources(predictor: Predictor, data_cfg: Any, sources: Sequence[Sourc
 
 
 def _check_names(sources: Sequence[Source], out: OutputDir) -> None:
-    """No output may overwrite an input or take the name of the results files."""
+    """No output may overwrite an input or another output, or take the name of a results file."""
     inputs = {os.path.realpath(s.path) for s in sources}
+    taken: dict[str, str] = {}
     for source in sources:
         name = output_name(source)
+        if taken.setdefault(name, source.path) != source.path:
+            raise ConfigError(f"{taken[name]} and {source.path} would both be drawn into {out.path(name)}; "
+                              "predict them in separate runs (another --out each)")
         if name in RESERVED:
             raise ConfigError(f"{source.path}: its output {name} would replace the run's {name}; rename the file")
         if os.path.realpath(out.path(name)) in inputs:

@@ -95,6 +95,10 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_output(tiny_checkpoint, shap
     data = clip.read_bytes()
     (bad / "cut.mp4").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty").mkdir()
+    twins = tmp_path / "twins"  # x.png and x.bmp: both would be drawn as x.png
+    twins.mkdir()
+    shutil.copy(shapes_data / "val" / VAL_FILES[0], twins / "x.png")
+    Image.open(twins / "x.png").save(twins / "x.bmp")
     old = tmp_path / "old.pth"  # an older checkpoint (no class names), for a 2-class experiment
     state = torch.load(ckpt, weights_only=True)
     del state["classes"]
@@ -106,6 +110,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_output(tiny_checkpoint, shap
         ([str(bad / "cut.png"), "--set", "data.workers_per_gpu=1"], ["cut.png: cannot decode the image"]),  # in a worker
         ([str(bad / "cut.mp4")], ["cut.mp4: cannot open the video"]),
         ([str(tmp_path / "empty")], ["no image file"]),
+        ([str(twins)], ["both be drawn into"]),
         ([str(shapes_data / "val"), "--set", "model.type=fasterrcnn_mobilenet_v3_large_320_fpn"],
          ["does not fit model.type fasterrcnn_mobilenet_v3_large_320_fpn"]),
         ([str(shapes_data / "val"), "--set", "data.train.classes=[rectangle, ellipse]"], ["trained on 3 classes"]),
