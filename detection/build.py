@@ -125,7 +125,14 @@ def build_model_from_checkpoint(config: Any, path: str, num_classes: int) -> tor
     state dict; ``model.weights`` / ``backbone_weights`` are not loaded first)."""
     bare = dataclasses.replace(config.model, weights=None, backbone_weights=None)
     model = models.build_model(bare, num_classes, config.data)
-    missing, unexpected = model.load_state_dict(models.read_state_dict(path, "--checkpoint"), strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(models.read_state_dict(path, "--checkpoint"), strict=False)
+    except RuntimeError as err:  # shapes differ (another class count): torch lists every tensor
+        lines = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        raise ConfigError(
+            f"--checkpoint {path}: does not fit model.type {config.model.type} with {num_classes - 1} classes "
+            f"({lines[0] if lines else 'tensor shapes differ'}); use the experiment it was trained with"
+        ) from None
     if missing or unexpected:
         raise ConfigError(
             f"--checkpoint {path}: does not fit model.type {config.model.type} with {num_classes - 1} classes "
@@ -145,14 +152,16 @@ def build_optimizer(optim: Any, model: torch.nn.Module, lr: float) -> torch.opti
     raise ConfigError(f"optim.type {optim.type!r} is not supported; valid: sgd, adamw")
 
 
-def build_loaders(config: Any, env: Any, train_set: Any, eval_set: Optional[Any]) -> tuple[Any, Optional[Any]]:
-    """This rank's training loader and evaluation loader (None without an eval set)."""
+def build_loaders(config: Any, env: Any, train_set: Any, eval_set: Optional[Any],
+                  device: Any = None) -> tuple[Any, Optional[Any]]:
+    """This rank's training loader and evaluation loader (None without an eval set); batches
+    for a CUDA ``device`` come in pinned memory."""
     from detection.data import build_loader
 
     seed = config.runtime.seed
-    loader = build_loader(train_set, config.data, env.rank, env.world_size, train=True, seed=seed)
-    eval_loader = (build_loader(eval_set, config.data, env.rank, env.world_size, train=False, seed=seed)
-                   if eval_set is not None else None)
+    loader = build_loader(train_set, config.data, env.rank, env.world_size, train=True, seed=seed, device=device)
+    eval_loader = (build_loader(eval_set, config.data, env.rank, env.world_size, train=False, seed=seed,
+                                device=device) if eval_set is not None else None)
     return loader, eval_loader
 
 

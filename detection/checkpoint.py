@@ -5,6 +5,8 @@ AMP scaler, iteration (the epoch, the LR and the sampler position follow from it
 function of the iteration and the batch order a function of (seed, epoch)), best metric, history,
 and every rank's RNG states (python, numpy, torch, cuda). In deterministic mode on CPU a run
 stopped and resumed gives losses equal to an uninterrupted run (``tests/detection/test_checkpoint.py``).
+It also names the training classes (``classes``: names and COCO category ids in label order, read
+by :func:`read_classes` for ``orch predict``); checkpoints of older versions lack them and still load.
 
 Files under ``<output_dir>/checkpoints``: ``iter_<N>.pth`` (or ``epoch_<N>.pth``), ``best_<metric>.pth``
 and ``last_checkpoint`` (the file name of the newest). Each is written to a temporary file in
@@ -103,6 +105,34 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise ConfigError(f"{not_a_checkpoint(path, err)}; check runtime.resume / --checkpoint") from None
 
 
+def dataset_classes(dataset: Any) -> Optional[dict[str, list]]:
+    """``{"names": [...], "cat_ids": [...]}`` of a training dataset in label order (label ``i + 1``
+    is ``names[i]``, COCO category ``cat_ids[i]``), or None for a dataset without a label map.
+    Stored in checkpoints so ``orch predict`` can name classes without the annotation file."""
+    names = getattr(dataset, "class_names", None)
+    label_map = getattr(dataset, "label_to_cat_id", None)
+    if names is None or label_map is None:
+        return None
+    return {"names": [str(n) for n in names], "cat_ids": [int(label_map[i + 1]) for i in range(len(names))]}
+
+
+def read_classes(path: str) -> Optional[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """``(class names, category ids)`` stored in the checkpoint ``path`` (label order), or None
+    for a checkpoint saved before they were stored, or a plain state dict. The file is memory
+    mapped, so no tensor is read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: no classes; loading the weights says why
+        return None
+    classes = state.get("classes") if isinstance(state, dict) else None
+    if not isinstance(classes, dict):
+        return None
+    names, cat_ids = classes.get("names"), classes.get("cat_ids")
+    if not (isinstance(names, list) and isinstance(cat_ids, list) and len(names) == len(cat_ids) and names):
+        return None
+    return tuple(str(n) for n in names), tuple(int(c) for c in cat_ids)
+
+
 # What Checkpointer.state writes and Checkpointer.resume needs; a plain state dict lacks them.
 RESUME_KEYS = ("model", "optimizer", "iter", "max_iters", "world_size", "rng")
 
@@ -168,6 +198,7 @@ class Checkpointer:
             "metrics": dict(trainer.metrics),
             "rng": rng,
             "run_id": getattr(trainer, "run_id", None),
+            "classes": dataset_classes(getattr(getattr(trainer, "loader", None), "dataset", None)),
         }
 
     def save(self, trainer: Any, reason: str = "interval") -> str:

@@ -39,7 +39,9 @@ class ModelConfig:
 class DataSplit:
     """One split of a COCO-format dataset."""
 
-    ann_file: str = ""
+    # COCO instances JSON. data.test alone may leave it empty (or null): the test split is then
+    # every image under img_dir, for `orch eval --split test --format-only` (no metrics).
+    ann_file: Optional[str] = ""
     img_dir: str = ""
     classes: Optional[tuple[str, ...]] = None  # subset of category names; None = all
 

@@ -45,7 +45,7 @@ def main(config: Any, env: DistEnv, hooks: Sequence[Any] = ()) -> TrainResult:
         model = build.build_model(config, train_set.num_classes, device)
         scaling = scale_lr(config.optim, config.schedule, env.world_size, config.data.batch_size_per_gpu)
         optimizer = build.build_optimizer(config.optim, model, scaling.lr)
-        loader, eval_loader = build.build_loaders(config, env, train_set, eval_set)
+        loader, eval_loader = build.build_loaders(config, env, train_set, eval_set, device)
         iters_per_epoch, max_iters = build.schedule_length(config, scaling, len(loader))
         checkpointer = Checkpointer(output_dir, config.checkpoint, rank=env.rank,
                                     unit=build.schedule_unit(config), seed=config.runtime.seed)
@@ -86,7 +86,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, split: str = "val", out: O
     model.to(device)
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    loader = build_loader(dataset, config.data, 0, 1, train=False, seed=config.runtime.seed)
+    loader = build_loader(dataset, config.data, 0, 1, train=False, seed=config.runtime.seed, device=device)
     if out is None:
         out = os.path.join(build.output_dir(config), f"predictions_{split}.json")
     return evaluate_model(model, loader, dataset, device, iou_types=config.eval.metric,

@@ -20,6 +20,7 @@ from orchestrator.commands.data import data_group
 from orchestrator.commands.evaluate import eval_cmd
 from orchestrator.commands.jobs import cancel_cmd, logs_cmd, status_cmd
 from orchestrator.commands.kfold import kfold_cmd, report_cmd, split_cmd
+from orchestrator.commands.predict import predict_cmd
 from orchestrator.commands.submit import submit_cmd
 from orchestrator.commands.sweep import sweep_cmd
 from orchestrator.commands.sync import sync_cmd
@@ -54,6 +55,7 @@ for _command in (
     cancel_cmd,
     data_group,
     eval_cmd,
+    predict_cmd,
     split_cmd,
     kfold_cmd,
     report_cmd,

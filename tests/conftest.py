@@ -9,6 +9,8 @@ Fixtures:
     tracking_uri       ``sqlite:///<tmp>/mlflow.db`` for this test
     make_experiment    function(**dotted_overrides) -> Path of a tiny experiment YAML in tmp
     tiny_experiment    Path of the tiny experiment YAML with no overrides
+    tiny_checkpoint    (session) (experiment YAML, best checkpoint) of one tiny training run
+    random_detector    (session) (experiment YAML, state dict) of a seeded random Faster R-CNN
 """
 
 from __future__ import annotations
@@ -159,3 +161,43 @@ def ship(tracking_uri):
         return {r.info.run_name: r for r in client.search_runs(experiments, max_results=1000)}
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
+    """``(experiment YAML, checkpoint)`` of the tiny experiment trained once per session (no
+    tracking); prediction tests share it: do not modify either file."""
+    from cluster.env import DistEnv
+    from detection.train import main
+    from orchestrator.config import load_experiment
+
+    folder = tmp_path_factory.mktemp("tiny_checkpoint")
+    mapping = tiny_experiment_dict(shapes_data, folder / "work", f"sqlite:///{folder / 'mlflow.db'}")
+    mapping["tracking"]["enable"] = False
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    result = main(load_experiment(path), DistEnv.single())
+    return path, Path(result.best["path"])
+
+
+@pytest.fixture(scope="session")
+def random_detector(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
+    """``(experiment YAML, state dict)`` of a Faster R-CNN (ResNet-18 FPN, 64 px) with seeded
+    random weights. Unlike the briefly trained tiny SSDlite, whose outputs barely depend on the
+    image, its detections change with every pixel: tests comparing two prediction paths use it."""
+    import torch
+
+    from detection import models
+    from orchestrator.config import load_experiment
+
+    folder = tmp_path_factory.mktemp("random_detector")
+    mapping = tiny_experiment_dict(shapes_data, folder / "work", f"sqlite:///{folder / 'mlflow.db'}")
+    mapping["tracking"]["enable"] = False
+    mapping["model"] = {"type": "fasterrcnn", "backbone": "resnet18"}
+    path = folder / "random.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    config = load_experiment(path)
+    torch.manual_seed(0)
+    checkpoint = folder / "random.pth"
+    torch.save(models.build_model(config.model, 4, config.data).state_dict(), checkpoint)
+    return path, checkpoint

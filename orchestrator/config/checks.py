@@ -83,6 +83,7 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
                         f"{exp.runtime.output_dir!r}")
     _check_model(exp, ctx)
     _check_train_pipeline(exp, ctx)
+    _check_splits(exp, ctx)
     _check_resources(exp, ctx)
     _check_searches(exp, ctx)
 
@@ -130,6 +131,21 @@ def _check_train_pipeline(exp: Experiment, ctx: Context) -> None:
     if problem:
         key, message = problem
         raise ctx.error(f"data.train_pipeline{key}", message)
+
+
+def _check_splits(exp: Experiment, ctx: Context) -> None:
+    """Every split that is given names its images; only data.test may lack an annotation file
+    (an image folder predicted for an evaluation server). An unset data.train (both empty) is
+    left to the worker: a kfold or a --set may still fill it in."""
+    for name in ("train", "val", "test"):
+        split = getattr(exp.data, name)
+        if split is None or (name == "train" and not split.ann_file and not split.img_dir):
+            continue
+        if not split.img_dir:
+            raise ctx.error(f"data.{name}.img_dir", "is empty; give the folder the images are in")
+        if not split.ann_file and name != "test":
+            raise ctx.error(f"data.{name}.ann_file", "is empty; training and validation need a COCO annotation "
+                            "file (only data.test may be an image folder without one, for orch eval --format-only)")
 
 
 def _check_schedule(exp: Experiment, ctx: Context) -> None:
