@@ -50,13 +50,12 @@ def fold_checkpoint(output_dir: os.PathLike | str, save_best: Optional[str]) -> 
                     "checkpoint (checkpoint.interval / checkpoint.save_best), retrain it with orch kfold")
 
 
-def image_list(ann_file: str, img_dir: str, ids: Optional[set[int]] = None) -> list[tuple[str, int]]:
-    """``(path, image id)`` of the images of ``ann_file`` (those in ``ids`` when given), sorted by id;
-    DataError naming the first image missing under ``img_dir``."""
+def image_list(ann_file: str, img_dir: str) -> list[tuple[str, int]]:
+    """``(path, image id)`` of the images of ``ann_file``, sorted by id; DataError naming the first
+    image missing under ``img_dir``."""
     from detection.data.coco import load_coco_json
 
-    images = sorted((img["id"], img["file_name"]) for img in load_coco_json(ann_file)["images"]
-                    if ids is None or img["id"] in ids)
+    images = sorted((img["id"], img["file_name"]) for img in load_coco_json(ann_file)["images"])
     listed = [(os.path.join(img_dir, *name.split("/")), image_id) for image_id, name in images]
     missing = [path for path, _ in listed if not os.path.isfile(path)]
     if missing:
@@ -65,27 +64,26 @@ def image_list(ann_file: str, img_dir: str, ids: Optional[set[int]] = None) -> l
     return listed
 
 
-def _key(checkpoint: Path, ann_file: str, img_dir: str, views: Sequence[str], ids: Optional[set[int]]) -> dict:
+def _key(checkpoint: Path, ann_file: str, img_dir: str, views: Sequence[str]) -> dict:
     stat = checkpoint.stat()
     return {"checkpoint": str(checkpoint.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "ann_sha256": file_sha256(Path(ann_file)), "img_dir": str(Path(img_dir).resolve()),
-            "views": list(views), "ids": None if ids is None else sorted(ids)}
+            "views": list(views)}
 
 
 def predict_split(exp: Any, checkpoint: Path, ann_file: str, img_dir: str, views: Sequence[str], cache: Path,
-                  ids: Optional[set[int]] = None, device: Optional[str] = None,
-                  batch_size: int = 8) -> ViewPredictions:
+                  device: Optional[str] = None, batch_size: int = 8) -> ViewPredictions:
     """The predictions of ``checkpoint`` (a fold of experiment ``exp``) on the images of
-    ``ann_file`` (only ``ids`` when given) under each of ``views``, from ``cache`` when its key
-    matches, else predicted now and cached (written atomically)."""
-    key = _key(checkpoint, ann_file, img_dir, views, ids)
+    ``ann_file`` under each of ``views``, from ``cache`` when its key matches, else predicted now
+    and cached (written atomically)."""
+    key = _key(checkpoint, ann_file, img_dir, views)
     cached = read_json(cache)
     if cached is not None and cached.get("key") == key:
         return ViewPredictions(cached["views"], {int(i): tuple(s) for i, s in cached["sizes"].items()})
     from detection.inference.model import load_predictor
     from detection.inference.tta import predict_views
 
-    images = image_list(ann_file, img_dir, ids)
+    images = image_list(ann_file, img_dir)
     predictor = load_predictor(exp, str(checkpoint), device=device)
     views_out, sizes = predict_views(predictor, exp.data, images, views, batch_size)
     cache.parent.mkdir(parents=True, exist_ok=True)

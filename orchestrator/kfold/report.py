@@ -67,21 +67,21 @@ def _test_cell(point: PointSummary, key: str) -> str:
 def write_csv(path: Path, points: Sequence[PointSummary], metric: str, mode: str) -> None:
     """One row per grid point and metric: mean, std, out-of-fold and each fold's value; the
     ``diff``/``p_value`` columns (for ``metric``) make the comparison machine-readable; the
-    ``test_*`` columns (empty without ``kfold.test``) hold the held-out test scores."""
+    ``test_*`` columns (only with ``kfold.test``) hold the held-out test scores."""
     rows = {r["point"]: r for r in compare_points(points, metric, mode)}
     folds = sorted({f for p in points for f in p.folds})
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["point", "metric", "mean", "std", "oof", "diff_vs_best", "p_value",
-                         *[f"fold_{f}" for f in folds], "test_mean", "test_std", *[f"test_fold_{f}" for f in folds]])
+        tested = any(p.test_mean for p in points)
+        writer.writerow(["point", "metric", "mean", "std", "oof", "diff_vs_best", "p_value", *[f"fold_{f}" for f in folds],
+                         *(["test_mean", "test_std", *[f"test_fold_{f}" for f in folds]] if tested else [])])
         for p in points:
             for key in sorted(set(p.mean) | set(p.oof) | set(p.test_mean)):
                 r = rows.get(p.name) if key == metric else None
+                test = [p.test_mean.get(key, ""), p.test_std.get(key, ""), *[p.test.get(f, {}).get(key, "") for f in folds]]
                 writer.writerow([p.name, key, p.mean.get(key, ""), p.std.get(key, ""), p.oof.get(key, ""),
                                  "" if r is None else r["diff"], "" if r is None or r["p_value"] is None else r["p_value"],
-                                 *[p.folds.get(f, {}).get(key, "") for f in folds],
-                                 p.test_mean.get(key, ""), p.test_std.get(key, ""),
-                                 *[p.test.get(f, {}).get(key, "") for f in folds]])
+                                 *[p.folds.get(f, {}).get(key, "") for f in folds], *(test if tested else [])])
 
 
 def box_plot(path: Path, points: Sequence[PointSummary], metric: str) -> None:

@@ -46,6 +46,24 @@ def test_held_out_split_resolution_and_leak_check(make_experiment, shapes_data, 
         check_held_out(HeldOutSplit(val_ann, str(shapes_data / "train")), train_ann, str(shapes_data / "train"))
 
 
+def test_a_fold_without_checkpoint_leaves_the_point_without_test_scores(make_experiment, shapes_data, tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.config import load_experiment
+    from orchestrator.kfold.heldout import evaluate_test
+
+    exp = load_experiment(str(make_experiment()))
+    (tmp_path / "fold-0").mkdir()
+    trial = SimpleNamespace(name="fold-0", fold=0, experiment=exp)
+    summary = _summary("", False)
+    lines = []
+    evaluate_test(exp, HeldOutSplit(str(shapes_data / "annotations" / "instances_val.json"), str(shapes_data / "val")),
+                  [summary], {"": [trial]}, {"trials": {"fold-0": {"output_dir": str(tmp_path / "fold-0")}}},
+                  lines.append)
+    assert summary.test == {} and summary.test_mean == {}
+    assert "no test scores" in lines[0] and "no best_<metric>.pth" in lines[0]
+
+
 def _summary(name: str, test: bool) -> PointSummary:
     folds = {0: {"bbox_mAP": 0.5, "bbox_AP/a": 0.4}, 1: {"bbox_mAP": 0.7, "bbox_AP/a": 0.6}}
     s = PointSummary(name=name, point={"optim.lr": name}, folds=folds, mean={"bbox_mAP": 0.6, "bbox_AP/a": 0.5},
