@@ -157,7 +157,8 @@ def run_ensemble(set_ref: str, test: Optional[str] = None, img_dir: Optional[str
     gt = _ground_truth(state["ann_file"])
 
     def proxy_score(settings: FusionSettings) -> float:
-        return _evaluate(gt, fuse(proxy_members, [1.0, 1.0], proxy_sizes, settings), engine)[metric]
+        fused = fuse(proxy_members, [1.0, 1.0], proxy_sizes, settings)
+        return _evaluate(gt, fused, engine, classwise="/" in metric)[metric]
 
     # 2. tuning, on those predictions only
     tuned = coordinate_search(proxy_score, method)
@@ -184,10 +185,10 @@ def _ground_truth(ann_file: str) -> Any:
     return load_ground_truth(ann_file)
 
 
-def _evaluate(gt: Any, results: list, engine: str) -> dict[str, float]:
+def _evaluate(gt: Any, results: list, engine: str, classwise: bool = True) -> dict[str, float]:
     from detection.evaluation import evaluate_coco
 
-    return evaluate_coco(gt, results, iou_types=("bbox",), classwise=True, engine=engine)
+    return evaluate_coco(gt, results, iou_types=("bbox",), classwise=classwise, engine=engine)
 
 
 def _score(ann_file: str, results: list, engine: str) -> dict[str, float]:
