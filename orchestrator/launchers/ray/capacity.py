@@ -9,11 +9,13 @@ The cluster is asked from a child process (``python -m orchestrator.launchers.ra
 ``ray.init`` towards an address where something that is not Ray listens retries for minutes, and
 only a separate process can be stopped after a timeout. No answer (or one that cannot be read)
 skips the check: a false refusal is worse than a late one. With ``wait_s`` the child keeps
-polling until the request fits (an autoscaling cluster grows) or the time is up.
+polling until the request fits or the time is up, meanwhile showing the request to Ray's
+autoscaler as a pending placement group (so that an autoscaling cluster grows for it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -271,6 +273,7 @@ def main() -> int:
 
     asks = [RayAsk.from_json(a) for a in request["asks"]]
     ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    demand = None
     try:
         deadline = time.monotonic() + float(request.get("wait_s") or 0.0)
         while True:
@@ -278,11 +281,34 @@ def main() -> int:
             nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
             _emit(total, nodes)
             left = deadline - time.monotonic()
-            if left <= 0 or first_shortfall(asks, RayCapacity("", total, tuple(nodes))) is None:
+            short = [a for a in asks if shortfall(a, RayCapacity("", total, tuple(nodes)))]
+            if left <= 0 or not short:
                 return 0
+            if demand is None:
+                demand = _show_demand(short[0], total)
             time.sleep(min(float(request.get("poll_s") or POLL_S), left))
     finally:
+        if demand is not None:
+            from ray.util import remove_placement_group
+
+            with contextlib.suppress(Exception):
+                remove_placement_group(demand)
         ray.shutdown()
+
+
+def _show_demand(ask: RayAsk, total: dict[str, float]):
+    """A pending placement group of ``ask``'s bundles while we wait: Ray's autoscaler grows a
+    cluster only for demand it sees (polling alone would wait for nothing). Placed all or
+    nothing, so it holds no resource while pending; removed when the wait ends."""
+    from ray.util import placement_group
+
+    per, driver = ask.bundles(total)
+    bundles = [per] * ask.workers + ([driver] if driver else [])
+    try:
+        return placement_group([b for b in bundles if b], strategy="PACK", name="orch-wait-for-resources")
+    except Exception as err:  # noqa: BLE001 - only a hint to the autoscaler; the wait goes on without it
+        print(f"no placement group for the autoscaler: {err}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 
 import pytest
@@ -152,6 +154,21 @@ def test_wait_for_resources_polls_then_gives_the_same_line(ray_head, orch_home, 
     waited = ended - notice.created  # from the first answer of the cluster to the refusal
     assert 3.0 <= waited < 9.0, waited
     assert elapsed >= 3.0 and list_records() == []
+    # While waiting, the request was shown to Ray's autoscaler as a placement group; it is gone.
+    assert placement_groups(ray_head.address) == [["orch-wait-for-resources", "REMOVED"]]
+
+
+def placement_groups(address: str) -> list:
+    """``[name, state]`` of every placement group the cluster at ``address`` has known."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, os, sys; os.environ['RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'] = '0'; import ray; "
+            "ray.init(address=sys.argv[1], log_to_driver=False); "
+            "print(json.dumps([[g['name'], g['state']] for g in ray.util.placement_group_table().values()]))")
+    out = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.ray
@@ -183,3 +200,81 @@ def test_a_private_head_is_this_machine(orch_home, tiny_experiment, capsys):
     assert line.startswith(f"job tiny asks for {cpus + 1} CPUs ({cpus + 1} workers x 1 CPU) but the Ray cluster has "
                            f"{cpus} CPU"), line
     assert "(the private head orch starts on this machine, with its CPUs and GPUs)" in line
+
+
+# A Ray cluster that gains a node when told to (Ray's own multi-node test cluster, on loopback; a
+# second `ray start` on one machine would bind the machine's other address).
+GROWING_CLUSTER = """
+import os, sys
+os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+try:
+    print(cluster.address, flush=True)
+    if sys.stdin.readline().strip() == "grow":
+        cluster.add_node(num_cpus=1, num_gpus=0)
+        print("grown", flush=True)
+        sys.stdin.readline()
+finally:
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_wait_for_resources_ends_when_the_cluster_grows(orch_home, make_experiment):
+    """A node joins while `--wait-for-resources` waits (what an autoscaler does): the wait ends
+    there, with the request fitting, long before its limit."""
+    import subprocess
+    import sys
+    import threading
+
+    from orchestrator.config import load_experiment, with_overrides
+    from orchestrator.launch import Launch
+
+    helper = subprocess.Popen([sys.executable, "-c", GROWING_CLUSTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    asked = threading.Event()
+
+    class Notice(logging.Handler):
+        def emit(self, record):
+            if "waiting up to" in record.getMessage():
+                asked.set()
+
+    handler = Notice()
+    logger = logging.getLogger("orchestrator.launchers.ray.capacity")
+    logger.addHandler(handler)
+    outcome: dict = {}
+    try:
+        address = helper.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), address
+        exp = with_overrides(load_experiment(make_experiment()), {"resources.ray.address": address, "resources.gpus": 3})
+        launch = Launch.to("ray")
+        plan = launch.plan([exp])
+
+        def wait() -> None:
+            try:
+                launch.preflight(plan, wait_s=240)
+                outcome["error"] = None
+            except LaunchError as err:
+                outcome["error"] = str(err)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        started = time.monotonic()
+        waiter.start()
+        assert asked.wait(120), "the wait never started"
+        time.sleep(2)
+        assert waiter.is_alive() and outcome == {}  # still waiting: 3 CPUs asked, 2 there
+        helper.stdin.write("grow\n")
+        helper.stdin.flush()
+        assert helper.stdout.readline().strip() == "grown"
+        waiter.join(120)
+        assert outcome == {"error": None}
+        assert time.monotonic() - started < 200  # ended by the new node, not by the 240 s limit
+    finally:
+        logger.removeHandler(handler)
+        helper.stdin.close()  # the helper shuts its cluster down
+        try:
+            helper.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(helper.pid, signal.SIGKILL)
