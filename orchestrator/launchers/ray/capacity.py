@@ -182,13 +182,15 @@ def query(address: Optional[str], asks: Sequence[RayAsk], wait_s: float = 0.0,
         timer = threading.Timer(limit, _kill_group, (proc,))
         timer.start()
         try:
-            proc.stdin.write(payload)
-            proc.stdin.close()
+            with contextlib.suppress(OSError):  # a child that died at start-up: no answer, below
+                proc.stdin.write(payload)
+                proc.stdin.close()
             for line in proc.stdout:
-                if not line.startswith(MARK):
-                    continue
-                data = json.loads(line[len(MARK):])
-                cap = RayCapacity(where(address), data["total"], tuple(data["nodes"]))
+                try:
+                    data = json.loads(line[len(MARK):]) if line.startswith(MARK) else None
+                    cap = RayCapacity(where(address), dict(data["total"]), tuple(dict(n) for n in data["nodes"]))
+                except (ValueError, TypeError, KeyError):
+                    continue  # Ray's own output, or a line cut short by the timeout
                 if last is None and on_first is not None:
                     on_first(cap)
                 last = cap
