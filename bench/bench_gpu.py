@@ -161,6 +161,8 @@ def run_orch(args, data, work: Path, settings: dict) -> dict:
             marks.append((time.perf_counter(), log["loss"]))
 
     if settings.get("runtime.compile"):
+        import torch._dynamo
+
         torch._dynamo.reset()  # every run compiles from the start, as a fresh job does
     main(experiment(args, data, work, settings), DistEnv.single(), hooks=[Clock()])
     shutil.rmtree(work, ignore_errors=True)  # the final checkpoint

@@ -5,7 +5,9 @@ clusters' compute nodes) cannot download, and a silent download inside 64 ranks 
 place to find that out. Pretrained weights (``model.weights``: a whole detector,
 ``model.backbone_weights``: a backbone) are loaded after the build, from a local file or, for a
 torchvision weights name (``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V2``), from the weights cache
-that ``orch submit`` / ``orch weights fetch`` filled (:mod:`detection.weights`).
+that ``orch submit`` / ``orch weights fetch`` filled (:mod:`detection.weights`). A model given
+weights is then set up for fine-tuning as torchvision's builders set it up with weights
+(FrozenBatchNorm2d, frozen early backbone stages: :mod:`detection.finetune`).
 
 Input size: the detector's own transform resizes images, so ``data.min_size/max_size`` are passed
 to it. SSD and SSDlite have a fixed input size (300/320); orch forces it to ``data.min_size`` so
