@@ -29,13 +29,13 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_2():
     assert proc.stdout == ""
 
 
-@pytest.mark.slow  # Faster R-CNN R50 on the CPU: about 2 minutes per variant on 2 busy cores
-@pytest.mark.timeout(1800)
+@pytest.mark.slow  # Faster R-CNN R50 on the CPU, small images: about a minute
+@pytest.mark.timeout(900)
 def test_cpu_smoke_run_goes_through_the_whole_benchmark(tmp_path):
     variants = ["ref", "orch", "orch_bf16_cl"]  # orch_best adds only runtime.compile (tests/detection)
     out, raw = tmp_path / "gpu.md", tmp_path / "gpu.json"
-    proc = _bench("--device", "cpu", "--size", "256", "--iters", "3", "--repeats", "1", "--variants", *variants,
-                  "--out", str(out), "--json", str(raw), timeout=1700)
+    proc = _bench("--device", "cpu", "--size", "128", "--iters", "3", "--repeats", "1", "--variants", *variants,
+                  "--out", str(out), "--json", str(raw), timeout=850)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(raw.read_text())
     # torchvision's builder read the stand-in backbone from the temporary cache, as orch did.

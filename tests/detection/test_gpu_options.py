@@ -164,7 +164,7 @@ def test_channels_last_weights(make_experiment):
                                                             torch.device("cpu")).state_dict())
 
 
-@pytest.mark.slow  # inductor compiles C++ for the CPU: minutes on 2 cores (12 min when busy)
+@pytest.mark.heavy  # inductor compiles C++ for the CPU: minutes on 2 cores; `make test-heavy` runs it
 @pytest.mark.timeout(1800)
 def test_compile_backbone_gives_the_eager_losses(make_experiment):
     eager = _run(make_experiment).losses
