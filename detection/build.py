@@ -91,14 +91,16 @@ def amp_dtype(runtime: Any, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
-def init_process_group(env: Any, device: torch.device) -> bool:
+def init_process_group(env: Any, device: torch.device, collective_timeout_s: int = 600) -> bool:
     """Start the process group of a multi-process run (nccl on CUDA, gloo on CPU) at
     ``env.init_method``; returns whether it was started here (False when one process, or when
-    the launcher already started one, as Ray Train does)."""
+    the launcher already started one, as Ray Train does). A collective waiting longer than
+    ``collective_timeout_s`` (a rank died) fails instead of hanging."""
     if env.world_size <= 1 or dist.is_initialized():
         return False
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=env.init_method,
-                            rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(minutes=30))
+                            rank=env.rank, world_size=env.world_size, timeout=timeout)
     return True
 
 

@@ -158,6 +158,9 @@ class RuntimeConfig:
     log_interval: int = 10  # iterations between logged metrics
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: Optional[int] = None  # torch intra-op threads per process; None = share of cores
+    # A collective that waits longer than this fails the run (a dead rank must not hang the
+    # others for torch's default 30 minutes); long enough for rank 0's COCO evaluation.
+    collective_timeout_s: int = 600
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,10 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         self.run_id: Optional[str] = None
         self.pending_rng: Optional[dict] = None  # set by a resume; applied at the first batch
+        # A stop was asked at this step (preemption: USR2 comes ~90 s before the time limit):
+        # hooks leave slow work (an evaluation, a periodic save) to the resumed run.
+        self.stopping = False
+        self.pending_eval = False  # an evaluation skipped for a stop; the resumed run does it first
         self.distributed = env.world_size > 1 and dist.is_available() and dist.is_initialized()
 
     def call_hooks(self, name: str, *args: Any) -> None:
@@ -161,6 +165,7 @@ class Trainer:
         while self.iter < end and not stop:
             log_values, stop = self.run_step(batches)
             self.iter += 1
+            self.stopping = stop and self.iter < self.max_iters
             if self.iter % self.log_interval == 0 or self.iter == self.max_iters:
                 self.history["train"].append({"iter": self.iter, "loss": log_values["loss"]})
             self.call_hooks("after_iter", log_values)

@@ -38,7 +38,7 @@ def main(config: Any, env: DistEnv, hooks: Sequence[Any] = ()) -> TrainResult:
 
     setup_logging(env.rank)
     device = build.setup_process(config.runtime, env)
-    created_group = build.init_process_group(env, device)
+    created_group = build.init_process_group(env, device, config.runtime.collective_timeout_s)
     try:
         output_dir = build.output_dir(config, create=env.rank == 0)
         train_set, eval_set = build.build_datasets(config)

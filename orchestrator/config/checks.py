@@ -60,7 +60,7 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
     _at_least(exp, ctx, 1, "data.batch_size_per_gpu", "data.min_size", "data.max_size",
               "optim.accumulation_steps", "optim.auto_scale_lr.base_batch_size",
               "eval.interval", "checkpoint.interval", "checkpoint.max_keep",
-              "runtime.log_interval", "runtime.threads")
+              "runtime.log_interval", "runtime.threads", "runtime.collective_timeout_s")
     _at_least(exp, ctx, 0, "data.workers_per_gpu", "data.flip_prob", "optim.momentum",
               "optim.weight_decay", "schedule.warmup_iters", "schedule.min_lr_ratio")
     _at_least(exp, ctx, 0, "optim.lr", "optim.grad_clip", "schedule.gamma",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import sys
 from typing import ClassVar, Optional, Sequence
 
@@ -19,7 +20,8 @@ from cluster.env import DistEnv
 from cluster.errors import ClusterError, LaunchError
 from cluster.files import write_json_atomic
 from cluster.gpus import DevicePool, detect_pool, list_device_leases
-from cluster.process import start_detached, stop_group
+from cluster.lease import is_alive
+from cluster.process import group_alive, signal_group, start_detached, stop_group
 from orchestrator import records
 from orchestrator.launchers.base import JobHandle, Launcher
 from orchestrator.launchers.local.plan import (
@@ -159,13 +161,21 @@ class LocalLauncher(Launcher):
         return [self.handle(ids[i]) for i in range(len(plan.jobs))]
 
     def refresh(self, record: JobRecord) -> JobRecord:
-        """The supervisor records every change itself; a job whose supervisor died without
-        recording an end is FAILED."""
+        """The supervisor records every change itself. A job whose supervisor died without
+        recording an end is FAILED, and whatever of its processes is left is killed first (they
+        die with the supervisor; this also covers their own children), so that its devices and
+        port, freed with the supervisor, are never used twice."""
+        if record.state.finished or not record.pid or is_alive(record.pid, record.extra.get("pid_start")):
+            return record
+        pgid = record.extra.get("pgid")
+        if pgid and group_alive(pgid):
+            signal_group(pgid, signal.SIGKILL)
         return records.fail_if_owner_died(record, "orch supervisor")
 
     def cancel(self, record: JobRecord) -> None:
         """The cancel marker keeps a queued job from starting (and tells the supervisor to record
-        CANCELLED); a running job's process group gets SIGTERM, then SIGKILL after a grace."""
+        CANCELLED); a running job's process group gets SIGTERM, then SIGKILL after a grace (also
+        the leftovers of a job already recorded as ended)."""
         (records.job_dir(record.job_id) / "cancel").touch()
         pgid = records.load_record(record.job_id).extra.get("pgid")
         if pgid:
