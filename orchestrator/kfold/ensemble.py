@@ -74,23 +74,26 @@ class EnsembleOutcome:
     journal: Optional[str] = None
 
 
-def pick_point(set_dir: Path, state: dict, point: str) -> str:
-    """The grid point to ensemble: ``point`` by name, or ``best`` (the set's only point, or the
-    best one of its report)."""
+def pick_points(set_dir: Path, state: dict, point: str) -> list[str]:
+    """The grid points to ensemble: ``point`` by name, ``best`` (the set's only point, or the
+    best one of its report) or ``all`` (every point, one ensemble each)."""
     names = sorted({t["point"] for t in state.get("trials", {}).values()})
     if not names:
         raise DataError(f"{set_dir}/set.json lists no trials; run orch kfold first")
+    if point == "all":
+        return names
     if point == "best":
         if len(names) == 1:
-            return names[0]
+            return names
         from orchestrator.kfold.aggregate import compare_points
         from orchestrator.kfold.report import read_report
 
         meta, summaries = read_report(set_dir / "report")
-        return compare_points(summaries, meta["metric"], meta.get("mode", "max"))[0]["point"]
+        return [compare_points(summaries, meta["metric"], meta.get("mode", "max"))[0]["point"]]
     if point not in names:
-        raise ConfigError(f"--point {point!r} is not a grid point of this set; choose best or one of: {', '.join(names)}")
-    return point
+        raise ConfigError(f"--point {point!r} is not a grid point of this set; choose best, all or one of: "
+                          f"{', '.join(names)}")
+    return [point]
 
 
 def fold_models(state: dict, point: str) -> list[FoldModel]:
@@ -111,12 +114,22 @@ def fold_models(state: dict, point: str) -> list[FoldModel]:
     return models
 
 
+def run_ensembles(set_ref: str, point: str = "best", **options: Any) -> list[EnsembleOutcome]:
+    """:func:`run_ensemble` for each point :func:`pick_points` names (``best``, ``all``, a name)."""
+    from orchestrator.kfold.runner import find_set, load_state
+
+    set_dir = find_set(set_ref)
+    names = pick_points(set_dir, load_state(set_dir), point)
+    return [run_ensemble(str(set_dir), point=name, **options) for name in names]
+
+
 def run_ensemble(set_ref: str, test: Optional[str] = None, img_dir: Optional[str] = None, tta: str = "none",
                  method: str = "wbf", point: str = "best", weights: str = "equal", device: Optional[str] = None,
                  batch_size: int = 8, echo: Callable[[str], None] = print,
                  on_tuned: Optional[Callable[[Tuned], None]] = None) -> EnsembleOutcome:
-    """Ensemble the folds of a k-fold set (see the module docstring); ``on_tuned`` is called once
-    the settings are final, before the test annotations are read."""
+    """Ensemble the folds of one point of a k-fold set (``point``: its name, or ``best``; see the
+    module docstring); ``on_tuned`` is called once the settings are final, before the test
+    annotations are read."""
     from orchestrator.kfold import ensemble_record
     from orchestrator.kfold.expand import slug_of
     from orchestrator.kfold.heldout import check_held_out, held_out_split
@@ -127,13 +140,17 @@ def run_ensemble(set_ref: str, test: Optional[str] = None, img_dir: Optional[str
     if weights not in WEIGHT_RULES:
         raise ConfigError(f"--weights {weights}: choose one of {', '.join(WEIGHT_RULES)}")
     FusionSettings(method=method)  # a bad --method fails before any prediction
+    if test and not img_dir:  # a guessed folder could hold training images of the same names
+        raise ConfigError(f"--test {test} needs --img-dir DIR, the folder its file_name entries are relative to")
     set_dir = find_set(set_ref)
     state = load_state(set_dir)
-    name = pick_point(set_dir, state, point)
+    if point == "all":
+        raise ConfigError("--point all: one point at a time here; run_ensembles ensembles every point")
+    [name] = pick_points(set_dir, state, point)
     models = fold_models(state, name)
     first = models[0].experiment
     recorded = state.get("test") or {}
-    split = held_out_split(first, test or recorded.get("ann_file"), img_dir or (None if test else recorded.get("img_dir")))
+    split = held_out_split(first, test or recorded.get("ann_file"), img_dir or recorded.get("img_dir"))
     if split is None:
         raise ConfigError(f"set {state.get('set_id')} has no test file: give --test ANN (and --img-dir DIR) or set "
                           "kfold.test in the experiment")

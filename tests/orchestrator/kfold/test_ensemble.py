@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from cluster.errors import ConfigError, DataError
+from cluster.errors import ConfigError, DataError, OrchError
 from orchestrator.kfold.fusion import Boxes, FusionSettings, fuse, fuse_image, index_results
 from orchestrator.kfold.tune import coordinate_search
 
@@ -250,17 +250,18 @@ def test_ensemble_reads_the_test_annotations_only_after_tuning(tmp_path, shapes_
     assert {"ensemble/table.md", "ensemble/results_test.json", "ensemble/ensemble.json"} <= \
         {a.path for a in client.list_artifacts(run.info.run_id, "ensemble")}
 
-    # again with another method: from the cached predictions, nothing predicted twice
+    # again without TTA: from the cached predictions, nothing predicted twice (NMS would cost a
+    # numba compilation here; the fusion tests above run every method)
     import detection.inference.tta
 
     def no_prediction(*args, **kwargs):
         raise AssertionError("predicted again although the cache matches")
 
     monkeypatch.setattr(detection.inference.tta, "predict_views", no_prediction)
-    again = run_ensemble(str(set_dir), test=str(test_file), img_dir=str(shapes_data / "val"), method="nms",
+    again = run_ensemble(str(set_dir), test=str(test_file), img_dir=str(shapes_data / "val"), tta="none",
                          echo=lines.append)
-    assert again.out_dir != outcome.out_dir and again.tuned.settings.method == "nms"
-    assert again.rows["fold-0"]["none"] == outcome.rows["fold-0"]["none"]
+    assert again.out_dir != outcome.out_dir and again.out_dir.name == "wbf-tta_none"
+    assert again.rows == outcome.rows and again.tuned == outcome.tuned  # the same numbers: only --tta differs
 
 def test_ensemble_errors_are_one_line(tmp_path, shapes_data, tiny_checkpoint, tracking_uri, capsys):
     from orchestrator.cli import main
@@ -270,10 +271,57 @@ def test_ensemble_errors_are_one_line(tmp_path, shapes_data, tiny_checkpoint, tr
     with pytest.raises(ConfigError, match="has no test file"):
         run_ensemble(str(set_dir), echo=lambda s: None)
     with pytest.raises(DataError, match="does not exist"):
-        run_ensemble(str(set_dir), test=str(tmp_path / "nope.json"), echo=lambda s: None)
+        run_ensemble(str(set_dir), test=str(tmp_path / "nope.json"), img_dir=str(shapes_data / "val"), echo=lambda s: None)
     with pytest.raises(ConfigError, match="not a grid point"):
         run_ensemble(str(set_dir), test=str(shapes_data / "annotations" / "instances_val.json"), point="lr=1",
+                     img_dir=str(shapes_data / "val"),
                      echo=lambda s: None)
+    val = str(shapes_data / "annotations" / "instances_val.json")
+    with pytest.raises(ConfigError, match="needs --img-dir"):
+        run_ensemble(str(set_dir), test=val, echo=lambda s: None)
     assert main(["ensemble", str(set_dir), "--method", "vote"]) == 2
     assert main(["ensemble", str(tmp_path / "elsewhere")]) == 2
     assert "no k-fold set" in capsys.readouterr().err
+    assert main(["ensemble", str(set_dir), "--test", val]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+
+    # a fold without a checkpoint, then a set whose folds did not finish: one line, exit 2
+    (set_dir / "fold-1" / "checkpoints" / "best_bbox_mAP.pth").unlink()
+    assert main(["ensemble", str(set_dir), "--test", val, "--img-dir", str(shapes_data / "val")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("orch: error: ") and "no best_<metric>.pth" in err and err.strip().count("\n") == 0
+    state = json.loads((set_dir / "set.json").read_text())
+    for record in state["trials"].values():
+        record["status"] = "FAILED"
+    (set_dir / "set.json").write_text(json.dumps(state))
+    assert main(["ensemble", str(set_dir), "--test", val, "--img-dir", str(shapes_data / "val")]) == 2
+    err = capsys.readouterr().err
+    assert "is FAILED, not SUCCEEDED" in err and err.strip().count("\n") == 0
+
+
+def test_points_of_a_grid_set(tmp_path):
+    from orchestrator.kfold.ensemble import pick_points
+    from orchestrator.kfold.report import write_report
+
+    trials = {f"{p}/fold-{f}": {"point": p, "fold": f, "status": "SUCCEEDED"} for p in ("lr=0.1", "lr=0.2") for f in (0, 1)}
+    state = {"trials": trials}
+    assert pick_points(tmp_path, state, "all") == ["lr=0.1", "lr=0.2"]
+    assert pick_points(tmp_path, state, "lr=0.2") == ["lr=0.2"]
+    with pytest.raises(ConfigError, match="choose best, all or one of: lr=0.1, lr=0.2"):
+        pick_points(tmp_path, state, "lr=0.3")
+    with pytest.raises(OrchError, match="has not finished"):  # best needs the set's report
+        pick_points(tmp_path, state, "best")
+    summaries = [_point_summary("lr=0.1", 0.3), _point_summary("lr=0.2", 0.6)]
+    write_report(tmp_path / "report", summaries, "bbox_mAP")
+    assert pick_points(tmp_path, state, "best") == ["lr=0.2"]
+    assert pick_points(tmp_path, {"trials": {"fold-0": {"point": ""}}}, "best") == [""]
+    with pytest.raises(DataError, match="lists no trials"):
+        pick_points(tmp_path, {"trials": {}}, "all")
+
+
+def _point_summary(name: str, value: float):
+    from orchestrator.kfold.aggregate import PointSummary
+
+    folds = {0: {"bbox_mAP": value - 0.01}, 1: {"bbox_mAP": value + 0.01}}
+    return PointSummary(name=name, point={"optim.lr": name}, folds=folds, mean={"bbox_mAP": value},
+                        std={"bbox_mAP": 0.014}, oof={"bbox_mAP": value})
