@@ -35,8 +35,8 @@ class HeldOutSplit:
 def held_out_split(exp: Any, ann_file: Optional[str], img_dir: Optional[str] = None) -> Optional[HeldOutSplit]:
     """The test split ``ann_file`` (``kfold.test`` or ``--test``) with its images in ``img_dir``
     (``kfold.test_img_dir`` or ``--img-dir``), else ``data.test.img_dir``, else
-    ``data.train.img_dir`` of experiment ``exp``. None without ``ann_file``. Only checks that
-    the file exists: it is not read."""
+    ``data.train.img_dir`` of experiment ``exp``, as absolute paths. None without ``ann_file``.
+    Only checks that the file exists: it is not read."""
     if not ann_file:
         return None
     if not os.path.isfile(ann_file):
@@ -45,7 +45,8 @@ def held_out_split(exp: Any, ann_file: Optional[str], img_dir: Optional[str] = N
     folder = img_dir or (test_cfg.img_dir if test_cfg and test_cfg.img_dir else exp.data.train.img_dir)
     if not os.path.isdir(folder):
         raise DataError(f"test image folder {folder} is not a folder; set kfold.test_img_dir (or --img-dir)")
-    return HeldOutSplit(str(ann_file), str(folder))
+    # absolute: set.json records them, and orch ensemble may run from another folder
+    return HeldOutSplit(os.path.abspath(ann_file), os.path.abspath(folder))
 
 
 def check_held_out(split: HeldOutSplit, train_ann: str, train_img_dir: str) -> None:

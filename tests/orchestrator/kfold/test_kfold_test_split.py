@@ -26,7 +26,7 @@ def test_shapes_writes_a_test_split(tmp_path, capsys):
     assert main(["data", "shapes", "--out", str(out), "--test", "-1"]) == 2
 
 
-def test_held_out_split_resolution_and_leak_check(make_experiment, shapes_data, tmp_path):
+def test_held_out_split_resolution_and_leak_check(make_experiment, shapes_data, tmp_path, monkeypatch):
     from orchestrator.config import load_experiment
 
     exp = load_experiment(str(make_experiment()))
@@ -36,6 +36,8 @@ def test_held_out_split_resolution_and_leak_check(make_experiment, shapes_data, 
     split = held_out_split(exp, val_ann, str(shapes_data / "val"))
     assert split == HeldOutSplit(val_ann, str(shapes_data / "val"))
     assert held_out_split(exp, val_ann).img_dir == exp.data.train.img_dir  # no data.test: the training folder
+    monkeypatch.chdir(shapes_data)  # relative paths become absolute: set.json records them
+    assert held_out_split(exp, "annotations/instances_val.json", "val") == split
     with pytest.raises(DataError, match="kfold.test"):
         held_out_split(exp, str(tmp_path / "none.json"))
     with pytest.raises(DataError, match="test_img_dir"):
