@@ -8,7 +8,7 @@ DATA   ?= data/shapes
 DEMO_TRAIN ?= 1000
 DEMO_VAL   ?= 200
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast test-heavy install clean
 
 install: $(STAMP)
 
@@ -26,10 +26,14 @@ demo: $(STAMP)
 
 # The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -m "not heavy"
+
+# Tests whose CPU path takes many minutes (torch.compile's C++ code generation).
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -ra -m heavy
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not heavy"
 
 clean:
 	rm -rf work_dirs $(DATA) mlflow.db mlartifacts

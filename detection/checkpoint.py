@@ -198,6 +198,7 @@ class Checkpointer:
             "metrics": dict(trainer.metrics),
             "rng": rng,
             "run_id": getattr(trainer, "run_id", None),
+            "pending_eval": bool(getattr(trainer, "pending_eval", False)),
             "classes": dataset_classes(getattr(getattr(trainer, "loader", None), "dataset", None)),
         }
 
@@ -309,7 +310,8 @@ class Checkpointer:
         trainer.history = state.get("history") or {"train": [], "eval": []}
         trainer.metrics = dict(state.get("metrics") or {})
         self.last_path = path
-        trainer.run_id = state.get("run_id")  # the MLflow hook continues this run
+        trainer.run_id = state.get("run_id")
+        trainer.pending_eval = bool(state.get("pending_eval"))
         rank = trainer.env.rank
         if state["world_size"] == trainer.env.world_size:
             # Same world size: the exact position and RNG states, whatever the schedule length now

@@ -45,13 +45,14 @@ def refresh_job(job: str) -> JobRecord:
 
 
 def cancel_job(job: str) -> JobRecord:
-    """Cancel a job (idempotent: a finished job is left as it is); returns the updated record."""
-    record = refresh_job(job)
-    if record.state.finished:
-        return record
+    """Cancel a job (idempotent); returns the updated record. A job already recorded as ended
+    keeps its state, but its launcher still stops whatever of it might be left running."""
     from orchestrator.launchers import launcher_for
 
+    record = refresh_job(job)
     launcher_for(record).cancel(record)
+    if record.state.finished:
+        return record
     return transition(record.job_id, JobState.CANCELLED)
 
 

@@ -43,6 +43,9 @@ class ResourceFlags:
     account: Optional[str] = None
     qos: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # A launch option, not a resource (never folded into the experiment): seconds that preflight
+    # may wait for a growing cluster to fit the request (--wait-for-resources).
+    wait_for_resources: Optional[float] = None
 
     def as_overrides(self) -> dict[str, Any]:
         """The flags as dotted config keys for :func:`orchestrator.config.load_experiment`."""
@@ -124,7 +127,9 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
     experiment = with_overrides(experiment, updates)
     config_path = output_dir / "config.yaml"
     if write:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        from orchestrator.outputs import claim_for_submission
+
+        claim_for_submission(output_dir)  # one live job per folder: refused before anything is written
         if tracking.enable:
             runs.create_journal(runs.journal_dir(str(output_dir)), experiment, tracking.run_name or experiment.name,
                                 tags=experiment.tracking.tags, parent=tracking.parent_journal,
@@ -153,22 +158,34 @@ class Launch:
         names = names or [None] * len(experiments)
         return self.launcher.plan([job_spec(e, self.backend, name=n, write=False) for e, n in zip(experiments, names)])
 
-    def preflight(self, plan: Plan) -> None:
+    def preflight(self, plan: Plan, wait_s: Optional[float] = None) -> None:
         """Can the cluster ever run it, does an ``online`` tracking server answer, are the
-        records writable? Nothing is written."""
+        output folders free of live jobs, are the records writable? Nothing is written.
+        ``wait_s`` (``--wait-for-resources``): how long a cluster that can grow may take to fit
+        the request before the refusal."""
+        from orchestrator.outputs import check_free
         from orchestrator.records import jobs_dir
         from orchestrator.tracking.runs import require_reachable
 
         for job in plan.jobs:
             require_reachable(job.experiment)
-        self.launcher.preflight(plan)
+            check_free(job.output_dir)
+        if wait_s:
+            self.launcher.preflight(plan, wait_s=wait_s)
+        else:  # a launcher written before the option needs no wait_s
+            self.launcher.preflight(plan)
         jobs_dir()
 
     def submit(self, experiments: Sequence[Experiment], names: Optional[Sequence[str]] = None,
                continue_runs: Optional[bool] = None) -> tuple[Plan, list[JobHandle]]:
         """Decide identities (config files, journals), plan them and start them."""
         names = names or [None] * len(experiments)
+        from orchestrator.outputs import claim
+
         specs = [job_spec(e, self.backend, name=n, continue_run=continue_runs) for e, n in zip(experiments, names)]
         plan = self.launcher.plan(specs)
-        return plan, self.launcher.submit(plan)
+        handles = self.launcher.submit(plan)
+        for job, handle in zip(plan.jobs, handles):
+            claim(job.output_dir, handle.job_id)
+        return plan, handles
 

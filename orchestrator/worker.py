@@ -80,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("config", help="resolved experiment YAML written by orch submit")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
+    from cluster.pdeath import die_with_parent
+
+    # A rank dies with what started it (the local supervisor, a torchrun agent, srun's step):
+    # never an orphan training on after its job was declared over.
+    die_with_parent(os.getppid())
     try:
         env = DistEnv.detect(os.environ)
         setup_logging(env.rank)

@@ -18,12 +18,12 @@ class CheckpointHook(Hook):
         self.period, self.unit = max(1, int(period)), unit
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
-        if due(trainer, self.period, self.unit):
+        if due(trainer, self.period, self.unit) and not trainer.stopping:  # a stop saves its own
             trainer.checkpointer.save(trainer)
 
     def after_epoch(self, trainer: Any) -> None:
-        if self.unit == "iter" or trainer.iter == trainer.max_iters:
-            return  # iteration units, or already saved as the final checkpoint in after_iter
+        if self.unit == "iter" or trainer.iter == trainer.max_iters or trainer.stopping:
+            return  # iteration units, already saved as the final checkpoint, or the stop's own save
         if (trainer.epoch + 1) % self.period == 0:
             trainer.checkpointer.save(trainer)
 

@@ -27,6 +27,11 @@ class EvalHook(Hook):
         self.engine = engine
         self.last_evaluated: Optional[int] = None
 
+    def before_train(self, trainer: Any) -> None:
+        if trainer.pending_eval:  # the run stopped (preempted) where an evaluation was due
+            trainer.pending_eval = False
+            self.evaluate(trainer)
+
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
         if due(trainer, self.period, self.unit):
             self.evaluate(trainer)
@@ -36,8 +41,13 @@ class EvalHook(Hook):
             self.evaluate(trainer)
 
     def evaluate(self, trainer: Any) -> dict[str, float]:
-        """Run one evaluation now (once per iteration at most)."""
+        """Run one evaluation now (once per iteration at most). When the run is stopping (a
+        preemption signal gives seconds, an evaluation may take minutes) it is left to the
+        resumed run instead: the checkpoint records it as pending."""
         if self.last_evaluated == trainer.iter:
+            return trainer.metrics
+        if trainer.stopping:
+            trainer.pending_eval = True
             return trainer.metrics
         self.last_evaluated = trainer.iter
         metrics = evaluate_model(

@@ -268,3 +268,28 @@ def test_load_from_takes_weights_only(make_experiment):
 
 def tmp_out(result):
     return os.path.join(os.path.dirname(result.output_dir), "finetune")
+
+
+class EvalCounter(Hook):
+    """Records the iterations at which evaluations happened."""
+
+    def __init__(self):
+        self.at: list[int] = []
+
+    def after_eval(self, trainer, metrics):
+        self.at.append(trainer.iter)
+
+
+def test_a_stop_where_an_evaluation_is_due_checkpoints_first_and_evaluates_after_resume(make_experiment):
+    """Slurm's USR2 comes ~90 s before the time limit: an evaluation due at the stopping step
+    (minutes on COCO) must not delay the checkpoint. It is recorded as pending in the checkpoint
+    and done first by the resumed run, so no evaluation is lost either."""
+    path = make_experiment(**{"schedule.iterations": 8, "eval.interval": 4, "checkpoint.interval": 100,
+                              "tracking.enable": False})
+    first, second = EvalCounter(), EvalCounter()
+    with pytest.raises(Preempted) as stopped:
+        main(load_experiment(path), DistEnv.single(), hooks=[first, StopAfter(4)])
+    assert first.at == [] and stopped.value.checkpoint.endswith("iter_4.pth")
+    assert torch.load(stopped.value.checkpoint, weights_only=False)["pending_eval"] is True
+    main(load_experiment(path, ["runtime.resume=auto"]), DistEnv.single(), hooks=[second])
+    assert second.at == [4, 8]  # the skipped evaluation first, at the step it was due

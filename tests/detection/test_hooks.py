@@ -37,7 +37,7 @@ def drive(hooks, max_iters, iters_per_epoch=4):
     trainer = SimpleNamespace(
         iter=0, epoch=0, max_iters=max_iters, iters_per_epoch=iters_per_epoch, checkpointer=Saves(),
         optimizer=torch.optim.SGD([{"params": [model.weight]}, {"params": [model.bias], "lr_mult": 0.5}], lr=1.0),
-        lr_scaling=SimpleNamespace(describe=lambda: "lr 1"), lrs=[],
+        lr_scaling=SimpleNamespace(describe=lambda: "lr 1"), lrs=[], stopping=False, pending_eval=False,
     )
     for hook in hooks:
         hook.before_train(trainer)

@@ -187,7 +187,9 @@ def _start(job: NodeJob, devices: Optional[DeviceLease], port: Optional[int]) ->
                 env.update({k: v for k, v in share.environ(command.procs).items()
                             if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") or k not in os.environ})
             env.update({k: _fill(v, port) for k, v in command.env.items()})
-            argv = [_fill(a, port) for a in command.argv]
+            # Through cluster.pdeath: the job's processes die with this supervisor (kill -9, OOM)
+            # instead of running on after their leases were freed for the next job.
+            argv = [sys.executable, "-m", "cluster.pdeath", str(os.getpid()), "--", *(_fill(a, port) for a in command.argv)]
             # One new process group per job (joinable only within our session, hence not setsid):
             # `orch cancel` signals the whole group.
             group = {"process_group": procs[0].pid if procs else 0}

@@ -97,6 +97,8 @@ def sbatch_parameters(job: JobSpec) -> dict[str, Any]:
         "ntasks_per_node": per_node,  # one task (rank) per GPU
         "stderr_to_stdout": True,  # one log per task: `orch logs` shows tracebacks in place
         "wckey": None,  # submitit's default "submitit" is refused where wckeys are enforced
+        # One rank that dies ends the step: the others would otherwise wait in a collective.
+        "srun_args": ["--kill-on-bad-exit=1"],
     }
     # A CPU-only experiment (runtime.device=cpu) asks for tasks, not GPUs.
     if exp.runtime.device != "cpu":
