@@ -116,9 +116,12 @@ def chromium() -> str:
         pytest.fail("the MLflow UI tests need Debian's chromium: run `sudo apt-get install -y chromium` "
                     "(they install it themselves when run as root)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:  # no package lists yet
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, f"apt-get install chromium failed: {done.stdout[-3000:]}"
+    # Wait for dpkg's lock rather than fail: under pytest-xdist another worker may be installing
+    # Slurm (scripts/local_slurm.py) at the same moment.
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=900", "-q"]
+    install = [*apt, "install", "-y", "--no-install-recommends", "chromium"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=1200).returncode != 0:  # no package lists yet
+        subprocess.run([*apt, "update"], env=env, capture_output=True, check=True, timeout=1200)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=1200)
+        assert done.returncode == 0, f"apt-get install chromium failed: {done.stdout[-3000:]}{done.stderr[-2000:]}"
     return shutil.which("chromium")

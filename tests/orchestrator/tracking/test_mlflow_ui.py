@@ -176,6 +176,7 @@ def pick_columns(browser: Browser, show: tuple[str, ...]) -> list[str]:
         assert clicked, f"no column {name!r} in the column selector"
         time.sleep(0.5)
     browser.key("Escape", 27)
+    browser.js("document.activeElement && document.activeElement.blur()")  # no focus ring in the picture
     time.sleep(0.5)
     return browser.js("[...document.querySelectorAll('.ag-header-cell')].map(h => h.getAttribute('col-id'))")
 
