@@ -52,6 +52,6 @@ def _print_result(experiment: str, overrides: tuple[str, ...], result) -> None:
         return
     uri = tracking_uri_of(exp)
     run_id = wait_shipped(journal_dir(result.output_dir), uri, 60.0) if exp.tracking.mode != "offline" else None
-    hint = mlflow_ui_hint(uri, run_id)
+    hint = mlflow_ui_hint(uri, run_id, journal_dir(result.output_dir))
     if hint:
         click.echo(hint + ("" if run_id else f"   (not shipped yet; `orch sync {result.output_dir}` sends it)"))
