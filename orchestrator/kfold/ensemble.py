@@ -41,7 +41,8 @@ from typing import Any, Callable, Optional
 from cluster.errors import ConfigError, DataError
 from orchestrator.kfold.fusion import FusionSettings, fuse, index_results
 from orchestrator.kfold.predictions import fold_checkpoint, predict_split
-from orchestrator.kfold.tune import Tuned, coordinate_search
+from orchestrator.kfold.split import file_sha256
+from orchestrator.kfold.tune import Tuned, cached_search
 
 log = logging.getLogger(__name__)
 VIEWS = ("none", "hflip")
@@ -177,10 +178,13 @@ def run_ensemble(set_ref: str, test: Optional[str] = None, img_dir: Optional[str
         fused = fuse(proxy_members, [1.0, 1.0], proxy_sizes, settings)
         return _evaluate(gt, fused, engine, classwise="/" in metric)[metric]
 
-    # 2. tuning, on those predictions only
-    tuned = coordinate_search(proxy_score, method)
-    echo(f"tuned on out-of-fold predictions ({len(proxy_sizes)} images, {len(tuned.trace)} settings tried): "
-         f"{tuned.settings.params()}; OOF proxy {metric} {tuned.score:.4f} (defaults {tuned.default_score:.4f})")
+    # 2. tuning, on those predictions only (kept: another --tta on the same predictions reuses it)
+    key = {"oof": {str(m.fold): file_sha256(cache / f"fold-{m.fold}-oof.json") for m in models},
+           "ann_sha256": file_sha256(Path(state["ann_file"])), "metric": metric, "engine": engine}
+    tuned, reused = cached_search(proxy_score, method, cache / f"tuned-{method}.json", key)
+    echo(f"tuned on out-of-fold predictions ({len(proxy_sizes)} images, {len(tuned.trace)} settings tried"
+         f"{'; reused' if reused else ''}): {tuned.settings.params()}; OOF proxy {metric} {tuned.score:.4f} "
+         f"(defaults {tuned.default_score:.4f})")
     if on_tuned is not None:
         on_tuned(tuned)
 

@@ -5,15 +5,18 @@ scores best with the others held fixed; rounds repeat until one changes nothing 
 :data:`MAX_ROUNDS`). A move needs a strict gain, so ties keep the current (default-side) value.
 Every setting tried is scored once (memoised). With the grids below that is 12-22 scorings for
 WBF, against 100 for the full WBF grid. The caller decides what the score is; ``orch ensemble``
-scores on out-of-fold predictions only (:mod:`orchestrator.kfold.ensemble`).
+scores on out-of-fold predictions only (:mod:`orchestrator.kfold.ensemble`), and keeps the result
+(:func:`cached_search`) so that another ``--tta`` on the same predictions tunes nothing again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from cluster.files import read_json, write_json_atomic
 from orchestrator.kfold.fusion import CONF_TYPES, FusionSettings
 
 MAX_ROUNDS = 2
@@ -67,3 +70,24 @@ def coordinate_search(score: Callable[[FusionSettings], float], method: str,
         if not moved:
             break
     return Tuned(best, best_score, seen[start], tuple(trace))
+
+
+def cached_search(score: Callable[[FusionSettings], float], method: str, cache: Path,
+                  key: Mapping[str, Any]) -> tuple[Tuned, bool]:
+    """:func:`coordinate_search` of ``method``, or its result saved in ``cache`` under the same
+    ``key`` (JSON data naming everything the score depends on: the predictions, the ground
+    truth, the metric); the search's grids and rounds are added to the key here. Returns the
+    result and whether it came from the cache."""
+    key = {**key, "method": method, "rounds": MAX_ROUNDS,
+           "space": {name: list(grid) for name, grid in SPACES[method].items()}}
+    saved = read_json(cache)
+    if saved is not None and saved.get("key") == key:
+        t = saved["tuned"]
+        return Tuned(FusionSettings(**t["settings"]), t["score"], t["default_score"],
+                     tuple((dict(p), float(v)) for p, v in t["trace"])), True
+    tuned = coordinate_search(score, method)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(cache, {"key": key, "tuned": {"settings": tuned.settings.params(), "score": tuned.score,
+                                                    "default_score": tuned.default_score,
+                                                    "trace": [list(item) for item in tuned.trace]}}, indent=1)
+    return tuned, False

@@ -110,6 +110,25 @@ def test_coordinate_search_finds_the_best_and_keeps_defaults_on_ties():
     assert flat.settings == FusionSettings("soft-nms") and set(flat.settings.params()) == {"method", "sigma", "skip_thr"}
 
 
+def test_cached_search_reuses_only_the_same_key(tmp_path):
+    from orchestrator.kfold.tune import cached_search
+
+    calls = []
+
+    def score(s: FusionSettings) -> float:
+        calls.append(s)
+        return -abs(s.iou_thr - 0.4)
+
+    cache = tmp_path / "cache" / "tuned-nms.json"
+    first, reused = cached_search(score, "nms", cache, {"oof": "a"})
+    assert not reused and first.settings.iou_thr == 0.4 and calls
+    n = len(calls)
+    again, reused = cached_search(score, "nms", cache, {"oof": "a"})
+    assert reused and again == first and len(calls) == n
+    other, reused = cached_search(score, "nms", cache, {"oof": "b"})  # other predictions: searched again
+    assert not reused and other == first and len(calls) == 2 * n
+
+
 def test_hflip_boxes_map_back_onto_the_original():
     import torch
 
@@ -250,18 +269,21 @@ def test_ensemble_reads_the_test_annotations_only_after_tuning(tmp_path, shapes_
     assert {"ensemble/table.md", "ensemble/results_test.json", "ensemble/ensemble.json"} <= \
         {a.path for a in client.list_artifacts(run.info.run_id, "ensemble")}
 
-    # again without TTA: from the cached predictions, nothing predicted twice (NMS would cost a
-    # numba compilation here; the fusion tests above run every method)
+    # again without TTA: from the cached predictions and tuning, nothing predicted or tuned twice
+    # (NMS would cost a numba compilation here; the fusion tests above run every method)
     import detection.inference.tta
+    import orchestrator.kfold.tune
 
     def no_prediction(*args, **kwargs):
-        raise AssertionError("predicted again although the cache matches")
+        raise AssertionError("predicted or tuned again although the cache matches")
 
     monkeypatch.setattr(detection.inference.tta, "predict_views", no_prediction)
+    monkeypatch.setattr(orchestrator.kfold.tune, "coordinate_search", no_prediction)
     again = run_ensemble(str(set_dir), test=str(test_file), img_dir=str(shapes_data / "val"), tta="none",
                          echo=lines.append)
     assert again.out_dir != outcome.out_dir and again.out_dir.name == "wbf-tta_none"
     assert again.rows == outcome.rows and again.tuned == outcome.tuned  # the same numbers: only --tta differs
+    assert any("settings tried; reused)" in line for line in lines)
 
 def test_ensemble_errors_are_one_line(tmp_path, shapes_data, tiny_checkpoint, tracking_uri, capsys):
     from orchestrator.cli import main
