@@ -8,7 +8,7 @@ DATA   ?= data/shapes
 DEMO_TRAIN ?= 1000
 DEMO_VAL   ?= 200
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast faults install clean
 
 install: $(STAMP)
 
@@ -24,12 +24,24 @@ demo: $(STAMP)
 	$(ORCH) data shapes --out $(DATA) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
 	$(ORCH) submit experiments/shapes_demo.yaml --backend local --wait
 
-# The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server).
+# The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server), and
+# the fault suite's CI seeds (tests/faults; `make faults` runs more).
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The seeded fault suite: seeds START..START+N-1 (every (backend, fault) pair once per 24 seeds),
+# then the table of RELIABILITY.md (the summary prints even when a scenario failed).
+N ?= 24
+START ?= 0
+FAULTS_RESULTS ?= work_dirs/faults/results.json
+faults: $(STAMP)
+	@mkdir -p $(dir $(FAULTS_RESULTS))
+	ORCH_FAULTS_N=$(N) ORCH_FAULTS_START=$(START) ORCH_FAULTS_RESULTS=$(FAULTS_RESULTS) \
+		$(PY) -m pytest -q -ra -m faults tests/faults; status=$$?; \
+		$(PY) tests/faults/summary.py $(FAULTS_RESULTS); exit $$status
 
 clean:
 	rm -rf work_dirs $(DATA) mlflow.db mlartifacts

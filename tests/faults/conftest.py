@@ -3,9 +3,9 @@ environment per scenario, and the results file the summary reads.
 
     fault_seeds        the seeds to run: ``ORCH_FAULTS_N`` seeds from ``ORCH_FAULTS_START`` (default
                        the CI set, ``fault_schedule.CI_SEEDS`` seeds from 0)
-    fault_mlflow       (session) an ``mlflow server`` on 127.0.0.1 that scenarios may stop and restart
+    fault_mlflow       (module) an ``mlflow server`` on 127.0.0.1 that scenarios may stop and restart
                        (same port)
-    fault_slurm        (session, started on first use) a 2-node local Slurm with accounting
+    fault_slurm        (module, started on first use) a 2-node local Slurm with accounting
                        (``scripts/local_slurm.py``); its state dir
     fault_context      a scenario's :class:`fault_run.Context`: own ORCH_HOME, lease folder, a 4-slot
                        CPU pool, one thread per process, cwd in the scenario's folder
@@ -50,7 +50,7 @@ def fault_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fault_mlflow(tmp_path_factory):
     """A running ``mlflow server`` (:class:`ship_helpers.MlflowServer`: ``uri``, ``stop``, ``start``)."""
     helpers = _load(TESTS / "orchestrator" / "tracking" / "ship_helpers.py", "orch_faults_ship_helpers")
@@ -62,9 +62,9 @@ def fault_mlflow(tmp_path_factory):
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fault_slurm():
-    """A 2-node Slurm cluster (2 fake GPUs a node, accounting) for the session; its state dir.
+    """A 2-node Slurm cluster (2 fake GPUs a node, accounting) for the module; its state dir.
     ``SLURM_CONF`` points at it meanwhile. Stopped (and wiped) at the end."""
     script = REPO / "scripts" / "local_slurm.py"
     # Not under pytest's 0700 folders: MariaDB runs as user mysql and must reach its datadir.

@@ -275,8 +275,6 @@ class Scenario_Run:
             if not allowed:
                 self.out.problems.append(f"the job failed although it should survive {self.sc.fault}: {record.error}")
             self.at_failure(record)
-            self.restore()
-            self.squatter.close()
             resumed = self.submit(exp, resume=True)
             self.out.resubmitted = True
             final = resumed.wait(timeout_s=JOB_TIMEOUT_S)
@@ -296,7 +294,8 @@ class Scenario_Run:
 
     def at_failure(self, record) -> None:
         """Right after a fatal fault: nothing of the job runs on (its shipper may, until the run's
-        status is shipped), its checkpoints load, its leases are free, its MLflow run is ended."""
+        status is shipped), its checkpoints load, its leases are free; once the fault is cleared
+        (space freed, server back), syncing its journal ends its MLflow run (not RUNNING)."""
         markers, groups = self.backend.markers(record)
         left = orphans(markers, groups, grace_s=20, shippers=False)
         self.out.orphans += [f"after the failure: {pid} {line[:160]}" for pid, line in left]
@@ -304,12 +303,14 @@ class Scenario_Run:
         checked, problems = checkpoint_problems(record.output_dir)
         self.out.checkpoints_checked += checked
         self.out.problems += problems
-        leaks = lease_problems()
+        # Leases of this job only: the job beside it may hold its own.
+        own = (record.job_id, f"slurm job {record.native_id}")
+        leaks = [leak for leak in lease_problems() if any(f"'{label}'" in leak for label in own)]
         self.out.leaked_leases += leaks
         self.out.problems += [f"after the failure: {leak}" for leak in leaks]
-        if self.ctx.mlflow.proc is not None:
-            statuses, problems = run_statuses([record.output_dir], self.ctx.mlflow.uri, self.sc.name)
-            self.out.problems += [f"after the failure: {p}" for p in problems]
+        self.restore()
+        statuses, problems = run_statuses([record.output_dir], self.ctx.mlflow.uri, self.sc.name)
+        self.out.problems += [f"after the failure: {p}" for p in problems if f"run {record.name}:" in p or "sync" in p]
 
     def final_checks(self, records: list) -> None:
         main = self.resumed_record or records[0]

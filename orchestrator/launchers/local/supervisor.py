@@ -43,7 +43,9 @@ QUEUE_POLL_S = 0.5  # other orch processes' releases are seen by polling; our ow
 _released = threading.Condition()
 _releases = [0]  # bumped under _released at every release, so a wake-up between try and wait is not lost
 TERM_GRACE_S = 10.0
-_ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|orch( worker)?: error:|^Killed")
+# torch.distributed prefixes every line of an uncaught traceback with "[rank<N>]: ".
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(\w+\.)*\w*(Error|Exception|Interrupt)\b|orch( worker)?: error:|^Killed")
+_ORCH_ERROR = re.compile(r"orch( worker)?: error:")
 _stopping = threading.Event()
 
 
@@ -111,7 +113,7 @@ def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.Bou
         elif code == 0:
             _finish(job_id, JobState.SUCCEEDED, 0, None, ended_at)
         else:
-            _finish(job_id, JobState.FAILED, code, _error_line(job_id) or f"exit status {code}", ended_at)
+            _finish(job_id, JobState.FAILED, code, _failure_reason(job_id, procs, code), ended_at)
     except Exception as err:  # anything here is orch's fault or the machine's: record it
         say(job_id, f"error: {err}")
         _finish(job_id, JobState.FAILED, None, f"{type(err).__name__}: {err}")
@@ -259,19 +261,36 @@ def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:
             os.close(fd)
 
 
+def _failure_reason(job_id: str, procs: list[subprocess.Popen], code: int) -> str:
+    """Why a job failed, in one line. A process killed by a signal is the cause, whatever the
+    others printed while losing their peer (a gloo "connection closed"); otherwise the log's last
+    error line, else the exit status."""
+    if code < 0:
+        index = next((i for i, p in enumerate(procs) if p.returncode == code), 0)
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (kill -9, or the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"process {index} of the job (pid {procs[index].pid}) was killed by {name}{hint}"
+    return _error_line(job_id) or f"exit status {code}"
+
+
 def _error_line(job_id: str) -> Optional[str]:
-    """The last line of the log that looks like an error (what `orch status JOB` shows)."""
+    """The line of the log that says why the job failed (what `orch status JOB` shows): the last
+    one-line reason orch's worker gave (``orch worker: error: ...``) when there is one, since the
+    other ranks' tracebacks that follow it only say that they lost it; else the last line that
+    looks like an error."""
     try:
         with open(log_path(job_id), "rb") as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 65536))
-            lines = handle.read().decode("utf-8", "replace").splitlines()
+            lines = [line.strip() for line in handle.read().decode("utf-8", "replace").splitlines()]
     except OSError:
         return None
-    for line in reversed(lines):
-        if _ERROR_LINE.search(line.strip()):
-            return line.strip()[:500]
-    return None
+    found = [line for line in lines if _ERROR_LINE.search(line)]
+    picked = [line for line in found if _ORCH_ERROR.search(line)] or found
+    return picked[-1][:500] if picked else None
 
 
 def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[str],
