@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from cluster.ports import lease_port
 from cluster.process import signal_group
 from orchestrator.launchers.local.launcher import cancel_requested
 from orchestrator.launchers.local.plan import NodeJob, NodeRequest
+from orchestrator.launchers.local.reasons import failure_reason
 from orchestrator.records import annotate, log_path, say, transition
 from orchestrator.spec import JobState
 
@@ -43,9 +43,6 @@ QUEUE_POLL_S = 0.5  # other orch processes' releases are seen by polling; our ow
 _released = threading.Condition()
 _releases = [0]  # bumped under _released at every release, so a wake-up between try and wait is not lost
 TERM_GRACE_S = 10.0
-# torch.distributed prefixes every line of an uncaught traceback with "[rank<N>]: ".
-_ERROR_LINE = re.compile(r"^(\[rank\d+\]:\s*)?(\w+\.)*\w*(Error|Exception|Interrupt)\b|orch( worker)?: error:|^Killed")
-_ORCH_ERROR = re.compile(r"orch( worker)?: error:")
 _stopping = threading.Event()
 
 
@@ -262,35 +259,16 @@ def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:
 
 
 def _failure_reason(job_id: str, procs: list[subprocess.Popen], code: int) -> str:
-    """Why a job failed, in one line. A process killed by a signal is the cause, whatever the
-    others printed while losing their peer (a gloo "connection closed"); otherwise the log's last
-    error line, else the exit status."""
-    if code < 0:
-        index = next((i for i, p in enumerate(procs) if p.returncode == code), 0)
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (kill -9, or the out-of-memory killer)" if -code == signal.SIGKILL else ""
-        return f"process {index} of the job (pid {procs[index].pid}) was killed by {name}{hint}"
-    return _error_line(job_id) or f"exit status {code}"
-
-
-def _error_line(job_id: str) -> Optional[str]:
-    """The line of the log that says why the job failed (what `orch status JOB` shows): the last
-    one-line reason orch's worker gave (``orch worker: error: ...``) when there is one, since the
-    other ranks' tracebacks that follow it only say that they lost it; else the last line that
-    looks like an error."""
+    """One line saying why the job failed (:func:`reasons.failure_reason` over the log's tail)."""
+    first = next(((i, p.pid) for i, p in enumerate(procs) if p.returncode == code), None)
     try:
         with open(log_path(job_id), "rb") as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 65536))
-            lines = [line.strip() for line in handle.read().decode("utf-8", "replace").splitlines()]
+            tail = handle.read().decode("utf-8", "replace")
     except OSError:
-        return None
-    found = [line for line in lines if _ERROR_LINE.search(line)]
-    picked = [line for line in found if _ORCH_ERROR.search(line)] or found
-    return picked[-1][:500] if picked else None
+        tail = ""
+    return failure_reason(tail, code, first)
 
 
 def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[str],
