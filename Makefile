@@ -8,7 +8,7 @@ DATA   ?= data/shapes
 DEMO_TRAIN ?= 1000
 DEMO_VAL   ?= 200
 
-.PHONY: demo test test-fast faults install clean
+.PHONY: demo test test-fast test-heavy faults install clean
 
 install: $(STAMP)
 
@@ -27,10 +27,14 @@ demo: $(STAMP)
 # The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server), and
 # the fault suite's CI seeds (tests/faults; `make faults` runs more).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -m "not heavy"
+
+# Tests whose CPU path takes many minutes (torch.compile's C++ code generation).
+test-heavy: $(STAMP)
+	$(PY) -m pytest -q -ra -m heavy
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not heavy"
 
 # The seeded fault suite: seeds START..START+N-1 (every (backend, fault) pair once per 24 seeds),
 # then the table of RELIABILITY.md (the summary prints even when a scenario failed).

@@ -24,6 +24,9 @@ def write_bytes_atomic(path: PathLike, data: bytes, durable: bool = False) -> No
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); the result gets the mode any new file gets
+        # (0666 less the umask), so that a team can read a job's outputs on shared storage.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if durable:
@@ -34,6 +37,12 @@ def write_bytes_atomic(path: PathLike, data: bytes, durable: bool = False) -> No
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: PathLike, data: Any, durable: bool = False, indent: Optional[int] = 1,

@@ -7,7 +7,6 @@ Every builder takes the sections it reads and returns what it built; none keeps 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -59,10 +58,37 @@ def setup_process(runtime: Any, env: Any) -> torch.device:
     # warn_only: some detection ops (roi_align backward on CUDA) have no deterministic kernel.
     torch.use_deterministic_algorithms(bool(runtime.deterministic), warn_only=True)
     torch.backends.cudnn.deterministic = bool(runtime.deterministic)
-    torch.backends.cudnn.benchmark = False
-    if runtime.amp and device.type != "cuda":
-        log.warning("runtime.amp is for CUDA only; training in float32 on %s", device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark(runtime, device)
+    if amp_mode(runtime) and device.type != "cuda":
+        # CPU autocast (bfloat16) runs, but is slower than float32 on most CPUs.
+        log.warning("runtime.amp=%s is for CUDA only; training in float32 on %s", runtime.amp, device)
     return device
+
+
+def cudnn_benchmark(runtime: Any, device: torch.device) -> bool:
+    """``runtime.cudnn_benchmark``; null = on with CUDA unless ``runtime.deterministic`` (the
+    autotuner picks kernels by timing them, so runs differ)."""
+    if runtime.cudnn_benchmark is not None:
+        return bool(runtime.cudnn_benchmark)
+    return device.type == "cuda" and not runtime.deterministic
+
+
+def amp_mode(runtime: Any) -> Optional[str]:
+    """``runtime.amp`` as ``"bf16"``, ``"fp16"`` or None (off); ``true`` is fp16, as the boolean
+    meant before bf16 existed."""
+    return "fp16" if runtime.amp is True else (runtime.amp or None)
+
+
+def amp_dtype(runtime: Any, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of ``runtime.amp`` on ``device``: None (float32) when off or not CUDA.
+    bf16 on a GPU without bfloat16 (before Ampere) is a ConfigError."""
+    mode = amp_mode(runtime)
+    if mode is None or device.type != "cuda":
+        return None
+    if mode == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ConfigError(f"runtime.amp=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support "
+                          "(Ampere or newer GPUs do); use runtime.amp=fp16")
+    return torch.bfloat16 if mode == "bf16" else torch.float16
 
 
 def init_process_group(env: Any, device: torch.device, collective_timeout_s: int = 600) -> bool:
@@ -119,14 +145,51 @@ def build_model(config: Any, num_classes: int, device: torch.device) -> torch.nn
     if config.runtime.load_from:
         path = models.check_local_weights(config.runtime.load_from, "runtime.load_from")
         models.load_detector_weights(model, path, "runtime.load_from")
-    return model.to(device)
+    model.to(device)
+    if config.runtime.channels_last:
+        use_channels_last(model)
+    if config.runtime.compile:
+        compile_model(model, config.runtime.compile, device)
+    return model
+
+
+def _channels_last_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
+def use_channels_last(model: torch.nn.Module) -> None:
+    """Weights and the backbone's input in channels_last memory format (``runtime.channels_last``).
+    The input is converted where the backbone receives it: the detector's transform resizes the
+    images and batches them into a new (contiguous) tensor, so converting the loader's images
+    would be undone."""
+    model.to(memory_format=torch.channels_last)
+    model.backbone.register_forward_pre_hook(_channels_last_input)
+
+
+def compile_model(model: torch.nn.Module, what: str, device: torch.device) -> None:
+    """``torch.compile`` the backbone's body (``what="backbone"``; the whole backbone for SSD and
+    SSDlite) or the whole detector (``"model"``), in place (``Module.compile``: parameter names and
+    checkpoints stay as without compile). Compilation happens at the first iterations."""
+    import shutil
+
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("runtime.compile needs triton for CUDA (pip install triton); set runtime.compile: false")
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise ConfigError("runtime.compile on the CPU needs a C++ compiler (g++ or $CXX) on the PATH; "
+                          "install one or set runtime.compile: false")
+    target = model if what == "model" else getattr(model.backbone, "body", model.backbone)
+    target.compile()
+    log.info("runtime.compile=%s: compiling %s at the first iterations", what, type(target).__name__)
 
 
 def build_model_from_checkpoint(config: Any, path: str, num_classes: int) -> torch.nn.Module:
     """The detector of ``config.model`` with all weights from ``path`` (an orch checkpoint or a
-    state dict; ``model.weights`` / ``backbone_weights`` are not loaded first)."""
-    bare = dataclasses.replace(config.model, weights=None, backbone_weights=None)
-    model = models.build_model(bare, num_classes, config.data)
+    state dict; ``model.weights`` / ``backbone_weights`` are not read, but a model trained from them
+    gets their fine-tuning layout, FrozenBatchNorm2d included)."""
+    model = models.build_model(config.model, num_classes, config.data, load_weights=False)
     try:
         missing, unexpected = model.load_state_dict(models.read_state_dict(path, "--checkpoint"), strict=False)
     except RuntimeError as err:  # shapes differ (another class count): torch lists every tensor
@@ -196,8 +259,9 @@ def wrap_model(model: torch.nn.Module, env: Any, device: torch.device) -> torch.
 
 
 def build_scaler(runtime: Any, device: torch.device) -> Optional[torch.amp.GradScaler]:
-    """A gradient scaler for ``runtime.amp`` on CUDA, else None (float32)."""
-    return torch.amp.GradScaler("cuda") if runtime.amp and device.type == "cuda" else None
+    """A gradient scaler for float16 autocast (``runtime.amp=fp16`` on CUDA), else None: bfloat16
+    has float32's exponent range and needs no loss scaling."""
+    return torch.amp.GradScaler("cuda") if amp_dtype(runtime, device) == torch.float16 else None
 
 
 # -- hooks and resume ---------------------------------------------------------------------------

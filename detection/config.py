@@ -30,6 +30,10 @@ class ModelConfig:
     # Folder of the weights cache that names resolve to; set by orch submit ($ORCH_WEIGHTS_DIR, else
     # $TORCH_HOME/hub/checkpoints). null = torch's hub cache.
     weights_dir: Optional[str] = None
+    # Backbone stages that train, from the last one, when model.weights or model.backbone_weights is
+    # given (torchvision's fine-tuning setup, with FrozenBatchNorm2d where torchvision uses it);
+    # null = torchvision's default (3; 4 for ssd300_vgg16, 6 = all for ssdlite). Without weights
+    # every stage trains (in BatchNorm) and this is ignored with a warning.
     trainable_backbone_layers: Optional[int] = None
     # Extra keyword arguments for the torchvision builder (e.g. rpn_batch_size_per_image).
     options: dict[str, Any] = field(default_factory=dict)
@@ -136,7 +140,18 @@ class RuntimeConfig:
 
     seed: int = 0
     deterministic: bool = False
-    amp: bool = False  # CUDA only
+    # Mixed precision on CUDA: false | bf16 (bfloat16 autocast, no loss scaling; needs an Ampere or
+    # newer GPU) | fp16 (float16 autocast + GradScaler: torchvision's --amp); true = fp16 (older
+    # files). On the CPU training stays float32 (one warning).
+    amp: Union[bool, Literal["bf16", "fp16"]] = False
+    # Model weights and the batched images the backbone sees in channels_last memory format (faster
+    # convolutions on tensor-core GPUs; on the CPU the same conversion runs, for no gain).
+    channels_last: bool = False
+    # torch.compile: false | backbone (the backbone's body: its shapes follow the image batch) |
+    # model (the whole detector: its heads have data-dependent shapes, expect graph breaks).
+    compile: Union[bool, Literal["backbone", "model"]] = False
+    # cuDNN autotuner (per input shape); null = on with CUDA unless runtime.deterministic.
+    cudnn_benchmark: Optional[bool] = None
     output_dir: str = "work_dirs/{name}"  # {name} is replaced by the experiment name
     resume: Optional[str] = None  # "auto" | path of a checkpoint
     load_from: Optional[str] = None  # weights only (fine-tuning)

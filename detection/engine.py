@@ -72,9 +72,10 @@ class Trainer:
 
     ``model`` is the bare detector; ``train_model`` what is called (the DDP wrapper, or the model
     itself). ``loader`` is a :class:`detection.data.DetectionLoader` (seeded batch order per
-    epoch, resumable at a batch). Every step sums ``accumulation_steps`` batches, clips the
-    gradient norm to ``grad_clip`` (when set) and records the loss in ``history`` every
-    ``log_interval`` steps. Resume state (``iter``, ``pending_rng``) is set by the checkpointer
+    epoch, resumable at a batch). The forward pass runs under autocast to ``amp_dtype`` when
+    given (float16 when only a ``scaler`` is: the scaler is for float16 gradients). Every step
+    sums ``accumulation_steps`` batches, clips the gradient norm to ``grad_clip`` (when set;
+    unscaled first) and records the loss in ``history`` every ``log_interval`` steps. Resume state (``iter``, ``pending_rng``) is set by the checkpointer
     before :meth:`train`. ``config`` is kept only for hooks that need the experiment once.
     """
 
@@ -94,6 +95,7 @@ class Trainer:
         hooks: Sequence[Hook] = (),
         checkpointer: Any = None,
         scaler: Optional[torch.amp.GradScaler] = None,
+        amp_dtype: Optional[torch.dtype] = None,
         accumulation_steps: int = 1,
         grad_clip: Optional[float] = None,
         log_interval: int = 10,
@@ -106,6 +108,7 @@ class Trainer:
         self.output_dir, self.lr_scaling = output_dir, lr_scaling
         self.hooks = list(hooks)
         self.checkpointer, self.scaler = checkpointer, scaler
+        self.amp_dtype = amp_dtype if amp_dtype is not None else (torch.float16 if scaler is not None else None)
         self.accumulation = accumulation_steps
         self.grad_clip = grad_clip
         self.iter = 0  # finished optimizer steps
@@ -191,7 +194,7 @@ class Trainer:
             # DDP: all-reduce gradients only on the last micro-batch.
             sync = contextlib.nullcontext() if last or not self.distributed else self.train_model.no_sync()
             with sync:
-                with torch.autocast(self.device.type, enabled=self.scaler is not None):
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     loss_dict = self.train_model(images, targets)
                 loss = sum(loss_dict.values())
                 scaled = loss / self.accumulation

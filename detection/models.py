@@ -5,7 +5,9 @@ clusters' compute nodes) cannot download, and a silent download inside 64 ranks 
 place to find that out. Pretrained weights (``model.weights``: a whole detector,
 ``model.backbone_weights``: a backbone) are loaded after the build, from a local file or, for a
 torchvision weights name (``COCO_V1``, ``ResNet50_Weights.IMAGENET1K_V2``), from the weights cache
-that ``orch submit`` / ``orch weights fetch`` filled (:mod:`detection.weights`).
+that ``orch submit`` / ``orch weights fetch`` filled (:mod:`detection.weights`). A model given
+weights is then set up for fine-tuning as torchvision's builders set it up with weights
+(FrozenBatchNorm2d, frozen early backbone stages: :mod:`detection.finetune`).
 
 Input size: the detector's own transform resizes images, so ``data.min_size/max_size`` are passed
 to it. SSD and SSDlite have a fixed input size (300/320); orch forces it to ``data.min_size`` so
@@ -44,29 +46,40 @@ class ModelEntry:
     takes_backbone: bool = False  # model.backbone selects the FPN backbone
     min_input: int = 0  # smallest data.min_size whose feature maps stay valid
     description: str = ""
+    # Fine-tuning layout torchvision's builder gives with weights (detection.finetune): the backbone
+    # family, whether its BatchNorm becomes FrozenBatchNorm2d, (stages, trainable stages by default).
+    backbone_kind: str = "resnet"
+    frozen_bn: bool = True
+    trainable_layers: tuple[int, int] = (5, 3)
 
 
 MODELS: dict[str, ModelEntry] = {
     "fasterrcnn_resnet50_fpn": ModelEntry("fasterrcnn_resnet50_fpn", description="Faster R-CNN R50-FPN v1"),
-    "fasterrcnn_resnet50_fpn_v2": ModelEntry("fasterrcnn_resnet50_fpn_v2", description="Faster R-CNN R50-FPN v2"),
+    "fasterrcnn_resnet50_fpn_v2": ModelEntry("fasterrcnn_resnet50_fpn_v2", description="Faster R-CNN R50-FPN v2",
+                                             frozen_bn=False),
     "fasterrcnn_mobilenet_v3_large_fpn": ModelEntry(
-        "fasterrcnn_mobilenet_v3_large_fpn", description="Faster R-CNN MobileNetV3-Large FPN"
+        "fasterrcnn_mobilenet_v3_large_fpn", description="Faster R-CNN MobileNetV3-Large FPN",
+        backbone_kind="mobilenet", trainable_layers=(6, 3),
     ),
     "fasterrcnn_mobilenet_v3_large_320_fpn": ModelEntry(
-        "fasterrcnn_mobilenet_v3_large_320_fpn", description="Faster R-CNN MobileNetV3-Large 320 FPN"
+        "fasterrcnn_mobilenet_v3_large_320_fpn", description="Faster R-CNN MobileNetV3-Large 320 FPN",
+        backbone_kind="mobilenet", trainable_layers=(6, 3),
     ),
     "fasterrcnn": ModelEntry(
         "custom_fasterrcnn", takes_backbone=True, description="Faster R-CNN, ResNet-18/34/50 FPN (model.backbone)"
     ),
     "retinanet_resnet50_fpn": ModelEntry("retinanet_resnet50_fpn", description="RetinaNet R50-FPN v1"),
-    "retinanet_resnet50_fpn_v2": ModelEntry("retinanet_resnet50_fpn_v2", description="RetinaNet R50-FPN v2"),
+    "retinanet_resnet50_fpn_v2": ModelEntry("retinanet_resnet50_fpn_v2", description="RetinaNet R50-FPN v2",
+                                            frozen_bn=False),
     "fcos_resnet50_fpn": ModelEntry("fcos_resnet50_fpn", description="FCOS R50-FPN"),
     "ssd300_vgg16": ModelEntry(
         # VGG's extra blocks are unpadded 3x3 convs: below 268 px a feature map reaches 0x0.
-        "ssd300_vgg16", fixed_size=True, min_input=268, description="SSD300 VGG16"
+        "ssd300_vgg16", fixed_size=True, min_input=268, description="SSD300 VGG16",
+        backbone_kind="vgg", frozen_bn=False, trainable_layers=(5, 4),
     ),
     "ssdlite320_mobilenet_v3_large": ModelEntry(
-        "ssdlite320_mobilenet_v3_large", fixed_size=True, description="SSDlite320 MobileNetV3-Large"
+        "ssdlite320_mobilenet_v3_large", fixed_size=True, description="SSDlite320 MobileNetV3-Large",
+        backbone_kind="ssdlite", frozen_bn=False, trainable_layers=(6, 6),
     ),
     "maskrcnn_resnet50_fpn": ModelEntry("maskrcnn_resnet50_fpn", masks=True, description="Mask R-CNN R50-FPN"),
 }
@@ -84,18 +97,27 @@ def get_entry(name: str) -> ModelEntry:
     return MODELS[name]
 
 
-def build_model(model_cfg, num_classes: int, data_cfg):
+def is_pretrained(model_cfg) -> bool:
+    """Whether ``model.weights`` or ``model.backbone_weights`` is given: the model is then set up
+    for fine-tuning as torchvision's builders do with weights (:mod:`detection.finetune`)."""
+    return bool(model_cfg.weights or model_cfg.backbone_weights)
+
+
+def build_model(model_cfg, num_classes: int, data_cfg, load_weights: bool = True):
     """Build the detector of ``model_cfg`` (a :class:`detection.config.ModelConfig`) for
     ``num_classes`` labels including background, sized by ``data_cfg`` (``DataConfig``), then load
-    ``model.backbone_weights`` and ``model.weights`` when given. Never downloads."""
+    ``model.backbone_weights`` and ``model.weights`` when given and set the model up for
+    fine-tuning from them (FrozenBatchNorm2d, frozen early stages: :mod:`detection.finetune`).
+    ``load_weights=False`` (a checkpoint's weights come next) reads no weight file but keeps that
+    layout, so that the checkpoint fits. Never downloads."""
     entry = get_entry(model_cfg.type)
     if model_cfg.backbone is not None and not entry.takes_backbone:
         raise ConfigError(
             f"model.backbone is only used by model.type fasterrcnn, not {model_cfg.type!r}; remove it"
         )
     # Check the weight files before the (slow) build, so a typo fails in milliseconds.
-    weights = weights_file(model_cfg, "model.weights")
-    backbone_weights = weights_file(model_cfg, "model.backbone_weights")
+    weights = weights_file(model_cfg, "model.weights") if load_weights else None
+    backbone_weights = weights_file(model_cfg, "model.backbone_weights") if load_weights else None
     if data_cfg.min_size < entry.min_input:
         raise ConfigError(
             f"model.type {model_cfg.type} needs data.min_size >= {entry.min_input} "
@@ -113,6 +135,14 @@ def build_model(model_cfg, num_classes: int, data_cfg):
         load_backbone_weights(model, backbone_weights)
     if weights:
         load_detector_weights(model, weights)
+    if is_pretrained(model_cfg):
+        from detection.finetune import setup_finetuning
+
+        setup_finetuning(model, entry, model_cfg.trainable_backbone_layers, model_cfg.type)
+    elif model_cfg.trainable_backbone_layers is not None:
+        log.warning("model.trainable_backbone_layers=%d has no effect without model.weights or "
+                    "model.backbone_weights: every backbone stage trains (as in torchvision)",
+                    model_cfg.trainable_backbone_layers)
     return model
 
 
@@ -120,9 +150,9 @@ def _construct(entry: ModelEntry, model_cfg, num_classes: int, data_cfg, options
     import torch.nn as nn
     from torchvision.models import detection as tvd
 
+    # torchvision's from-scratch layout (BatchNorm, every stage trainable); the fine-tuning layout
+    # follows once weights are loaded (build_model), so trainable_backbone_layers is not passed.
     common: dict[str, Any] = {"weights": None, "weights_backbone": None, "num_classes": num_classes}
-    if model_cfg.trainable_backbone_layers is not None:
-        common["trainable_backbone_layers"] = model_cfg.trainable_backbone_layers
 
     if entry.builder == "custom_fasterrcnn":
         from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -133,9 +163,8 @@ def _construct(entry: ModelEntry, model_cfg, num_classes: int, data_cfg, options
                 f"valid: {', '.join(RESNET_BACKBONES)}"
             )
         # From scratch, FrozenBatchNorm2d (the default) stays an identity: use real BatchNorm.
-        layers = 5 if model_cfg.trainable_backbone_layers is None else model_cfg.trainable_backbone_layers
         backbone = resnet_fpn_backbone(
-            backbone_name=model_cfg.backbone, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=layers
+            backbone_name=model_cfg.backbone, weights=None, norm_layer=nn.BatchNorm2d, trainable_layers=5
         )
         _check_options(tvd.FasterRCNN, options, model_cfg.type)
         return tvd.FasterRCNN(

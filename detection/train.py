@@ -53,7 +53,8 @@ def main(config: Any, env: DistEnv, hooks: Sequence[Any] = ()) -> TrainResult:
             env=env, model=model, train_model=build.wrap_model(model, env, device), optimizer=optimizer,
             loader=loader, device=device, max_iters=max_iters, iters_per_epoch=iters_per_epoch,
             output_dir=output_dir, lr_scaling=scaling, checkpointer=checkpointer,
-            scaler=build.build_scaler(config.runtime, device), accumulation_steps=config.optim.accumulation_steps,
+            scaler=build.build_scaler(config.runtime, device), amp_dtype=build.amp_dtype(config.runtime, device),
+            accumulation_steps=config.optim.accumulation_steps,
             grad_clip=config.optim.grad_clip, log_interval=config.runtime.log_interval, config=config,
             hooks=build.build_hooks(config, env, scaling, iters_per_epoch, max_iters, eval_loader, eval_set, hooks),
         )

@@ -43,6 +43,9 @@ class ResourceFlags:
     account: Optional[str] = None
     qos: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # A launch option, not a resource (never folded into the experiment): seconds that preflight
+    # may wait for a growing cluster to fit the request (--wait-for-resources).
+    wait_for_resources: Optional[float] = None
 
     def as_overrides(self) -> dict[str, Any]:
         """The flags as dotted config keys for :func:`orchestrator.config.load_experiment`."""
@@ -155,9 +158,11 @@ class Launch:
         names = names or [None] * len(experiments)
         return self.launcher.plan([job_spec(e, self.backend, name=n, write=False) for e, n in zip(experiments, names)])
 
-    def preflight(self, plan: Plan) -> None:
+    def preflight(self, plan: Plan, wait_s: Optional[float] = None) -> None:
         """Can the cluster ever run it, does an ``online`` tracking server answer, are the
-        output folders free of live jobs, are the records writable? Nothing is written."""
+        output folders free of live jobs, are the records writable? Nothing is written.
+        ``wait_s`` (``--wait-for-resources``): how long a cluster that can grow may take to fit
+        the request before the refusal."""
         from orchestrator.outputs import check_free
         from orchestrator.records import jobs_dir
         from orchestrator.tracking.runs import require_reachable
@@ -165,7 +170,10 @@ class Launch:
         for job in plan.jobs:
             require_reachable(job.experiment)
             check_free(job.output_dir)
-        self.launcher.preflight(plan)
+        if wait_s:
+            self.launcher.preflight(plan, wait_s=wait_s)
+        else:  # a launcher written before the option needs no wait_s
+            self.launcher.preflight(plan)
         jobs_dir()
 
     def submit(self, experiments: Sequence[Experiment], names: Optional[Sequence[str]] = None,

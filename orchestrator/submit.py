@@ -43,5 +43,5 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
     resolve_weights(experiments, download=not dry_run)  # weights names -> the cache, before anything is queued
     if dry_run:
         return plan, []
-    launch.preflight(plan)
+    launch.preflight(plan, wait_s=flags.wait_for_resources)
     return launch.submit(experiments)

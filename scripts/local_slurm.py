@@ -9,8 +9,8 @@
 
 ``up`` installs Debian's Slurm and munge (and slurmdbd + MariaDB for ``--accounting``, so that
 ``sacct`` works) with apt-get when they are missing, writes ``slurm.conf`` with the partitions
-``dev`` (default) and ``debug`` under the state dir, starts the daemons directly (no systemd),
-and returns once every node is idle. Ports are chosen at run time, so it never clashes with
+``dev`` (default, no time limit) and ``debug`` (MaxTime 1 h) under the state dir, starts the
+daemons directly (no systemd), and returns once every node is idle. Ports are chosen at run time, so it never clashes with
 another cluster or service; ``up`` again with the same options does nothing, with other options
 it restarts from scratch. Fake GPUs are GRES whose files are symlinks to /dev/null (Slurm only
 sets CUDA_VISIBLE_DEVICES for character devices). Needs root: apt-get installs the packages,
@@ -146,8 +146,9 @@ def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool) 
             f"NodeName={name} NodeHostname={_hostname()} NodeAddr=127.0.0.1 Port={port} "
             f"CPUs={CPUS_PER_NODE} RealMemory={MEM_PER_NODE_MB}{gres} State=UNKNOWN"
         )
-    for partition, default in (("dev", "YES"), ("debug", "NO")):
-        lines.append(f"PartitionName={partition} Nodes=ALL Default={default} MaxTime=INFINITE State=UP")
+    # debug has a time limit, as real clusters' short partitions do (tests of --time > MaxTime).
+    for partition, default, max_time in (("dev", "YES", "INFINITE"), ("debug", "NO", "01:00:00")):
+        lines.append(f"PartitionName={partition} Nodes=ALL Default={default} MaxTime={max_time} State=UP")
     (state / "slurm.conf").write_text("\n".join(lines) + "\n")
 
     gres_lines = ["AutoDetect=off"]

@@ -18,21 +18,22 @@ from detection.inference.outputs import RESULTS_SCORE_FLOOR
 
 @dataclasses.dataclass(frozen=True)
 class Predictor:
-    """Calls the detector on batches of images (``inference_mode``; float16 autocast on CUDA
-    when ``amp``) and returns, on the CPU, its detections scoring at least ``floor`` (boxes and
+    """Calls the detector on batches of images (``inference_mode``; autocast to ``amp_dtype`` on
+    CUDA when ``runtime.amp`` asks for it, as training does) and returns, on the CPU, its detections scoring at least ``floor`` (boxes and
     scores in float32, masks thresholded at 0.5 to bool while still on the device: a float mask
     per detection of a full-HD frame would be 8 MB)."""
 
     model: torch.nn.Module
     device: torch.device
     classes: ClassMap
-    amp: bool
+    amp_dtype: Optional[torch.dtype]
     masks: bool
     floor: float = RESULTS_SCORE_FLOOR
 
     def __call__(self, images: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         inputs = [image.to(self.device, non_blocking=True) for image in images]
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                     enabled=self.amp_dtype is not None):
             outputs = self.model(inputs)
         return [self._kept(output) for output in outputs]
 
@@ -65,5 +66,5 @@ def load_predictor(config: Any, checkpoint: str, device: Optional[str] = None) -
         torch.set_num_threads(runtime.threads)
     model = build.build_model_from_checkpoint(config, path, classes.num_classes)
     model.to(target).eval()
-    return Predictor(model, target, classes, amp=bool(runtime.amp) and target.type == "cuda",
+    return Predictor(model, target, classes, amp_dtype=build.amp_dtype(runtime, target),
                      masks=build.with_masks(config))

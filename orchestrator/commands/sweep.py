@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from orchestrator.commands.common import experiment_argument, set_option
+from orchestrator.commands.common import experiment_argument, set_option, wait_for_resources_option
 
 
 @click.command("sweep")
@@ -17,8 +17,9 @@ from orchestrator.commands.common import experiment_argument, set_option
 @click.option("--max-concurrent", type=int, default=None, help="Override sweep.max_concurrent.")
 @click.option("--detach", is_flag=True, help="Return once the sweep is submitted; `orch status SWEEP` shows it.")
 @click.option("--dry-run", is_flag=True, help="Print the search (space, scheduler, resources); start nothing.")
+@wait_for_resources_option
 @set_option
-def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run, overrides) -> int:
+def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run, wait_for_resources, overrides) -> int:
     """Search hyperparameters of EXPERIMENT with Ray Tune; every trial is a full training run.
 
     \b
@@ -42,11 +43,12 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
     Examples:
       orch sweep exp.yaml --dry-run
       orch sweep exp.yaml --num-samples 16 --address auto --detach
+      orch sweep exp.yaml --address auto --wait-for-resources 10m   # an autoscaling cluster
       orch status SWEEP_ID                             # trials so far
     """
     from orchestrator.config import load_experiment
     from orchestrator.sweep import plan_sweep
-    from orchestrator.sweep.driver import prepare_sweep
+    from orchestrator.sweep.driver import preflight_sweep, prepare_sweep
     from orchestrator.weights import resolve_weights
 
     extra = {"resources.ray.address": address, "sweep.num_samples": num_samples, "sweep.max_concurrent": max_concurrent}
@@ -56,6 +58,7 @@ def sweep_cmd(experiment, address, num_samples, max_concurrent, detach, dry_run,
     resolve_weights(exp, download=not dry_run, echo=click.echo)  # weights names -> the cache, before anything runs
     if dry_run:
         return 0
+    preflight_sweep(plan, wait_for_resources or 0.0)  # a trial that can never fit: refused before anything exists
     plan = prepare_sweep(plan)
     job_id = plan.job_id
     from orchestrator.launchers.ray import start_driver

@@ -82,6 +82,7 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
         raise ctx.error("runtime.output_dir", "may only contain the placeholder {name}, got "
                         f"{exp.runtime.output_dir!r}")
     _check_model(exp, ctx)
+    _check_gpu_options(exp, ctx)
     _check_train_pipeline(exp, ctx)
     _check_splits(exp, ctx)
     _check_resources(exp, ctx)
@@ -119,6 +120,25 @@ def _check_model(exp: Experiment, ctx: Context) -> None:
         refusal = download_refusal(value)
         if refusal:
             raise ctx.error(path, refusal)
+
+
+def _check_gpu_options(exp: Experiment, ctx: Context) -> None:
+    """runtime.compile / cudnn_benchmark against runtime.deterministic, and the range of
+    model.trainable_backbone_layers for the model type (the rest waits for the GPU: bf16 support,
+    triton)."""
+    runtime = exp.runtime
+    if runtime.compile is True:
+        raise ctx.error("runtime.compile", "true is ambiguous; use backbone (the backbone's body, the usual "
+                        "choice), model (the whole detector) or false")
+    if runtime.deterministic and runtime.cudnn_benchmark:
+        raise ctx.error("runtime.cudnn_benchmark", "true picks cuDNN kernels by timing them, which breaks "
+                        "runtime.deterministic; set it to null (auto) or false, or runtime.deterministic: false")
+    layers = exp.model.trainable_backbone_layers
+    entry = MODELS.get(exp.model.type)
+    if layers is not None and entry is not None and not 0 <= layers <= entry.trainable_layers[0]:
+        maximum, default = entry.trainable_layers
+        raise ctx.error("model.trainable_backbone_layers", f"must be in 0..{maximum} for {exp.model.type} "
+                        f"({maximum} = every backbone stage trains, null = {default}), got {layers}")
 
 
 def _check_train_pipeline(exp: Experiment, ctx: Context) -> None:

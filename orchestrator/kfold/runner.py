@@ -160,7 +160,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
         echo(f"{len(trials)} trials, {len(done)} already finished; would run:\n{plan}")
         return KFoldOutcome(set_id, set_dir, None, [t.name for t in pending], sorted(done))
     if pending:  # live checks (free slots, reachable cluster) before any run exists
-        launch.preflight(plan)
+        launch.preflight(plan, wait_s=flags.wait_for_resources)
 
     from orchestrator.kfold import tracking
 

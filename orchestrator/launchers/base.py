@@ -48,9 +48,11 @@ class Launcher(abc.ABC):
         """Pure: what would run for ``jobs``. Raises ConfigError / LaunchError on bad options."""
 
     @abc.abstractmethod
-    def preflight(self, plan: Plan) -> None:
-        """Can the cluster ever run ``plan``? Raise an OrchError naming the shortfall otherwise.
-        Called before any record, config file or MLflow run exists."""
+    def preflight(self, plan: Plan, wait_s: float = 0.0) -> None:
+        """Can the cluster ever run ``plan``? Raise an OrchError naming the shortfall (what was
+        asked, what the cluster has, which flag to change) otherwise. Called before any record,
+        config file or MLflow run exists. ``wait_s`` > 0 (``--wait-for-resources``): a cluster
+        that can grow is polled that long for the request to fit before the refusal."""
 
     @abc.abstractmethod
     def submit(self, plan: Plan) -> list["JobHandle"]:

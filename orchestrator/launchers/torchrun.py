@@ -140,7 +140,7 @@ class TorchrunLauncher(LocalLauncher):
                         runnable=bool(commands))
         return "\n".join(lines), entry
 
-    def preflight(self, plan: NodePlan) -> None:
+    def preflight(self, plan: NodePlan, wait_s: float = 0.0) -> None:
         """Refuse, before any file or MLflow run exists, a job that spans several nodes with no way
         to start them (``plan`` keeps it, so that ``--dry-run`` prints the per-node lines), then
         check this node's capacity like the local backend."""
@@ -150,4 +150,4 @@ class TorchrunLauncher(LocalLauncher):
                     f"job {entry.name} spans several nodes: give --hosts h1,h2,... to start them "
                     "over ssh, or start each node with --node-rank i --master-addr H (orch submit --dry-run prints the lines)"
                 )
-        super().preflight(plan)
+        super().preflight(plan, wait_s)

@@ -32,6 +32,17 @@ from orchestrator.sweep.plan import DRIVER_CPUS, SweepPlan
 log = logging.getLogger("orchestrator.sweep")
 
 
+def preflight_sweep(plan: SweepPlan, wait_s: float = 0.0) -> None:
+    """Before the sweep's record, folder or MLflow run exists: the named Ray cluster answers and
+    one trial fits it (Ray would keep every trial PENDING forever otherwise). ``wait_s``
+    (``--wait-for-resources``): poll a named cluster that long for it to grow first."""
+    from orchestrator.launchers.ray import check_addresses
+    from orchestrator.launchers.ray.capacity import require_capacity
+
+    address = check_addresses([plan.address])[plan.address]
+    require_capacity(address, [plan.trial_ask()], wait_s)
+
+
 def prepare_sweep(plan: SweepPlan) -> SweepPlan:
     """Decide the sweep's identity before anything runs: job id and record, output folder,
     parent MLflow run (with the sweep's config). Returns the plan with them filled in, also

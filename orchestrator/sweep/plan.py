@@ -7,11 +7,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cluster.errors import ConfigError
 from orchestrator.config.schema import Experiment
 from orchestrator.sweep.space import Dimension, check_searcher, parse_space, trial_count
+
+if TYPE_CHECKING:
+    from orchestrator.launchers.ray.capacity import RayAsk
 
 DRIVER_CPUS = 0.1  # the Tune trial that only drives a TorchTrainer (FIELD_NOTES: fits on 2 cores)
 
@@ -59,6 +62,22 @@ class SweepPlan:
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_trial > 0
+
+    def trial_ask(self) -> "RayAsk":
+        """What one trial asks of the Ray cluster: its own CPUs and GPUs, or for a DDP trial its
+        workers plus the small driver that fits their ``TorchTrainer``."""
+        from orchestrator.launchers.ray.capacity import RayAsk
+
+        hints = {"CPU": "lower sweep.cpus_per_trial (--set sweep.cpus_per_trial=1), or use a bigger cluster (--address)",
+                 "GPU": "lower sweep.gpus_per_trial (0 trains on CPU: --set sweep.gpus_per_trial=0), or use a "
+                        "cluster with more GPUs (--address)"}
+        gpu = "yes" if self.use_gpu else "no"
+        if self.workers_per_trial > 1:
+            return RayAsk(label=f"each trial of sweep {self.name}", workers=self.workers_per_trial, use_gpu=gpu,
+                          per_worker={"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker},
+                          driver={"CPU": DRIVER_CPUS}, unit="DDP worker", hints=hints)
+        return RayAsk(label=f"each trial of sweep {self.name}", workers=1, use_gpu=gpu, unit="trial", hints=hints,
+                      per_worker={"CPU": self.cpus_per_trial, "GPU": self.gpus_per_trial})
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

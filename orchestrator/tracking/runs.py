@@ -35,7 +35,8 @@ SHIPPER_FILE = "shipper.json"  # who ships this journal now: {host, pid, start}
 
 __all__ = [
     "absolute_uri", "close_journal", "create_journal", "ensure_shipping", "experiment_name", "journal_dir", "reachable",
-    "require_reachable", "resolve_tracking_uri", "run_id_of", "start_shipper", "tracking_uri_of", "wait_shipped",
+    "fully_shipped", "require_reachable", "resolve_tracking_uri", "run_id_of", "start_shipper", "tracking_uri_of",
+    "wait_shipped",
 ]
 
 
@@ -113,11 +114,19 @@ def wait_shipped(folder: str, uri: Optional[str], timeout_s: float) -> Optional[
     from orchestrator.tracking.cursor import load_cursor
 
     deadline = time.monotonic() + timeout_s
-    while True:
-        cursor = load_cursor(folder, uri)
-        if cursor.status in TERMINAL or time.monotonic() >= deadline:
-            return cursor.run_id
+    while not fully_shipped(folder, uri) and time.monotonic() < deadline:
         time.sleep(0.2)
+    return load_cursor(folder, uri).run_id
+
+
+def fully_shipped(folder: str, uri: str) -> bool:
+    """Whether journal ``folder`` is at ``uri`` up to its last line and that line's final status
+    (a requeued run writes on after the KILLED of its preemption: that is not the end)."""
+    from detection.journal import read_entries
+    from orchestrator.tracking.cursor import load_cursor
+
+    cursor = load_cursor(folder, uri)
+    return cursor.status in TERMINAL and not read_entries(folder, cursor.offset, 1)[0]
 
 
 def reachable(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> bool:
@@ -178,9 +187,8 @@ def ensure_shipping(folder: str, uri: Optional[str]) -> bool:
         return False
     from cluster.files import read_json
     from cluster.lease import is_alive
-    from orchestrator.tracking.cursor import load_cursor
 
-    if load_cursor(folder, uri).status in TERMINAL:
+    if fully_shipped(folder, uri):
         return False
     running = read_json(os.path.join(folder, SHIPPER_FILE))
     if running and running.get("host") == socket.gethostname() and is_alive(running["pid"], running.get("start")):

@@ -30,8 +30,11 @@ def _head_classes(model) -> int:
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_builds_offline_with_dataset_classes(name, monkeypatch):
-    # Any attempt to download would go through torch.hub; make it fail loudly.
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
+    # Any attempt to download would go through torch.hub; make it fail loudly. torchvision binds
+    # torch.hub's function when first imported: import it before the patch, or it keeps the fake.
+    import torchvision.models  # noqa: F401
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("download attempted"))
     data = DataConfig(min_size=300, max_size=300) if name == "ssd300_vgg16" else TINY
     model = build_model(_cfg(name), num_classes=4, data_cfg=data)
     assert _head_classes(model) == 4
@@ -106,7 +109,7 @@ def test_urls_are_refused(key):
 ])
 def test_weights_names_come_from_the_cache_never_a_download(model_type, key, value, tmp_path, monkeypatch):
     # Names are accepted now; the worker only reads the cache (tests/detection/test_weights.py).
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("download attempted"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("download attempted"))
     with pytest.raises(ConfigError, match=f"model.{key}: weights .* are not in the cache {tmp_path}") as err:
         build_model(ModelConfig(type=model_type, weights_dir=str(tmp_path), **{key: value}), 3, TINY)
     assert "\n" not in str(err.value)
@@ -151,7 +154,8 @@ def test_local_weights_load_from_checkpoint_or_state_dict(tmp_path):
     torch.manual_seed(2)
     loaded = build_model(_cfg("fasterrcnn", weights=str(orch_ckpt)), 3, TINY)
     for key, value in source.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
+        if not key.endswith("num_batches_tracked"):  # the backbone's BatchNorm is frozen now
+            assert torch.equal(loaded.state_dict()[key], value), key
 
     torch.manual_seed(3)
     fresh = build_model(_cfg("fasterrcnn", backbone_weights=str(plain)), 3, TINY)
@@ -169,3 +173,157 @@ def test_weights_of_another_model_are_refused(tmp_path):
     torch.save(build_model(ModelConfig(type="ssdlite320_mobilenet_v3_large"), 3, TINY).state_dict(), path)
     with pytest.raises(ConfigError, match="no tensor"):
         build_model(_cfg("fasterrcnn", weights=str(path)), 3, TINY)
+
+
+# -- fine-tuning from pretrained weights: torchvision's layout --------------------------------
+def _write_cache_file(cache, name: str, arch) -> str:
+    """The cache file of torchvision weights ``name`` holding ``arch``'s tensor shapes; every value
+    0.5, stored as an expanded scalar (a few bytes a tensor: the layout is compared, not values)."""
+    from torchvision.models import get_weight
+
+    path = cache / get_weight(name).url.rsplit("/", 1)[1]
+    if not path.exists():
+        with torch.device("meta"):
+            shapes = arch().state_dict()
+        torch.save({k: torch.full((), 0.5, dtype=v.dtype).expand(v.shape) if v.dtype.is_floating_point
+                    else torch.zeros(v.shape, dtype=v.dtype) for k, v in shapes.items()}, path)
+    return name.split(".", 1)[1]
+
+
+def _layout(model) -> tuple[dict, dict]:
+    """The backbone's norm layers (type, eps) and which of its parameters train."""
+    norms = {n: (type(m).__name__, m.eps) for n, m in model.backbone.named_modules() if "BatchNorm" in type(m).__name__}
+    return norms, {n: p.requires_grad for n, p in model.backbone.named_parameters()}
+
+
+def _arch(name):
+    from torchvision.models import detection as tvd, mobilenet_v3_large, resnet18, resnet50, vgg16
+
+    return {"resnet50": resnet50, "resnet18": resnet18, "mobilenet": mobilenet_v3_large, "vgg16": vgg16,
+            "ssdlite": lambda: tvd.ssdlite320_mobilenet_v3_large(num_classes=91, weights_backbone=None)}[name]
+
+
+R50 = "ResNet50_Weights.IMAGENET1K_V1"
+MOBILENET = "MobileNet_V3_Large_Weights.IMAGENET1K_V1"
+slow = pytest.mark.slow
+
+
+@pytest.mark.parametrize("model_type, weights, arch, trainable", [
+    ("fasterrcnn", "ResNet18_Weights.IMAGENET1K_V1", "resnet18", None),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", MOBILENET, "mobilenet", 1),
+    pytest.param("fasterrcnn", "ResNet18_Weights.IMAGENET1K_V1", "resnet18", 5, marks=slow),
+    pytest.param("fasterrcnn_resnet50_fpn", R50, "resnet50", None, marks=slow),
+    pytest.param("fasterrcnn_resnet50_fpn", R50, "resnet50", 0, marks=slow),
+    pytest.param("fasterrcnn_resnet50_fpn_v2", R50, "resnet50", None, marks=slow),
+    pytest.param("retinanet_resnet50_fpn", R50, "resnet50", 1, marks=slow),
+    pytest.param("retinanet_resnet50_fpn_v2", R50, "resnet50", 2, marks=slow),
+    pytest.param("fcos_resnet50_fpn", R50, "resnet50", 4, marks=slow),
+    pytest.param("maskrcnn_resnet50_fpn", R50, "resnet50", None, marks=slow),
+    pytest.param("fasterrcnn_mobilenet_v3_large_fpn", MOBILENET, "mobilenet", None, marks=slow),
+    pytest.param("fasterrcnn_mobilenet_v3_large_320_fpn", MOBILENET, "mobilenet", 6, marks=slow),
+    pytest.param("ssd300_vgg16", "VGG16_Weights.IMAGENET1K_FEATURES", "vgg16", None, marks=slow),
+    pytest.param("ssd300_vgg16", "VGG16_Weights.IMAGENET1K_FEATURES", "vgg16", 0, marks=slow),
+    pytest.param("ssdlite320_mobilenet_v3_large", "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1", "ssdlite", 2,
+                 marks=slow),
+])
+def test_finetuning_layout_is_torchvisions_with_weights(model_type, weights, arch, trainable, tmp_path, monkeypatch):
+    """orch's model with a weights name equals torchvision's builder given the same weights: the
+    same norm layers (FrozenBatchNorm2d or not, eps) and the same frozen parameters. Both read
+    the same file from the weights cache ($TORCH_HOME for torchvision); nothing is downloaded."""
+    from torchvision.models import detection as tvd, get_weight
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("download attempted"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    member = _write_cache_file(cache, weights, _arch(arch))
+    key = "weights" if arch == "ssdlite" else "backbone_weights"
+    data = DataConfig(min_size=300, max_size=300)
+    cfg = ModelConfig(type=model_type, backbone="resnet18" if model_type == "fasterrcnn" else None,
+                      weights_dir=str(cache), trainable_backbone_layers=trainable, **{key: member})
+    ours = build_model(cfg, 4, data)
+    weights_enum = get_weight(weights)
+    if model_type == "fasterrcnn":  # torchvision's own FPN backbone helper, pretrained
+        backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=weights_enum,
+                                       trainable_layers=3 if trainable is None else trainable)
+        theirs = tvd.FasterRCNN(backbone, num_classes=4)
+    elif key == "weights":
+        theirs = getattr(tvd, model_type)(weights=weights_enum, trainable_backbone_layers=trainable)
+    else:
+        theirs = getattr(tvd, model_type)(weights_backbone=weights_enum, num_classes=4,
+                                          trainable_backbone_layers=trainable)
+    assert _layout(ours) == _layout(theirs)
+    frozen = sum(not p.requires_grad for p in ours.backbone.parameters())
+    assert frozen > 0 or trainable == MODELS[model_type].trainable_layers[0]
+
+
+def test_frozen_batchnorm_holds_the_loaded_statistics_and_early_stages_stop(tmp_path):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    source = build_model(_cfg("fasterrcnn"), 3, TINY).backbone.body
+    with torch.no_grad():  # statistics a real ImageNet file would hold, not BatchNorm's defaults
+        for module in source.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+                module.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model(_cfg("fasterrcnn", backbone_weights=str(path)), 3, TINY)
+    body = model.backbone.body
+    assert isinstance(body.bn1, FrozenBatchNorm2d) and isinstance(body.layer3[0].bn2, FrozenBatchNorm2d)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for name in ("bn1", "layer1.0.bn1", "layer4.1.bn2"):
+        frozen, loaded = body.get_submodule(name), source.get_submodule(name)
+        for buffer in ("weight", "bias", "running_mean", "running_var"):
+            assert torch.equal(getattr(frozen, buffer), getattr(loaded, buffer)), (name, buffer)
+    trains = {name.split(".")[0]: p.requires_grad for name, p in body.named_parameters()}
+    assert trains == {"conv1": False, "layer1": False, "layer2": True, "layer3": True, "layer4": True}
+    assert all(p.requires_grad for p in model.backbone.fpn.parameters())
+    assert all(p.requires_grad for p in model.roi_heads.parameters())
+    # Frozen statistics: the training forward leaves them as loaded (BatchNorm would update them).
+    model.train()
+    model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
+    assert torch.equal(body.bn1.running_mean, source.bn1.running_mean)
+
+
+def test_from_scratch_keeps_batchnorm_and_every_stage_trains(caplog):
+    model = build_model(_cfg("fasterrcnn_mobilenet_v3_large_320_fpn", trainable_backbone_layers=2), 3, TINY)
+    norms = [m for m in model.backbone.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(type(m) is torch.nn.BatchNorm2d for m in norms)
+    assert all(p.requires_grad for p in model.parameters())
+    assert "trainable_backbone_layers=2 has no effect without model.weights" in caplog.text
+
+
+def test_trainable_backbone_layers_out_of_range_is_one_line(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(build_model(_cfg("fasterrcnn"), 3, TINY).backbone.body.state_dict(), path)
+    with pytest.raises(ConfigError, match=r"^model.trainable_backbone_layers must be in 0\.\.5 for fasterrcnn, got 6$"):
+        build_model(_cfg("fasterrcnn", backbone_weights=str(path), trainable_backbone_layers=6), 3, TINY)
+
+
+def test_checkpoint_of_a_finetuned_model_loads_for_evaluation(tmp_path):
+    """orch eval / predict build the training layout without reading the weight files, so a
+    checkpoint with FrozenBatchNorm2d loads exactly; one saved before (BatchNorm) loads too."""
+    from types import SimpleNamespace
+
+    from detection import build
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(build_model(_cfg("fasterrcnn"), 3, TINY).backbone.body.state_dict(), path)
+    model_cfg = _cfg("fasterrcnn", backbone_weights=str(path))
+    trained = build_model(model_cfg, 3, TINY)
+    checkpoint = tmp_path / "ckpt.pth"
+    torch.save({"model": trained.state_dict()}, checkpoint)
+    old = tmp_path / "old.pth"  # the same model trained in BatchNorm (before fine-tuning layouts)
+    torch.save({"model": build_model(_cfg("fasterrcnn"), 3, TINY).state_dict()}, old)
+    path.unlink()  # evaluation never reads the backbone file
+    config = SimpleNamespace(model=model_cfg, data=TINY)  # what build_model_from_checkpoint reads
+    for ckpt, reference in ((checkpoint, trained), (old, None)):
+        model = build.build_model_from_checkpoint(config, str(ckpt), 3)
+        assert type(model.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+        if reference is not None:
+            for key, value in reference.state_dict().items():
+                assert torch.equal(model.state_dict()[key], value), key

@@ -72,8 +72,9 @@ def test_overrides_apply_in_order_and_create_nested_keys(exp_file):
 
 
 def test_mapping_value_replaces_the_section(exp_file):
-    exp = load_experiment(exp_file, ["data.train={ann_file: b.json}"])
-    assert exp.data.train.ann_file == "b.json" and exp.data.train.img_dir == ""
+    exp = load_experiment(exp_file, ["data.train={ann_file: b.json, img_dir: imgs}"])
+    # nothing of the file's data.train is left (a train split without img_dir is refused)
+    assert (exp.data.train.ann_file, exp.data.train.img_dir, exp.data.train.classes) == ("b.json", "imgs", None)
 
 
 def test_overriding_through_a_scalar_is_an_error(exp_file):

@@ -81,7 +81,7 @@ def test_unknown_key_names_the_file_that_set_it(tmp_path: Path):
         ({"optim": {"lr": True}}, ["optim.lr", "expected a number, got boolean True"]),
         ({"data": {"batch_size_per_gpu": 2.5}}, ["data.batch_size_per_gpu", "expected an integer, got number 2.5"]),
         ({"data": {"batch_size_per_gpu": True}}, ["expected an integer, got boolean True"]),
-        ({"runtime": {"amp": "yes"}}, ["runtime.amp", "expected true or false, got string 'yes'"]),
+        ({"runtime": {"deterministic": "yes"}}, ["runtime.deterministic", "expected true or false, got string 'yes'"]),
         ({"schedule": {"milestones": 8}}, ["schedule.milestones", "expected a list of integers, got integer 8"]),
         ({"schedule": {"milestones": [8, "x"]}}, ["schedule.milestones[1]", "expected an integer"]),
         ({"optim": 0.1}, ["optim", "expected a mapping (section OptimConfig), got number 0.1"]),

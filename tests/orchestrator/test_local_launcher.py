@@ -122,8 +122,10 @@ def test_cancel_kills_workers_and_frees_the_lease(make_experiment, tmp_path, cap
 
 def test_capacity_errors_come_at_once(make_experiment, tmp_path):
     too_big = experiments(make_experiment, tmp_path, ["big"], **{"resources.gpus": 3})
-    with pytest.raises(ClusterError, match="asks for 3 CPU slots but this node has 2"):
-        submit(too_big, (), ResourceFlags(backend="local"))
+    with pytest.raises(ClusterError) as err:  # what was asked, what the node has and why, which flag
+        submit(too_big, (), ResourceFlags(backend="local", wait_for_resources=5.0))  # this node never grows
+    assert str(err.value) == ("job big asks for 3 CPU slots but this node has 2 (no GPU; ORCH_CPU_SLOTS=2); "
+                              "lower --gpus to 2 or less, or use --backend torchrun/slurm/ray for more nodes")
     held = lease_devices(2)
     try:
         one = experiments(make_experiment, tmp_path, ["one"])
@@ -193,3 +195,18 @@ def test_one_failing_rank_stops_the_others_and_logs_follow(capsys):
     assert "FAILED (exit status 3)" in out.err
     assert record.state == JobState.FAILED and record.exit_code == 3
     assert all(not group_alive(pid) for pid in record.extra["pids"])
+
+
+def test_too_big_names_where_the_node_size_comes_from(monkeypatch):
+    from cluster.gpus import DevicePool
+    from orchestrator.launchers.local.launcher import too_big
+
+    gpus = DevicePool("gpu", ("0", "3"), 8)
+    assert too_big("wide", 4, gpus) == ("job wide asks for 4 GPUs but this node has 2 (GPUs 0,3; CUDA_VISIBLE_DEVICES "
+                                        "limits them); lower --gpus to 2 or less, or use --backend torchrun/slurm/ray "
+                                        "for more nodes")
+    monkeypatch.delenv("ORCH_CPU_SLOTS", raising=False)
+    cpus = DevicePool("cpu", ("cpu0", "cpu1"), 1)
+    assert "this node has 2 (no GPU; resources.local.cpu_slots=2);" in too_big("wide", 4, cpus, cpu_slots=2)
+    assert "this node has 2 (no GPU: one slot per CPU core; resources.local.cpu_slots or ORCH_CPU_SLOTS" in too_big(
+        "wide", 4, cpus)

@@ -11,6 +11,7 @@ records how each job ended. A job of world size N runs N worker processes with t
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import sys
 from typing import ClassVar, Optional, Sequence
@@ -18,7 +19,7 @@ from typing import ClassVar, Optional, Sequence
 from cluster.env import DistEnv
 from cluster.errors import ClusterError, LaunchError
 from cluster.files import write_json_atomic
-from cluster.gpus import detect_pool, list_device_leases
+from cluster.gpus import DevicePool, detect_pool, list_device_leases
 from cluster.lease import is_alive
 from cluster.process import group_alive, signal_group, start_detached, stop_group
 from orchestrator import records
@@ -110,9 +111,10 @@ class LocalLauncher(Launcher):
             lines.append("# {port}: leased at launch (bind-checked, one per job); a MASTER_PORT you export wins")
         return NodePlan(self.name, tuple(jobs), node_request(jobs, entries, cap), tuple(lines))
 
-    def preflight(self, plan: NodePlan) -> None:
+    def preflight(self, plan: NodePlan, wait_s: float = 0.0) -> None:
         """Fail before anything is written when a job can never fit on this node (or, with
-        ``--no-wait``, cannot start now)."""
+        ``--no-wait``, cannot start now). ``wait_s`` changes nothing: this node never grows, and
+        a job that fits but finds its devices busy waits in the queue anyway."""
         request = plan.request
         needs = [j.slots for j in request.jobs if j.slots]
         if not needs:
@@ -120,10 +122,7 @@ class LocalLauncher(Launcher):
         pool = detect_pool(cpu_slots=request.cpu_slots)
         for job in request.jobs:
             if job.slots > pool.size:
-                raise ClusterError(
-                    f"job {job.name} asks for {job.slots} {pool.unit}s but this node has {pool.size}; "
-                    "lower --gpus, or use --backend torchrun/slurm for more"
-                )
+                raise ClusterError(too_big(job.name, job.slots, pool, request.cpu_slots))
         if not request.queue:
             busy = {d for lease in list_device_leases(pool.kind) for d in lease["devices"]}
             free = len([d for d in pool.ids if d not in busy])
@@ -191,6 +190,22 @@ class LocalLauncher(Launcher):
         if record.extra.get("waiting") and not record.state.finished and not record.started_at:
             rows.append(("queue", record.extra["waiting"]))
         return rows
+
+
+def too_big(name: str, slots: int, pool: DevicePool, cpu_slots: Optional[int] = None) -> str:
+    """The refusal of a job wider than this node: what it asks, what the node has (and where
+    that number comes from), which flag to change."""
+    if pool.kind == "gpu":
+        have = f"{pool.size} (GPUs {','.join(pool.ids)}; CUDA_VISIBLE_DEVICES limits them)"
+    elif os.environ.get("ORCH_CPU_SLOTS", "").strip():
+        have = f"{pool.size} (no GPU; ORCH_CPU_SLOTS={os.environ['ORCH_CPU_SLOTS'].strip()})"
+    elif cpu_slots is not None:
+        have = f"{pool.size} (no GPU; resources.local.cpu_slots={cpu_slots})"
+    else:
+        have = (f"{pool.size} (no GPU: one slot per CPU core; resources.local.cpu_slots or ORCH_CPU_SLOTS "
+                "set another number)")
+    return (f"job {name} asks for {slots} {pool.unit}s but this node has {have}; lower --gpus to {pool.size} "
+            "or less, or use --backend torchrun/slurm/ray for more nodes")
 
 
 def cancel_requested(job_id: str) -> bool:

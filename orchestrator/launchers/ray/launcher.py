@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from cluster.files import write_json_atomic
@@ -27,6 +28,9 @@ from orchestrator import records
 from orchestrator.launchers.base import JobHandle, Launcher, Plan
 from orchestrator.launchers.ray.request import RayJobRequest
 from orchestrator.spec import JobRecord, JobSpec
+
+if TYPE_CHECKING:
+    from orchestrator.launchers.ray.capacity import RayAsk
 
 CANCEL_GRACE_S = 30.0
 CONNECT_TIMEOUT_S = 3.0
@@ -85,17 +89,38 @@ def start_driver(argv: list[str], job_id: str) -> None:
     records.annotate(job_id, pid=me["pid"], extra={"pgid": me["pid"], "pid_start": me["start"]})
 
 
-def check_addresses(addresses: Sequence[Optional[str]]) -> None:
-    """LaunchError unless every named cluster answers (``auto`` resolved as Ray would)."""
-    for address in dict.fromkeys(a for a in addresses if a):
+def check_addresses(addresses: Sequence[Optional[str]]) -> dict[Optional[str], Optional[str]]:
+    """LaunchError unless every named cluster answers (``auto`` resolved as Ray would). Returns
+    each address as given -> the address it resolved to (None: a private head)."""
+    resolved: dict[Optional[str], Optional[str]] = {}
+    for address in dict.fromkeys(addresses):
+        if not address:
+            resolved[address] = None
+            continue
+        target = address
         if address == "auto":
-            found = resolve_auto()
-            if not found:
+            target = resolve_auto()
+            if not target:
                 raise LaunchError("resources.ray.address=auto but no Ray cluster runs here (no RAY_ADDRESS, no "
                                   f"{ray_temp_dir()}/ray_current_cluster); start one with `ray start --head`, or "
                                   "leave resources.ray.address empty for a private local Ray")
-            address = found
-        check_address(address)
+        check_address(target)
+        resolved[address] = target
+    return resolved
+
+
+def job_ask(request: RayJobRequest) -> "RayAsk":
+    """What one Ray job asks of its cluster: ``num_workers`` x (CPUs, GPUs per worker)."""
+    from orchestrator.launchers.ray.capacity import RayAsk
+
+    return RayAsk(
+        label=f"job {request.name}", workers=int(request.num_workers), use_gpu=request.use_gpu,
+        per_worker={"CPU": float(request.cpus_per_worker), "GPU": float(request.gpus_per_worker)},
+        hints={"CPU": "lower --gpus (the number of workers) or resources.ray.cpus_per_worker, or use a bigger "
+                      "cluster (--address)",
+               "GPU": "lower --gpus (the number of workers) or resources.ray.gpus_per_worker, or use a cluster with "
+                      "more GPUs (--address); runtime.device=auto (gpus_per_worker unset) trains on CPU where a "
+                      "cluster has no GPU"})
 
 
 class RayLauncher(Launcher):
@@ -104,14 +129,29 @@ class RayLauncher(Launcher):
     name: ClassVar[str] = "ray"
     poll_s: ClassVar[float] = 1.0
 
+    def __init__(self) -> None:
+        self._fitting: set[str] = set()  # asks found to fit: submit's own preflight does not ask again
+
     def plan(self, jobs: Sequence[JobSpec]) -> RayPlan:
         """Describe the Ray jobs; pure (no processes, no network, no writes)."""
         return RayPlan(self.name, tuple(jobs), tuple(RayJobRequest.for_job(job) for job in jobs))
 
-    def preflight(self, plan: RayPlan) -> None:
+    def preflight(self, plan: RayPlan, wait_s: float = 0.0) -> None:
         """Fail before any record or MLflow run exists when the named cluster does not answer
-        (otherwise the detached driver would retry for minutes behind a successful submit)."""
-        check_addresses([r.address for r in plan.requests])
+        (otherwise the detached driver would retry for minutes behind a successful submit), or
+        when a job asks more than the cluster can ever give (Ray would keep it PENDING forever).
+        ``wait_s``: poll a named cluster that long for it to grow first."""
+        resolved = check_addresses([r.address for r in plan.requests])
+        by_cluster: dict[Optional[str], list] = {}
+        for request in plan.requests:
+            by_cluster.setdefault(resolved[request.address], []).append(job_ask(request))
+        from orchestrator.launchers.ray.capacity import require_capacity
+
+        for address, asks in by_cluster.items():
+            key = json.dumps([address, [a.to_json() for a in asks]], sort_keys=True)
+            if key not in self._fitting:
+                require_capacity(address, asks, wait_s)
+                self._fitting.add(key)
 
     def submit(self, plan: RayPlan) -> list[JobHandle]:
         """Start one detached driver per job; returns at once with one handle per job."""

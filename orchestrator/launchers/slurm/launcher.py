@@ -15,13 +15,16 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 from cluster.errors import LaunchError
 from orchestrator import records
 from orchestrator.launchers.base import JobHandle, Launcher, Plan
 from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
 from orchestrator.spec import JobRecord, JobSpec, JobState
+
+if TYPE_CHECKING:
+    from orchestrator.launchers.slurm.capacity import SlurmAsk
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,29 @@ class SlurmPlan(Plan):
         return "\n".join(texts)
 
 
+def slurm_asks(plan: SlurmPlan) -> list["SlurmAsk"]:
+    """One capacity request per sbatch group (a job, or each task of an array)."""
+    from orchestrator.launchers.slurm.capacity import SlurmAsk
+
+    asks = []
+    for group in plan.groups:
+        members = [plan.jobs[i] for i in group.indices]
+        label = (f"job {members[0].name}" if len(members) == 1
+                 else f"each task of array {group.params.get('job_name')} ({len(members)} tasks)")
+        time_given = all(j.experiment.resources.time is not None for j in members)
+        asks.append(SlurmAsk.from_params(group.params, label, time_given))
+    return asks
+
+
 class SlurmLauncher(Launcher):
     """``orch submit --backend slurm`` (or ``--partition P`` with Slurm reachable)."""
 
     name: ClassVar[str] = "slurm"
     poll_s: ClassVar[float] = 1.0
+
+    def __init__(self) -> None:
+        # (request, waited) found to fit: submit's own preflight does not ask again
+        self._fitting: set[tuple[str, bool]] = set()
 
     def plan(self, jobs: Sequence[JobSpec]) -> SlurmPlan:
         """Group and render (pure: no processes, no files)."""
@@ -84,11 +105,21 @@ class SlurmLauncher(Launcher):
             groups.append(SbatchGroup(params, tuple(indices), str(folder), render(params, folder, len(members))))
         return SlurmPlan(self.name, tuple(jobs), tuple(groups))
 
-    def preflight(self, plan: SlurmPlan) -> None:
-        """Fail before any file or MLflow run exists when no Slurm controller answers."""
+    def preflight(self, plan: SlurmPlan, wait_s: float = 0.0) -> None:
+        """Fail before any file or MLflow run exists when no Slurm controller answers, or when a
+        job asks more than its partition can ever give (unknown partition, nodes, GPUs, CPUs or
+        memory per node, time limit). ``wait_s``: wait that long for DOWN/DRAINED nodes to come
+        back when the job needs them."""
+        from orchestrator.launchers.slurm.capacity import require_capacity
+
         if not slurm_reachable():
             raise LaunchError("Slurm is not reachable (sinfo failed); check SLURM_CONF and that slurmctld runs, "
                               "start the local cluster (python scripts/local_slurm.py up), or use another --backend")
+        asks = slurm_asks(plan)
+        key, waited = repr(asks), bool(wait_s and wait_s > 0)
+        if (key, True) not in self._fitting and (key, waited) not in self._fitting:
+            require_capacity(asks, wait_s)
+            self._fitting.add((key, waited))
 
     def submit(self, plan: SlurmPlan) -> list[JobHandle]:
         """sbatch every group; returns at once with one handle (and record) per job."""

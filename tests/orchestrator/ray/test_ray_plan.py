@@ -135,15 +135,21 @@ def test_preflight_refuses_an_address_where_nothing_listens(tiny_experiment, tmp
     assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
 
 
-def test_preflight_passes_when_something_listens(tiny_experiment):
+def test_preflight_passes_when_something_listens(tiny_experiment, monkeypatch, caplog):
+    import logging
     import socket
 
+    # Something that is not Ray: the capacity question gets no answer (ray.init would retry for
+    # minutes; its child process is stopped after the timeout) and the check is skipped.
+    monkeypatch.setattr("orchestrator.launchers.ray.capacity.QUERY_TIMEOUT_S", 2.0)
+    caplog.set_level(logging.DEBUG, logger="orchestrator.launchers.ray.capacity")
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(4)
         port = server.getsockname()[1]
         for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
             get_launcher("ray").preflight(_plan(tiny_experiment, **{"resources.ray.address": address}))
+    assert caplog.text.count("capacity not checked") == 2
 
 
 def test_preflight_auto_needs_a_local_cluster(tiny_experiment, tmp_path, monkeypatch):
@@ -152,6 +158,7 @@ def test_preflight_auto_needs_a_local_cluster(tiny_experiment, tmp_path, monkeyp
     from cluster.errors import LaunchError
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("orchestrator.launchers.ray.capacity.QUERY_TIMEOUT_S", 2.0)  # a listener that is not Ray
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's own variable: <RAY_TMPDIR>/ray/ray_current_cluster
     plan = _plan(tiny_experiment, **{"resources.ray.address": "auto"})
     with pytest.raises(LaunchError, match="address=auto but no Ray cluster runs here"):

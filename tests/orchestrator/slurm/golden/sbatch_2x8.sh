@@ -25,4 +25,4 @@ source /shared/venvs/orch/bin/activate
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/work/faster_rcnn/slurm/%j_%t_log.out {python} -u -m submitit.core._submit /shared/work/faster_rcnn/slurm
+srun --unbuffered --output /shared/work/faster_rcnn/slurm/%j_%t_log.out --kill-on-bad-exit=1 {python} -u -m submitit.core._submit /shared/work/faster_rcnn/slurm

@@ -26,7 +26,7 @@ source /shared/venvs/orch/bin/activate
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/work/grid/slurm/%A_%a_%t_log.out {python} -u -m submitit.core._submit /shared/work/grid/slurm
+srun --unbuffered --output /shared/work/grid/slurm/%A_%a_%t_log.out --kill-on-bad-exit=1 {python} -u -m submitit.core._submit /shared/work/grid/slurm
 # array tasks (each runs one resolved config):
 #   0: grid-0  /shared/work/grid/0/config.yaml
 #   1: grid-1  /shared/work/grid/1/config.yaml
