@@ -62,6 +62,8 @@ class Outcome:
     orphans: list = field(default_factory=list)
     leaked_leases: list = field(default_factory=list)
     shared: list = field(default_factory=list)
+    pair_samples: int = 0  # moments both jobs were seen running (their devices and ports compared)
+    pair_example: Optional[list] = None  # what the two held at the first of them
     checkpoints_checked: int = 0
     problems: list = field(default_factory=list)
     seconds: float = 0.0
@@ -134,6 +136,8 @@ class Scenario_Run:
                 if state is not JobState.SUCCEEDED:
                     self.out.problems.append(f"the job beside it ended {state.value}: {pair_handle.record().error}")
                 self.stop_sampling.set()
+                self.out.pair_samples = len(self.samples)
+                self.out.pair_example = list(self.samples[0]) if self.samples else None
                 self.out.shared = disjoint_problems(self.samples)
                 self.out.problems += self.out.shared
             self.final_checks([handle.record()] + ([pair_handle.record()] if pair_handle else []))
