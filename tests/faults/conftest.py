@@ -5,8 +5,8 @@ environment per scenario, and the results file the summary reads.
                        the CI set, ``fault_schedule.CI_SEEDS`` seeds from 0)
     fault_mlflow       (module) an ``mlflow server`` on 127.0.0.1 that scenarios may stop and restart
                        (same port)
-    fault_slurm        (module, started on first use) a 2-node local Slurm with accounting
-                       (``scripts/local_slurm.py``); its state dir
+    fault_slurm        (module, on first use) a 2-node local Slurm with accounting
+                       (``scripts/local_slurm.py``; the Slurm tests' one when it runs); its state dir
     fault_context      a scenario's :class:`fault_run.Context`: own ORCH_HOME, lease folder, a 4-slot
                        CPU pool, one thread per process, cwd in the scenario's folder
     fault_results      (session) outcomes, written after each scenario to ``$ORCH_FAULTS_RESULTS``
@@ -62,15 +62,33 @@ def fault_mlflow(tmp_path_factory):
         server.stop()
 
 
+def _slurm_answers(conf: str) -> bool:
+    """The cluster of ``conf`` (one this session started) answers, with both nodes up."""
+    if not Path(conf).is_file():
+        return False
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=dict(os.environ, SLURM_CONF=conf),
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "node1" in out and "node2" in out
+
+
 @pytest.fixture(scope="module")
 def fault_slurm():
-    """A 2-node Slurm cluster (2 fake GPUs a node, accounting) for the module; its state dir.
-    ``SLURM_CONF`` points at it meanwhile. Stopped (and wiped) at the end."""
+    """A 2-node Slurm cluster (2 fake GPUs a node, accounting); its state dir. The one the Slurm
+    tests' session fixture (tests/orchestrator/slurm) started is reused when it runs (same
+    ``scripts/local_slurm.py`` layout: scenarios stop and restart its slurmd); otherwise one is
+    started for this module, with ``SLURM_CONF`` pointing at it meanwhile, and stopped (wiped)
+    at the end. Never two at once: both would share munge and /etc/hosts."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and _slurm_answers(conf):
+        yield Path(conf).parent
+        return
     script = REPO / "scripts" / "local_slurm.py"
     # Not under pytest's 0700 folders: MariaDB runs as user mysql and must reach its datadir.
     state = Path(tempfile.mkdtemp(prefix="orch-slurm-faults-", dir="/tmp"))
     state.chmod(0o755)
-    old = os.environ.get("SLURM_CONF")
     try:
         subprocess.run([sys.executable, str(script), "up", "--nodes", "2", "--gpus-per-node", "2", "--accounting",
                         "--state-dir", str(state)], check=True, timeout=900)
@@ -78,10 +96,10 @@ def fault_slurm():
         yield state
     finally:
         subprocess.run([sys.executable, str(script), "down", "--state-dir", str(state)], timeout=180)
-        if old is None:
+        if conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
-            os.environ["SLURM_CONF"] = old
+            os.environ["SLURM_CONF"] = conf
 
 
 class Results:

@@ -56,7 +56,10 @@ class TorchrunBackend(Backend):
         out = {}
         for agent in record.extra.get("pids") or []:
             for pid in descendants(agent):
-                if "orchestrator.worker" in cmdline(pid) and "torchrun" not in cmdline(pid):
+                # Not torchrun's agent itself (argv[0:2] is `python .../torchrun`; the scenario's
+                # folder may hold the word "torchrun" too).
+                argv = cmdline(pid).split()
+                if "orchestrator.worker" in argv and not any(Path(a).name == "torchrun" for a in argv[:2]):
                     rank = environ(pid).get("RANK")
                     if rank is not None:
                         out[int(rank)] = pid

@@ -167,8 +167,10 @@ class Scenario_Run:
         log = record.log_path
         target = None
         if sc.fault in ("kill_rank", "signal_rank"):
-            pids = wait_for(lambda: (p := self.backend.rank_pids(handle.record())) and len(p) >= 2 and p, 300,
-                            "the ranks to start", poll_s=0.3)
+            pids = wait_for(lambda: ((p := self.backend.rank_pids(handle.record())) and len(p) >= 2 and p)
+                            or handle.state().finished, 300, "the ranks to start", poll_s=0.3)
+            if pids is True:
+                raise AssertionError("the job ended before its ranks were seen: the fault never landed")
             target = pids[sc.rank]
         wait_for(lambda: last_iter(read_text(log)) >= sc.at_iter or handle.state().finished, 300,
                  f"step {sc.at_iter}", poll_s=0.02)

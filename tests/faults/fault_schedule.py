@@ -22,16 +22,16 @@ WORLD = 2
 
 # (backend, fault), in seed order. The first CI_SEEDS entries are what `make test` runs.
 MATRIX: tuple[tuple[str, str], ...] = (
-    ("local", "kill_rank"),
+    ("torchrun", "kill_rank"),
+    ("local", "kill_supervisor"),
     ("slurm", "signal_job"),
-    ("ray", "kill_driver"),
-    ("torchrun", "port_squat"),
+    ("ray", "kill_rank"),
     ("local", "disk_full"),
     ("slurm", "kill_slurmd"),
-    ("ray", "kill_rank"),
-    ("local", "kill_supervisor"),
+    ("ray", "kill_driver"),
+    ("torchrun", "port_squat"),
     ("slurm", "requeue"),
-    ("torchrun", "kill_rank"),
+    ("local", "kill_rank"),
     ("local", "mlflow_down"),
     ("slurm", "kill_rank"),
     ("ray", "signal_rank"),
@@ -47,7 +47,10 @@ MATRIX: tuple[tuple[str, str], ...] = (
     ("torchrun", "disk_full"),
     ("torchrun", "mlflow_down"),
 )
-CI_SEEDS = 8
+# CI (`make test`) runs seeds 0..CI_SEEDS-1: one scenario per backend, the faults of issue 12's
+# findings (a dead rank, a dead supervisor, a Slurm preemption, a Ray worker restart); a few
+# minutes on 2 cores.
+CI_SEEDS = 4
 
 # Faults after which the job is expected to fail (with a one-line reason) and to be resumed by
 # hand (`orch submit ... --set runtime.resume=auto`), by backend; "*" = every backend. The other
