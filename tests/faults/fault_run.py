@@ -85,6 +85,7 @@ class Scenario_Run:
         self.inject_offset = 0  # length of the faulted job's log when the fault was injected
         self.resumed_record = None
         self.stop_sampling = threading.Event()
+        self.handles: list = []  # every job submitted (cancelled when the scenario cannot go on)
 
     # -- set-up ----------------------------------------------------------------------------------
     def write(self, key: str) -> Path:
@@ -100,6 +101,7 @@ class Scenario_Run:
         from orchestrator.submit import submit
 
         _, [handle] = submit([str(path)], ("runtime.resume=auto",) if resume else (), self.backend.flags())
+        self.handles.append(handle)
         return handle
 
     # -- the run ---------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ class Scenario_Run:
         except Exception as err:  # noqa: BLE001 - a timeout here is a finding too (a hung job): record it
             text = (str(err).strip().splitlines() or [""])[0][:300]
             self.out.problems.append(f"the scenario could not go on: {type(err).__name__}: {text}")
+            self.cancel_all()
         self.out.seconds = round(time.monotonic() - started, 1)
         return self.out
 
@@ -141,6 +144,14 @@ class Scenario_Run:
                 self.out.shared = disjoint_problems(self.samples)
                 self.out.problems += self.out.shared
             self.final_checks([handle.record()] + ([pair_handle.record()] if pair_handle else []))
+
+    def cancel_all(self) -> None:
+        """Cancel the scenario's unfinished jobs: a hung one must not hold the next scenario's
+        devices (a Slurm job holds its nodes' GPUs)."""
+        for handle in self.handles:
+            with contextlib.suppress(Exception):
+                if not handle.state().finished:
+                    handle.cancel()
 
     def sample(self, a, b) -> None:
         """While both jobs run: note the devices and ports each holds."""
