@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.orch-installed
 DATA   ?= data/shapes
 DEMO_TRAIN ?= 1000
 DEMO_VAL   ?= 200
+# Test processes: many slow tests mostly wait (servers, daemons, outages), so 3 beat 2 cores.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test test-fast test-heavy faults install clean
 
@@ -27,7 +29,7 @@ demo: $(STAMP)
 # The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server), and
 # the fault suite's CI seeds (tests/faults; `make faults` runs more).
 test: $(STAMP)
-	$(PY) -m pytest -q -ra --durations=15 -m "not heavy"
+	$(PY) -m pytest -q -ra --durations=15 -m "not heavy" -n $(TEST_WORKERS) --dist loadgroup
 
 # Tests whose CPU path takes many minutes (torch.compile's C++ code generation).
 test-heavy: $(STAMP)

@@ -134,6 +134,18 @@ def last_status(folder: PathLike) -> Optional[str]:
     return status
 
 
+def last_steps(folder: PathLike) -> dict[str, int]:
+    """The highest step of each metric key in the journal (``{}`` when it holds none): what a
+    resumed run has logged already."""
+    steps: dict[str, int] = {}
+    for event in read_events(folder)[0]:
+        if event.get("t") == "metrics":
+            for _, step, values in event.get("v", ()):
+                for key in values:
+                    steps[key] = max(step, steps.get(key, step))
+    return steps
+
+
 class Journal:
     """Appends one run's records to a journal folder (see the module docstring).
 
@@ -275,5 +287,5 @@ class Journal:
             view = view[os.write(self._fd, view):]
 
 
-__all__ = ["Entry", "Journal", "STATUSES", "TERMINAL", "is_journal", "last_status", "read_entries",
+__all__ = ["Entry", "Journal", "STATUSES", "TERMINAL", "is_journal", "last_status", "last_steps", "read_entries",
            "read_events", "read_meta"]

@@ -7,8 +7,10 @@ later (``orch sync``), exactly once. A server that is down at the start, mid-run
 or that compute nodes cannot reach at all, costs training nothing and loses no value: the job's
 outcome is the training's outcome. Per step the hook only appends to a buffer (microseconds);
 the buffer is written every ``flush_every`` logged steps or 10 s, and made durable (fsync) after
-every checkpoint and at the end, so a resumed or requeued job continues the same journal (and the
-same MLflow run) from where its last checkpoint left it.
+every checkpoint (the checkpointed step's own values included) and at the end, so a resumed or
+requeued job continues the same journal (and the same MLflow run) from where its last checkpoint
+left it. Steps after that checkpoint may already be in the journal (flushed before a kill -9):
+the resumed run does not log them again, so MLflow holds each step once (the first values stay).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from detection.hooks.base import Hook
-from detection.journal import Journal, is_journal
+from detection.journal import Journal, is_journal, last_steps
 from detection.serialize import config_hash, dump_yaml, to_plain
 
 log = logging.getLogger(__name__)
@@ -146,10 +148,14 @@ class JournalHook(Hook):
         self.journal: Optional[Journal] = None
         self._steps = 0
         self._last_flush = time.monotonic()
+        self._durable_at = -1  # the step a checkpoint was just saved at (its values come after)
+        self._logged: dict[str, int] = {}  # a resumed run: the last step of each key already journaled
 
     # -- lifecycle -------------------------------------------------------------------------
     def before_train(self, trainer: Any) -> None:
         self.journal = open_journal(journal_dir(trainer.output_dir), self.config)
+        if trainer.iter > 0:  # resumed: what was journaled after the checkpoint is not logged twice
+            self._logged = last_steps(self.journal.folder)
         self.journal.set_status("RUNNING")
         self.journal.set_tags({
             "hosts": ",".join(self.hosts),
@@ -173,9 +179,12 @@ class JournalHook(Hook):
         values = {k: v for k, v in log_values.items() if k == "loss" or k.startswith("loss_") or k in ("lr", "images_per_s")}
         if "images_per_s" not in values and log_values.get("time"):
             values["images_per_s"] = log_values["images"] / log_values["time"]
-        self.journal.log_metrics(values, trainer.iter)
+        self._log(values, trainer.iter)
         self._steps += 1
-        if self._steps % self.flush_every == 0 or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+        if trainer.iter == self._durable_at:  # the checkpoint of this step is on disk: so are its values
+            self.journal.flush(durable=True)
+            self._last_flush = time.monotonic()
+        elif self._steps % self.flush_every == 0 or time.monotonic() - self._last_flush > FLUSH_EVERY_S:
             self.flush()
 
     def after_eval(self, trainer: Any, metrics: dict[str, float]) -> None:
@@ -186,13 +195,16 @@ class JournalHook(Hook):
             values["best_epoch"] = float(best.get("epoch", 0))
             values["best_iter"] = float(best.get("iter", 0))
         values["epoch"] = trainer.iter / trainer.iters_per_epoch
-        self.journal.log_metrics(values, trainer.iter)
+        self._log(values, trainer.iter)
         self.flush()
 
     def after_checkpoint(self, trainer: Any, path: str) -> None:
         # What the checkpoint holds is in the journal for good: a requeued run resumes from it.
+        # An iteration checkpoint is saved before this hook's after_iter logs that step (the
+        # checkpoint hook runs first), so that step is made durable there too.
         self.journal.flush(durable=True)
         self._last_flush = time.monotonic()
+        self._durable_at = trainer.iter
 
     def after_train(self, trainer: Any, result: Any) -> None:
         self._finish(trainer, "FINISHED")
@@ -206,6 +218,14 @@ class JournalHook(Hook):
         self._finish(trainer, status, artifacts=not isinstance(error, Preempted))
 
     # -- helpers ---------------------------------------------------------------------------
+    def _log(self, values: dict[str, float], step: int) -> None:
+        """Journal ``values`` at ``step``, less the keys a resumed run had journaled at this step
+        or later (before the kill that it resumes from)."""
+        if self._logged:
+            values = {k: v for k, v in values.items() if step > self._logged.get(k, -1)}
+        if values:
+            self.journal.log_metrics(values, step)
+
     def flush(self) -> None:
         """Write the buffered metric values to the journal."""
         self.journal.flush()

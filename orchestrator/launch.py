@@ -156,6 +156,7 @@ class Launch:
     def plan(self, experiments: Sequence[Experiment], names: Optional[Sequence[str]] = None) -> Plan:
         """The plan of unwritten specs: what ``--dry-run`` prints; bad options fail here."""
         names = names or [None] * len(experiments)
+        experiments = [self.launcher.fit(e) for e in experiments]
         return self.launcher.plan([job_spec(e, self.backend, name=n, write=False) for e, n in zip(experiments, names)])
 
     def preflight(self, plan: Plan, wait_s: Optional[float] = None) -> None:
@@ -182,6 +183,7 @@ class Launch:
         names = names or [None] * len(experiments)
         from orchestrator.outputs import claim
 
+        experiments = [self.launcher.fit(e) for e in experiments]
         specs = [job_spec(e, self.backend, name=n, continue_run=continue_runs) for e, n in zip(experiments, names)]
         plan = self.launcher.plan(specs)
         handles = self.launcher.submit(plan)

@@ -201,3 +201,16 @@ def random_detector(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
     checkpoint = folder / "random.pth"
     torch.save(models.build_model(config.model, 4, config.data).state_dict(), checkpoint)
     return path, checkpoint
+
+
+# Daemons one test session shares: the local Slurm cluster (one per machine) and Ray heads (two
+# at once starve this 2-core machine). Under pytest-xdist (`make test` runs `-n 3 --dist
+# loadgroup`) the tests of each run in one worker, one after another; other tests run beside them.
+SHARED_DAEMONS = {"slurm": ("slurm", "slurm_cluster"), "ray": ("ray", "ray_head")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for group, (marker, fixture) in SHARED_DAEMONS.items():
+            if item.get_closest_marker(marker) or fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))

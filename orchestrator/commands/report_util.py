@@ -19,13 +19,9 @@ def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
     Console().print(table)
 
 
-def mlflow_ui_hint(tracking_uri: Optional[str], run_id: Optional[str]) -> Optional[str]:
-    """The exact command that shows a run in the MLflow UI."""
-    if not tracking_uri:
-        return None
-    if tracking_uri.startswith(("http://", "https://")):
-        where = f"open {tracking_uri}"
-    else:
-        where = f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"view it: {where}" + (f"   (run {run_id})" if run_id else "")
+def mlflow_ui_hint(tracking_uri: Optional[str], run_id: Optional[str], journal: Optional[str] = None) -> Optional[str]:
+    """The exact command that shows a run in the MLflow UI: the link to its experiment's runs
+    table once ``journal`` (the run's journal folder) was shipped there, else to the UI."""
+    from orchestrator.tracking.runs import ui_hint
 
+    return ui_hint(tracking_uri, run_id, journal)

@@ -72,7 +72,7 @@ def _print_outcome(record) -> None:
         result = json.loads(result_file.read_text())
         print_metrics(result.get("metrics", {}), title=f"{record.name}: final metrics")
     run_id = record.mlflow_run_id or wait_shipped(journal_dir(record.output_dir), record.tracking_uri, SHIP_WAIT_S)
-    hint = mlflow_ui_hint(record.tracking_uri, run_id)
+    hint = mlflow_ui_hint(record.tracking_uri, run_id, journal_dir(record.output_dir))
     if hint:
         click.echo(hint + ("" if run_id else f"   (still shipping; `orch sync {record.output_dir}` sends it now)"))
 

@@ -26,8 +26,15 @@ def train_cmd(experiment: str, overrides: tuple[str, ...]) -> None:
     from cluster.logs import setup_logging
     from orchestrator.worker import run
 
+    from pathlib import Path
+
+    from orchestrator.config import load_experiment, output_dir_of
+    from orchestrator.outputs import check_free
+
     env = DistEnv.detect(os.environ)
     setup_logging(env.rank)
+    # Never into the folder of a live job (its checkpoints and journal): every rank refuses alike.
+    check_free(Path(output_dir_of(load_experiment(experiment, overrides))))
     result = run(experiment, overrides, env=env)
     if env.is_main:
         _print_result(experiment, overrides, result)
@@ -45,6 +52,6 @@ def _print_result(experiment: str, overrides: tuple[str, ...], result) -> None:
         return
     uri = tracking_uri_of(exp)
     run_id = wait_shipped(journal_dir(result.output_dir), uri, 60.0) if exp.tracking.mode != "offline" else None
-    hint = mlflow_ui_hint(uri, run_id)
+    hint = mlflow_ui_hint(uri, run_id, journal_dir(result.output_dir))
     if hint:
         click.echo(hint + ("" if run_id else f"   (not shipped yet; `orch sync {result.output_dir}` sends it)"))

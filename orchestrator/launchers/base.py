@@ -14,9 +14,12 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from typing import Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from orchestrator.spec import JobRecord, JobSpec, JobState
+
+if TYPE_CHECKING:
+    from orchestrator.config.schema import Experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +45,12 @@ class Launcher(abc.ABC):
 
     name: ClassVar[str]
     poll_s: ClassVar[float] = 1.0  # how often a handle asks for a fresh state
+
+    def fit(self, experiment: "Experiment") -> "Experiment":
+        """``experiment`` with what the cluster itself decides filled in, before any plan (Slurm:
+        GPUs per node from the partition's nodes when the flags leave the layout open). Default:
+        unchanged."""
+        return experiment
 
     @abc.abstractmethod
     def plan(self, jobs: Sequence[JobSpec]) -> Plan:

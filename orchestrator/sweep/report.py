@@ -203,4 +203,7 @@ def trial_table(record: Any) -> str:
     best = record.extra.get("best")
     if best:
         lines.append(f"  best: trial {best['trial_id']} {metric}={best['value']:.4f} (MLflow run {best['run_id']})")
+    hint = runs.ui_hint(record.tracking_uri, record.mlflow_run_id, runs.journal_dir(record.output_dir))
+    if hint:  # the parent run, its trials nested under it
+        lines.append(f"  {hint}")
     return "\n".join(lines)

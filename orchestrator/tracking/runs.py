@@ -33,10 +33,15 @@ REACH_TIMEOUT_S = 3.0
 SHIPPER_LINGER_S = 24 * 3600.0  # after its job ended, a shipper keeps trying this long (then: orch sync)
 SHIPPER_FILE = "shipper.json"  # who ships this journal now: {host, pid, start}
 
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told otherwise
+# MLflow 3.17's UI picks between its GenAI pages and its model-training pages by a switch kept in
+# the browser (GenAI at first) or given in the URL; the experiment-kind tag no longer decides.
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+
 __all__ = [
-    "absolute_uri", "close_journal", "create_journal", "ensure_shipping", "experiment_name", "journal_dir", "reachable",
-    "fully_shipped", "require_reachable", "resolve_tracking_uri", "run_id_of", "start_shipper", "tracking_uri_of",
-    "wait_shipped",
+    "absolute_uri", "close_journal", "create_journal", "ensure_shipping", "experiment_id_of", "experiment_name",
+    "fully_shipped", "journal_dir", "reachable", "require_reachable", "resolve_tracking_uri", "run_id_of",
+    "start_shipper", "tracking_uri_of", "ui_hint", "ui_url", "wait_shipped",
 ]
 
 
@@ -104,6 +109,37 @@ def run_id_of(folder: str, uri: Optional[str]) -> Optional[str]:
     from orchestrator.tracking.cursor import shipped_run_id
 
     return shipped_run_id(folder, uri)
+
+
+def experiment_id_of(folder: str, uri: Optional[str]) -> Optional[str]:
+    """The MLflow experiment id of journal ``folder``'s run at ``uri``, once it was shipped there."""
+    if not uri or not is_journal(folder):
+        return None
+    from orchestrator.tracking.cursor import load_cursor
+
+    return load_cursor(folder, uri).experiment_id
+
+
+def ui_url(uri: str, experiment_id: Optional[str] = None) -> str:
+    """The MLflow UI page that shows an experiment's runs: its runs table (nested runs under
+    their parents) in the UI's model-training view; the UI's front page without an experiment.
+    A server URI is its own UI; any other store is shown by ``mlflow ui`` at its default address."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI_DEFAULT
+    if not experiment_id:
+        return base
+    return f"{base}/#/experiments/{experiment_id}/runs?{UI_TRAINING_VIEW}"
+
+
+def ui_hint(uri: Optional[str], run_id: Optional[str] = None, journal: Optional[str] = None) -> Optional[str]:
+    """``view it: open <link>   (run <id>)``: what shows a run in the MLflow UI (for a SQLite
+    store, the ``mlflow ui`` command first). The link is its experiment's runs table once the
+    journal ``journal`` was shipped to ``uri``, else the UI's front page."""
+    if not uri:
+        return None
+    url = ui_url(uri, experiment_id_of(journal, uri) if journal else None)
+    where = f"open {url}" if uri.startswith(("http://", "https://")) else \
+        f"mlflow ui --backend-store-uri {uri}, then open {url}"
+    return f"view it: {where}" + (f"   (run {run_id})" if run_id else "")
 
 
 def wait_shipped(folder: str, uri: Optional[str], timeout_s: float) -> Optional[str]:

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 2.0
 MAX_BACKOFF_S = 60.0
+# While the server's port is closed (stopped, restarting): look again this often with a plain
+# connect, rather than sit in MLflow's own HTTP retries, whose waits grow to 2 min each (they
+# stay for a server that answers and fails).
+PROBE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -101,11 +105,28 @@ def ship_forever(journal_dir: str, tracking_uri: str, stop_when: Optional[Callab
     a terminal status and everything before it is shipped, or ``stop_when()`` is true (then one
     last pass is made). Errors (server down, database locked, no journal yet) are logged in one
     line and retried with a backoff doubling up to ``max_backoff_s``; MLflow's own HTTP retries
-    stay as configured. Returns the last successful result (None if none succeeded)."""
+    stay as configured, but no call is made while the server's port is closed (it is probed every
+    ``PROBE_S`` seconds). Returns the last successful result (None if none succeeded)."""
+    from orchestrator.tracking.runs import reachable
+
     result: Optional[ShipResult] = None
     backoff = poll_s
+    down_since: Optional[float] = None
     while True:
         stopping = bool(stop_when and stop_when())  # decided before the pass: it is the last one
+        if not reachable(tracking_uri):
+            if stopping:
+                log.warning("shipper: stopped with %s not fully shipped: %s does not answer", journal_dir, tracking_uri)
+                return result
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("shipper: %s does not answer; the journal keeps everything, trying again every %.0f s",
+                            tracking_uri, PROBE_S)
+            _sleep(PROBE_S, stop_when)
+            continue
+        if down_since is not None:
+            log.info("shipper: %s answers again after %.0f s", tracking_uri, time.monotonic() - down_since)
+            down_since = None
         try:
             result = ship(journal_dir, tracking_uri)
         except Exception as err:  # noqa: BLE001 - the journal keeps everything: try again later

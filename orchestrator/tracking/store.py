@@ -8,8 +8,10 @@
   writer got in between, in WAL mode too (bench_journal.py: 24 writers, 3-7 failed calls either
   way): the shipper retries those calls (``replay.Shipment.call``), the journal keeps the values.
   On NFS/Lustre WAL cannot work and SQLite locking is unreliable: a warning says to use a server.
-- Experiments are created with MLflow 3's experiment-kind tag, so that ``mlflow ui`` opens them
-  on the runs table instead of the GenAI overview.
+- Experiments are created with MLflow 3's experiment-kind tag (earlier 3.x UIs open a tagged
+  experiment on its runs table). The 3.17 UI ignores it: a GenAI / model-training switch, kept in
+  the browser and GenAI at first, decides, so the links orch prints carry the training view
+  (``runs.ui_url``); a bare ``/#/experiments/<id>`` opens the GenAI overview.
 - A journal's run is the run tagged ``orch.journal_id=<id>``: a shipper looks it up before it
   creates one, so a crash between "created" and "cursor saved", or a run folder synced again
   from another machine, finds the same run.
@@ -33,8 +35,8 @@ log = logging.getLogger(__name__)
 
 JOURNAL_TAG = "orch.journal_id"
 PARENT_TAG = "mlflow.parentRunId"
-# The tag and value the installed MLflow 3 UI reads (server/js bundle: "Machine learning",
-# i.e. custom model development); without it the UI opens a new experiment on GenAI pages.
+# The tag and value MLflow 3 UIs read (server/js bundle: "Machine learning", i.e. custom model
+# development); 3.17 shows it as the experiment's type but opens pages by its workflow switch.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NETWORK_FS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "beegfs", "glusterfs", "fuse")

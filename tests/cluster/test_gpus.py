@@ -79,7 +79,7 @@ def test_more_than_the_pool_fails_at_once():
         lease_devices(5, environ=env(**GPU4))
     with pytest.raises(ClusterError, match="at least 1"):
         lease_devices(0, environ=env(**GPU4))
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 10  # refused, not queued behind a lease
 
 
 def _use(n, hold_s, barrier, queue):

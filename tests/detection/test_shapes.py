@@ -6,7 +6,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -106,10 +105,8 @@ def test_segmentation_is_what_was_drawn(shapes128):
     assert checked > 10
 
 
-def test_fast_and_light(tmp_path):
-    start = time.perf_counter()
+def test_light(tmp_path):
     make_shapes(str(tmp_path), n_train=100, n_val=0, size=128)
-    assert time.perf_counter() - start < 10  # ~0.4 s here; 500 images take ~2 s
     code = "import sys, detection.shapes; assert 'torch' not in sys.modules, 'shapes imports torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -67,7 +67,7 @@ def test_the_run_goes_to_the_experiment_files_mlflow_experiment(make_experiment,
     run = ship(result.output_dir)["tiny"]
     experiment = MlflowClient(tracking_uri).get_experiment(run.info.experiment_id)
     assert experiment.name == "tiny" and run.info.status == "FINISHED"
-    # MLflow 3 opens an experiment with this tag on its runs table, not on the GenAI overview.
+    # The kind earlier MLflow 3 UIs open on the runs table (3.17 needs the link's view too: runs.ui_url).
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
@@ -161,3 +161,45 @@ def test_config_hash_tag_equals_what_orch_config_prints(make_experiment, ship, c
     capsys.readouterr()
     assert cli_main(["config", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["derived"]["config_hash"] == tag
+
+
+class FlushThenDie(Hook):
+    """At iteration ``at``: the journal is flushed (its 10 s timer fired), then the process dies
+    (in-process: an interrupt; the journal then ends KILLED, as orch ends a killed job's run)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.durable_steps: dict[int, int] = {}  # checkpointed iteration -> last step on disk then
+
+    def after_checkpoint(self, trainer, path):
+        self.checkpointed = trainer.iter
+
+    def after_iter(self, trainer, log_values):
+        from detection.journal import last_steps
+
+        journal = next(h.journal for h in trainer.hooks if hasattr(h, "journal"))
+        if getattr(self, "checkpointed", None) == trainer.iter:  # the end of a checkpointed step
+            self.durable_steps[trainer.iter] = last_steps(journal.folder).get("loss", 0)
+        if trainer.iter == self.at:
+            journal.flush()
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_run_logs_each_step_once(make_experiment, tracking_uri, ship):
+    """Killed at step 6 with steps 5-6 in the journal and the last checkpoint at step 4: the
+    checkpointed step's values were on disk with the checkpoint, and the resumed run (from step 4)
+    does not log steps 5-6 again."""
+    exp = load_experiment(make_experiment(**{"schedule.iterations": 8, "checkpoint.interval": 4,
+                                             "eval.interval": 8}))
+    dying = FlushThenDie(at=6)
+    with pytest.raises(KeyboardInterrupt):
+        main(exp, DistEnv.single(), hooks=[dying])
+    assert dying.durable_steps == {4: 4}
+    exp = load_experiment(make_experiment(**{"schedule.iterations": 8, "checkpoint.interval": 4,
+                                             "eval.interval": 8, "runtime.resume": "auto"}))
+    main(exp, DistEnv.single())
+    run = ship(exp.runtime.output_dir)["tiny"]
+    client = MlflowClient(tracking_uri)
+    for key in ("loss", "lr", "images_per_s"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == list(range(1, 9)), key
+    assert run.info.status == "FINISHED"

@@ -65,12 +65,11 @@ def _modules_after(args: list[str], cwd: Path) -> tuple[int, set[str], str, floa
 )
 def test_fast_paths_do_not_import_heavy_modules(args, exp_file, tmp_path):
     args = [str(exp_file) if a == "EXP" else a for a in args]
-    rc, mods, out, elapsed = _modules_after(args, tmp_path)
+    rc, mods, out, _ = _modules_after(args, tmp_path)
     assert rc == 0, out
     loaded = sorted(m for m in HEAVY if m in mods)
+    # What keeps these commands fast; their start-up time is measured by bench/bench_cli_startup.py.
     assert loaded == [], f"{args} imported {loaded}"
-    # "well under a second" in-process (interpreter start-up excluded).
-    assert elapsed < 1.5, f"{args} took {elapsed:.2f}s"
 
 
 def test_dry_run_writes_nothing(exp_file, tmp_path, capsys):

@@ -48,9 +48,9 @@ def test_three_jobs_on_two_slots(make_experiment, tmp_path):
 
     launcher = LocalLauncher()
     plan = launcher.plan([build_job_spec(load_experiment(p), "local") for p in paths])  # creates the journals
-    start = time.monotonic()
     handles = launcher.submit(plan)
-    assert time.monotonic() - start < 3  # returns at once; training happens in the supervisor
+    # returns at once, before any job ends: training happens in the supervisor
+    assert JobState.SUCCEEDED not in [jobs.load_record(h.job_id).state for h in handles]
     assert [h.wait(TIMEOUT_S) for h in handles] == [JobState.SUCCEEDED] * 3
     records = [jobs.load_record(h.job_id) for h in handles]
     assert max_overlap(records) == 2  # two at once on two slots, the third queued

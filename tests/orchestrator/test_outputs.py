@@ -29,6 +29,11 @@ def test_a_second_job_into_a_live_jobs_folder_is_refused(make_experiment, tmp_pa
     assert "\n" not in str(err.value)
     assert config.read_text() == before  # nothing of the refused job was written
     assert len(records.list_records()) == 1
+    # `orch train` in this process would train into the same folder: refused alike
+    from orchestrator.cli import main as orch
+
+    assert orch(["train", str(path)]) == 2
+    assert config.read_text() == before and len(records.list_records()) == 1
     first.cancel()
     assert first.wait(60) == JobState.CANCELLED
     # The folder is free again: a resumed run of the same experiment may use it.

@@ -325,6 +325,19 @@ def _partitions_of(ask: SlurmAsk, parts: list[SlurmPartition]) -> list[SlurmPart
     return [by_name[n] for n in names]
 
 
+def gpus_per_node(partition: Optional[str]) -> Optional[int]:
+    """The most GPUs one node of ``partition`` (a comma list: its first; None: the default
+    partition) has; None when Slurm cannot tell or the nodes have none."""
+    parts = query_partitions()
+    if parts is None:
+        return None
+    name = str(partition).split(",")[0].strip() if partition else None
+    chosen = [p for p in parts if (p.name == name if name else p.default)][:1]
+    nodes = query_nodes(chosen[0]) if chosen else None
+    counts = [n.gpus for n in nodes or () if n.gpus]
+    return max(counts) if counts else None
+
+
 def check(asks: Sequence[SlurmAsk], up_only: bool) -> Optional[str]:
     """Ask Slurm once; the first shortfall of ``asks`` (an ask may use any of its partitions).
     LaunchError for an unknown partition; None when everything fits or Slurm cannot tell."""

@@ -10,12 +10,13 @@ inside the job is :mod:`.task`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from orchestrator import records
@@ -24,7 +25,10 @@ from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_param
 from orchestrator.spec import JobRecord, JobSpec, JobState
 
 if TYPE_CHECKING:
+    from orchestrator.config.schema import Experiment
     from orchestrator.launchers.slurm.capacity import SlurmAsk
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,28 @@ class SlurmLauncher(Launcher):
     def __init__(self) -> None:
         # (request, waited) found to fit: submit's own preflight does not ask again
         self._fitting: set[tuple[str, bool]] = set()
+        self._node_gpus: dict[Optional[str], Optional[int]] = {}  # partition -> GPUs of its nodes
+
+    def fit(self, experiment: Experiment) -> Experiment:
+        """``--gpus N`` alone on a partition of G-GPU nodes (N > G) runs on N/G nodes of G GPUs,
+        as ``sbatch --gpus-per-node`` users expect (``--gpus 16`` on 8-GPU nodes: 2 x 8). Where
+        Slurm cannot tell (a dry run away from the cluster), the layout stays one node."""
+        from orchestrator.launchers.slurm.capacity import gpus_per_node
+
+        res = experiment.resources
+        if res.nodes is not None or res.gpus_per_node is not None or res.gpus <= 1:
+            return experiment
+        if res.partition not in self._node_gpus:
+            self._node_gpus[res.partition] = gpus_per_node(res.partition)
+        per_node = self._node_gpus[res.partition]
+        if not per_node or res.gpus <= per_node:
+            return experiment
+        where = f"partition {res.partition}" if res.partition else "the default partition"
+        if res.gpus % per_node:
+            raise LaunchError(f"--gpus {res.gpus} does not fill whole nodes of {where} ({per_node} GPUs each); "
+                              f"give a multiple of {per_node}, or --nodes / --gpus-per-node")
+        log.info("%d GPUs on %s (%d per node): %d nodes x %d", res.gpus, where, per_node, res.gpus // per_node, per_node)
+        return replace(experiment, resources=replace(res, gpus_per_node=per_node))
 
     def plan(self, jobs: Sequence[JobSpec]) -> SlurmPlan:
         """Group and render (pure: no processes, no files)."""

@@ -33,20 +33,17 @@ def test_two_folds_as_concurrent_ray_jobs(ray_head, orch_home, make_experiment, 
             result["error"] = err
 
     # run_kfold blocks until the set is aggregated: run it aside and watch this head's workers
-    started = time.monotonic()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     most_workers = 0
     while thread.is_alive():
         most_workers = max(most_workers, len(train_worker_pids()))
         time.sleep(0.2)
-    elapsed = time.monotonic() - started
     if "error" in result:
         raise result["error"]
     outcome = result["outcome"]
     log = "\n".join(lines)
     assert sorted(outcome.launched) == ["fold-0", "fold-1"] and outcome.skipped == [], log
-    assert elapsed < 180, f"k-fold on Ray took {elapsed:.0f} s"
     # both folds trained at the same time on the one cluster: two Ray Train workers alive at once
     assert most_workers == 2, log
 

@@ -57,6 +57,22 @@ def test_impossible_requests_are_refused_at_once(experiment, tmp_path, capsys, f
     assert not (tmp_path / "exp" / "work").exists()  # no config.yaml, no journal
 
 
+def test_gpus_alone_spread_over_the_partitions_nodes(experiment, capsys):
+    # --gpus 4 on nodes of 2 GPUs: 2 nodes x 2 (as the README's --gpus 16 on 8-GPU nodes: 2 x 8)
+    assert orch(["submit", str(experiment), "--backend", "slurm", "--partition", "dev", "--gpus", "4", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --ntasks-per-node=2" in out, out
+    # what fits on one node stays on one node
+    assert orch(["submit", str(experiment), "--backend", "slurm", "--partition", "dev", "--gpus", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=1" in out and "#SBATCH --ntasks-per-node=2" in out, out
+    assert orch(["submit", str(experiment), "--backend", "slurm", "--partition", "dev", "--gpus", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("orch: error: --gpus 3 does not fill whole nodes of partition dev (2 GPUs each); "
+                   "give a multiple of 2, or --nodes / --gpus-per-node"), err
+    assert squeue() == "" and list_records() == []
+
+
 def test_what_fits_passes_preflight(experiment):
     from orchestrator.config import load_experiment, with_overrides
     from orchestrator.launch import Launch

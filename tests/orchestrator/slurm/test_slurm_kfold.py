@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -25,14 +24,11 @@ def test_two_folds_as_one_job_array(slurm_cluster, write_experiment, module_orch
     slurm_cluster.up(accounting=True)  # test_slurm_jobs.py ends with accounting turned off
     path = write_experiment(tmp_path, "kf", **{"kfold.folds": 2, "kfold.allow_small_classes": True,
                                                "tracking.experiment": "slurm-kfold"})
-    started = time.monotonic()
     code = main(["kfold", str(path), "--backend", "slurm", "--max-parallel", "2", "--set", "resources.partition=dev"])
-    elapsed = time.monotonic() - started
     out = capsys.readouterr()
     log = out.out + out.err
     assert code == 0, log
     assert "launching 2 trial(s) on slurm" in log and "2 trained now, 0 already finished" in log, log
-    assert elapsed < 120, f"k-fold on Slurm took {elapsed:.0f} s"
     [set_dir] = (tmp_path / "work").glob("kfold-*")
 
     # one submission: both folds are tasks of the same job array, in fold order

@@ -33,8 +33,12 @@ class MlflowServer:
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
+        self._held: Optional[socket.socket] = None
 
     def start(self, timeout_s: float = 180.0) -> None:
+        if self._held is not None:  # the port kept from other tests while the server was down
+            self._held.close()
+            self._held = None
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
         log = open(self.folder / "server.log", "a")
         self.proc = subprocess.Popen(
@@ -57,8 +61,10 @@ class MlflowServer:
                 raise RuntimeError(f"mlflow server did not start: {(self.folder / 'server.log').read_text()[-2000:]}")
             time.sleep(0.3)
 
-    def stop(self) -> None:
-        """Stop the server's whole process group (it runs in its own session)."""
+    def stop(self, hold_port: bool = False) -> None:
+        """Stop the server's whole process group (it runs in its own session). ``hold_port``:
+        keep its port bound, not listening, until :meth:`start` (clients are refused as by a
+        closed port, and no other test's ``_free_port`` is handed it meanwhile)."""
         if self.proc is None:
             return
         try:
@@ -70,6 +76,10 @@ class MlflowServer:
         except ProcessLookupError:
             pass
         self.proc = None
+        if hold_port:
+            self._held = socket.socket()
+            self._held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT connections
+            self._held.bind(("127.0.0.1", self.port))
 
 
 def make_journal(folder: Path, experiment: str = "ship-tests", run_name: str = "run", steps: int = 50,

@@ -259,3 +259,20 @@ def test_shipper_process_stops_with_the_process_it_watches_or_on_sigterm(tmp_pat
     for journal in journals:
         found = values_of(sqlite_uri, load_cursor(journal.folder, sqlite_uri).run_id)
         assert found["run"].info.status == "RUNNING" and found["metrics"]["loss"][-1][0] == 99
+
+
+def test_follow_probes_a_closed_port_instead_of_waiting_in_http_retries(tmp_path, caplog):
+    """A server that is down: no MLflow call waits minutes in its HTTP retries; the shipper looks
+    at the port every few seconds, and stops at once when told (the values stay in the journal)."""
+    import logging
+
+    from ship_helpers import _free_port
+
+    folder = make_journal(tmp_path / "journal", steps=5).folder
+    uri = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.tracking.shipper"):
+        result = ship_forever(folder, uri, stop_when=lambda: time.monotonic() - started > 7.0, poll_s=0.1)
+    assert result is None and time.monotonic() - started < 20  # MLflow's own retries: 4 min
+    assert len([r for r in caplog.records if "does not answer; the journal keeps" in r.message]) == 1
+    assert not os.path.exists(cursor_path(folder, uri))  # nothing was sent
