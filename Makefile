@@ -40,12 +40,14 @@ test-fast: $(STAMP)
 
 # The seeded fault suite: seeds START..START+N-1 (every (backend, fault) pair once per 24 seeds),
 # then the table of RELIABILITY.md (the summary prints even when a scenario failed).
+# SEEDS=8,11 reruns those seeds only.
 N ?= 24
 START ?= 0
+SEEDS ?=
 FAULTS_RESULTS ?= work_dirs/faults/results.json
 faults: $(STAMP)
 	@mkdir -p $(dir $(FAULTS_RESULTS))
-	ORCH_FAULTS_N=$(N) ORCH_FAULTS_START=$(START) ORCH_FAULTS_RESULTS=$(FAULTS_RESULTS) \
+	ORCH_FAULTS_N=$(N) ORCH_FAULTS_START=$(START) ORCH_FAULTS_SEEDS=$(SEEDS) ORCH_FAULTS_RESULTS=$(FAULTS_RESULTS) \
 		$(PY) -m pytest -q -ra -m faults tests/faults; status=$$?; \
 		$(PY) tests/faults/summary.py $(FAULTS_RESULTS); exit $$status
 

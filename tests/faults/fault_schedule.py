@@ -141,8 +141,11 @@ def seeds(n: Optional[int] = None, start: int = 0) -> list[int]:
 
 
 def selected_seeds() -> list[int]:
-    """The seeds this run asks for: ``ORCH_FAULTS_N`` seeds from ``ORCH_FAULTS_START`` (default 0);
-    without ``ORCH_FAULTS_N`` the CI set."""
+    """The seeds this run asks for: those listed in ``ORCH_FAULTS_SEEDS``, else ``ORCH_FAULTS_N``
+    seeds from ``ORCH_FAULTS_START`` (default 0); without either the CI set."""
+    listed = os.environ.get("ORCH_FAULTS_SEEDS", "").replace(",", " ").split()
+    if listed:  # `make faults SEEDS=8,11`: these seeds only (rerun what failed)
+        return [int(s) for s in listed]
     n = os.environ.get("ORCH_FAULTS_N", "").strip()
     start = int(os.environ.get("ORCH_FAULTS_START", "0").strip() or 0)
     return seeds(int(n) if n else None, start)

@@ -69,7 +69,9 @@ def _count(values) -> dict:
 def render(data: dict) -> str:
     outcomes = data["outcomes"]
     seeds = data.get("seeds") or []
-    head = (f"{len(outcomes)} scenario(s), seeds {min(seeds, default=0)}..{max(seeds, default=0)}, "
+    contiguous = seeds == list(range(min(seeds, default=0), max(seeds, default=-1) + 1))
+    listed = f"{min(seeds)}..{max(seeds)}" if contiguous and seeds else ",".join(map(str, seeds))
+    head = (f"{len(outcomes)} scenario(s), seeds {listed}, "
             f"{data.get('seconds', 0):.0f} s on {data.get('cores')} cores ({data.get('started', '?')}); "
             f"command: {data.get('command', '?')}")
     problems = [f"- seed {o['scenario']['seed']} {o['scenario']['name']}: {p}" for o in outcomes for p in o["problems"]]
