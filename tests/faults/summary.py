@@ -1,6 +1,6 @@
 """The fault suite's results as the tables of RELIABILITY.md (standard library only).
 
-    python tests/faults/summary.py [RESULTS.json]
+    python tests/faults/summary.py [RESULTS.json ...]   # several: one table over all their outcomes
 
 RESULTS.json is what a run of the suite wrote (``$ORCH_FAULTS_RESULTS``; ``make faults`` writes
 ``work_dirs/faults/results.json``, the default here). Run it as a file: a package named ``tests``
@@ -80,12 +80,22 @@ def render(data: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def merged(datas: list[dict]) -> dict:
+    """Several runs as one (every outcome kept: a seed run twice counts twice)."""
+    if len(datas) == 1:
+        return datas[0]
+    return {"outcomes": [o for d in datas for o in d["outcomes"]], "seeds": [s for d in datas for s in d.get("seeds", [])],
+            "seconds": sum(d.get("seconds", 0) for d in datas), "cores": datas[0].get("cores"),
+            "started": datas[0].get("started"), "command": f"{len(datas)} runs"}
+
+
 def main(argv: list[str]) -> int:
-    path = Path(argv[0]) if argv else DEFAULT
-    if not path.exists():
-        print(f"summary: {path} does not exist; run `make faults` (or give the results file)", file=sys.stderr)
+    paths = [Path(a) for a in argv] or [DEFAULT]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        print(f"summary: {missing[0]} does not exist; run `make faults` (or give the results file)", file=sys.stderr)
         return 2
-    print(render(json.loads(path.read_text())), end="")
+    print(render(merged([json.loads(p.read_text()) for p in paths])), end="")
     return 0
 
 
