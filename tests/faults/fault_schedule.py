@@ -48,8 +48,8 @@ MATRIX: tuple[tuple[str, str], ...] = (
     ("torchrun", "mlflow_down"),
 )
 # CI (`make test`) runs seeds 0..CI_SEEDS-1: the faults of issue 12's findings (a dead rank, a
-# dead supervisor, a Slurm preemption) on local, torchrun and Slurm, ~2-3 minutes each on a busy
-# 2-core machine. A Ray worker restart (seed 3, ~4 minutes) is in CI through
+# dead supervisor, a Slurm preemption) on local, torchrun and Slurm: 3 min 29 s for tests/faults
+# on this 2-core machine at load 2-7 (12 min at load 11-15). A Ray worker restart (seed 3, ~4 minutes) is in CI through
 # tests/orchestrator/ray/test_restart_resume.py; `make faults` runs it here.
 CI_SEEDS = 3
 
