@@ -176,6 +176,7 @@ def accounting_enabled() -> bool:
 
 # srun's line for a task that died of a signal (not SIGTERM: orch then says itself what it did,
 # e.g. "checkpoint written"): "srun: error: node1: task 0: Killed".
+TASK_ENDED = re.compile(r"srun: error: \S+: tasks? [\d,-]+: ")
 KILLED_TASK = re.compile(r"srun: error: (\S+): tasks? ([\d,-]+): (Killed|Aborted|Segmentation fault|Bus error)$")
 
 
@@ -184,7 +185,9 @@ def error_line(result_path: Optional[str], stderr_path: Optional[str]) -> Option
     the other ranks then raised: a gloo "connection closed"), else the last line of the
     traceback the job pickled, else the last non-empty line of its stderr file."""
     stderr = Path(stderr_path).read_text(errors="replace")[-20000:] if stderr_path and Path(stderr_path).exists() else ""
-    killed = next((m for m in map(KILLED_TASK.match, (line.strip() for line in stderr.splitlines())) if m), None)
+    # Only the first task srun reports: with --kill-on-bad-exit it kills the others after it.
+    first = next((line.strip() for line in stderr.splitlines() if TASK_ENDED.match(line.strip())), "")
+    killed = KILLED_TASK.match(first)
     if killed:
         node, task, how = killed.groups()
         hint = " (SIGKILL: kill -9, or the out-of-memory killer)" if how == "Killed" else ""

@@ -34,3 +34,12 @@ def test_a_killed_task_comes_before_the_other_ranks_pickled_error(tmp_path):
     log.write_text(LOG.replace("node1: task 0", "node2: task 1"))
     assert error_line(str(result), str(log)).startswith("task 1 on node2: Killed")
     assert error_line(str(result), None) == "RuntimeError: Connection closed by peer"
+
+
+def test_a_task_srun_killed_after_another_failed_is_not_the_reason(tmp_path):
+    log = tmp_path / "1_0_log.out"
+    log.write_text("torch.distributed.DistNetworkError: address already in use\n"
+                   "srun: error: node1: task 0: Exited with exit code 1\n"
+                   "srun: launch/slurm: _step_signal: Terminating StepId=1.0\n"
+                   "srun: error: node2: task 1: Killed\n")
+    assert error_line(None, str(log)) == "torch.distributed.DistNetworkError: address already in use"
