@@ -56,7 +56,7 @@ def make_shapes(
         raise ConfigError(f"shapes: seed {seed} is negative (--seed); use 0 or more")
     counts = {"train": n_train, "val": n_val, "test": n_test}
     if min(counts.values()) < 0:
-        raise ConfigError(f"shapes: negative image count in {counts} (--train/--val); use 0 or more")
+        raise ConfigError(f"shapes: negative image count in {counts} (--train/--val/--test); use 0 or more")
     paths: dict[str, tuple[str, str]] = {}
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
     for split, count in counts.items():

@@ -17,6 +17,7 @@ from cluster.errors import OrchError
 from orchestrator import __version__
 from orchestrator.commands.config import config_cmd
 from orchestrator.commands.data import data_group
+from orchestrator.commands.ensemble import ensemble_cmd
 from orchestrator.commands.evaluate import eval_cmd
 from orchestrator.commands.jobs import cancel_cmd, logs_cmd, status_cmd
 from orchestrator.commands.kfold import kfold_cmd, report_cmd, split_cmd
@@ -59,6 +60,7 @@ for _command in (
     split_cmd,
     kfold_cmd,
     report_cmd,
+    ensemble_cmd,
     sweep_cmd,
     sync_cmd,
     weights_group,

@@ -80,8 +80,10 @@ def ensure_packages(accounting: bool) -> None:
         raise SetupError(f"packages {missing} are missing and apt-get is not available; install Slurm by hand")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     _log(f"installing {' '.join(missing)} (apt-get)")
-    _run(["apt-get", "update", "-q"], env=env, timeout=600)
-    _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, timeout=900)
+    # Wait for apt's locks rather than fail: another installer (a test installing chromium) may hold them.
+    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=900", "-q"]
+    _run([*apt, "update"], env=env, timeout=1200)
+    _run([*apt, "install", "-y", "--no-install-recommends", *missing], env=env, timeout=1200)
 
 
 # ----------------------------------------------------------------------------------- config

@@ -21,7 +21,10 @@ from orchestrator.commands.common import experiment_argument, resource_options, 
               help="Regex on file_name; group 1 (or the whole match) is the group kept in one fold.")
 @click.option("--allow-small-classes", is_flag=True,
               help="Warn instead of failing when a class is on fewer than K images (groups).")
-def split_cmd(ann_file, folds, out_dir, seed, group_key, group_regex, allow_small_classes) -> int:
+@click.option("--stratify", default="classes", show_default=True,
+              help="What the folds balance, comma-separated: classes (presence per image), count (bins of boxes "
+                   "per image), area (bins of the median box area per image).")
+def split_cmd(ann_file, folds, out_dir, seed, group_key, group_regex, allow_small_classes, stratify) -> int:
     """Split a COCO file into K leak-free folds over whole images, stratified by class.
 
     \b
@@ -29,21 +32,25 @@ def split_cmd(ann_file, folds, out_dir, seed, group_key, group_regex, allow_smal
       orch split data/annotations/instances_train.json --folds 5 --out folds/
       orch split ann.json --folds 5 --out folds/ --group-regex '^(video\\d+)_'   # frames of a video together
       orch split ann.json --folds 3 --out folds/ --group-key site_id --seed 1
+      orch split ann.json --folds 5 --out folds/ --stratify classes,count,area
     """
     import json
     from pathlib import Path
 
     from cluster.errors import DataError
     from orchestrator.kfold.split import balance_table, check_folds, read_folds, split_folds, write_folds
+    from orchestrator.kfold.strata import parse_stratify
 
+    strata = parse_stratify(stratify)
     try:
         coco = json.loads(Path(ann_file).read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read COCO file {ann_file} ({err}); give a COCO instances JSON file") from None
-    fold_list = split_folds(coco, folds, seed, group_key, group_regex, allow_small_classes)
-    write_folds(coco, fold_list, out_dir, ann_file=ann_file, seed=seed, group_key=group_key, group_regex=group_regex)
+    fold_list = split_folds(coco, folds, seed, group_key, group_regex, allow_small_classes, stratify=strata)
+    write_folds(coco, fold_list, out_dir, ann_file=ann_file, seed=seed, group_key=group_key, group_regex=group_regex,
+                stratify=strata)
     check_folds(coco, read_folds(out_dir))
-    click.echo(balance_table(coco, fold_list))
+    click.echo(balance_table(coco, fold_list, strata))
     click.echo(f"wrote {folds} folds to {out_dir} (manifest.json holds the sha256 of every file)")
     return 0
 

@@ -123,6 +123,13 @@ class KFoldConfig:
     group_regex: Optional[str] = None  # regex on file_name; group 1 (or the match) is the key
     allow_small_classes: bool = False  # warn instead of failing when a class has < K images
     out_dir: Optional[str] = None  # None = <output_dir>/folds
+    # What the folds balance (iterative stratification): class presence per image, and bins of
+    # the box count / median box area per image (orch split --stratify classes,count,area).
+    stratify: tuple[Literal["classes", "count", "area"], ...] = ("classes",)
+    # A COCO file kept out of every fold: each fold's best checkpoint is evaluated on it at the
+    # end of the set (test_mean/test_std), and `orch ensemble` scores the fused folds on it.
+    test: Optional[str] = None
+    test_img_dir: Optional[str] = None  # None = data.test.img_dir if set, else data.train.img_dir
 
 
 @dataclass(frozen=True)

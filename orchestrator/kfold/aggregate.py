@@ -35,16 +35,23 @@ class PointSummary:
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
     oof: dict[str, float] = field(default_factory=dict)
+    # on the held-out test file (kfold.test), when the set has one: fold -> metrics, mean, std
+    test: dict[int, dict[str, float]] = field(default_factory=dict)
+    test_mean: dict[str, float] = field(default_factory=dict)
+    test_std: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "point": self.point, "folds": {str(k): v for k, v in self.folds.items()},
-                "mean": self.mean, "std": self.std, "oof": self.oof}
+                "mean": self.mean, "std": self.std, "oof": self.oof, "test": {str(k): v for k, v in self.test.items()},
+                "test_mean": self.test_mean, "test_std": self.test_std}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PointSummary":
         return cls(name=data["name"], point=dict(data["point"]),
                    folds={int(k): v for k, v in data["folds"].items()},
-                   mean=dict(data["mean"]), std=dict(data["std"]), oof=dict(data["oof"]))
+                   mean=dict(data["mean"]), std=dict(data["std"]), oof=dict(data["oof"]),
+                   test={int(k): v for k, v in data.get("test", {}).items()},
+                   test_mean=dict(data.get("test_mean", {})), test_std=dict(data.get("test_std", {})))
 
 
 def load_coco(ann_file: PathLike) -> Any:

@@ -30,45 +30,58 @@ def comparison_markdown(points: Sequence[PointSummary], metric: str, mode: str =
     if not rows:
         return "(no finished folds to report)\n"
     k = max(len(p.folds) for p in points)
+    by_name = {p.name: p for p in points}
+    tested = any(p.test_mean for p in points)  # a held-out test file (kfold.test): test columns
+    test_head, test_rule = (" test mean ± std |", "---:|") if tested else ("", "")
     lines = [
         f"### {metric}: mean ± std over {k} folds, out-of-fold, paired comparison with the best",
         "",
-        "| point | mean ± std | out-of-fold | diff vs best | p (paired t) | per fold |",
-        "|---|---:|---:|---:|---:|---|",
+        f"| point | mean ± std | out-of-fold |{test_head} diff vs best | p (paired t) | per fold |",
+        f"|---|---:|---:|{test_rule}---:|---:|---|",
     ]
     for r in rows:
         per_fold = " ".join(_num(v, 3) for v in r["folds"].values())
         label = f"**{r['point'] or '(all)'}**" if r["best"] else (r["point"] or "(all)")
         diff = "best" if r["best"] else f"{r['diff']:+.4f}"
-        lines.append(f"| {label} | {_num(r['mean'])} ± {_num(r['std'])} | {_num(r['oof'])} | {diff} | "
+        test = _test_cell(by_name[r["point"]], metric) if tested else ""
+        lines.append(f"| {label} | {_num(r['mean'])} ± {_num(r['std'])} | {_num(r['oof'])} |{test} {diff} | "
                      f"{_num(r['p_value'], 3)} | {per_fold} |")
-    best = next(p for p in points if p.name == rows[0]["point"])
+    best = by_name[rows[0]["point"]]
     classes = sorted({key.split("/", 1)[1] for key in best.mean if "_AP/" in key})
     if classes:
         prefix = metric.split("_", 1)[0] + "_AP/"
-        lines += ["", f"Per-class AP of {rows[0]['point'] or 'the set'} (mean ± std over folds; out-of-fold):", "",
-                  "| class | mean ± std | out-of-fold |", "|---|---:|---:|"]
+        lines += ["", f"Per-class AP of {rows[0]['point'] or 'the set'} (mean ± std over folds; out-of-fold"
+                      f"{'; test mean ± std' if tested else ''}):", "",
+                  f"| class | mean ± std | out-of-fold |{test_head}", f"|---|---:|---:|{test_rule}"]
         for c in classes:
             key = prefix + c
-            lines.append(f"| {c} | {_num(best.mean.get(key))} ± {_num(best.std.get(key))} | {_num(best.oof.get(key))} |")
+            test = _test_cell(best, key) if tested else ""
+            lines.append(f"| {c} | {_num(best.mean.get(key))} ± {_num(best.std.get(key))} | {_num(best.oof.get(key))} |{test}")
     return "\n".join(lines) + "\n"
+
+
+def _test_cell(point: PointSummary, key: str) -> str:
+    return f" {_num(point.test_mean.get(key))} ± {_num(point.test_std.get(key))} |"
 
 
 def write_csv(path: Path, points: Sequence[PointSummary], metric: str, mode: str) -> None:
     """One row per grid point and metric: mean, std, out-of-fold and each fold's value; the
-    ``diff``/``p_value`` columns (for ``metric``) make the comparison machine-readable."""
+    ``diff``/``p_value`` columns (for ``metric``) make the comparison machine-readable; the
+    ``test_*`` columns (only with ``kfold.test``) hold the held-out test scores."""
     rows = {r["point"]: r for r in compare_points(points, metric, mode)}
     folds = sorted({f for p in points for f in p.folds})
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["point", "metric", "mean", "std", "oof", "diff_vs_best", "p_value",
-                         *[f"fold_{f}" for f in folds]])
+        tested = any(p.test_mean for p in points)
+        writer.writerow(["point", "metric", "mean", "std", "oof", "diff_vs_best", "p_value", *[f"fold_{f}" for f in folds],
+                         *(["test_mean", "test_std", *[f"test_fold_{f}" for f in folds]] if tested else [])])
         for p in points:
-            for key in sorted(set(p.mean) | set(p.oof)):
+            for key in sorted(set(p.mean) | set(p.oof) | set(p.test_mean)):
                 r = rows.get(p.name) if key == metric else None
+                test = [p.test_mean.get(key, ""), p.test_std.get(key, ""), *[p.test.get(f, {}).get(key, "") for f in folds]]
                 writer.writerow([p.name, key, p.mean.get(key, ""), p.std.get(key, ""), p.oof.get(key, ""),
                                  "" if r is None else r["diff"], "" if r is None or r["p_value"] is None else r["p_value"],
-                                 *[p.folds.get(f, {}).get(key, "") for f in folds]])
+                                 *[p.folds.get(f, {}).get(key, "") for f in folds], *(test if tested else [])])
 
 
 def box_plot(path: Path, points: Sequence[PointSummary], metric: str) -> None:

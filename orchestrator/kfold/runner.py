@@ -3,7 +3,7 @@ trial as ONE submission on any backend, wait, aggregate, report.
 
 A set is identified before anything runs: ``set_id`` hashes the experiment (launch resources
 and run ids left out, so ``--max-parallel`` or another backend resumes the same set), the number
-of folds, the seed, the grouping and the annotation file's content. Its folder
+of folds, the seed, the grouping, what is stratified and the annotation file's content. Its folder
 ``<output_dir>/kfold-<set_id>/`` holds ``set.json`` (parents and one record per trial: run id,
 status, output folder), the trials' output folders and ``report/``. Running the same command again
 skips trials recorded SUCCEEDED whose predictions exist, and re-launches the others in their
@@ -54,7 +54,10 @@ def set_identity(exp: Experiment, kcfg: KFoldConfig, ann_sha: str) -> str:
 
     # where and how wide it runs does not change what is trained
     normalized = dataclasses.replace(exp, resources=Resources(), kfold=None)
-    key = json.dumps([config_hash(normalized), kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, ann_sha])
+    parts = [config_hash(normalized), kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, ann_sha]
+    if tuple(kcfg.stratify) != ("classes",):  # other folds; the default keeps the ids of earlier sets
+        parts.append(list(kcfg.stratify))
+    key = json.dumps(parts)
     return hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
@@ -95,7 +98,8 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
 
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
     coco = json.loads(ann_file.read_text())
-    folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes)
+    folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes,
+                        stratify=kcfg.stratify)
     if write:
         manifest_file = folds_dir / "manifest.json"
         same = False
@@ -103,16 +107,17 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
             old = json.loads(manifest_file.read_text())
             same = (old.get("source", {}).get("sha256") == file_sha256(ann_file) and old.get("k") == kcfg.folds
                     and old.get("seed") == kcfg.seed
-                    and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex})
+                    and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex}
+                    and old.get("stratify", ["classes"]) == list(kcfg.stratify))
             try:
                 same = same and read_folds(folds_dir) == folds
             except DataError:
                 same = False
         if not same:
             write_folds(coco, folds, folds_dir, ann_file=ann_file, seed=kcfg.seed,
-                        group_key=kcfg.group_key, group_regex=kcfg.group_regex)
+                        group_key=kcfg.group_key, group_regex=kcfg.group_regex, stratify=kcfg.stratify)
         check_folds(coco, read_folds(folds_dir))  # what is on disk, not what was meant
-    echo(balance_table(coco, folds))
+    echo(balance_table(coco, folds, kcfg.stratify))
     return ann_file, [(str(folds_dir / f"train_{f.fold}.json"), str(folds_dir / f"val_{f.fold}.json")) for f in folds]
 
 
@@ -144,6 +149,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     folds_dir = Path(kcfg.out_dir).expanduser().resolve() if kcfg.out_dir else root / "folds"
     echo(f"k-fold set {set_id}: {kcfg.folds} folds, seed {kcfg.seed}, folder {set_dir}")
     ann_file, fold_files = prepare_folds(exp, kcfg, folds_dir, write=not dry_run, echo=echo)
+    test = _held_out(exp, kcfg, ann_file)  # a bad kfold.test fails here, before anything runs
 
     base = with_overrides(exp, {"runtime.output_dir": str(set_dir)})
     trials = expand(base, fold_files)
@@ -165,7 +171,8 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     from orchestrator.kfold import tracking
 
     state.update({"set_id": set_id, "experiment": exp.name, "folds": kcfg.folds, "seed": kcfg.seed,
-                  "ann_file": str(ann_file), "folds_dir": str(folds_dir), "source": str(Path(path).resolve())})
+                  "ann_file": str(ann_file), "folds_dir": str(folds_dir), "source": str(Path(path).resolve()),
+                  "test": dataclasses.asdict(test) if test else None})
     uri = tracking.ensure_parents(exp, trials, state, set_id, set_dir)
     save_state(set_dir, state)
     _index_path(set_id).parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +209,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
         echo(f"all {len(trials)} trials already finished; aggregating")
 
     failed = sorted(t.name for t in trials if not _finished(state, t))
-    report = _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, uri, failed, echo)
+    report = _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, uri, failed, echo, test)
     if failed:
         raise JobFailed(f"{len(failed)} trial(s) of set {set_id} failed ({', '.join(failed[:3])}); "
                         f"see {set_dir / SET_FILE}; run the same command again to retry only those")
@@ -266,7 +273,17 @@ def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float
         raise
 
 
-def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, uri, failed, echo) -> str:
+def _held_out(exp: Experiment, kcfg: KFoldConfig, ann_file: Path):
+    """The set's test split (``kfold.test``), checked to share no image with the folds; or None."""
+    from orchestrator.kfold.heldout import check_held_out, held_out_split
+
+    test = held_out_split(exp, kcfg.test, kcfg.test_img_dir)
+    if test is not None:
+        check_held_out(test, str(ann_file), exp.data.train.img_dir)
+    return test
+
+
+def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, uri, failed, echo, test=None) -> str:
     """Summaries of the points whose folds all finished; report files; metrics to the parents."""
     from orchestrator.kfold import tracking
     from orchestrator.kfold.aggregate import summarize_point
@@ -284,6 +301,10 @@ def _aggregate(exp, kcfg, set_dir, set_id, ann_file, fold_files, trials, state, 
                  for t in point_trials}
         summaries.append(summarize_point(name, point_trials[0].point, files, ann_file, exp.eval.metric,
                                          exp.eval.engine))
+    if test is not None and summaries:  # each fold's checkpoint on the held-out test file
+        from orchestrator.kfold.heldout import evaluate_test
+
+        evaluate_test(exp, test, summaries, points, state, echo)
     metric = exp.checkpoint.save_best or f"{exp.eval.metric[0]}_mAP"
     mode = "max" if exp.checkpoint.rule == "greater" else "min"
     report = comparison_markdown(summaries, metric, mode)

@@ -10,6 +10,8 @@ annotations are spread evenly too). With groups, each group's row is the union o
 class presence: the groups are stratified and then expanded back to their images. We prefer this
 to scikit-learn's ``StratifiedGroupKFold``, which stratifies one label per sample (a detection
 image has several classes) and so balances annotations rather than class *presence*.
+``stratify`` (``kfold.stratify``, ``orch split --stratify``) adds one-hot columns for bins of the
+box count and the median box area of each image (:mod:`orchestrator.kfold.strata`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from cluster.errors import ConfigError, DataError
 
@@ -84,8 +86,12 @@ def split_folds(
     group_key: Optional[str] = None,
     group_regex: Optional[str] = None,
     allow_small_classes: bool = False,
+    stratify: Sequence[str] = ("classes",),
 ) -> list[FoldSplit]:
     """Split the images of ``coco`` (a COCO dict) into ``k`` folds, deterministically from ``seed``.
+
+    ``stratify`` names what the folds balance: ``classes`` (class presence), ``count`` and
+    ``area`` (bins of box count and median box area per image; :mod:`orchestrator.kfold.strata`).
 
     Raises :class:`ConfigError` when ``k`` < 2, when ``k`` exceeds the number of images (or groups),
     or when a class appears on fewer than ``k`` images (groups) — a warning instead when
@@ -94,7 +100,10 @@ def split_folds(
     import numpy as np
     from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
+    from orchestrator.kfold.strata import parse_stratify, strata_columns
+
     _validate(coco)
+    stratify = parse_stratify(stratify)
     if not isinstance(k, int) or k < 2:
         raise ConfigError(f"--folds {k!r}: k-fold needs at least 2 folds (kfold.folds)")
     keys = _image_keys(coco, group_key, group_regex)
@@ -118,6 +127,7 @@ def split_folds(
     for img in coco["images"]:
         if img["id"] not in annotated:
             y[image_group[img["id"]], len(cat_ids)] = True
+    y = _with_strata(y, coco, image_group, stratify, strata_columns)
 
     names = {c["id"]: c.get("name", str(c["id"])) for c in coco.get("categories", [])}
     counts = y[:, : len(cat_ids)].sum(axis=0)
@@ -143,6 +153,20 @@ def split_folds(
         train = tuple(i for i in all_ids if group_fold[image_group[i]] != fold)
         folds.append(FoldSplit(fold=fold, train_ids=train, val_ids=val))
     return folds
+
+
+def _with_strata(y: Any, coco: dict, image_group: dict, stratify: Sequence[str], strata_columns: Any) -> Any:
+    """The class matrix ``y`` with the count/area bin columns of ``stratify`` added (a group's
+    row is the union of its images' bins); without ``classes`` only the bin columns are kept."""
+    import numpy as np
+
+    names, rows = strata_columns(coco, stratify)
+    extra = np.zeros((y.shape[0], len(names)), dtype=bool)
+    for image_id, columns in rows.items():
+        extra[image_group[image_id], columns] = True
+    parts = ([y] if "classes" in stratify else []) + [extra]
+    out = np.concatenate(parts, axis=1)
+    return out if out.shape[1] >= 2 else np.pad(out, ((0, 0), (0, 2 - out.shape[1])))  # iterstrat needs 2
 
 
 def check_folds(coco: dict, folds: list[FoldSplit]) -> None:
@@ -186,9 +210,12 @@ def fold_stats(coco: dict, ids: tuple[int, ...]) -> dict[str, Any]:
     return {"images": len(wanted), "annotations": n_ann, "classes": per_class}
 
 
-def balance_table(coco: dict, folds: list[FoldSplit]) -> str:
+def balance_table(coco: dict, folds: list[FoldSplit], stratify: Sequence[str] = ("classes",)) -> str:
     """A plain-text table of each fold's validation set: images, annotations, and per class
-    ``instances/images``; the last row is the whole file."""
+    ``instances/images``; the last row is the whole file. With ``count``/``area`` in ``stratify``,
+    a second table gives each fold's validation images per bin."""
+    from orchestrator.kfold.strata import strata_table
+
     from rich.console import Console
     from rich.table import Table
 
@@ -203,7 +230,7 @@ def balance_table(coco: dict, folds: list[FoldSplit]) -> str:
         table.add_row(label, str(stats["images"]), str(stats["annotations"]), *cells)
     out = io.StringIO()
     Console(width=max(80, 24 + 14 * len(classes)), color_system=None, file=out).print(table)
-    return out.getvalue()
+    return out.getvalue() + strata_table(coco, folds, stratify)
 
 
 def file_sha256(path: Path) -> str:
@@ -234,11 +261,12 @@ def write_folds(
     seed: Optional[int] = None,
     group_key: Optional[str] = None,
     group_regex: Optional[str] = None,
+    stratify: Sequence[str] = ("classes",),
 ) -> dict:
     """Write ``train_<k>.json`` / ``val_<k>.json`` for each fold and ``manifest.json`` into
     ``out_dir``; returns the manifest. The manifest holds the sha256 of every written file and of
-    the source (``ann_file`` when given, else the canonical JSON of ``coco``), k, seed and grouping,
-    so a later run can tell whether the folds on disk still match its inputs."""
+    the source (``ann_file`` when given, else the canonical JSON of ``coco``), k, seed, grouping and
+    what was stratified, so a later run can tell whether the folds on disk still match its inputs."""
     check_folds(coco, folds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,6 +296,7 @@ def write_folds(
         "k": len(folds),
         "seed": seed,
         "grouping": {"group_key": group_key, "group_regex": group_regex},
+        "stratify": list(stratify),
         "source": source,
         "folds": entries,
     }

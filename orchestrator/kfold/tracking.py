@@ -13,7 +13,8 @@ Every run is tagged ``orch.kfold_set``; children carry ``fold`` and one tag per 
 parent carries the grid as params (``grid.<key>``) and each point parent its values, so the
 compare view's parallel-coordinates plot works on points and folds alike. At the end each point's
 parent gets ``mean/<metric>``, ``std/<metric>`` and ``oof/<metric>`` for every evaluation metric
-(per-class AP included), and the top parent the report files.
+(per-class AP included), ``test_mean/<metric>`` and ``test_std/<metric>`` when the set has a
+held-out test file (``kfold.test``), and the top parent the report files.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def log_summaries(state: dict, summaries: Sequence[Any], paths: dict[str, Path],
     done = set()
     for s in summaries:
         with Journal.open(parents["points"][s.name]) as journal:
-            values = {metric_key(f"{kind}/{k}"): float(v)
-                      for kind, group in (("mean", s.mean), ("std", s.std), ("oof", s.oof)) for k, v in group.items()}
+            groups = (("mean", s.mean), ("std", s.std), ("oof", s.oof), ("test_mean", s.test_mean), ("test_std", s.test_std))
+            values = {metric_key(f"{kind}/{k}"): float(v) for kind, group in groups for k, v in group.items()}
             journal.log_metrics({**values, "folds": float(len(s.folds))}, step=0)
         done.add(s.name)
     top = parents.get("grid") or next(iter(parents["points"].values()))
@@ -105,8 +106,12 @@ def log_summaries(state: dict, summaries: Sequence[Any], paths: dict[str, Path],
     with Journal.open(top) as journal:
         if parents.get("grid") and rows:
             journal.set_tags({"best_point": rows[0]["point"]})
-            journal.log_metrics({metric_key(f"best/{kind}/{metric}"): float(rows[0][kind])
-                                 for kind in ("mean", "std", "oof")}, step=0)
+            best = next(s for s in summaries if s.name == rows[0]["point"])
+            tested = {f"best/{kind}/{metric}": group[metric] for kind, group in
+                      (("test_mean", best.test_mean), ("test_std", best.test_std)) if metric in group}
+            journal.log_metrics({**{metric_key(f"best/{kind}/{metric}"): float(rows[0][kind])
+                                    for kind in ("mean", "std", "oof")},
+                                 **{metric_key(k): float(v) for k, v in tested.items()}}, step=0)
         for path in paths.values():
             journal.log_artifact(str(path), artifact_path="kfold")
     end_parents(state, {name: "FINISHED" if name in done else "FAILED" for name in parents["points"]},

@@ -121,19 +121,14 @@ print(code, elapsed, ",".join(heavy))
 """ % (HEAVY,)
 
 
-def test_no_heavy_imports_and_fast(tmp_path):
+def test_no_heavy_imports(tmp_path):
+    # What keeps `orch config` fast; its start-up time is measured by bench/bench_cli_startup.py.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    timings = []
-    for _ in range(3):  # best of three: the machine is shared, a busy moment is not our cost
-        result = subprocess.run(
-            [sys.executable, "-c", PROBE, str(FASTER)], capture_output=True, text=True, env=env,
-            cwd=tmp_path, timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        code, elapsed, heavy = (result.stdout.split() + [""])[:3]
-        assert code == "0"
-        assert heavy == "", f"orch config imported {heavy}"
-        timings.append(float(elapsed))
-        if timings[-1] < 1.0:
-            break
-    assert min(timings) < 1.0, f"orch config took {timings} s (import + run, interpreter start excluded)"
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(FASTER)], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    code, _, heavy = (result.stdout.split() + [""])[:3]
+    assert code == "0"
+    assert heavy == "", f"orch config imported {heavy}"

@@ -214,3 +214,88 @@ def test_orch_split_command(tmp_path, capsys):
     assert main(["split", str(src), "--folds", "9", "--out", str(out)]) == 2
     assert "more than the 8 images" in capsys.readouterr().err
     assert main(["split", str(tmp_path / "nope.json"), "--folds", "2", "--out", str(out)]) == 2
+
+
+# -- stratification beyond classes: box count and median box area per image ------------------
+
+def make_sized_coco(counts: list[int], sides: list[float]) -> dict:
+    """Image i holds ``counts[i]`` boxes of one class, each ``sides[i]`` pixels square."""
+    images, annotations = [], []
+    for i, (n, side) in enumerate(zip(counts, sides)):
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": 256, "height": 256})
+        for _ in range(n):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1,
+                                "bbox": [0, 0, side, side], "area": side * side, "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "c"}]}
+
+
+def test_image_bins_follow_the_quartiles():
+    from orchestrator.kfold.strata import bin_order, image_bins
+
+    coco = make_sized_coco([1, 2, 3, 4, 0, 1, 2, 3, 4], [10, 20, 30, 40, 0, 10, 20, 30, 40])
+    bins = image_bins(coco)
+    assert [bins["count"][i] for i in range(1, 10)] == ["1", "2", "3", "4+", "0", "1", "2", "3", "4+"]
+    assert [bins["area"][i] for i in range(1, 10)] == ["<=10^2", "<=20^2", "<=30^2", ">30^2", "none",
+                                                       "<=10^2", "<=20^2", "<=30^2", ">30^2"]
+    assert bin_order(bins["count"].values()) == ["0", "1", "2", "3", "4+"]
+    crowded = image_bins(make_sized_coco([1, 2, 5, 9, 12, 30, 40, 50], [8] * 8))["count"]
+    assert sorted(set(crowded.values()), key=lambda s: int(s.split("-")[0].rstrip("+"))) == ["1-2", "3-9", "10-30", "31+"]
+
+
+def _bin_imbalance(coco: dict, folds, stratum: str) -> float:
+    from orchestrator.kfold.strata import image_bins
+
+    bins = image_bins(coco)[stratum]
+    total = 0.0
+    for label in set(bins.values()):
+        ids = {i for i, b in bins.items() if b == label}
+        total += sum(abs(len(ids & set(f.val_ids)) - len(ids) / len(folds)) for f in folds)
+    return total
+
+
+def test_count_and_area_strata_balance_their_bins_better_than_classes_alone():
+    rng = random.Random(1)
+    by_classes, by_strata = [], []
+    for trial in range(25):
+        n = rng.randint(30, 60)
+        counts = [rng.choice([1, 1, 1, 2, 2, 3, 5, 8]) for _ in range(n)]
+        sides = [rng.choice([8, 12, 30, 60, 120]) for _ in range(n)]
+        coco = make_sized_coco(counts, sides)
+        k = rng.randint(3, 5)
+        plain = split_folds(coco, k, seed=trial)
+        strat = split_folds(coco, k, seed=trial, stratify=("classes", "count", "area"))
+        by_classes.append(_bin_imbalance(coco, plain, "count") + _bin_imbalance(coco, plain, "area"))
+        by_strata.append(_bin_imbalance(coco, strat, "count") + _bin_imbalance(coco, strat, "area"))
+        check_folds(coco, strat)
+    assert sum(by_strata) < 0.7 * sum(by_classes)
+
+
+def test_stratify_choices_errors_and_table():
+    from orchestrator.kfold.strata import parse_stratify
+
+    assert parse_stratify("area, classes") == ("classes", "area")
+    assert parse_stratify(None) == ("classes",)
+    with pytest.raises(ConfigError, match="--stratify classes,size"):
+        parse_stratify("classes,size")
+    with pytest.raises(ConfigError, match="choose one or more"):
+        parse_stratify("")
+    coco = make_sized_coco([1, 2, 3, 4] * 3, [10, 20, 30, 40] * 3)
+    folds = split_folds(coco, 3, seed=0, stratify=("count",))  # without classes: bins only
+    check_folds(coco, folds)
+    table = balance_table(coco, folds, ("classes", "count", "area"))
+    assert "box count and median box area" in table and "count 4+" in table and "area >30^2" in table
+    assert "median box area" not in balance_table(coco, folds)
+
+
+def test_orch_split_stratify_flag_and_manifest(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    coco = make_sized_coco([1, 2, 3, 4] * 4, [10, 20, 30, 40] * 4)
+    src = tmp_path / "ann.json"
+    src.write_text(json.dumps(coco))
+    out = tmp_path / "folds"
+    assert main(["split", str(src), "--folds", "2", "--out", str(out), "--stratify", "classes,count,area"]) == 0
+    assert "median box area" in capsys.readouterr().out
+    assert json.loads((out / "manifest.json").read_text())["stratify"] == ["classes", "count", "area"]
+    assert main(["split", str(src), "--folds", "2", "--out", str(out), "--stratify", "count,colour"]) == 2
+    assert "--stratify count,colour" in capsys.readouterr().err

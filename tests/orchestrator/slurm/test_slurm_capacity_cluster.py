@@ -113,4 +113,4 @@ def test_wait_for_resources_waits_for_a_drained_node(experiment, capsys, caplog)
     started = time.monotonic()
     launch = Launch.to("slurm")
     launch.preflight(launch.plan([exp]), wait_s=60)
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 45  # well before the 60 s wait ends

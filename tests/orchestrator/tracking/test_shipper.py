@@ -273,6 +273,6 @@ def test_follow_probes_a_closed_port_instead_of_waiting_in_http_retries(tmp_path
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="orchestrator.tracking.shipper"):
         result = ship_forever(folder, uri, stop_when=lambda: time.monotonic() - started > 7.0, poll_s=0.1)
-    assert result is None and time.monotonic() - started < 20  # MLflow's own retries: 4 min
+    assert result is None and time.monotonic() - started < 60  # MLflow's own retries: 4 min
     assert len([r for r in caplog.records if "does not answer; the journal keeps" in r.message]) == 1
     assert not os.path.exists(cursor_path(folder, uri))  # nothing was sent
