@@ -10,7 +10,7 @@ DEMO_VAL   ?= 200
 # Test processes: many slow tests mostly wait (servers, daemons, outages), so 3 beat 2 cores.
 TEST_WORKERS ?= 3
 
-.PHONY: demo test test-fast test-heavy install clean
+.PHONY: demo test test-fast test-heavy faults install clean
 
 install: $(STAMP)
 
@@ -26,7 +26,8 @@ demo: $(STAMP)
 	$(ORCH) data shapes --out $(DATA) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
 	$(ORCH) submit experiments/shapes_demo.yaml --backend local --wait
 
-# The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server).
+# The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server), and
+# the fault suite's CI seeds (tests/faults; `make faults` runs more).
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15 -m "not heavy" -n $(TEST_WORKERS) --dist loadgroup
 
@@ -36,6 +37,19 @@ test-heavy: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not heavy"
+
+# The seeded fault suite: seeds START..START+N-1 (every (backend, fault) pair once per 24 seeds),
+# then the table of RELIABILITY.md (the summary prints even when a scenario failed).
+# SEEDS=8,11 reruns those seeds only.
+N ?= 24
+START ?= 0
+SEEDS ?=
+FAULTS_RESULTS ?= work_dirs/faults/results.json
+faults: $(STAMP)
+	@mkdir -p $(dir $(FAULTS_RESULTS))
+	ORCH_FAULTS_N=$(N) ORCH_FAULTS_START=$(START) ORCH_FAULTS_SEEDS=$(SEEDS) ORCH_FAULTS_RESULTS=$(FAULTS_RESULTS) \
+		$(PY) -m pytest -q -ra -m faults tests/faults; status=$$?; \
+		$(PY) tests/faults/summary.py $(FAULTS_RESULTS); exit $$status
 
 clean:
 	rm -rf work_dirs $(DATA) mlflow.db mlartifacts

@@ -1,11 +1,14 @@
-"""``python -m cluster.pdeath PARENT_PID -- COMMAND...``: run COMMAND so that it dies with PARENT.
+"""``python -m cluster.pdeath PARENT_PID [--signal NAME] -- COMMAND...``: run COMMAND so that it
+dies with PARENT.
 
 The local supervisor starts every process of a job through this: Linux's parent-death signal
 (``prctl(PR_SET_PDEATHSIG, SIGKILL)``) is set, then COMMAND replaces this process (``exec``: no
 extra process; the setting survives the exec). If the supervisor is killed (kill -9, OOM), the
 job's processes die with it instead of running on after their device and port leases were
 freed for the next job. Processes that COMMAND starts (torchrun's workers) are covered by
-``orchestrator.worker``, which sets the same signal on itself. Standard library only.
+``orchestrator.worker``, which sets the same signal on itself. ``--signal TERM`` sends SIGTERM
+instead, for a COMMAND that must tear down what it started itself (``ray start --block``: a
+private Ray head dies with the Ray driver that started it). Standard library only.
 """
 
 from __future__ import annotations
@@ -35,10 +38,18 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
 
 def main(argv: list[str]) -> None:
     """Set the parent-death signal, then exec the command (never returns)."""
+    sig = signal.SIGKILL
+    if len(argv) >= 3 and argv[1] == "--signal":
+        try:
+            sig = signal.Signals[f"SIG{argv[2].upper().removeprefix('SIG')}"]
+        except KeyError:
+            print(f"cluster.pdeath: unknown signal {argv[2]!r}", file=sys.stderr)
+            sys.exit(2)
+        argv = [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m cluster.pdeath PARENT_PID -- COMMAND...", file=sys.stderr)
+        print("usage: python -m cluster.pdeath PARENT_PID [--signal NAME] -- COMMAND...", file=sys.stderr)
         sys.exit(2)
-    die_with_parent(int(argv[0]))
+    die_with_parent(int(argv[0]), sig)
     os.execvp(argv[2], argv[2:])
 
 

@@ -49,9 +49,12 @@ def atomic_save(obj: Any, path: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):
+            # torch's zip writer reports a failed write (disk full, quota) as "unexpected pos N vs M".
+            raise OSError(err.__context__.errno, err.__context__.strerror, path) from None
         raise
     _fsync_dir(folder)
 

@@ -10,6 +10,7 @@ call :func:`run` in-process.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -92,6 +93,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OrchError as err:
         print(f"orch worker: error: {err}", file=sys.stderr, flush=True)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk (or quota) is the machine's state, not a bug: say it in one line, with the way on.
+        folder = os.path.dirname(os.path.abspath(args.config))
+        print(f"orch worker: error: {os.strerror(err.errno).lower()} writing {err.filename or 'to ' + folder}: free "
+              f"space in {folder} (fewer checkpoints: checkpoint.max_keep), then resubmit with --set "
+              "runtime.resume=auto to continue from its last checkpoint", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

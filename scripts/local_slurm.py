@@ -229,6 +229,19 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def other_slurmctld() -> bool:
+    """A slurmctld is running (another local cluster; ours is stopped when this is asked)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _pid_alive(int(entry)):
+            try:
+                argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if os.path.basename(argv0) == b"slurmctld":
+                return True
+    return False
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -360,7 +373,10 @@ def stop(state: Path) -> None:
     # sacct report an old job's final state for a new job.
     if not remove_state_dir(state):
         _log(f"could not remove all of {state}")
-    remove_hosts()
+    # node1/node2 are every local cluster's names: another one still up (another test session)
+    # needs them to resolve, or its jobs' ranks wait forever for MASTER_ADDR node1.
+    if not other_slurmctld():
+        remove_hosts()
 
 
 # ----------------------------------------------------------------------------------- commands

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -15,3 +17,31 @@ def shipped_run(record: Any, timeout_s: float = 180.0) -> Any:
     run_id = wait_shipped(journal_dir(record.output_dir), record.tracking_uri, timeout_s)
     assert run_id, f"the MLflow run of job {record.job_id} was not shipped within {timeout_s:.0f} s"
     return MlflowClient(record.tracking_uri).get_run(run_id)
+
+
+def descendants(root: int) -> list[int]:
+    """Pids of every live descendant of ``root`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    """The (Ray-retitled) command line of ``pid``, or '' when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""

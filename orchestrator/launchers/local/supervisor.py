@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from cluster.ports import lease_port
 from cluster.process import signal_group
 from orchestrator.launchers.local.launcher import cancel_requested
 from orchestrator.launchers.local.plan import NodeJob, NodeRequest
+from orchestrator.launchers.local.reasons import failure_reason
 from orchestrator.records import annotate, log_path, say, transition
 from orchestrator.spec import JobState
 
@@ -43,7 +43,6 @@ QUEUE_POLL_S = 0.5  # other orch processes' releases are seen by polling; our ow
 _released = threading.Condition()
 _releases = [0]  # bumped under _released at every release, so a wake-up between try and wait is not lost
 TERM_GRACE_S = 10.0
-_ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|orch( worker)?: error:|^Killed")
 _stopping = threading.Event()
 
 
@@ -111,7 +110,7 @@ def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.Bou
         elif code == 0:
             _finish(job_id, JobState.SUCCEEDED, 0, None, ended_at)
         else:
-            _finish(job_id, JobState.FAILED, code, _error_line(job_id) or f"exit status {code}", ended_at)
+            _finish(job_id, JobState.FAILED, code, _failure_reason(job_id, procs, code), ended_at)
     except Exception as err:  # anything here is orch's fault or the machine's: record it
         say(job_id, f"error: {err}")
         _finish(job_id, JobState.FAILED, None, f"{type(err).__name__}: {err}")
@@ -259,19 +258,17 @@ def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:
             os.close(fd)
 
 
-def _error_line(job_id: str) -> Optional[str]:
-    """The last line of the log that looks like an error (what `orch status JOB` shows)."""
+def _failure_reason(job_id: str, procs: list[subprocess.Popen], code: int) -> str:
+    """One line saying why the job failed (:func:`reasons.failure_reason` over the log's tail)."""
+    first = next(((i, p.pid) for i, p in enumerate(procs) if p.returncode == code), None)
     try:
         with open(log_path(job_id), "rb") as handle:
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 65536))
-            lines = handle.read().decode("utf-8", "replace").splitlines()
+            tail = handle.read().decode("utf-8", "replace")
     except OSError:
-        return None
-    for line in reversed(lines):
-        if _ERROR_LINE.search(line.strip()):
-            return line.strip()[:500]
-    return None
+        tail = ""
+    return failure_reason(tail, code, first)
 
 
 def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[str],

@@ -4,7 +4,9 @@
 default ports (6379, 10001, 8265, 52365, ...) collide when two clusters share a node. So orch
 starts ``ray start --head --block`` as one child process with ports chosen at run time and its own
 ``--temp-dir``, and stops it by sending SIGTERM to that one process: in ``--block`` mode Ray's
-own handler then tears down exactly the processes it started (GCS, raylet, workers).
+own handler then tears down exactly the processes it started (GCS, raylet, workers). The head
+also gets that SIGTERM when the process that started it dies (``cluster.pdeath``): a private
+head never outlives its Ray driver (kill -9, OOM), which would leave a whole Ray cluster behind.
 """
 
 from __future__ import annotations
@@ -132,9 +134,11 @@ class LocalRay:
             self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
             log_file = self.log_path or os.path.join(self.temp_dir, "ray-start.log")
             ports = free_ports(len(PORT_OPTIONS))
+            # SIGTERM on our death: `ray start --block` then stops what it started.
+            guard = [sys.executable, "-m", "cluster.pdeath", str(os.getpid()), "--signal", "TERM", "--"]
             with open(log_file, "ab") as log:
                 self.process = subprocess.Popen(
-                    self.command(ports), stdout=log, stderr=subprocess.STDOUT,
+                    guard + self.command(ports), stdout=log, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, env=ray_environ(), start_new_session=True,
                 )
             self.port = ports[0]

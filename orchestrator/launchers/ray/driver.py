@@ -53,7 +53,8 @@ def build_trainer(request: RayJobRequest, use_gpu: bool, callbacks: Optional[lis
         resources["GPU"] = float(request.gpus_per_worker)
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config_path": request.config_path, "output_dir": request.output_dir, "cwd": request.cwd},
+        train_loop_config={"config_path": request.config_path, "output_dir": request.output_dir, "cwd": request.cwd,
+                           "run_name": request.run_name or request.name},
         scaling_config=ray.train.ScalingConfig(
             num_workers=int(request.num_workers), use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(

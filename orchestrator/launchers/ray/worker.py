@@ -134,9 +134,36 @@ def dist_env_from_ray():
     )
 
 
+def checkpoint_step(path: str) -> int:
+    """The step (or epoch) a periodic checkpoint file was written at, from its name (-1: unknown)."""
+    match = re.fullmatch(r"(?:iter|epoch)_(\d+)\.pth", os.path.basename(path))
+    return int(match.group(1)) if match else -1
+
+
+def own_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest checkpoint the job wrote to its own output folder (``last_checkpoint``), if here."""
+    folder = os.path.join(output_dir, "checkpoints")
+    try:
+        with open(os.path.join(folder, "last_checkpoint")) as handle:
+            path = os.path.join(folder, handle.read().strip())
+    except OSError:
+        return None
+    return path if os.path.isfile(path) else None
+
+
+def resume_point(restored: Optional[str], output_dir: str, restarted: bool) -> Optional[str]:
+    """The checkpoint a worker (re)starts from: the one Ray restored (the last one reported) or,
+    when Ray restarted this job's workers, the job's own newest one if it is newer. A worker
+    that died during a report (a barrier of all workers) leaves Ray a checkpoint behind, or
+    without any, although the job's folder holds the newer one."""
+    candidates = [p for p in (restored, own_checkpoint(output_dir) if restarted else None) if p]
+    return max(candidates, key=checkpoint_step) if candidates else None
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """``train_loop_per_worker`` of orch's ``TorchTrainer``. ``loop_config``: ``config_path``
-    (resolved YAML), ``output_dir``, ``cwd`` (the submitting directory, for relative paths)."""
+    (resolved YAML), ``output_dir``, ``cwd`` (the submitting directory, for relative paths),
+    ``run_name`` (unique per submission: tells a restart by Ray from the first start)."""
     import ray.train
 
     from cluster.logs import setup_logging
@@ -147,11 +174,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         os.chdir(cwd)  # Ray workers start elsewhere; relative data paths mean the submit dir
     env = dist_env_from_ray()
     setup_logging(env.rank)
-    overrides = []
+    output_dir = loop_config["output_dir"]
+    # This submission's workers started here before: Ray is restarting them after a failure.
+    started = os.path.join(output_dir, "ray_restore", f"{loop_config.get('run_name') or 'run'}.started")
+    restarted = os.path.exists(started)
+    if env.rank == 0 and not restarted:
+        os.makedirs(os.path.dirname(started), exist_ok=True)
+        open(started, "w").close()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        path = restore_checkpoint(checkpoint, loop_config["output_dir"], env.rank)
-        if path:
-            log.info("restarted by Ray: resuming from %s", path)
-            overrides.append(f"runtime.resume={path}")
+    restored = restore_checkpoint(checkpoint, output_dir, env.rank) if checkpoint is not None else None
+    path = resume_point(restored, output_dir, restarted)
+    overrides = []
+    if path:
+        log.info("restarted by Ray: resuming from %s", path)
+        overrides.append(f"runtime.resume={path}")
     run(loop_config["config_path"], overrides, hooks=[RayReportHook()], env=env)

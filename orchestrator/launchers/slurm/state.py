@@ -174,13 +174,27 @@ def accounting_enabled() -> bool:
     return proc is not None and proc.returncode == 0
 
 
+# srun's line for a task that died of a signal (not SIGTERM: orch then says itself what it did,
+# e.g. "checkpoint written"): "srun: error: node1: task 0: Killed".
+TASK_ENDED = re.compile(r"srun: error: \S+: tasks? [\d,-]+: ")
+KILLED_TASK = re.compile(r"srun: error: (\S+): tasks? ([\d,-]+): (Killed|Aborted|Segmentation fault|Bus error)$")
+
+
 def error_line(result_path: Optional[str], stderr_path: Optional[str]) -> Optional[str]:
-    """One line saying why a job failed: the last line of the traceback the job pickled, else the
-    last non-empty line of its stderr file."""
+    """One line saying why a job failed: a task srun saw killed by a signal (the cause, whatever
+    the other ranks then raised: a gloo "connection closed"), else the last line of the
+    traceback the job pickled, else the last non-empty line of its stderr file."""
+    stderr = Path(stderr_path).read_text(errors="replace")[-20000:] if stderr_path and Path(stderr_path).exists() else ""
+    # Only the first task srun reports: with --kill-on-bad-exit it kills the others after it.
+    first = next((line.strip() for line in stderr.splitlines() if TASK_ENDED.match(line.strip())), "")
+    killed = KILLED_TASK.match(first)
+    if killed:
+        node, task, how = killed.groups()
+        hint = " (SIGKILL: kill -9, or the out-of-memory killer)" if how == "Killed" else ""
+        return f"task {task} on {node}: {how}{hint}"
     outcome = read_result(result_path)
     text = outcome[1] if outcome and outcome[0] == "error" and isinstance(outcome[1], str) else None
-    if text is None and stderr_path and Path(stderr_path).exists():
-        text = Path(stderr_path).read_text(errors="replace")[-20000:]
+    text = text or stderr
     if not text:
         return None
     lines = [line.strip() for line in text.splitlines() if line.strip()]

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from orch_testing import cmdline, descendants
 
 
 @pytest.fixture(scope="module")
@@ -38,34 +39,6 @@ def orch_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ORCH_HOME", str(home))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return home
-
-
-def descendants(root: int) -> list[int]:
-    """Pids of every live descendant of ``root`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    """The (Ray-retitled) command line of ``pid``, or '' when it is gone."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 @pytest.fixture
