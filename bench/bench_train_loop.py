@@ -88,7 +88,8 @@ def run_orch(args, data: Path, work: Path, tracking: bool, log_interval: int) ->
     if tracking:  # beside training, as the worker starts it on every backend
         shipper = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.tracking.shipper", str(work / "journal"), "--uri", uri, "--follow",
-             "--poll", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--poll", "2", "--until-pid", str(os.getpid()), "--linger", "60"],  # never outlives the bench
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     class Clock(Hook):
         """Marks the end of every step; measures the journal hook's own cost directly."""
