@@ -50,7 +50,6 @@ MAX_BACKOFF_S = 60.0
 # connect, rather than sit in MLflow's own HTTP retries, whose waits grow to 2 min each (they
 # stay for a server that answers and fails).
 PROBE_S = 5.0
-NICE = 10  # the background shipper's niceness increment (see _lower_priority)
 
 
 @dataclass(frozen=True)
@@ -145,16 +144,6 @@ def ship_forever(journal_dir: str, tracking_uri: str, stop_when: Optional[Callab
         _sleep(delay, stop_when)
 
 
-def _lower_priority() -> None:
-    """A shipper beside training yields the CPU to it: where cores are scarce (a busy node, a
-    CPU-only job) its start-up (importing MLflow, creating the run) and replays must not slow
-    the training step. ``orch sync`` in the foreground keeps its priority."""
-    try:
-        os.nice(NICE)
-    except OSError:  # not allowed to change it: ship anyway
-        pass
-
-
 def _sleep(seconds: float, stop_when: Optional[Callable[[], bool]]) -> None:
     """Sleep, waking early once ``stop_when()`` turns true."""
     deadline = time.monotonic() + seconds
@@ -208,7 +197,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         for warning in result.warnings:
             log.warning("shipper: %s", warning)
     else:
-        _lower_priority()
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # a last pass, then exit
         result = ship_forever(args.journal_dir, uri, poll_s=args.poll,
