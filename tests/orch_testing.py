@@ -7,6 +7,21 @@ from pathlib import Path
 from typing import Any
 
 
+def root_conftest() -> Any:
+    """tests/conftest.py as a plain module (its ``tiny_experiment_dict``), loaded under its own
+    name: ``from conftest import`` finds whichever conftest module was imported first."""
+    import importlib.util
+    import sys
+
+    name = "orch_tests_root_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("conftest.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
+
+
 def shipped_run(record: Any, timeout_s: float = 180.0) -> Any:
     """The MLflow run of a job, once the shipper beside it has delivered its final status
     (read back with ``MlflowClient``); fails the test when it does not arrive in time."""

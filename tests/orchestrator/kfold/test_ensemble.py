@@ -187,7 +187,7 @@ def test_predict_views_hflip_predicts_the_mirrored_image_and_maps_boxes_back(tmp
 def _fake_set(tmp_path, shapes_data, checkpoint, tracking_uri) -> tuple:
     """A finished 2-fold set as ``orch kfold`` leaves it: set.json, fold folders with config.yaml
     and a best checkpoint, the folds' files, the parent run's journal."""
-    from conftest import tiny_experiment_dict
+    from orch_testing import root_conftest
     from orchestrator.config import load_experiment
     from orchestrator.kfold.split import split_folds, write_folds
     from orchestrator.tracking import runs
@@ -200,7 +200,7 @@ def _fake_set(tmp_path, shapes_data, checkpoint, tracking_uri) -> tuple:
     trials = {}
     for f in (0, 1):
         folder = set_dir / f"fold-{f}"
-        exp = tiny_experiment_dict(shapes_data, folder, tracking_uri)
+        exp = root_conftest().tiny_experiment_dict(shapes_data, folder, tracking_uri)
         exp["data"]["train"]["ann_file"] = str(set_dir.parent / "folds" / f"train_{f}.json")
         exp["data"]["val"] = {"ann_file": str(set_dir.parent / "folds" / f"val_{f}.json"),
                               "img_dir": str(shapes_data / "train")}
