@@ -21,15 +21,13 @@ def train_cmd(experiment: str, overrides: tuple[str, ...]) -> None:
     """
     import logging
     import os
+    from pathlib import Path
 
     from cluster.env import DistEnv
     from cluster.logs import setup_logging
-    from orchestrator.worker import run
-
-    from pathlib import Path
-
     from orchestrator.config import load_experiment, output_dir_of
     from orchestrator.outputs import check_free
+    from orchestrator.worker import run
 
     env = DistEnv.detect(os.environ)
     setup_logging(env.rank)
