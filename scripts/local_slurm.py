@@ -290,18 +290,27 @@ def start_munge(state: Path) -> None:
 def start_mariadb(state: Path, port: int) -> None:
     """A private MariaDB (datadir under the state dir, loopback only) for slurmdbd."""
     datadir, sock = state / "mariadb", state / "run" / "mysqld.sock"
+    # Its own temporary folder: two clusters brought up at once (parallel test workers) both
+    # used the machine's /tmp, and mariadb-install-db failed in one of them ("Could not remove
+    # temporary table '/tmp/#sql-temptable-...'").
+    tmpdir = state / "mariadb-tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    shutil.chown(tmpdir, "mysql", "mysql")
+    tmpdir.chmod(0o700)
     if not datadir.exists():
         datadir.mkdir(parents=True)
         shutil.chown(datadir, "mysql", "mysql")
         install = shutil.which("mariadb-install-db") or "mysql_install_db"
-        _run([install, "--no-defaults", f"--datadir={datadir}", "--user=mysql",
-              "--auth-root-authentication-method=socket", "--skip-test-db"], timeout=120)
+        _run([install, "--no-defaults", f"--datadir={datadir}", "--user=mysql", f"--tmpdir={tmpdir}",
+              "--auth-root-authentication-method=socket", "--skip-test-db"], timeout=120,
+             env=dict(os.environ, TMPDIR=str(tmpdir)))
     shutil.chown(state / "run", "mysql", "mysql")  # socket and pid file live there
     server = shutil.which("mariadbd") or shutil.which("mysqld") or "/usr/sbin/mariadbd"
     log = state / "log" / "mariadb.log"
     subprocess.Popen(
         [server, "--no-defaults", "--user=mysql", f"--datadir={datadir}", f"--port={port}",
          "--bind-address=127.0.0.1", f"--socket={sock}", f"--pid-file={state / 'run' / 'mariadbd.pid'}",
+         f"--tmpdir={tmpdir}",
          f"--log-error={log}", "--innodb-buffer-pool-size=64M", "--skip-name-resolve"],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
