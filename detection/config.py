@@ -65,6 +65,9 @@ class DataConfig:
     keep_empty: bool = False  # keep training images that have no annotations
     aspect_ratio_grouping: bool = True
     on_bad_data: Literal["error", "skip"] = "error"  # skip = drop and count bad boxes/images
+    # apply = read images upright by their EXIF orientation, as annotation tools show them (COCO
+    # width/height are the upright sizes); ignore = read the stored frame (datasets labelled in it).
+    exif: Literal["apply", "ignore"] = "apply"
     # Training augmentation on torchvision.transforms.v2: a preset of torchvision's detection
     # references (hflip | lsj | multiscale | ssd | ssdlite; their flip uses flip_prob) or a list
     # of {type: <v2 transform>, <argument>: value, ...}; SanitizeBoundingBoxes is added at the end.

@@ -124,7 +124,7 @@ def load_coco(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"annotation file {path} does not exist; give the path of a COCO instances .json")
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: Windows tools write a BOM
             data = json.load(handle)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: broken JSON ({err.msg} at line {err.lineno} column {err.colno})") from None

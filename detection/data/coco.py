@@ -61,6 +61,8 @@ class CocoDetection(torch.utils.data.Dataset):
         on_bad_data: ``"error"`` or ``"skip"`` (see the module docstring).
         label_to_cat_id: use this label map (the training set's), so an evaluation split gets
             the same labels and class subset; its categories must be in this file too.
+        exif: read images upright by their EXIF orientation (``data.exif: apply``), else in
+            the stored frame; the JSON's width/height must be the sizes read.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class CocoDetection(torch.utils.data.Dataset):
         with_masks: bool = False,
         on_bad_data: str = "error",
         label_to_cat_id: Optional[dict[int, int]] = None,
+        exif: bool = True,
     ) -> None:
         if on_bad_data not in ("error", "skip"):
             raise DataError(f"data.on_bad_data: {on_bad_data!r} is not valid; use 'error' or 'skip'")
@@ -82,6 +85,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.train = train
         self.transforms = transforms
         self.with_masks = with_masks
+        self.exif = exif
         #: Hand out float images in 0..1 (else uint8 as the transforms leave them).
         self.float_images = True
 
@@ -161,14 +165,20 @@ class CocoDetection(torch.utils.data.Dataset):
     def _load_image(self, info: dict[str, Any]) -> torch.Tensor:
         path = info["path"]
         try:
-            image = read_image(path)
+            image = read_image(path, self.exif)
         except OSError as err:
             raise DataError(f"{path}: cannot read image {info['id']} of {self.ann_file}: {err}") from err
         height, width = image.shape[-2:]
         if (width, height) != (info["width"], info["height"]):
+            turned = (height, width) == (info["width"], info["height"])
+            how = ("read upright by its EXIF orientation (data.exif=apply)" if self.exif else
+                   "read in its stored frame (data.exif=ignore)")
+            hint = ("the file has the other frame's size: run orch data check --fix on it, or set "
+                    f"data.exif={'ignore' if self.exif else 'apply'} if its boxes are in that frame"
+                    if turned else "fix the width/height in the file (orch data check --fix)")
             raise DataError(
-                f"{path}: image {info['id']} is {width}x{height} but {self.ann_file} "
-                f"says {info['width']}x{info['height']}; fix the width/height in the file"
+                f"{path}: image {info['id']} is {width}x{height} {how} but {self.ann_file} "
+                f"says {info['width']}x{info['height']}; {hint}"
             )
         return image
 
@@ -242,7 +252,7 @@ def load_coco_json(ann_file: str) -> dict[str, Any]:
     if not os.path.isfile(ann_file):
         raise DataError(f"annotation file {ann_file} does not exist; check data.<split>.ann_file")
     try:
-        with open(ann_file, encoding="utf-8") as handle:
+        with open(ann_file, encoding="utf-8-sig") as handle:  # -sig: Windows tools write a BOM
             data = json.load(handle)
     except json.JSONDecodeError as err:
         raise DataError(

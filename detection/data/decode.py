@@ -1,16 +1,21 @@
-"""Image files to ``uint8 [3, H, W]`` tensors, fast where torchvision's decoders can.
+"""Image files to ``uint8 [3, H, W]`` tensors, upright and fast where torchvision's decoders can.
 
 JPEG goes through ``torchvision.io.decode_jpeg`` (libjpeg-turbo straight into a tensor: about 3x
 faster than PIL's decode + ``convert("RGB")`` + copy, and the same pixels: both are libjpeg-turbo
 with its default IDCT and upsampling); PNG through ``decode_png``. Anything else (BMP, TIFF,
 WebP, 16-bit PNG, a file those decoders refuse) is read by PIL as before. Runs in the loader's
 workers.
+
+EXIF orientation (see :mod:`detection.data.orientation`) is applied by default, as annotation
+tools show the picture: torchvision's decoders do it themselves (``apply_exif_orientation``),
+PIL through ``ImageOps.exif_transpose``. ``exif=False`` (``data.exif: ignore``) reads the
+stored frame.
 """
 
 from __future__ import annotations
 
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -18,21 +23,22 @@ _JPEG = [0xFF, 0xD8, 0xFF]
 _PNG = [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]
 
 
-def read_image(path: str) -> torch.Tensor:
-    """The RGB image in ``path`` as a ``uint8 [3, H, W]`` tensor (EXIF orientation not applied,
-    as with PIL's ``Image.open``). Raises ``OSError`` when no decoder can read it."""
+def read_image(path: str, exif: bool = True) -> torch.Tensor:
+    """The RGB image in ``path`` as a ``uint8 [3, H, W]`` tensor, turned upright by its EXIF
+    orientation unless ``exif`` is false. Raises ``OSError`` when no decoder can read it."""
     try:
         data = read_file(path)
     except RuntimeError as err:  # torchvision reports a missing or unreadable file this way
         raise OSError(str(err)) from err
-    image = _decode_fast(data)
+    image = _decode_fast(data, exif)
     if image is not None:
         return image
     with Image.open(path) as handle:
-        return pil_to_tensor(handle.convert("RGB"))
+        upright = ImageOps.exif_transpose(handle) if exif else handle
+        return pil_to_tensor(upright.convert("RGB"))
 
 
-def _decode_fast(data: torch.Tensor) -> torch.Tensor | None:
+def _decode_fast(data: torch.Tensor, exif: bool) -> torch.Tensor | None:
     """torchvision's decoders for JPEG and 8-bit PNG (``data``: the file's bytes as a uint8
     tensor); None where PIL should try."""
     head = data[:8].tolist()
@@ -43,7 +49,7 @@ def _decode_fast(data: torch.Tensor) -> torch.Tensor | None:
     else:
         return None
     try:
-        image = decode(data, mode=ImageReadMode.RGB)
+        image = decode(data, mode=ImageReadMode.RGB, apply_exif_orientation=exif)
     except RuntimeError:  # corrupt, CMYK/exotic JPEG, ...: PIL gets its chance (and its error)
         return None
     return image if image.dtype == torch.uint8 and image.shape[0] == 3 else None

@@ -64,6 +64,7 @@ def build_dataset(
         with_masks=with_masks,
         on_bad_data=data_cfg.on_bad_data,
         label_to_cat_id=like.label_to_cat_id if like is not None else None,
+        exif=data_cfg.exif == "apply",
     )
     if isinstance(transforms, Pipeline):
         log.info("data.train_pipeline: %s", transforms.describe())

@@ -87,7 +87,8 @@ def format_results(config: Any, checkpoint: str, split: str, out: str, image_inf
     predictor = load_predictor(config, checkpoint)
     ids = read_image_info(image_info, predictor.classes) if image_info else None
     images = split_images(data_split, split, ids)
-    sizes = [check_image_header(path) for _, path, _ in images]  # a non-image fails here, before any output
+    exif = config.data.exif == "apply"
+    sizes = [check_image_header(path, exif) for _, path, _ in images]  # a non-image fails here, before any output
     info_path = None if (ids is not None or data_split.ann_file) else os.path.join(os.path.dirname(out) or ".", "images.json")
     transforms = build_transforms(config.data, train=False)
     progress = Progress(len(images))
@@ -95,7 +96,7 @@ def format_results(config: Any, checkpoint: str, split: str, out: str, image_inf
     try:
         with JsonArrayWriter(out) as results:
             batches = image_batches([path for _, path, _ in images], transforms,
-                                    batch_size or config.data.batch_size_per_gpu, config.data.workers_per_gpu)
+                                    batch_size or config.data.batch_size_per_gpu, config.data.workers_per_gpu, exif)
             for batch in batches:
                 outputs = predictor([image for image, _ in batch])
                 for (_, index), output in zip(batch, outputs):

@@ -73,8 +73,9 @@ def predict_sources(predictor: Predictor, data_cfg: Any, sources: Sequence[Sourc
     out = OutputDir(out_dir)
     _check_names(sources, out)
     images = [s for s in sources if s.kind == "image"]
+    exif = data_cfg.exif == "apply"
     for source in images:
-        check_image_header(source.path)
+        check_image_header(source.path, exif)
     frames_total = 0
     for source in sources:
         if source.kind == "video":
@@ -89,7 +90,7 @@ def predict_sources(predictor: Predictor, data_cfg: Any, sources: Sequence[Sourc
         with JsonArrayWriter(results_path) as results, \
                 JsonArrayWriter(info_path, wrap=("images", {"categories": classes.categories})) as infos:
             run.results, run.infos = results, infos
-            for batch in image_batches([s.path for s in images], transforms, batch_size, workers):
+            for batch in image_batches([s.path for s in images], transforms, batch_size, workers, exif):
                 outputs = predictor([image for image, _ in batch])
                 for (image, index), output in zip(batch, outputs):
                     drawn = run.record(output, images[index].name, image.mul(255).round_().to(torch.uint8))

@@ -8,9 +8,9 @@ may be images and videos. Every input gets a relative name: its path below the f
 glob's folder) it was found in, or its file name when given directly. Outputs keep those names,
 so two inputs with the same name are refused up front.
 
-Images are read as the evaluation dataset reads them (PIL, RGB, EXIF orientation not applied)
-and go through the experiment's evaluation transforms, so a COCO split predicted from its folder
-gives ``orch eval``'s predictions.
+Images are read as the evaluation dataset reads them (RGB, upright by their EXIF orientation
+unless ``data.exif: ignore``) and go through the experiment's evaluation transforms, so a COCO
+split predicted from its folder gives ``orch eval``'s predictions.
 """
 
 from __future__ import annotations
@@ -112,22 +112,24 @@ def _relative(path: str, base: str) -> str:
     return os.path.relpath(path, base).replace(os.sep, "/")
 
 
-def check_image_header(path: str) -> tuple[int, int]:
-    """``(width, height)`` from the file's header (nothing is decoded); DataError when the file
-    is not an image PIL can open. A truncated image is found only when it is decoded."""
+def check_image_header(path: str, exif: bool = True) -> tuple[int, int]:
+    """``(width, height)`` from the file's header (nothing is decoded), upright by its EXIF
+    orientation with ``exif``; DataError when the file is not an image PIL can open. A
+    truncated image is found only when it is decoded."""
+    from detection.data.orientation import read_header
+
     try:
-        with Image.open(path) as handle:
-            return handle.size
+        return read_header(path).size(exif)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the image ({short_reason(err)}); remove it or give another SOURCE") from None
 
 
-def load_image(path: str) -> torch.Tensor:
+def load_image(path: str, exif: bool = True) -> torch.Tensor:
     """The RGB image in ``path`` as ``uint8 [3, H, W]``, decoded as the COCO dataset decodes it
-    (torchvision's JPEG/PNG decoders, else PIL)."""
+    (torchvision's JPEG/PNG decoders, else PIL; upright by EXIF unless ``exif`` is false)."""
     from detection.data.decode import read_image
 
-    return read_image(path)
+    return read_image(path, exif)
 
 
 def to_model_input(image: torch.Tensor, transforms: Any) -> torch.Tensor:
@@ -141,9 +143,10 @@ class ImageFiles(torch.utils.data.Dataset):
     ``(None, i, message)`` when the file cannot be decoded, so the main process raises one
     DataError line instead of a DataLoader worker's traceback."""
 
-    def __init__(self, paths: Sequence[str], transforms: Any) -> None:
+    def __init__(self, paths: Sequence[str], transforms: Any, exif: bool = True) -> None:
         self.paths = list(paths)
         self.transforms = transforms
+        self.exif = exif
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -151,16 +154,17 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Optional[torch.Tensor], int, Optional[str]]:
         path = self.paths[index]
         try:
-            image = load_image(path)
+            image = load_image(path, self.exif)
         except (OSError, ValueError) as err:  # truncated, corrupt, vanished since the check
             return None, index, f"{path}: cannot decode the image ({short_reason(err)}); remove it or give another SOURCE"
         return to_model_input(image, self.transforms), index, None
 
 
-def image_batches(paths: Sequence[str], transforms: Any, batch_size: int, workers: int) -> Any:
+def image_batches(paths: Sequence[str], transforms: Any, batch_size: int, workers: int, exif: bool = True) -> Any:
     """Batches ``[(image, index), ...]`` of :class:`ImageFiles` in order, decoded by ``workers``
-    DataLoader processes (0 = in this process). Raises DataError at the first unreadable file."""
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, transforms), batch_size=batch_size, shuffle=False,
+    DataLoader processes (0 = in this process), upright by EXIF unless ``exif`` is false.
+    Raises DataError at the first unreadable file."""
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, transforms, exif), batch_size=batch_size, shuffle=False,
                                          num_workers=workers, collate_fn=list)
     for batch in loader:
         for _, _, problem in batch:

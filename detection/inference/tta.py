@@ -45,7 +45,8 @@ def predict_views(predictor: Predictor, data_cfg: Any, images: Sequence[tuple[st
     label_map = predictor.classes.label_to_cat_id
     results: dict[str, list] = {view: [] for view in views}
     sizes: dict[int, tuple[int, int]] = {}
-    for batch in image_batches([path for path, _ in images], transforms, batch_size, workers=0):
+    for batch in image_batches([path for path, _ in images], transforms, batch_size, workers=0,
+                               exif=data_cfg.exif == "apply"):
         inputs = []
         for view in views:
             inputs += [image.flip(-1) if view == "hflip" else image for image, _ in batch]

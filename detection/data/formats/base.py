@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cluster.errors import DataError
+from detection.data.orientation import ImageHeader, read_header
 
 #: Suffixes of the image files the YOLO reader looks for (what Pillow reads and detectors use).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -64,13 +65,19 @@ def require_dir(path: Path, what: str, hint: str) -> Path:
     return path
 
 
-def image_size(path: Path, where: str) -> tuple[int, int]:
-    """``(width, height)`` of an image file from its header (Pillow opens lazily: no decode)."""
-    from PIL import Image, UnidentifiedImageError
+def image_size(path: Path, where: str, exif: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (Pillow opens lazily: no decode),
+    upright by its EXIF orientation with ``exif`` (see :mod:`detection.data.orientation`)."""
+    return image_header(path, where).size(exif)
+
+
+def image_header(path: Path, where: str) -> ImageHeader:
+    """The stored size and EXIF orientation of an image file; a one-line DataError when it is
+    missing or not an image."""
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return image.size
+        return read_header(path)
     except FileNotFoundError:
         raise DataError(f"{where}: image {path} does not exist; check --img-dir") from None
     except (OSError, UnidentifiedImageError) as err:
@@ -80,7 +87,7 @@ def image_size(path: Path, where: str) -> tuple[int, int]:
 def read_json_file(path: Path) -> Any:
     """The parsed JSON in ``path``; unreadable or broken JSON is a one-line DataError."""
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: Windows tools write a BOM
             return json.load(handle)
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: broken JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
@@ -89,9 +96,10 @@ def read_json_file(path: Path) -> Any:
 
 
 def read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file; unreadable is a one-line DataError."""
+    """The lines of a UTF-8 text file (a BOM, as Windows tools write, is dropped); unreadable is
+    a one-line DataError."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read the file ({err})") from None
 
