@@ -22,6 +22,7 @@ from typing import Any, Optional
 from cluster.errors import ConfigError, DataError
 from cluster.files import write_json_atomic
 from detection.data.formats import Source, read_labelme, read_voc, read_yolo
+from detection.data.formats.labelme import SPECIAL as LABELME_SPECIAL
 from detection.data.formats.base import read_class_file
 
 FORMATS = ("voc", "yolo", "labelme")
@@ -43,6 +44,7 @@ class ConvertSummary:
     crowd: int
     categories: tuple[tuple[int, str, int, int], ...]
     skipped: tuple[tuple[str, int], ...]
+    notes: tuple[tuple[str, int], ...] = ()
 
     def text(self) -> str:
         """The summary ``orch data convert`` prints."""
@@ -58,6 +60,8 @@ class ConvertSummary:
             lines.append("skipped: " + "; ".join(f"{n} {reason}" for reason, n in self.skipped))
         else:
             lines.append("skipped: nothing")
+        if self.notes:
+            lines.append("also: " + "; ".join(f"{n} {what}" for what, n in self.notes))
         return "\n".join(lines)
 
 
@@ -69,10 +73,12 @@ def convert(
     img_dir: Optional[str | Path] = None,
     split: Optional[str] = None,
     skip_unknown: bool = False,
+    exif: bool = True,
 ) -> ConvertSummary:
     """Convert the ``fmt`` annotations in ``src`` into the COCO file ``out`` (see the module
     docstring); ``img_dir`` is the image folder ``file_name`` is made relative to (each reader
-    has a default), ``split`` a VOC ``ImageSets/Main`` list."""
+    has a default), ``split`` a VOC ``ImageSets/Main`` list. Sizes and boxes are those of the
+    upright pictures (EXIF orientation applied), or of the stored frames with ``exif`` false."""
     if fmt not in FORMATS:
         raise ConfigError(f"--from {fmt!r} is not a format orch converts; use one of {', '.join(FORMATS)}")
     out = Path(out)
@@ -83,23 +89,31 @@ def convert(
     if classes_file and not Path(classes_file).is_file():
         raise ConfigError(f"--classes {classes_file} does not exist; give a text file with one class name a line")
     classes = read_class_file(Path(classes_file)) if classes_file else None
+    if classes is not None and fmt == "labelme":
+        # LabelMe's labels.txt starts with its special labels, which are no categories.
+        classes = [name for name in classes if name not in LABELME_SPECIAL]
+        if not classes:
+            raise ConfigError(f"--classes {classes_file} lists only {', '.join(LABELME_SPECIAL)}; add the class names")
     img = Path(img_dir) if img_dir else None
     if fmt == "voc":
-        source = read_voc(Path(src), img, split)
+        source = read_voc(Path(src), img, split, exif)
     elif fmt == "yolo":
-        source = read_yolo(Path(src), img, classes)
+        source = read_yolo(Path(src), img, classes, exif)
     else:
-        source = read_labelme(Path(src), img)
+        source = read_labelme(Path(src), img, exif)
     if classes is not None:
         origin = f"--classes {classes_file}"
     elif source.classes is not None:
         classes, origin = source.classes, source.classes_origin
     else:
-        classes = sorted({shape.label for sample in source.samples for shape in sample.shapes})
+        classes = sorted({shape.label for sample in source.samples for shape in sample.shapes if not shape.everything})
         origin = "the labels found"
         if not classes:
-            raise DataError(f"{src}: no labelled objects found, so no categories; pass --classes FILE to name them")
+            skipped = "; ".join(f"{n} {reason}" for reason, n in sorted(source.skipped.items()))
+            raise DataError(f"{src}: no labelled objects found, so no categories"
+                            + (f" (skipped: {skipped})" if skipped else "") + "; pass --classes FILE to name them")
     coco, summary = to_coco(source, classes, origin, skip_unknown)
+    summary["notes"] = tuple(sorted(source.notes.items()))
     coco["info"] = {"description": f"converted from {fmt} annotations in {src} by orch data convert"}
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out, coco, indent=None, sort_keys=False)
@@ -118,8 +132,11 @@ def to_coco(source: Source, classes: list[str], origin: str, skip_unknown: bool 
     for image_id, sample in enumerate(source.samples, 1):
         images.append({"id": image_id, "file_name": sample.file_name, "width": sample.width, "height": sample.height})
         for shape in sample.shapes:
-            category = cat_ids.get(shape.label)
-            if category is None:
+            if shape.everything:  # an ignore region of every category (COCOeval matches crowds per category)
+                categories = list(cat_ids.values())
+            elif shape.label in cat_ids:
+                categories = [cat_ids[shape.label]]
+            else:
                 if not skip_unknown:
                     raise DataError(f"{shape.where}: label {shape.label!r} is not in {origin}; "
                                     "add it there or pass --skip-unknown to leave such objects out")
@@ -129,15 +146,11 @@ def to_coco(source: Source, classes: list[str], origin: str, skip_unknown: bool 
             if not all(math.isfinite(v) for v in box) or box[2] <= 0 or box[3] <= 0:
                 skipped["zero-size or NaN boxes"] += 1
                 continue
-            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category, "bbox": box,
-                   "area": round(box[2] * box[3], DECIMALS), "iscrowd": int(shape.crowd)}
-            if shape.polygons:
-                ann["segmentation"] = [[round(v, DECIMALS) for v in polygon] for polygon in shape.polygons]
-                # COCO's area of a polygon object is its mask's area, not its box's.
-                ann["area"] = round(sum(polygon_area(p) for p in shape.polygons), DECIMALS)
-            annotations.append(ann)
-            objects[category] += 1
-            crowd[category] += shape.crowd
+            for category in categories:
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
+                                    "bbox": box, **_segmentation(shape), "iscrowd": int(shape.crowd)})
+                objects[category] += 1
+                crowd[category] += shape.crowd
     coco = {
         "info": {},
         "licenses": [],
@@ -153,6 +166,17 @@ def to_coco(source: Source, classes: list[str], origin: str, skip_unknown: bool 
         "skipped": tuple(sorted(skipped.items())),
     }
     return coco, summary
+
+
+def _segmentation(shape: Any) -> dict[str, Any]:
+    """``segmentation`` and ``area`` of a shape: COCO's area of a masked object is its mask's
+    area, not its box's."""
+    if shape.rle is not None:
+        return {"segmentation": shape.rle, "area": shape.rle_area}
+    if shape.polygons:
+        return {"segmentation": [[round(v, DECIMALS) for v in polygon] for polygon in shape.polygons],
+                "area": round(sum(polygon_area(p) for p in shape.polygons), DECIMALS)}
+    return {"area": round(shape.box[2] * shape.box[3], DECIMALS)}
 
 
 def polygon_area(flat: tuple[float, ...] | list[float]) -> float:

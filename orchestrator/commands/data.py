@@ -47,12 +47,27 @@ def shapes_cmd(out: str, n_train: int, n_val: int, n_test: int, size: int, seed:
               help="Class names, one a line: fixes the categories and their ids (1..N). "
                    "Default: YOLO's data.yaml/classes.txt, else the sorted names found.")
 @click.option("--img-dir", type=click.Path(file_okay=False), default=None,
-              help="Image folder; file_name is written relative to it (default: JPEGImages/, images/, SRC).")
+              help="Image folder; file_name is written relative to it (default: JPEGImages/, images/, SRC). "
+                   "LabelMe: imagePath is looked for here (as given, then its file name) before beside the .json.")
 @click.option("--split", default=None, help="VOC: convert only ImageSets/Main/<SPLIT>.txt (train, val, ...).")
 @click.option("--skip-unknown", is_flag=True, help="Leave out objects whose label is not in --classes (counted).")
+@click.option("--exif", type=click.Choice(["apply", "ignore"]), default="apply", show_default=True,
+              help="apply: sizes and boxes of the upright picture (EXIF orientation), as annotation tools "
+                   "show it and orch reads it; ignore: the stored frame (then set data.exif=ignore too).")
 def convert_cmd(src: str, fmt: str, out: str, classes_file: str | None, img_dir: str | None, split: str | None,
-                skip_unknown: bool) -> None:
+                skip_unknown: bool, exif: str) -> None:
     """Convert Pascal VOC, YOLO or LabelMe annotations in SRC into one COCO instances file.
+
+    \b
+    Images:
+      VOC      the image named by the XML file's stem (JPEGImages/<stem>.jpg or any image
+               suffix), as torchvision, MMDetection and detectron2 read VOC; <filename> only
+               when no image has that stem; a <filename> without suffix gets the one on disk.
+      LabelMe  --img-dir/<imagePath>, --img-dir/<its name>, then imagePath beside the .json;
+               a file with only imageData gets it written out as an image. __ignore__
+               shapes become ignore regions (iscrowd=1) of every class; _background_ is skipped.
+      YOLO     images/**/<name>.<ext> for labels/**/<name>.txt.
+    Text files may start with a UTF-8 BOM.
 
     \b
     Examples:
@@ -63,7 +78,7 @@ def convert_cmd(src: str, fmt: str, out: str, classes_file: str | None, img_dir:
     from detection.data.convert import convert
 
     summary = convert(fmt, src, out, classes_file=classes_file, img_dir=img_dir, split=split,
-                      skip_unknown=skip_unknown)
+                      skip_unknown=skip_unknown, exif=exif == "apply")
     click.echo(summary.text())
 
 

@@ -25,14 +25,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 @dataclass(frozen=True)
 class Shape:
     """One object: ``box`` is ``(x, y, w, h)``; ``polygons`` are flat ``[x1, y1, x2, y2, ...]``
-    lists (empty for box-only objects); ``crowd`` marks an ignore region (COCO ``iscrowd: 1``).
-    ``where`` names the file (and line) it came from, for error messages."""
+    lists (empty for box-only objects); ``rle`` a COCO RLE mask of the whole image (``size``,
+    ``counts``; LabelMe's mask shapes) with its pixel count ``rle_area``; ``crowd`` marks an
+    ignore region (COCO ``iscrowd: 1``) and ``everything`` one that ignores every category
+    (LabelMe's ``__ignore__``: written once per category). ``where`` names the file (and line)
+    it came from, for error messages."""
 
     label: str
     box: tuple[float, float, float, float]
     where: str
     crowd: bool = False
     polygons: tuple[tuple[float, ...], ...] = ()
+    rle: Optional[dict[str, Any]] = None
+    rle_area: float = 0.0
+    everything: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,14 +54,15 @@ class Sample:
 @dataclass
 class Source:
     """What a reader found: the samples, the folder their ``file_name`` is relative to, the
-    class list the source itself declares (YOLO's ``data.yaml``; else ``None``), and what it
-    skipped, counted by reason."""
+    class list the source itself declares (YOLO's ``data.yaml``; else ``None``), what it
+    skipped, counted by reason, and what else it did or assumed (``notes``), counted."""
 
     samples: list[Sample]
     img_dir: Path
     classes: Optional[list[str]] = None
     classes_origin: str = ""
     skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
 
 
 def require_dir(path: Path, what: str, hint: str) -> Path:

@@ -9,8 +9,9 @@ or more points) is a YOLO segmentation polygon. Class names come from ``--classe
 
 Coordinates: YOLO's normalised values are continuous, so ``x = (cx - w / 2) * W`` and
 ``w = w * W`` are already COCO's 0-based xywh (no half-pixel shift). Image sizes are read from
-the image headers (Pillow does not decode the pixels); EXIF orientation is not applied, the way
-orch's loader reads images.
+the image headers (Pillow does not decode the pixels) and are the upright sizes (EXIF
+orientation applied): Ultralytics and Roboflow label the upright picture, and orch reads it so
+(``exif=False``, ``data.exif: ignore``, keeps the stored frame).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from detection.data.formats.base import (
 TOLERANCE = 1e-3
 
 
-def read_yolo(src: Path, img_dir: Optional[Path] = None, classes: Optional[list[str]] = None) -> Source:
+def read_yolo(src: Path, img_dir: Optional[Path] = None, classes: Optional[list[str]] = None,
+              exif: bool = True) -> Source:
     """Read ``src`` (a folder holding ``images/`` and ``labels/``, or a labels folder whose
     images are in ``img_dir`` or the matching ``images`` folder). ``classes`` (from
     ``--classes``) names the class indices; else they are looked up next to the labels."""
@@ -59,7 +61,7 @@ def read_yolo(src: Path, img_dir: Optional[Path] = None, classes: Optional[list[
         rel = image.relative_to(img_dir)
         label_file = labels_dir / rel.with_suffix(".txt")
         used.add(label_file)
-        width, height = image_size(image, str(label_file))
+        width, height = image_size(image, str(label_file), exif)
         shapes = _read_labels(label_file, width, height, classes) if label_file.is_file() else ()
         samples.append(Sample(posix_relpath(image, img_dir), width, height, tuple(shapes)))
     orphans = [p for p in labels_dir.rglob("*.txt") if p not in used and p.name != "classes.txt"]
