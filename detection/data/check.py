@@ -30,6 +30,7 @@ from detection.data.check_items import (
     collect_images,
     inspect_image,
 )
+from detection.data.orientation import TURNS
 
 #: code -> (severity, what it means, what ``--fix`` does about it)
 PROBLEMS: dict[str, tuple[str, str, str]] = {
@@ -38,6 +39,11 @@ PROBLEMS: dict[str, tuple[str, str, str]] = {
     "missing_image_file": ("error", "image file does not exist in the image folder", "image and its annotations dropped"),
     "unreadable_image": ("error", "Pillow cannot open or verify the image file", "image and its annotations dropped"),
     "size_mismatch": ("error", "width/height in the JSON differ from the image file", "set from the file"),
+    "exif_rotated": ("error", "width/height in the JSON are the stored frame of an image its EXIF orientation turns "
+                     "sideways; orch reads it upright (data.exif=apply)",
+                     "size set upright; boxes turned upright with it, unless they fit only the upright frame"),
+    "exif_mirrored": ("warning", "EXIF orientation 2-4 mirrors or turns the image 180° when read upright; its size "
+                      "cannot show which frame its boxes were drawn in (look with orch data browse)", "not fixed"),
     "invalid_category": ("error", "category entry without integer id and string name", "not fixed"),
     "duplicate_category_id": ("error", "category id used by more than one category entry", "exact copies dropped, others not fixed"),
     "invalid_annotation": ("error", "annotation without id, image_id, category_id or a bbox of 4 numbers", "dropped"),
@@ -70,6 +76,7 @@ class Analysis:
     files: dict[int, ImageFile] = field(default_factory=dict)  # image position -> what the file says
     files_checked: bool = False
     img_dir: Optional[Path] = None
+    exif: bool = True  # images read upright by EXIF orientation (data.exif=apply)
     problems: Problems = field(default_factory=dict)  # code -> (count, first examples)
 
 
@@ -140,15 +147,16 @@ def load_coco(path: str | Path) -> dict[str, Any]:
 
 
 def analyse(data: dict[str, Any], img_dir: Optional[str | Path] = None, tolerance: float = 1.0,
-            files: Optional[dict[str, ImageFile]] = None) -> Analysis:
+            files: Optional[dict[str, ImageFile]] = None, exif: bool = True) -> Analysis:
     """Find every problem of ``data`` (see :data:`PROBLEMS`). With ``img_dir`` the image files
-    are inspected too; ``files`` (``file_name`` -> :class:`ImageFile`) reuses earlier inspections."""
+    are inspected too, at their upright sizes unless ``exif`` is false; ``files``
+    (``file_name`` -> :class:`ImageFile`) reuses earlier inspections."""
     images = collect_images(data["images"])
     categories = collect_categories(data["categories"])
     found = Analysis(data, tolerance, images, {}, categories, files_checked=img_dir is not None,
-                     img_dir=Path(img_dir) if img_dir is not None else None)
+                     img_dir=Path(img_dir) if img_dir is not None else None, exif=exif)
     if img_dir is not None:
-        found.files = _inspect_files(data["images"], images["first"], Path(img_dir), files or {})
+        found.files = _inspect_files(data["images"], images["first"], Path(img_dir), files or {}, exif)
     annotations = collect_annotations(data["annotations"], images, categories, tolerance)
     found.annotations = annotations
     problems = {**images["problems"], **categories["problems"], **annotations["problems"]}
@@ -157,9 +165,18 @@ def analyse(data: dict[str, Any], img_dir: Optional[str | Path] = None, toleranc
         entry = data["images"][position]
         if info.status != "ok":
             file_problems.setdefault(info.status, []).append(_image_example(entry, info.detail))
+        elif exif and info.orientation in (5, 6, 7, 8) and info.stored == (entry["width"], entry["height"]):
+            file_problems.setdefault("exif_rotated", []).append(
+                f"image {entry['id']} {entry['file_name']} (EXIF orientation {info.orientation}: "
+                f"{TURNS[info.orientation]}) is {info.width}x{info.height} upright, JSON says "
+                f"{entry['width']}x{entry['height']}")
         elif (info.width, info.height) != (entry["width"], entry["height"]):
             file_problems.setdefault("size_mismatch", []).append(
                 f"image {entry['id']} is {info.width}x{info.height}, JSON says {entry['width']}x{entry['height']}")
+        elif exif and info.orientation in (2, 3, 4):
+            file_problems.setdefault("exif_mirrored", []).append(
+                f"image {entry['id']} {entry['file_name']} (EXIF orientation {info.orientation}: "
+                f"{TURNS[info.orientation]})")
         if info.truncated:
             file_problems.setdefault("truncated_jpeg", []).append(_image_example(entry))
     problems.update({code: (len(items), items[:KEEP]) for code, items in file_problems.items()})
@@ -172,14 +189,15 @@ def analyse(data: dict[str, Any], img_dir: Optional[str | Path] = None, toleranc
 
 
 def check_coco(ann_file: str | Path, img_dir: Optional[str | Path] = None, tolerance: float = 1.0,
-               examples: int = 3) -> tuple[CheckReport, Analysis]:
+               examples: int = 3, exif: bool = True) -> tuple[CheckReport, Analysis]:
     """Load and analyse ``ann_file``; the report (problems in :data:`PROBLEMS` order, the first
-    ``examples`` of each) and the analysis (for :func:`detection.data.fix.fix_coco`)."""
+    ``examples`` of each) and the analysis (for :func:`detection.data.fix.fix_coco`). ``exif``
+    false compares the stored frames' sizes (``data.exif: ignore``)."""
     if img_dir is not None and not Path(img_dir).is_dir():
         raise DataError(f"--img-dir {img_dir} is not a folder; give the folder the images' file_name are relative to")
     start = time.perf_counter()
     data = load_coco(ann_file)
-    found = analyse(data, img_dir, tolerance)
+    found = analyse(data, img_dir, tolerance, exif=exif)
     return report(found, str(ann_file), time.perf_counter() - start, examples), found
 
 
@@ -195,14 +213,14 @@ def report(found: Analysis, ann_file: str, seconds: float, examples: int = 3) ->
 
 
 def _inspect_files(entries: list[Any], first: np.ndarray, img_dir: Path,
-                   known: dict[str, ImageFile]) -> dict[int, ImageFile]:
+                   known: dict[str, ImageFile], exif: bool) -> dict[int, ImageFile]:
     """Inspect the file of each valid, first-of-its-id image entry (``first`` mask), several
     at once: the work is file I/O and Pillow's header parsing."""
     positions = np.flatnonzero(first).tolist()
     todo = [p for p in positions if entries[p]["file_name"] not in known]
     workers = min(16, 4 * (os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        inspected = dict(zip(todo, pool.map(lambda p: inspect_image(img_dir / entries[p]["file_name"]), todo)))
+        inspected = dict(zip(todo, pool.map(lambda p: inspect_image(img_dir / entries[p]["file_name"], exif), todo)))
     return {p: inspected[p] if p in inspected else known[entries[p]["file_name"]] for p in positions}
 
 

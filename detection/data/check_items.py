@@ -22,23 +22,31 @@ Problems = dict[str, tuple[int, list[str]]]
 @dataclass(frozen=True)
 class ImageFile:
     """What an image file says: ``status`` is ``ok``, ``missing_image_file`` or
-    ``unreadable_image``; ``truncated`` marks a JPEG without its end marker."""
+    ``unreadable_image``; ``width``/``height`` the size orch reads it at (upright by its EXIF
+    ``orientation`` unless ``data.exif: ignore``), ``stored`` the size of the stored frame;
+    ``truncated`` marks a JPEG without its end marker."""
 
     status: str
     width: int = 0
     height: int = 0
     detail: str = ""
     truncated: bool = False
+    orientation: int = 1
+    stored: tuple[int, int] = (0, 0)
 
 
-def inspect_image(path: Path) -> ImageFile:
-    """Open ``path`` with Pillow (header only), ``verify()`` it and, for JPEG, look for the
-    end-of-image marker a truncated download lacks (``verify`` does not decode JPEG data)."""
+def inspect_image(path: Path, exif: bool = True) -> ImageFile:
+    """Open ``path`` with Pillow (header and EXIF only), ``verify()`` it and, for JPEG, look
+    for the end-of-image marker a truncated download lacks (``verify`` does not decode JPEG
+    data)."""
     from PIL import Image
+
+    from detection.data.orientation import ImageHeader, orientation_of
 
     try:
         with Image.open(path) as image:
-            width, height = image.size
+            header = ImageHeader(*image.size, orientation_of(image, header_only=True))
+            width, height = header.size(exif)
             kind = image.format
             image.verify()
     except FileNotFoundError:
@@ -50,7 +58,8 @@ def inspect_image(path: Path) -> ImageFile:
         with open(path, "rb") as handle:
             handle.seek(-2, 2)
             truncated = handle.read(2) != b"\xff\xd9"
-    return ImageFile("ok", width, height, truncated=truncated)
+    return ImageFile("ok", width, height, truncated=truncated, orientation=header.orientation,
+                     stored=(header.width, header.height))
 
 
 def later_duplicates(values: np.ndarray, mask: np.ndarray) -> np.ndarray:

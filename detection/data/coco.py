@@ -177,8 +177,8 @@ class CocoDetection(torch.utils.data.Dataset):
                     f"data.exif={'ignore' if self.exif else 'apply'} if its boxes are in that frame"
                     if turned else "fix the width/height in the file (orch data check --fix)")
             raise DataError(
-                f"{path}: image {info['id']} is {width}x{height} {how} but {self.ann_file} "
-                f"says {info['width']}x{info['height']}; {hint}"
+                f"{path}: image {info['id']} is {width}x{height} but {self.ann_file} "
+                f"says {info['width']}x{info['height']} ({how}); {hint}"
             )
         return image
 

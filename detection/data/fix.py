@@ -4,7 +4,10 @@ What is dropped or changed (every change is listed, with the ids it touched):
 
 - images: invalid entries and later entries of a repeated id are dropped; with the image folder,
   images whose file is missing or unreadable are dropped with their annotations, and
-  ``width``/``height`` that differ from the file are set from it;
+  ``width``/``height`` that differ from the file are set from it; where they are the stored
+  frame of an image its EXIF orientation turns sideways (orch reads it upright), they are set
+  upright and the image's boxes and masks are turned upright with them, as drawn on the stored
+  frame, unless they already fit only the upright frame (then the size alone was wrong);
 - annotations: invalid ones, those of a missing image, of an unknown category and with a
   degenerate box are dropped; a repeated id is dropped when the annotation is an exact copy of the
   first, else given a new id; boxes are clipped to their (corrected) image, and dropped when
@@ -25,6 +28,7 @@ import numpy as np
 
 from cluster.files import write_json_atomic
 from detection.data.check import Analysis, CheckReport, analyse, report
+from detection.data.orientation import upright_array, upright_box, upright_polygon
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,15 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
         gone = [p for p, info in found.files.items() if info.status == status]
         keep_image[gone] = False
         note("dropped", "images", f"{reason} (their annotations too)", images["ids"][gone])
+    turned = _turned_images(found)
+    note("changed", "images", "width/height set upright by the EXIF orientation (the JSON had the stored frame's)",
+         images["ids"][sorted(turned)])
     resized = [p for p, info in found.files.items() if info.status == "ok"
-               and (info.width, info.height) != (width[p], height[p])]
-    for p in resized:
+               and (info.width, info.height) != (width[p], height[p]) and p not in turned]
+    for p in resized + sorted(turned):
         width[p], height[p] = found.files[p].width, found.files[p].height
     note("changed", "images", "width/height set from the image file", images["ids"][resized])
-    resized_at = set(resized)
+    resized_at = set(resized) | set(turned)
     new_images = [entries[p] if p not in resized_at else {**entries[p], "width": int(width[p]), "height": int(height[p])}
                   for p in np.flatnonzero(keep_image).tolist()]
 
@@ -96,7 +103,15 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
     note("dropped", "annotations", "exact copies of an earlier annotation with the same id", ids[copies])
     drop |= copies
 
-    boxes = anns["boxes"]
+    boxes = anns["boxes"].copy()
+    turn = ~drop & np.isin(image_pos, [p for p, boxes_turn in turned.items() if boxes_turn])
+    for i in np.flatnonzero(turn).tolist():
+        info = found.files[int(image_pos[i])]
+        boxes[i] = upright_box(tuple(boxes[i].tolist()), *info.stored, info.orientation)
+    note("changed", "annotations", "box (and mask) turned upright with its image (EXIF orientation)", ids[turn])
+    kept_upright = ~drop & np.isin(image_pos, [p for p, boxes_turn in turned.items() if not boxes_turn])
+    note("kept", "annotations", "boxes of EXIF-turned images already upright (they fit only the upright frame)",
+         ids[kept_upright])
     W, H = np.append(width, 0)[image_pos], np.append(height, 0)[image_pos]
     x0, y0 = np.maximum(boxes[:, 0], 0), np.maximum(boxes[:, 1], 0)
     x1, y1 = np.minimum(boxes[:, 0] + boxes[:, 2], W), np.minimum(boxes[:, 1] + boxes[:, 3], H)
@@ -106,8 +121,10 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
         drop |= nothing_inside
         clipped = ~drop & ((x0 != boxes[:, 0]) | (y0 != boxes[:, 1]) | (x1 != boxes[:, 0] + boxes[:, 2])
                            | (y1 != boxes[:, 1] + boxes[:, 3]))
-    note("changed", "annotations", "box clipped to its image", ids[clipped])
-    reareas = ~drop & (masks["area_inconsistent"] | (clipped & ~anns["has_seg"]))
+    clipped_note = clipped.copy()
+    clipped |= turn  # a turned box is written like a clipped one
+    note("changed", "annotations", "box clipped to its image", ids[clipped_note])
+    reareas = ~drop & (masks["area_inconsistent"] | (clipped_note & ~anns["has_seg"]))
     note("changed", "annotations", "area recomputed", ids[reareas])
 
     renumber &= ~drop
@@ -121,6 +138,9 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
             ann = dict(ann)
             if clipped[p]:
                 ann["bbox"] = [float(x0[p]), float(y0[p]), float(x1[p] - x0[p]), float(y1[p] - y0[p])]
+            if turn[p] and ann.get("segmentation"):
+                info = found.files[int(image_pos[p])]
+                ann["segmentation"] = _turn_segmentation(ann["segmentation"], *info.stored, info.orientation)
             if reareas[p]:
                 ann["area"] = _area(ann, int(W[p]), int(H[p]))
             if p in new_ids:
@@ -132,6 +152,45 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
     note("dropped", "categories", "exact copies of an earlier entry", [data["categories"][p]["id"] for p in sorted(copies_at)])
     new_cats = [c for p, c in enumerate(data["categories"]) if p not in copies_at]
     return {**data, "images": new_images, "annotations": new_anns, "categories": new_cats}, changes
+
+
+def _turned_images(found: Analysis) -> dict[int, bool]:
+    """Image positions whose JSON size is the stored frame of an image that EXIF turns sideways,
+    each with whether to turn its boxes too: yes, unless every box fits the upright frame and
+    some box does not fit the stored one (then they were drawn upright; only the size was
+    wrong)."""
+    if not found.exif:
+        return {}
+    images, anns, slack = found.images, found.annotations, found.tolerance
+    turned = {}
+    for p, info in found.files.items():
+        if not (info.status == "ok" and info.orientation in (5, 6, 7, 8)
+                and info.stored == (images["width"][p], images["height"][p])):
+            continue
+        mine = anns["valid"] & (anns["image_pos"] == p) & np.isfinite(anns["boxes"]).all(axis=1)
+        x, y, w, h = anns["boxes"][mine].T
+        right, bottom = x + w, y + h
+        fits_upright = bool(np.all((right <= info.width + slack) & (bottom <= info.height + slack)))
+        fits_stored = bool(np.all((right <= info.stored[0] + slack) & (bottom <= info.stored[1] + slack)))
+        turned[p] = not (fits_upright and not fits_stored)
+    return turned
+
+
+def _turn_segmentation(seg: Any, width: int, height: int, orientation: int) -> Any:
+    """Polygons or an RLE of the stored ``width x height`` frame, turned upright."""
+    if isinstance(seg, list):
+        return [upright_polygon(polygon, width, height, orientation) if isinstance(polygon, list) else polygon
+                for polygon in seg]
+    from pycocotools import mask as mask_utils
+
+    try:
+        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg.get("counts"), list) else \
+            dict(seg, counts=seg["counts"].encode("ascii") if isinstance(seg["counts"], str) else seg["counts"])
+        upright = upright_array(mask_utils.decode(rle), orientation)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return seg  # malformed: left for the check to report
+    out = mask_utils.encode(np.asfortranarray(upright))
+    return {"size": [int(v) for v in out["size"]], "counts": out["counts"].decode("ascii")}
 
 
 def _duplicates(entries: list[Any], ids: np.ndarray, repeated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -177,7 +236,7 @@ def write_fixed(found: Analysis, out: str | Path, examples: int = 3) -> tuple[li
     write_json_atomic(changes_path(out), [asdict(change) for change in changes], indent=None, sort_keys=False)
     known = {found.data["images"][p]["file_name"]: info for p, info in found.files.items()}
     img_dir = found.img_dir if found.files_checked else None
-    after = analyse(fixed, img_dir, found.tolerance, files=known)
+    after = analyse(fixed, img_dir, found.tolerance, files=known, exif=found.exif)
     return changes, report(after, str(out), time.perf_counter() - start, examples)
 
 

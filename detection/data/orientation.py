@@ -51,10 +51,24 @@ class ImageHeader:
         return self.upright if exif else (self.width, self.height)
 
 
-def orientation_of(image: Any) -> int:
-    """The EXIF orientation (1..8) of an open Pillow image; 1 without a valid one."""
+def orientation_of(image: Any, header_only: bool = False) -> int:
+    """The EXIF orientation (1..8) of an open Pillow image; 1 without a valid one. From what
+    ``Image.open`` read already (JPEG's APP1, PNG's eXIf before the pixels, TIFF's tags), so
+    ``verify()`` still works after it; ``header_only`` false also looks further (``getexif``)."""
+    from PIL import Image
+
     try:
-        value = image.getexif().get(ORIENTATION_TAG, 1)
+        raw = image.info.get("exif")
+        if raw:
+            exif = Image.Exif()
+            exif.load(raw)
+            value = exif.get(ORIENTATION_TAG, 1)
+        elif hasattr(image, "tag_v2"):  # TIFF: the orientation is one of its own tags
+            value = image.tag_v2.get(ORIENTATION_TAG, 1)
+        elif not header_only:
+            value = image.getexif().get(ORIENTATION_TAG, 1)
+        else:
+            value = 1
     except Exception:  # a broken EXIF block: Pillow raises what its parser meets
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1

@@ -92,13 +92,22 @@ def convert_cmd(src: str, fmt: str, out: str, classes_file: str | None, img_dir:
               help="Pixels a box may reach outside its image before it is an error.")
 @click.option("--examples", type=click.IntRange(min=0), default=3, show_default=True,
               help="Examples shown per problem.")
-def check_cmd(ann_file: str, img_dir: str | None, fix_out: str | None, tolerance: float, examples: int) -> int:
+@click.option("--exif", type=click.Choice(["apply", "ignore"]), default="apply", show_default=True,
+              help="apply: image sizes upright by their EXIF orientation, as orch reads them (data.exif=apply); "
+                   "ignore: the stored frame (data.exif=ignore).")
+def check_cmd(ann_file: str, img_dir: str | None, fix_out: str | None, tolerance: float, examples: int,
+              exif: str) -> int:
     """Find problems in a COCO instances file and its images; exit 1 when there are errors.
 
     Checks boxes (degenerate, outside the image), ids (duplicate images, annotations,
     categories; annotations of missing images or categories), image files (missing,
     unreadable, other size than the JSON says), unused or gapped categories, area (warning)
     and empty images (information). With --fix the exit status is that of the cleaned copy.
+
+    Images are measured upright, as orch reads them (EXIF orientation applied): a JSON size
+    that is the stored frame of a sideways-turned photo is named (exif_rotated), and --fix
+    sets it upright and turns the image's boxes with it, unless they fit only the upright
+    frame (then they were drawn upright and stay).
 
     \b
     Examples:
@@ -107,7 +116,7 @@ def check_cmd(ann_file: str, img_dir: str | None, fix_out: str | None, tolerance
     """
     from detection.data.check import check_coco
 
-    report, found = check_coco(ann_file, img_dir, tolerance=tolerance, examples=examples)
+    report, found = check_coco(ann_file, img_dir, tolerance=tolerance, examples=examples, exif=exif == "apply")
     click.echo(report.table())
     if fix_out is None:
         return 1 if report.has_errors else 0
