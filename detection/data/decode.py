@@ -38,7 +38,7 @@ def read_image(path: str, exif: bool = True) -> torch.Tensor:
         return pil_to_tensor(upright.convert("RGB"))
 
 
-def _decode_fast(data: torch.Tensor, exif: bool) -> torch.Tensor | None:
+def _decode_fast(data: torch.Tensor, exif: bool = True) -> torch.Tensor | None:
     """torchvision's decoders for JPEG and 8-bit PNG (``data``: the file's bytes as a uint8
     tensor); None where PIL should try."""
     head = data[:8].tolist()
