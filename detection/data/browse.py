@@ -23,6 +23,7 @@ from cluster.errors import ConfigError
 from cluster.files import write_bytes_atomic
 from detection.data.loader import build_dataset
 from detection.data.samplers import SampleKey, ShardSampler, mix_seed
+from detection.inference.draw import label_font_options
 
 CELL = 320  # pixels of the longer side of one sample in the grid
 CAPTION = 16  # pixels of the caption strip under each sample
@@ -85,9 +86,10 @@ def _cell(image: torch.Tensor, target: dict[str, torch.Tensor], class_names: tup
     boxes = target["boxes"] * scale
     if len(boxes):
         labels = target["labels"].tolist()
+        names = [class_names[label - 1] for label in labels]
         pixels = draw_bounding_boxes(
-            pixels, boxes, labels=[class_names[label - 1] for label in labels],
-            colors=[PALETTE[(label - 1) % len(PALETTE)] for label in labels], width=2,
+            pixels, boxes, labels=names, colors=[PALETTE[(label - 1) % len(PALETTE)] for label in labels], width=2,
+            **label_font_options(names, size=12),
         )
     canvas = torch.full((3, CELL + CAPTION, CELL), 64, dtype=torch.uint8)
     canvas[:, : size[0], : size[1]] = pixels

@@ -130,9 +130,9 @@ def _read_file(path: Path, img_dir: Path, images: _ImageNames, exif: bool, skipp
     found, how = images.find(path.stem, filename)
     if how == "filename" and Path(filename).stem != path.stem:
         notes["VOC images named by <filename> (no image has the XML file's stem)"] += 1
-    elif how == "stem" and filename and filename != found:
+    elif how == "stem" and filename and filename not in (found, path.stem):
         notes["VOC files whose <filename> differs from their stem (image taken from the stem)"] += 1
-    elif how == "suffix":
+    elif how == "suffix" or (how == "stem" and filename == path.stem):
         notes["VOC <filename>s without suffix (suffix found on disk)"] += 1
     elif how == "missing":
         notes[f"VOC files without an image in {img_dir}"] += 1
