@@ -163,3 +163,35 @@ def test_convert_and_check_do_not_import_torch(tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=False)
     assert "@@ []" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_convert_help_states_the_image_rules(capsys):
+    assert main(["data", "convert", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the image named by the XML file's stem (JPEGImages/<stem>.jpg or any image suffix)" in text
+    assert "<filename> only when no image has that stem" in text
+    assert "--exif [apply|ignore]" in text
+
+
+def test_check_exif_flag_sizes_upright_or_stored(tmp_path, capsys):
+    """A sideways-stored photo (EXIF orientation 6) recorded at its stored size: an exif_rotated
+    error by default, nothing with --exif ignore; --fix sets it upright."""
+    stored = Image.new("RGB", (30, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "p.jpg", exif=exif.tobytes())
+    data = {"images": [{"id": 1, "file_name": "p.jpg", "width": 30, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5], "area": 50, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    assert main(["data", "check", str(tmp_path / "ann.json"), "--img-dir", str(tmp_path)]) == 1
+    assert "exif_rotated" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "ann.json"), "--img-dir", str(tmp_path), "--exif", "ignore"]) == 0
+    capsys.readouterr()
+    fixed = tmp_path / "fixed.json"
+    assert main(["data", "check", str(tmp_path / "ann.json"), "--img-dir", str(tmp_path), "--fix", str(fixed)]) == 0
+    out = capsys.readouterr().out
+    assert "changed 1 annotations: box (and mask) turned upright with its image (EXIF orientation) (ids 1)" in out
+    # Turned 90° clockwise: stored (x, y) -> upright (H - y, x), H = 20.
+    assert coco(fixed).dataset["annotations"][0]["bbox"] == [12.0, 2.0, 5.0, 10.0]
+    assert coco(fixed).dataset["images"][0]["width"] == 20
