@@ -247,6 +247,14 @@ def test_labelme5_masks_ignore_and_background(tmp_path):
     assert [(a["category_id"], a["iscrowd"], a["bbox"]) for a in ignored] == [(1, 1, [0, 0, 10, 8]), (2, 1, [0, 0, 10, 8])]
     assert all(a["segmentation"] for a in ignored)  # mask training needs every region's mask
     text = summary.text()
+    # Mask training reads the RLE as drawn, and every ignore region has a mask (the box-only
+    # rectangle has none: mask training skips it).
+    from detection.data.coco import CocoDetection
+
+    dataset = CocoDetection(str(tmp_path / "out.json"), str(src), train=False, with_masks=True, on_bad_data="skip")
+    assert dataset.skipped == {"missing_segmentation": 1}
+    masks = dataset[0][1]["masks"]
+    assert masks.shape == (3, 48, 64) and masks[0].sum() == 60 and masks[0][13:19, 22:32].all()
     assert "1 LabelMe _background_ shapes" in text and "1 LabelMe circle shapes" in text
     assert "(2 ignore regions, iscrowd=1)" in text
 
