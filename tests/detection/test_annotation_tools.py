@@ -92,7 +92,8 @@ def test_exif_photo_converts_checks_and_loads_upright(tmp_path):
 
     root = yolo_phone_dataset(tmp_path / "yolo")
     out = tmp_path / "all.json"
-    convert("yolo", root, out)
+    summary = convert("yolo", root, out)
+    assert "also: 1 YOLO images with an EXIF orientation (labels taken as drawn on the upright picture)" in summary.text()
     data = json.loads(out.read_text())
     assert (data["images"][0]["width"], data["images"][0]["height"]) == UPRIGHT
     assert_close(data["annotations"][0]["bbox"], TRUTH)

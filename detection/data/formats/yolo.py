@@ -28,7 +28,7 @@ from detection.data.formats.base import (
     Shape,
     Source,
     box_of_points,
-    image_size,
+    image_header,
     posix_relpath,
     read_class_file,
     read_lines,
@@ -56,18 +56,23 @@ def read_yolo(src: Path, img_dir: Optional[Path] = None, classes: Optional[list[
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {img_dir}; give the image folder with --img-dir")
     skipped: Counter = Counter()
+    notes: Counter = Counter()
     samples, used = [], set()
     for image in images:
         rel = image.relative_to(img_dir)
         label_file = labels_dir / rel.with_suffix(".txt")
         used.add(label_file)
-        width, height = image_size(image, str(label_file), exif)
+        header = image_header(image, str(label_file))
+        width, height = header.size(exif)
+        if header.orientation != 1 and exif:
+            notes["YOLO images with an EXIF orientation (labels taken as drawn on the upright picture)"] += 1
         shapes = _read_labels(label_file, width, height, classes) if label_file.is_file() else ()
         samples.append(Sample(posix_relpath(image, img_dir), width, height, tuple(shapes)))
     orphans = [p for p in labels_dir.rglob("*.txt") if p not in used and p.name != "classes.txt"]
     if orphans:
         skipped["label files without an image"] = len(orphans)
-    return Source(samples=samples, img_dir=img_dir, classes=classes, classes_origin=origin, skipped=skipped)
+    return Source(samples=samples, img_dir=img_dir, classes=classes, classes_origin=origin, skipped=skipped,
+                  notes=notes)
 
 
 def _images_beside(labels_dir: Path) -> Path:
