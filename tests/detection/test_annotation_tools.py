@@ -416,3 +416,18 @@ def test_browse_shows_the_phone_photo_upright_with_its_box(make_experiment, tmp_
     x, y, w, h = (v * scale for v in TRUTH)
     assert abs(cols.min() - x) <= 1 and abs(rows.min() - y) <= 1
     assert abs(cols.max() + 1 - (x + w)) <= 1 and abs(rows.max() + 1 - (y + h)) <= 1
+
+
+def test_without_a_cjk_font_one_warning_and_pillows_font(monkeypatch, caplog):
+    """No CJK font on the machine: Pillow's built-in font (no font arguments), and one warning,
+    only when a name needs one."""
+    from detection.inference import draw
+
+    monkeypatch.setattr(draw, "label_font", lambda: None)
+    draw._warn_no_font.cache_clear()
+    assert draw.label_font_options(["car 0.90"], 12) == {}
+    assert not caplog.records
+    for _ in range(3):
+        assert draw.label_font_options(["猫 0.90"], 12) == {}
+    assert [r.getMessage()[:32] for r in caplog.records] == ["no font with CJK glyphs found (l"]
+    draw._warn_no_font.cache_clear()
