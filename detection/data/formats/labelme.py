@@ -20,7 +20,7 @@ categories.
 The image: with ``--img-dir``, ``<img-dir>/<imagePath>``, then ``<img-dir>/<its file name>``;
 then ``imagePath`` relative to the JSON file. Where none exists and the file carries
 ``imageData``, that picture is written out beside the JSON file (or into ``--img-dir``) under
-the ``imagePath`` name, or ``<json stem>.<png|jpg>`` when ``imagePath`` names no image.
+the ``imagePath`` name, or ``<json stem>.<png|jpg>`` when ``imagePath`` names the JSON file or nothing.
 
 Coordinates: LabelMe points are continuous 0-based pixel coordinates, COCO's own convention,
 so they are used as they are. LabelMe shows pictures upright (it applies EXIF orientation), and
@@ -38,7 +38,6 @@ from typing import Any, Optional
 
 from cluster.errors import DataError
 from detection.data.formats.base import (
-    IMAGE_SUFFIXES,
     Sample,
     Shape,
     Source,
@@ -98,7 +97,7 @@ def _read_file(path: Path, given: Optional[Path], img_root: Path, exif: bool, sk
 def _find_image(path: Path, image_path: str, given: Optional[Path]) -> Path:
     """The image of LabelMe file ``path`` (see the module docstring); where none exists, the
     path it should have (``--img-dir`` first), which ``imageData`` may fill."""
-    named = bool(image_path) and Path(image_path).suffix.lower() in IMAGE_SUFFIXES
+    named = bool(image_path) and Path(image_path).suffix.lower() != ".json"  # some tools point it at the JSON
     candidates = [given / image_path, given / Path(image_path).name] if given and named else []
     candidates += [path.parent / image_path] if named else []
     for candidate in candidates:
