@@ -105,9 +105,8 @@ def fix_coco(found: Analysis) -> tuple[dict[str, Any], list[Change]]:
 
     boxes = anns["boxes"].copy()
     turn = ~drop & np.isin(image_pos, [p for p, boxes_turn in turned.items() if boxes_turn])
-    for i in np.flatnonzero(turn).tolist():
-        info = found.files[int(image_pos[i])]
-        boxes[i] = upright_box(tuple(boxes[i].tolist()), *info.stored, info.orientation)
+    if turn.any():
+        boxes[turn] = _upright_boxes(boxes[turn], [found.files[int(p)] for p in image_pos[turn]])
     note("changed", "annotations", "box (and mask) turned upright with its image (EXIF orientation)", ids[turn])
     kept_upright = ~drop & np.isin(image_pos, [p for p, boxes_turn in turned.items() if not boxes_turn])
     note("kept", "annotations", "boxes of EXIF-turned images already upright (they fit only the upright frame)",
@@ -158,22 +157,37 @@ def _turned_images(found: Analysis) -> dict[int, bool]:
     """Image positions whose JSON size is the stored frame of an image that EXIF turns sideways,
     each with whether to turn its boxes too: yes, unless every box fits the upright frame and
     some box does not fit the stored one (then they were drawn upright; only the size was
-    wrong)."""
+    wrong). One pass over the annotations, whatever the number of such images."""
     if not found.exif:
         return {}
     images, anns, slack = found.images, found.annotations, found.tolerance
-    turned = {}
-    for p, info in found.files.items():
-        if not (info.status == "ok" and info.orientation in (5, 6, 7, 8)
-                and info.stored == (images["width"][p], images["height"][p])):
-            continue
-        mine = anns["valid"] & (anns["image_pos"] == p) & np.isfinite(anns["boxes"]).all(axis=1)
-        x, y, w, h = anns["boxes"][mine].T
-        right, bottom = x + w, y + h
-        fits_upright = bool(np.all((right <= info.width + slack) & (bottom <= info.height + slack)))
-        fits_stored = bool(np.all((right <= info.stored[0] + slack) & (bottom <= info.stored[1] + slack)))
-        turned[p] = not (fits_upright and not fits_stored)
-    return turned
+    sideways = {p: info for p, info in found.files.items() if info.status == "ok" and info.orientation in (5, 6, 7, 8)
+                and info.stored == (images["width"][p], images["height"][p])}
+    if not sideways:
+        return {}
+    n = len(images["ids"])
+    upright, stored = np.zeros((n, 2)), np.zeros((n, 2))
+    for p, info in sideways.items():
+        upright[p], stored[p] = (info.width, info.height), info.stored
+    mine = anns["valid"] & np.isin(anns["image_pos"], list(sideways)) & np.isfinite(anns["boxes"]).all(axis=1)
+    at = anns["image_pos"][mine]
+    far = anns["boxes"][mine][:, :2] + anns["boxes"][mine][:, 2:]  # right, bottom
+    outside_upright = np.bincount(at, (far > upright[at] + slack).any(axis=1), minlength=n)
+    outside_stored = np.bincount(at, (far > stored[at] + slack).any(axis=1), minlength=n)
+    return {p: not (outside_upright[p] == 0 and outside_stored[p] > 0) for p in sideways}
+
+
+def _upright_boxes(boxes: np.ndarray, files: list[Any]) -> np.ndarray:
+    """``[N, 4]`` xywh boxes of the stored frames of ``files`` (one :class:`ImageFile` each) in
+    their upright frames."""
+    width, height = (np.array([f.stored[i] for f in files], dtype=np.float64) for i in (0, 1))
+    orientation = np.array([f.orientation for f in files])
+    out = boxes.copy()
+    for value in np.unique(orientation).tolist():
+        at = orientation == value
+        x, y, w, h = boxes[at].T
+        out[at] = np.stack(upright_box((x, y, w, h), width[at], height[at], value), axis=1)
+    return out
 
 
 def _turn_segmentation(seg: Any, width: int, height: int, orientation: int) -> Any:

@@ -9,7 +9,7 @@ does orch with ``data.exif: apply`` (the default): every image is read upright, 
 datasets labelled in it.
 
 Sizes come from the file header and its EXIF block (Pillow opens lazily: nothing is decoded).
-Standard library + Pillow (the ``orch`` CLI imports this).
+Standard library, Pillow and numpy (the ``orch`` CLI imports this; no torch).
 """
 
 from __future__ import annotations
@@ -95,11 +95,14 @@ def upright_point(x: float, y: float, width: float, height: float, orientation: 
 
 def upright_box(box: tuple[float, float, float, float], width: float, height: float,
                 orientation: int) -> tuple[float, float, float, float]:
-    """A COCO ``(x, y, w, h)`` box of the stored frame in the upright frame."""
+    """A COCO ``(x, y, w, h)`` box of the stored frame in the upright frame (numbers, or numpy
+    arrays of many boxes)."""
+    import numpy as np
+
     x, y, w, h = box
     (ax, ay), (bx, by) = (upright_point(x, y, width, height, orientation),
                           upright_point(x + w, y + h, width, height, orientation))
-    return (min(ax, bx), min(ay, by), abs(bx - ax), abs(by - ay))
+    return (np.minimum(ax, bx), np.minimum(ay, by), np.abs(bx - ax), np.abs(by - ay))
 
 
 def upright_polygon(flat: list[float], width: float, height: float, orientation: int) -> list[float]:
