@@ -10,9 +10,9 @@ by :func:`read_classes` for ``orch predict``); checkpoints of older versions lac
 
 Files under ``<output_dir>/checkpoints``: ``iter_<N>.pth`` (or ``epoch_<N>.pth``), ``best_<metric>.pth``
 and ``last_checkpoint`` (the file name of the newest). Each is written to a temporary file in
-the same folder, fsynced and renamed (the pointer through :func:`cluster.files.write_text_atomic`;
-``torch.save`` streams into its own temporary file so a large state is never held twice in
-memory), so a crash never leaves a half-written file under a final name. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
+the same folder, fsynced and renamed (:func:`cluster.files.atomic_write`; ``torch.save`` streams
+into the temporary file, so a large state is never held twice in memory), so a crash never leaves
+a half-written file under a final name; the files get the mode the umask gives any new file. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.errors import ConfigError
-from cluster.files import write_text_atomic
+from cluster.files import atomic_write, write_text_atomic
 from detection.models import not_a_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,38 +38,18 @@ POINTER = "last_checkpoint"
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same folder + fsync + rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    """``torch.save`` to ``path`` durably and atomically (:func:`cluster.files.atomic_write`:
+    a temporary file in the same folder, fsync, rename). The file gets the mode the umask gives
+    any new file, so a team can read a shared ``work_dirs``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(path, "wb", durable=True) as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
             # torch's zip writer reports a failed write (disk full, quota) as "unexpected pos N vs M".
             raise OSError(err.__context__.errno, err.__context__.strerror, path) from None
         raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    # The rename itself is durable only once the directory entry is flushed.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -178,7 +157,8 @@ class Checkpointer:
         self.last_path: Optional[str] = None
         if rank == 0:
             os.makedirs(self.dir, exist_ok=True)
-            # Left by a crash during a save (ours, or write_text_atomic's); never a valid checkpoint.
+            # Left by a crash during a save (``.<name>.*.tmp``; ``.tmp-*`` from older versions):
+            # never a valid checkpoint.
             for stale in glob.glob(os.path.join(self.dir, ".tmp-*")) + glob.glob(os.path.join(self.dir, ".*.tmp")):
                 os.unlink(stale)
 
@@ -214,7 +194,6 @@ class Checkpointer:
         if self.rank == 0:
             atomic_save(state, path)
             write_text_atomic(os.path.join(self.dir, POINTER), os.path.basename(path) + "\n", durable=True)
-            _fsync_dir(self.dir)
             self._prune()
             log.info("checkpoint %s (%s)", path, reason)
         self.last_path = path

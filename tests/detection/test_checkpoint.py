@@ -141,7 +141,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     try:
         deadline = time.time() + 60
         # Kill while a temporary file is being written: the moment a torn file would appear.
-        while not any(p.name.startswith(".tmp-") for p in final.parent.iterdir()):
+        while not any(p.name.endswith(".tmp") for p in final.parent.iterdir()):
             assert time.time() < deadline and proc.poll() is None, "writer never started a save"
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
@@ -155,9 +155,22 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 def test_stale_temporary_files_are_removed_on_start(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    (folder / ".tmp-abc.pth").write_bytes(b"half a checkpoint")
+    (folder / ".tmp-abc.pth").write_bytes(b"half a checkpoint (an older version's name)")
+    (folder / ".iter_4.pth.x1y2.tmp").write_bytes(b"half a checkpoint")
     Checkpointer(str(tmp_path), CheckpointConfig())
-    assert not list(folder.glob(".tmp-*"))
+    assert os.listdir(folder) == []
+
+
+def test_checkpoints_are_readable_by_the_team_as_the_umask_says(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = Checkpointer(str(tmp_path), CheckpointConfig()).save(_fake_trainer(iteration=3))
+        atomic_save({"k": 1}, str(tmp_path / "other.pth"))
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o640"  # the group reads; mkstemp alone gives 0o600
+    assert oct(os.stat(tmp_path / "other.pth").st_mode & 0o777) == "0o640"
+    assert oct(os.stat(os.path.join(os.path.dirname(path), "last_checkpoint")).st_mode & 0o777) == "0o640"
 
 
 def _fake_trainer(world_size=1, iteration=0, max_iters=10, model=None):
