@@ -116,11 +116,14 @@ def unlink_quietly(path: PathLike) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: PathLike, shared: bool = False, blocking: bool = True, mode: int = 0o600) -> Iterator[bool]:
+def file_lock(path: PathLike, shared: bool = False, blocking: bool = True, mode: int = 0o600,
+              required: bool = True) -> Iterator[bool]:
     """Hold an ``flock`` on the file ``path`` (created with ``mode`` when missing) for the block:
     exclusive, or ``shared`` for readers. The kernel drops it when the holder dies, so a crash
-    never leaves the file locked. With ``blocking=False`` the block runs at once and gets False
-    when another process holds the lock (True when this one got it)."""
+    never leaves the file locked. The block gets whether the lock is held: False with
+    ``blocking=False`` when another process holds it, and with ``required=False`` when the file
+    system refuses locks (ENOLCK on a network file system without lockd; the caller decides
+    whether to go on unlocked). Otherwise that refusal raises its OSError."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
     try:
         flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
@@ -129,10 +132,14 @@ def locked(path: PathLike, shared: bool = False, blocking: bool = True, mode: in
             held = True
         except BlockingIOError:
             held = False
+        except OSError:
+            if required:
+                raise
+            held = False
         yield held
     finally:
         os.close(fd)  # closing drops the flock
 
 
-__all__ = ["atomic_path", "atomic_write", "locked", "new_file_mode", "read_json", "unlink_quietly",
+__all__ = ["atomic_path", "atomic_write", "file_lock", "new_file_mode", "read_json", "unlink_quietly",
            "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from cluster.files import (atomic_path, atomic_write, locked, read_json, write_bytes_atomic, write_json_atomic,
+from cluster.files import (atomic_path, atomic_write, file_lock, read_json, write_bytes_atomic, write_json_atomic,
                            write_text_atomic)
 
 
@@ -54,24 +54,24 @@ def test_atomic_path_moves_on_success_and_removes_on_failure(tmp_path):
     assert target.read_bytes() == b"frames" and os.listdir(tmp_path) == ["video.mp4"]
 
 
-def test_locked_excludes_another_process_and_is_dropped_when_it_dies(tmp_path):
+def test_file_lock_excludes_another_process_and_is_dropped_when_it_dies(tmp_path):
     lock = tmp_path / "leases.lock"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from cluster.files import locked
-        with locked({str(lock)!r}):
+        from cluster.files import file_lock
+        with file_lock({str(lock)!r}):
             print("held", flush=True)
             time.sleep(60)
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with locked(lock, blocking=False) as held:
+        with file_lock(lock, blocking=False) as held:
             assert held is False
-        with locked(lock, shared=True, blocking=False) as held:
+        with file_lock(lock, shared=True, blocking=False) as held:
             assert held is False
     finally:
         holder.kill()
         holder.wait()
         holder.stdout.close()
-    with locked(lock, blocking=False) as held:  # the kernel dropped the dead holder's lock
+    with file_lock(lock, blocking=False) as held:  # the kernel dropped the dead holder's lock
         assert held is True
