@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from cluster.env import DistEnv
 from cluster.errors import ConfigError
 from detection.checkpoint import Checkpointer, atomic_save, load_checkpoint
 from detection.config import CheckpointConfig
-from detection.engine import Preempted
+from detection.engine import Preempted, Trainer
 from detection.hooks import Hook
 from detection.lr_scaling import scale_lr
 from detection.config import OptimConfig, ScheduleConfig
@@ -108,7 +107,8 @@ def test_resume_auto_on_another_world_size_still_rescales(make_experiment, caplo
     first = main(load_experiment(path), DistEnv.single())
     state = load_checkpoint(first.last_checkpoint)
     assert state["iter"] == 4 and state["world_size"] == 1
-    atomic_save({**state, "world_size": 2, "max_iters": 16}, first.last_checkpoint)
+    # "run_id": an entry of older versions' checkpoints (always None there), ignored on load.
+    atomic_save({**state, "world_size": 2, "max_iters": 16, "run_id": None}, first.last_checkpoint)
     steps = LossRecorder()
     with caplog.at_level(logging.WARNING, logger="detection.checkpoint"):
         result = main(load_experiment(path, ["runtime.resume=auto", "schedule.iterations=8"]),
@@ -173,16 +173,43 @@ def test_checkpoints_are_readable_by_the_team_as_the_umask_says(tmp_path):
     assert oct(os.stat(os.path.join(os.path.dirname(path), "last_checkpoint")).st_mode & 0o777) == "0o640"
 
 
-def _fake_trainer(world_size=1, iteration=0, max_iters=10, model=None):
+def _fake_trainer(world_size=1, iteration=0, max_iters=10, model=None, checkpointer=None):
+    """A real Trainer of a tiny model, without data (the checkpoint tests never step it)."""
     model = model if model is not None else torch.nn.Linear(2, 1)
-    optim = torch.optim.SGD(model.parameters(), lr=0.1)
-    return SimpleNamespace(
-        model=model, optimizer=optim, scaler=None, iter=iteration, iters_per_epoch=5, max_iters=max_iters,
-        env=DistEnv(world_size=world_size, master_port=1 if world_size > 1 else None, rank=0),
+    trainer = Trainer(
+        env=DistEnv(world_size=world_size, master_port=1 if world_size > 1 else None, rank=0), model=model,
+        train_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loader=None,
+        device=torch.device("cpu"), max_iters=max_iters, iters_per_epoch=5, checkpointer=checkpointer,
         lr_scaling=scale_lr(OptimConfig(lr=0.02), ScheduleConfig(epochs=2), world_size, 2),
-        history={"train": [], "eval": []}, metrics={}, run_id=None, pending_rng=None,
-        config=SimpleNamespace(runtime=SimpleNamespace(seed=0)), call_hooks=lambda *a: None,
     )
+    trainer.iter = iteration
+    return trainer
+
+
+# The entries of a checkpoint written before Trainer.state_dict owned them (Checkpointer.state).
+OLD_FORMAT = {"model", "optimizer", "scaler", "iter", "epoch", "max_iters", "iters_per_epoch", "world_size", "lr",
+              "best", "history", "metrics", "rng", "run_id", "pending_eval", "classes"}
+
+
+def test_a_checkpoint_of_the_older_format_resumes_everything_it_holds(tmp_path):
+    saved = _fake_trainer(iteration=7, max_iters=10, checkpointer=Checkpointer(str(tmp_path), CheckpointConfig()))
+    state = saved.state_dict()
+    assert set(state) == OLD_FORMAT - {"run_id"}  # the same entries, less the dead run_id
+    old = {**state, "run_id": None, "history": {"train": [{"iter": 5, "loss": 1.5}], "eval": []},
+           "metrics": {"bbox_mAP": 0.25}, "pending_eval": True,
+           "best": {"metric": "bbox_mAP", "value": 0.25, "iter": 5, "epoch": 1, "path": "best_bbox_mAP.pth"}}
+    del old["classes"]  # older still: no classes
+    folder = tmp_path / "work_dirs" / "exp" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(old, folder / "iter_7.pth")  # as the older version wrote it
+    (folder / "last_checkpoint").write_text("iter_7.pth\n")
+    checkpointer = Checkpointer(str(folder.parent), CheckpointConfig())
+    target = _fake_trainer(max_iters=10, model=torch.nn.Linear(2, 1), checkpointer=checkpointer)
+    checkpointer.resume(target, checkpointer.find_resume("auto"))
+    assert (target.iter, target.history, target.metrics, target.pending_eval) == (
+        7, old["history"], {"bbox_mAP": 0.25}, True)
+    assert checkpointer.best == old["best"] and target.pending_rng is not None
+    assert all(torch.equal(v, saved.model.state_dict()[k]) for k, v in target.model.state_dict().items())
 
 
 def test_max_keep_and_pointer(tmp_path):
@@ -199,7 +226,7 @@ def test_max_keep_and_pointer(tmp_path):
 @pytest.mark.parametrize("rule, values, best", [("greater", [0.2, 0.5, 0.4], 0.5), ("less", [0.9, 0.3, 0.6], 0.3)])
 def test_save_best_follows_the_rule(tmp_path, rule, values, best):
     ckpt = Checkpointer(str(tmp_path), CheckpointConfig(save_best="bbox_mAP", rule=rule))
-    trainer = _fake_trainer()
+    trainer = _fake_trainer(checkpointer=ckpt)
     improved = []
     for step, value in enumerate(values, 1):
         trainer.iter = step
@@ -207,6 +234,7 @@ def test_save_best_follows_the_rule(tmp_path, rule, values, best):
     assert improved == [True, True, False]
     assert ckpt.best["value"] == best and ckpt.best["iter"] == 2
     assert load_checkpoint(ckpt.best["path"])["iter"] == 2
+    assert load_checkpoint(ckpt.best["path"])["best"] == ckpt.best  # the best file names itself
     assert not ckpt.update_best(trainer, {"other": 1.0})  # metric absent: nothing to compare
 
 
