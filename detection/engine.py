@@ -148,7 +148,7 @@ class Trainer:
             "max_iters": self.max_iters,
             "iters_per_epoch": self.iters_per_epoch,
             "world_size": self.env.world_size,
-            "lr": self.lr_scaling.lr,
+            "lr": self.lr_scaling.lr if self.lr_scaling is not None else self.optimizer.param_groups[0]["lr"],
             **(self.checkpointer.state_dict() if self.checkpointer is not None else {"best": {}}),
             "history": self.history,
             "metrics": dict(self.metrics),
