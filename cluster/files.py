@@ -1,16 +1,74 @@
-"""Files that readers never see half-written: write to a temporary file in the same folder,
-then ``os.replace`` it over the target (atomic on POSIX). Standard library only."""
+"""Files that readers never see half-written, and one lock per file.
+
+Every atomic write in orch goes through :func:`atomic_path` (or :func:`atomic_write`, its open
+file): the content goes into a temporary file in the same folder, which is ``os.replace`` d over
+the target (atomic on POSIX) when the block ends normally and removed when it ends by an
+exception. The result gets the mode any new file gets (0666 less the umask, not ``mkstemp``'s
+0600), so that a team can read a job's outputs and checkpoints on shared storage. ``durable``
+also survives a power loss: the file and its folder are fsynced around the rename.
+Standard library only.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import IO, Any, Iterator, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, durable: bool = False) -> Iterator[str]:
+    """The path of an empty temporary file beside ``path`` for the block to fill (by any means:
+    a library that wants a file name, like an MP4 muxer); moved over ``path`` when the block ends
+    normally, removed when it raises. Its name (``.<name>.<random>.tmp``) marks a leftover of a
+    killed process."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); the result gets the mode any new file gets.
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+        yield tmp
+        if durable:
+            _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync(path.parent, os.O_RDONLY)  # the rename is durable once the folder entry is
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb", durable: bool = False,
+                 encoding: Optional[str] = None) -> Iterator[IO[Any]]:
+    """An open file (``mode`` ``"wb"`` or ``"w"``) whose content replaces ``path`` atomically
+    when the block ends normally (see :func:`atomic_path`)."""
+    if "w" not in mode:
+        raise ValueError(f"atomic_write writes a new file; mode {mode!r} has no 'w'")
+    with atomic_path(path, durable) as tmp:
+        with open(tmp, mode, encoding=encoding if "b" not in mode else None) as handle:
+            yield handle
+
+
+def _fsync(path: PathLike, flags: int) -> None:
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a folder; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: PathLike, text: str, durable: bool = False) -> None:
@@ -20,29 +78,20 @@ def write_text_atomic(path: PathLike, text: str, durable: bool = False) -> None:
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`write_text_atomic`)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); the result gets the mode any new file gets
-        # (0666 less the umask), so that a team can read a job's outputs on shared storage.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_write(path, "wb", durable) as handle:
+        handle.write(data)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def new_file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file here: 0666 less the umask."""
+    return 0o666 & ~_umask()
 
 
 def write_json_atomic(path: PathLike, data: Any, durable: bool = False, indent: Optional[int] = 1,
@@ -66,4 +115,31 @@ def unlink_quietly(path: PathLike) -> None:
         Path(path).unlink()
 
 
-__all__ = ["read_json", "unlink_quietly", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+@contextlib.contextmanager
+def file_lock(path: PathLike, shared: bool = False, blocking: bool = True, mode: int = 0o600,
+              required: bool = True) -> Iterator[bool]:
+    """Hold an ``flock`` on the file ``path`` (created with ``mode`` when missing) for the block:
+    exclusive, or ``shared`` for readers. The kernel drops it when the holder dies, so a crash
+    never leaves the file locked. The block gets whether the lock is held: False with
+    ``blocking=False`` when another process holds it, and with ``required=False`` when the file
+    system refuses locks (ENOLCK on a network file system without lockd; the caller decides
+    whether to go on unlocked). Otherwise that refusal raises its OSError."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, flags)
+            held = True
+        except BlockingIOError:
+            held = False
+        except OSError:
+            if required:
+                raise
+            held = False
+        yield held
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+__all__ = ["atomic_path", "atomic_write", "file_lock", "new_file_mode", "read_json", "unlink_quietly",
+           "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]

@@ -116,20 +116,20 @@ class DeviceLease:
 
 
 class DeviceRequest:
-    """A place in the queue for ``n`` devices; created in submission order, served by
+    """A place in the queue for ``count`` devices; created in submission order, served by
     :meth:`try_acquire` / :meth:`wait`. ``cancel()`` leaves the queue."""
 
-    def __init__(self, n: int, pool: DevicePool, *, owner_pid: Optional[int] = None, label: str = "",
+    def __init__(self, count: int, pool: DevicePool, *, owner_pid: Optional[int] = None, label: str = "",
                  environ: Optional[Mapping[str, str]] = None, enqueue: bool = True):
-        if n < 1:
-            raise ClusterError(f"a job needs at least 1 {pool.unit}, got {n} (--gpus)")
-        if n > pool.size:
+        if count < 1:
+            raise ClusterError(f"a job needs at least 1 {pool.unit}, got {count} (--gpus)")
+        if count > pool.size:
             raise ClusterError(
-                f"the job asks for {n} {pool.unit}s but this node has {pool.size} "
+                f"the job asks for {count} {pool.unit}s but this node has {pool.size} "
                 f"({', '.join(pool.ids)}); lower --gpus or use another backend"
             )
         env = os.environ if environ is None else environ
-        self.n, self.pool, self.label = n, pool, label
+        self.count, self.pool, self.label = count, pool, label
         self.owner = owner_identity(owner_pid)
         self.folder = lease_dir(f"devices-{pool.kind}", env)
         self.starve_s = float(env.get("ORCH_LEASE_STARVE_S", "300"))
@@ -143,7 +143,7 @@ class DeviceRequest:
         if self.ticket is None:
             # time_ns first so that names sort in arrival order; the uuid breaks ties.
             self.ticket = self.folder / f"ticket-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
-            write_json_atomic(self.ticket, dict(self.owner, n=self.n, label=self.label, created=time.time()))
+            write_json_atomic(self.ticket, dict(self.owner, n=self.count, label=self.label, created=time.time()))
 
     def try_acquire(self) -> Optional[DeviceLease]:
         """Take the devices if it is this request's turn and enough are free, else None."""
@@ -151,7 +151,7 @@ class DeviceRequest:
             leases, tickets = _scan(self.folder)
             busy = {d for record in leases.values() for d in record["devices"]}
             free = [d for d in self.pool.ids if d not in busy]
-            if len(free) < self.n:
+            if len(free) < self.count:
                 return None
             now = time.time()
             for path, record in tickets:
@@ -160,7 +160,7 @@ class DeviceRequest:
                 # An older request goes first when it fits too, or when it has waited too long.
                 if record["n"] <= len(free) or now - record["created"] > self.starve_s:
                     return None
-            devices = tuple(free[: self.n])
+            devices = tuple(free[: self.count])
             path = self.folder / f"lease-{uuid.uuid4().hex}.json"
             write_json_atomic(path, dict(self.owner, devices=list(devices), label=self.label, created=now))
             self.cancel()
@@ -172,7 +172,7 @@ class DeviceRequest:
             leases, tickets = _scan(self.folder)
         busy = {d for record in leases.values() for d in record["devices"]}
         ahead = sum(1 for path, _ in tickets if self.ticket is None or path.name < self.ticket.name)
-        return (f"waiting for {self.n} {self.pool.unit}(s): {self.pool.size - len(busy & set(self.pool.ids))} "
+        return (f"waiting for {self.count} {self.pool.unit}(s): {self.pool.size - len(busy & set(self.pool.ids))} "
                 f"of {self.pool.size} free, {ahead} request(s) ahead")
 
     def wait(self, timeout_s: Optional[float] = None, poll_s: float = 0.05,
@@ -202,16 +202,16 @@ class DeviceRequest:
             self.ticket = None
 
 
-def lease_devices(n: int, *, queue: bool = True, owner_pid: Optional[int] = None, label: str = "",
+def lease_devices(count: int, *, queue: bool = True, owner_pid: Optional[int] = None, label: str = "",
                   environ: Optional[Mapping[str, str]] = None, cpu_slots: Optional[int] = None,
                   timeout_s: Optional[float] = None, on_wait: Optional[Callable[[str], None]] = None) -> DeviceLease:
-    """Lease ``n`` devices of this node (see the module docstring for the order).
+    """Lease ``count`` devices of this node (see the module docstring for the order).
 
     ``queue=False`` (``--no-wait``) fails at once with :class:`ClusterError` when they are not
     free; asking for more than the pool has fails at once either way.
     """
     pool = detect_pool(environ, cpu_slots)
-    request = DeviceRequest(n, pool, owner_pid=owner_pid, label=label, environ=environ, enqueue=False)
+    request = DeviceRequest(count, pool, owner_pid=owner_pid, label=label, environ=environ, enqueue=False)
     # Fast path without a queue ticket: served at once when free and nobody who fits waits.
     lease = request.try_acquire()
     if lease is not None:

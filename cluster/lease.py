@@ -9,7 +9,6 @@ which the kernel drops when the holder dies, so a crash never leaves the folder 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import tempfile
@@ -17,7 +16,10 @@ from pathlib import Path
 from stat import S_IMODE, S_ISDIR
 from typing import Any, Iterator, Mapping, Optional
 
+import psutil
+
 from cluster.errors import ClusterError
+from cluster.files import file_lock
 
 
 def runtime_dir(environ: Optional[Mapping[str, str]] = None) -> Path:
@@ -88,15 +90,20 @@ def lease_dir(kind: str, environ: Optional[Mapping[str, str]] = None) -> Path:
 
 
 def process_start_time(pid: int) -> Optional[str]:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None
-    when the process does not exist or /proc is not available."""
+    """Start time of ``pid`` in clock ticks since boot (on Linux ``/proc/<pid>/stat`` field 22, the
+    form leases and job records have always stored), or None when the process does not exist."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return _ticks(psutil.Process(pid))
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    # The command name (field 2) may contain spaces and ')', so split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[19]
+
+
+def _ticks(process: psutil.Process) -> str:
+    # psutil gives boot time + ticks / CLK_TCK, with the boot time a whole second: exact back to ticks.
+    return str(round((process.create_time() - psutil.boot_time()) * _CLOCK_TICKS))
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def owner_identity(pid: Optional[int] = None) -> dict[str, Any]:
@@ -112,19 +119,14 @@ def is_alive(pid: int, start: Optional[str] = None) -> bool:
     if pid == os.getpid():  # our own leases and tickets: the common case in a supervisor
         return start is None or start == _own_start()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        return start is None or _ticks(process) == start
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc (macOS): the kill(0) answer is all we have
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    return start is None or fields[19] == start
+    except psutil.AccessDenied:
+        return True  # exists, and this system does not let us look closer
 
 
 _OWN: dict[int, Optional[str]] = {}
@@ -146,9 +148,5 @@ def owner_alive(record: Mapping[str, Any]) -> bool:
 @contextlib.contextmanager
 def locked(folder: Path) -> Iterator[None]:
     """Hold the exclusive lock of ``folder`` (``folder/.lock``) for the block."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(folder / ".lock"):
         yield
-    finally:
-        os.close(fd)  # closing drops the flock

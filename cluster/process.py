@@ -1,5 +1,5 @@
-"""Processes of this node: start one detached, signal and reap a whole process group.
-Standard library only (Linux ``/proc`` where it helps)."""
+"""Processes of this node: start one detached, signal and stop a whole process group.
+Standard library and psutil (process facts) only."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 from typing import Mapping, Optional, Sequence
+
+import psutil
 
 from cluster.errors import ClusterError
 from cluster.lease import owner_identity
@@ -44,34 +45,32 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
+            if os.getpgid(process.pid) == pgid and process.status() not in _GONE:
+                return True
+        except (OSError, psutil.Error):
+            continue  # ended while we looked
     return False
 
 
-def stop_group(pgid: int, grace_s: float = 10.0, poll_s: float = 0.1) -> None:
-    """SIGTERM process group ``pgid``; SIGKILL what is left after ``grace_s``. ClusterError when
-    the group belongs to someone else."""
+_GONE = (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+
+
+def stop_group(pgid: int, grace_s: float = 10.0, poll_s: float = 0.1) -> bool:
+    """SIGTERM process group ``pgid``; SIGKILL what is left after ``grace_s``. Returns True when
+    the group was gone within the grace period (or already), False when it had to be killed.
+    ClusterError when the group belongs to someone else."""
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        return True
     except PermissionError:
         raise ClusterError(f"no permission to signal process group {pgid}; was it started by another user?") from None
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         if not group_alive(pgid):
-            return
+            return True
         time.sleep(poll_s)
     signal_group(pgid, signal.SIGKILL)
+    return False

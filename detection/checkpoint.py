@@ -1,6 +1,7 @@
 """Checkpoints: atomic files, newest-N retention, best-metric copies, exact resume.
 
-A checkpoint holds everything a run needs to continue as if never stopped: model, optimizer,
+A checkpoint is ``Trainer.state_dict()`` (:mod:`detection.engine` owns what it holds):
+everything a run needs to continue as if never stopped: model, optimizer,
 AMP scaler, iteration (the epoch, the LR and the sampler position follow from it: the LR is a
 function of the iteration and the batch order a function of (seed, epoch)), best metric, history,
 and every rank's RNG states (python, numpy, torch, cuda). In deterministic mode on CPU a run
@@ -10,9 +11,9 @@ by :func:`read_classes` for ``orch predict``); checkpoints of older versions lac
 
 Files under ``<output_dir>/checkpoints``: ``iter_<N>.pth`` (or ``epoch_<N>.pth``), ``best_<metric>.pth``
 and ``last_checkpoint`` (the file name of the newest). Each is written to a temporary file in
-the same folder, fsynced and renamed (the pointer through :func:`cluster.files.write_text_atomic`;
-``torch.save`` streams into its own temporary file so a large state is never held twice in
-memory), so a crash never leaves a half-written file under a final name. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
+the same folder, fsynced and renamed (:func:`cluster.files.atomic_write`; ``torch.save`` streams
+into the temporary file, so a large state is never held twice in memory), so a crash never leaves
+a half-written file under a final name; the files get the mode the umask gives any new file. Everything is saved as tensors and plain types, so loading uses ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from cluster.errors import ConfigError
-from cluster.files import write_text_atomic
+from cluster.files import atomic_write, write_text_atomic
 from detection.models import not_a_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,38 +39,18 @@ POINTER = "last_checkpoint"
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file in the same folder + fsync + rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    """``torch.save`` to ``path`` durably and atomically (:func:`cluster.files.atomic_write`:
+    a temporary file in the same folder, fsync, rename). The file gets the mode the umask gives
+    any new file, so a team can read a shared ``work_dirs``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_write(path, "wb", durable=True) as handle:
             torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, RuntimeError) and isinstance(err.__context__, OSError):
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
             # torch's zip writer reports a failed write (disk full, quota) as "unexpected pos N vs M".
             raise OSError(err.__context__.errno, err.__context__.strerror, path) from None
         raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    # The rename itself is durable only once the directory entry is flushed.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -136,16 +116,18 @@ def read_classes(path: str) -> Optional[tuple[tuple[str, ...], tuple[int, ...]]]
     return tuple(str(n) for n in names), tuple(int(c) for c in cat_ids)
 
 
-# What Checkpointer.state writes and Checkpointer.resume needs; a plain state dict lacks them.
+# What Trainer.state_dict writes and a resume needs; a plain state dict lacks them.
 RESUME_KEYS = ("model", "optimizer", "iter", "max_iters", "world_size", "rng")
 
 
-def _gather(obj: Any) -> list[Any]:
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`get_rng_state`, in rank order (a collective: every rank calls it)."""
+    state = get_rng_state()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, state)
         return out
-    return [obj]
+    return [state]
 
 
 def _state_difference(own: dict[str, Any], saved: Any) -> Optional[str]:
@@ -163,7 +145,9 @@ def _state_difference(own: dict[str, Any], saved: Any) -> Optional[str]:
 
 
 class Checkpointer:
-    """Saves and restores a :class:`~detection.engine.Trainer`'s state (see the module docstring).
+    """Writes and reads the files of a :class:`~detection.engine.Trainer`'s state (see the
+    module docstring); what a checkpoint holds is ``Trainer.state_dict()``, and the checkpointer's
+    own part of it is the best-metric record.
 
     Every rank calls :meth:`save` (the RNG states are gathered); rank 0 writes. ``cfg`` is the
     ``checkpoint`` section; ``seed`` (``runtime.seed``) reseeds a resume on another world size.
@@ -178,43 +162,31 @@ class Checkpointer:
         self.last_path: Optional[str] = None
         if rank == 0:
             os.makedirs(self.dir, exist_ok=True)
-            # Left by a crash during a save (ours, or write_text_atomic's); never a valid checkpoint.
+            # Left by a crash during a save (``.<name>.*.tmp``; ``.tmp-*`` from older versions):
+            # never a valid checkpoint.
             for stale in glob.glob(os.path.join(self.dir, ".tmp-*")) + glob.glob(os.path.join(self.dir, ".*.tmp")):
                 os.unlink(stale)
 
-    # -- saving ---------------------------------------------------------------------------
-    def state(self, trainer: Any) -> dict[str, Any]:
-        """The checkpoint content of ``trainer`` (every rank must call: gathers RNG states)."""
-        rng = _gather(get_rng_state())
-        return {
-            "model": trainer.model.state_dict(),
-            "optimizer": trainer.optimizer.state_dict(),
-            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            "iter": trainer.iter,
-            "epoch": trainer.iter // trainer.iters_per_epoch,
-            "max_iters": trainer.max_iters,
-            "iters_per_epoch": trainer.iters_per_epoch,
-            "world_size": trainer.env.world_size,
-            "lr": trainer.lr_scaling.lr,
-            "best": dict(self.best),
-            "history": trainer.history,
-            "metrics": dict(trainer.metrics),
-            "rng": rng,
-            "run_id": getattr(trainer, "run_id", None),
-            "pending_eval": bool(getattr(trainer, "pending_eval", False)),
-            "classes": dataset_classes(getattr(getattr(trainer, "loader", None), "dataset", None)),
-        }
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpointer's part of a checkpoint (gathered by ``Trainer.state_dict``): the
+        best-metric record ``{"metric", "value", "iter", "epoch", "path"}``."""
+        return {"best": dict(self.best)}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state_dict` gave (a checkpoint without it: no best yet)."""
+        self.best = dict(state.get("best") or {})
+
+    # -- saving ---------------------------------------------------------------------------
     def save(self, trainer: Any, reason: str = "interval") -> str:
         """Write the periodic checkpoint of the current step; prune; move the pointer."""
         count = trainer.iter if self.unit == "iter" or reason == "preempted" else trainer.iter // trainer.iters_per_epoch
         unit = "iter" if reason == "preempted" else self.unit
         path = os.path.join(self.dir, f"{unit}_{count}.pth")
-        state = self.state(trainer)
+        state = trainer.state_dict()
         if self.rank == 0:
             atomic_save(state, path)
             write_text_atomic(os.path.join(self.dir, POINTER), os.path.basename(path) + "\n", durable=True)
-            _fsync_dir(self.dir)
             self._prune()
             log.info("checkpoint %s (%s)", path, reason)
         self.last_path = path
@@ -238,7 +210,7 @@ class Checkpointer:
         path = os.path.join(self.dir, f"best_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.pth")
         self.best = {"metric": name, "value": value, "iter": trainer.iter,
                      "epoch": trainer.iter // trainer.iters_per_epoch, "path": path}
-        state = self.state(trainer)
+        state = trainer.state_dict()
         if self.rank == 0:
             atomic_save(state, path)
         self._barrier()
@@ -283,10 +255,11 @@ class Checkpointer:
         return spec
 
     def resume(self, trainer: Any, path: str) -> None:
-        """Restore ``trainer`` from ``path``. On the same world size the exact position and RNG
-        states (also when the schedule is now longer or shorter); on another world size the
-        position is carried over as the same fraction of training, the LR rule is re-applied and
-        the RNG reseeded."""
+        """Check that ``path`` is an orch training checkpoint of this model and hand it to
+        ``trainer.load_state_dict`` (same world size: the exact position and RNG states; another:
+        the same fraction of training, the LR rule re-applied, the RNG reseeded with
+        ``runtime.seed``); says which in the log. Checkpoints of older versions load too (their
+        ``run_id`` entry is ignored)."""
         state = load_checkpoint(path)
         missing = [k for k in RESUME_KEYS if k not in state] if isinstance(state, dict) else list(RESUME_KEYS)
         if missing:
@@ -294,52 +267,32 @@ class Checkpointer:
                 f"runtime.resume: {path} is not an orch training checkpoint (no {', '.join(missing)}); "
                 "to start from its weights use runtime.load_from (or model.weights) instead"
             )
-        try:
-            # Compared first: torch's own size-mismatch error is a multi-line list of every tensor.
-            difference = _state_difference(trainer.model.state_dict(), state["model"])
-            if difference is None:
-                trainer.model.load_state_dict(state["model"])
-                trainer.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError, AttributeError) as err:
-            difference = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        # Compared first: torch's own size-mismatch error is a multi-line list of every tensor.
+        difference = _state_difference(trainer.model.state_dict(), state["model"])
+        if difference is None:
+            try:
+                trainer.load_state_dict(state, reseed=self.seed)
+            except (RuntimeError, ValueError, KeyError, AttributeError) as err:
+                difference = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         if difference is not None:
             raise ConfigError(
                 f"runtime.resume: {path} belongs to another model.type or class count ({difference}); "
                 "use runtime.load_from for weights of another model, or a fresh runtime.output_dir"
             )
-        if trainer.scaler is not None and state.get("scaler"):
-            trainer.scaler.load_state_dict(state["scaler"])
-        self.best = dict(state.get("best") or {})
-        trainer.history = state.get("history") or {"train": [], "eval": []}
-        trainer.metrics = dict(state.get("metrics") or {})
         self.last_path = path
-        trainer.run_id = state.get("run_id")
-        trainer.pending_eval = bool(state.get("pending_eval"))
-        rank = trainer.env.rank
-        if state["world_size"] == trainer.env.world_size:
-            # Same world size: the exact position and RNG states, whatever the schedule length now
-            # is (a longer schedule continues where the checkpoint stopped).
-            trainer.iter = int(state["iter"])
-            trainer.pending_rng = state["rng"][rank]
-            if state["max_iters"] == trainer.max_iters:
-                log.info("resumed from %s at iteration %d", path, trainer.iter)
-            elif trainer.iter < trainer.max_iters:
-                log.info("resumed from %s at iteration %d; schedule changed from %d to %d iterations",
-                         path, trainer.iter, state["max_iters"], trainer.max_iters)
-            else:
-                log.warning("resumed from %s at iteration %d, past the schedule's end (%d iterations now): "
-                            "nothing left to train; lengthen schedule.iterations/epochs to continue",
-                            path, trainer.iter, trainer.max_iters)
-            return
-        fraction = state["iter"] / max(1, state["max_iters"])
-        trainer.iter = min(trainer.max_iters, round(fraction * trainer.max_iters))
-        seed = self.seed + rank + trainer.iter
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        log.warning(
-            "resumed from %s (world size %d, iteration %d/%d) on world size %d: continuing at "
-            "iteration %d/%d; LR rule re-applied: %s (was lr %.6g); RNG reseeded",
-            path, state["world_size"], state["iter"], state["max_iters"], trainer.env.world_size,
-            trainer.iter, trainer.max_iters, trainer.lr_scaling.describe(), state["lr"],
-        )
+        if state["world_size"] != trainer.env.world_size:
+            log.warning(
+                "resumed from %s (world size %d, iteration %d/%d) on world size %d: continuing at "
+                "iteration %d/%d; LR rule re-applied: %s (was lr %.6g); RNG reseeded",
+                path, state["world_size"], state["iter"], state["max_iters"], trainer.env.world_size,
+                trainer.iter, trainer.max_iters, trainer.lr_scaling.describe(), state["lr"],
+            )
+        elif state["max_iters"] == trainer.max_iters:
+            log.info("resumed from %s at iteration %d", path, trainer.iter)
+        elif trainer.iter < trainer.max_iters:
+            log.info("resumed from %s at iteration %d; schedule changed from %d to %d iterations",
+                     path, trainer.iter, state["max_iters"], trainer.max_iters)
+        else:
+            log.warning("resumed from %s at iteration %d, past the schedule's end (%d iterations now): "
+                        "nothing left to train; lengthen schedule.iterations/epochs to continue",
+                        path, trainer.iter, trainer.max_iters)

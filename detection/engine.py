@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -45,7 +47,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
     best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "epoch", "iter", "path"}
     output_dir: str = ""
-    run_id: Optional[str] = None
+    run_id: Optional[str] = None  # always None (the journal names the MLflow run); read by launchers/slurm/task.py
     last_checkpoint: Optional[str] = None
     iterations: int = 0
     epochs: int = 0
@@ -75,8 +77,12 @@ class Trainer:
     epoch, resumable at a batch). The forward pass runs under autocast to ``amp_dtype`` when
     given (float16 when only a ``scaler`` is: the scaler is for float16 gradients). Every step
     sums ``accumulation_steps`` batches, clips the gradient norm to ``grad_clip`` (when set;
-    unscaled first) and records the loss in ``history`` every ``log_interval`` steps. Resume state (``iter``, ``pending_rng``) is set by the checkpointer
-    before :meth:`train`. ``config`` is kept only for hooks that need the experiment once.
+    unscaled first) and records the loss in ``history`` every ``log_interval`` steps.
+
+    The trainer is the one owner of training state: :meth:`state_dict` is what a checkpoint holds
+    and :meth:`load_state_dict` continues from one (the checkpointer saves and loads them). Hooks
+    read the trainer's attributes and never set them; they report through :meth:`report_eval`
+    and :meth:`defer_eval`.
     """
 
     def __init__(
@@ -99,9 +105,8 @@ class Trainer:
         accumulation_steps: int = 1,
         grad_clip: Optional[float] = None,
         log_interval: int = 10,
-        config: Any = None,
     ) -> None:
-        self.config, self.env = config, env
+        self.env = env
         self.model, self.train_model, self.optimizer = model, train_model, optimizer
         self.loader, self.device = loader, device
         self.max_iters, self.iters_per_epoch = max_iters, iters_per_epoch
@@ -115,14 +120,84 @@ class Trainer:
         self.epoch = 0  # 0-based epoch in progress (in after_epoch: the epoch just finished)
         self.log_interval = max(1, int(log_interval))
         self.history: dict[str, list] = {"train": [], "eval": []}
-        self.metrics: dict[str, float] = {}
-        self.run_id: Optional[str] = None
+        self.metrics: dict[str, float] = {}  # of the last evaluation
         self.pending_rng: Optional[dict] = None  # set by a resume; applied at the first batch
         # A stop was asked at this step (preemption: USR2 comes ~90 s before the time limit):
         # hooks leave slow work (an evaluation, a periodic save) to the resumed run.
         self.stopping = False
         self.pending_eval = False  # an evaluation skipped for a stop; the resumed run does it first
         self.distributed = env.world_size > 1 and dist.is_available() and dist.is_initialized()
+        self._speed_window = [0.0, 0.0]  # images and seconds since the last logged step
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds: model, optimizer, AMP scaler, the position (``iter``; the
+        epoch, LR and batch order follow from it), the schedule and world size it was taken on,
+        the last evaluation (``metrics``, ``history``, ``pending_eval``), the checkpointer's
+        best-metric record, every rank's RNG states and the training classes. Tensors and plain
+        types only (``weights_only`` loading). Every rank must call it: the RNG states are
+        gathered."""
+        from detection.checkpoint import dataset_classes, gather_rng_states
+
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "iter": self.iter,
+            "epoch": self.iter // self.iters_per_epoch,
+            "max_iters": self.max_iters,
+            "iters_per_epoch": self.iters_per_epoch,
+            "world_size": self.env.world_size,
+            "lr": self.lr_scaling.lr if self.lr_scaling is not None else self.optimizer.param_groups[0]["lr"],
+            **(self.checkpointer.state_dict() if self.checkpointer is not None else {"best": {}}),
+            "history": self.history,
+            "metrics": dict(self.metrics),
+            "rng": gather_rng_states(),
+            "pending_eval": self.pending_eval,
+            "classes": dataset_classes(getattr(self.loader, "dataset", None)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], reseed: int = 0) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of this or an older version). On the same
+        world size: the exact position and, at the first batch, this rank's RNG states (whatever
+        the schedule length now is: a longer schedule continues where the state stopped). On
+        another world size: the same fraction of training, the RNG seeded with ``reseed + rank +
+        iter`` (the LR follows from the iteration). Raises what torch raises for a state of
+        another model or optimizer."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.checkpointer is not None:
+            self.checkpointer.load_state_dict(state)
+        self.history = state.get("history") or {"train": [], "eval": []}
+        self.metrics = dict(state.get("metrics") or {})
+        self.pending_eval = bool(state.get("pending_eval"))
+        if state["world_size"] == self.env.world_size:
+            self.iter = int(state["iter"])
+            self.pending_rng = state["rng"][self.env.rank]
+            return
+        self.iter = min(self.max_iters, round(state["iter"] / max(1, state["max_iters"]) * self.max_iters))
+        seed = reseed + self.env.rank + self.iter
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # -- what hooks report ----------------------------------------------------------------
+    def report_eval(self, metrics: dict[str, float]) -> dict[str, Any]:
+        """Record an evaluation of the current step (the same ``metrics`` on every rank) and tell
+        the hooks (``after_eval``); returns the history record (``iter``, ``epoch``, ``metrics``)."""
+        self.metrics = dict(metrics)
+        self.pending_eval = False
+        record = {"iter": self.iter, "epoch": self.iter / self.iters_per_epoch, "metrics": self.metrics}
+        self.history["eval"].append(record)
+        self.call_hooks("after_eval", self.metrics)
+        return record
+
+    def defer_eval(self) -> None:
+        """An evaluation is due but the run is stopping: the checkpoint records it as pending and
+        the resumed run does it first."""
+        self.pending_eval = True
 
     def call_hooks(self, name: str, *args: Any) -> None:
         """Call ``name`` on every hook in order."""
@@ -142,7 +217,7 @@ class Trainer:
                     hook.on_error(self, err)
             raise
         result = TrainResult(
-            metrics=dict(self.metrics), output_dir=self.output_dir, run_id=self.run_id,
+            metrics=dict(self.metrics), output_dir=self.output_dir,
             iterations=self.iter, epochs=self.iter // self.iters_per_epoch,
         )
         if self.checkpointer is not None:
@@ -166,8 +241,13 @@ class Trainer:
             log_values, stop = self.run_step(batches)
             self.iter += 1
             self.stopping = stop and self.iter < self.max_iters
+            self._speed_window[0] += log_values["images"]
+            self._speed_window[1] += log_values["time"]
             if self.iter % self.log_interval == 0 or self.iter == self.max_iters:
                 self.history["train"].append({"iter": self.iter, "loss": log_values["loss"]})
+                images, seconds = self._speed_window
+                log_values["images_per_s"] = images / seconds if seconds > 0 else 0.0
+                self._speed_window = [0.0, 0.0]
             self.call_hooks("after_iter", log_values)
         if self.iter == (epoch + 1) * self.iters_per_epoch:
             self.call_hooks("after_epoch")  # before a stop too: a resumed run starts the next epoch
@@ -175,7 +255,9 @@ class Trainer:
             self._preempt()
 
     def run_step(self, batches: Iterator) -> tuple[dict[str, float], bool]:
-        """One optimizer step; returns the log values and whether any rank asked to stop."""
+        """One optimizer step; returns the log values and whether any rank asked to stop. On
+        logged steps (every ``log_interval``, and the last) the loop adds ``images_per_s``,
+        averaged since the previous logged step."""
         start = time.perf_counter()
         stop_local = any(hook.should_stop(self) for hook in self.hooks)
         totals: Optional[dict[str, torch.Tensor]] = None

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from cluster.errors import ConfigError, DataError
+from cluster.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +219,8 @@ def gather_predictions(preds: list[dict[str, Any]], world_size: int) -> list[dic
 def write_predictions(path: str, preds: Sequence[Mapping[str, Any]]) -> str:
     """Write COCO result dicts as JSON, atomically (temporary file + rename); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with atomic_write(path, "w", encoding="utf-8") as handle:
         json.dump(list(preds), handle)
-    os.replace(tmp, path)
     return path
 
 

@@ -55,7 +55,7 @@ def main(config: Any, env: DistEnv, hooks: Sequence[Any] = ()) -> TrainResult:
             output_dir=output_dir, lr_scaling=scaling, checkpointer=checkpointer,
             scaler=build.build_scaler(config.runtime, device), amp_dtype=build.amp_dtype(config.runtime, device),
             accumulation_steps=config.optim.accumulation_steps,
-            grad_clip=config.optim.grad_clip, log_interval=config.runtime.log_interval, config=config,
+            grad_clip=config.optim.grad_clip, log_interval=config.runtime.log_interval,
             hooks=build.build_hooks(config, env, scaling, iters_per_epoch, max_iters, eval_loader, eval_set, hooks),
         )
         build.resume(trainer, config.runtime.resume)

@@ -140,11 +140,6 @@ def enum_for(model_type: str, backbone: Optional[str], key: str) -> Optional[str
     return BACKBONE_ENUMS.get(model_type)
 
 
-def names_of(enum: str) -> list[str]:
-    """The names an enum accepts, ``DEFAULT`` first: ``['DEFAULT', 'IMAGENET1K_V1', ...]``."""
-    return ["DEFAULT", *ENUMS[enum].files]
-
-
 def _valid_text(enum: str) -> str:
     row = ENUMS[enum]
     return (f"valid: DEFAULT (= {row.default}), {', '.join(row.files)}, or {enum}.<name>; "

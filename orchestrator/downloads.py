@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from cluster.errors import LaunchError
+from cluster.files import atomic_write
 from detection.weights import TORCHVISION_URL, WeightsFile, default_cache_dir
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per connect / read: an offline node that drops packets fails in 30 s
@@ -68,19 +69,13 @@ def fetch(entry: WeightsFile, environ: Optional[Mapping[str, str]] = None,
 
 def _download(url: str, path: Path, hash_prefix: Optional[str], progress: bool) -> None:
     import http.client
-    import tempfile
     import urllib.error
 
     hint = (f"connect this machine, set ORCH_WEIGHTS_MIRROR to a mirror of {TORCHVISION_URL}, or copy "
             f"{path.name} into {path.parent} (the weights cache)")
     try:
-        # A temporary file in the cache folder itself, so that the final rename is atomic.
-        handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
-    except OSError as err:
-        raise LaunchError(f"cannot write to the weights cache {path.parent} ({err.strerror}); point "
-                          "ORCH_WEIGHTS_DIR at a writable folder") from None
-    try:
-        with handle:
+        # A temporary file in the cache folder itself, renamed in only once its hash is checked.
+        with atomic_write(path) as handle:
             try:
                 digest = _copy_url(url, handle, progress, path.name)
             except urllib.error.HTTPError as err:
@@ -89,17 +84,13 @@ def _download(url: str, path: Path, hash_prefix: Optional[str], progress: bool) 
                 raise LaunchError(f"cannot download {url} ({_reason(err.reason)}); {hint}") from None
             except (OSError, http.client.HTTPException) as err:  # timeouts, resets, cut transfers, a full disk
                 raise LaunchError(f"cannot download {url} ({_reason(err)}); {hint}") from None
-        if hash_prefix and not digest.startswith(hash_prefix):
-            raise LaunchError(f"{url}: sha256 {digest[:len(hash_prefix)]}... does not match the {hash_prefix} in "
-                              f"its name (a corrupt download, or a wrong mirror); nothing was kept in {path.parent}")
-        # Temporary files are private (0600); a shared cache must be readable as the umask allows.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)
-        os.replace(handle.name, path)
-    finally:
-        if os.path.exists(handle.name):
-            os.remove(handle.name)
+            if hash_prefix and not digest.startswith(hash_prefix):
+                raise LaunchError(f"{url}: sha256 {digest[:len(hash_prefix)]}... does not match the {hash_prefix} "
+                                  f"in its name (a corrupt download, or a wrong mirror); nothing was kept in "
+                                  f"{path.parent}")
+    except OSError as err:  # the temporary file could not be made or renamed
+        raise LaunchError(f"cannot write to the weights cache {path.parent} ({err.strerror}); point "
+                          "ORCH_WEIGHTS_DIR at a writable folder") from None
 
 
 def _copy_url(url: str, out, progress: bool, label: str) -> str:

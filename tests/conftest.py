@@ -11,12 +11,18 @@ Fixtures:
     tiny_experiment    Path of the tiny experiment YAML with no overrides
     tiny_checkpoint    (session) (experiment YAML, best checkpoint) of one tiny training run
     random_detector    (session) (experiment YAML, state dict) of a seeded random Faster R-CNN
+
+The session fails when it leaves a process running: every process a test starts inherits
+``ORCH_TEST_SESSION=<this session's id>`` (each pytest-xdist worker has its own), and at the
+end, after every other fixture is torn down (shared clusters and servers included), what is
+still alive of this session is given a few seconds, killed, and named.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +32,28 @@ import yaml
 # Before anything imports torch: on this shared 2-core machine, spinning OpenMP threads of
 # concurrent test processes slow each other down by 30x or more; sleeping waiters do not.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def pytest_configure(config):
+    # In pytest_configure, not at import: every xdist worker (which inherits the controller's
+    # environment) gets an id of its own, and loading this file by path again changes nothing.
+    from orch_testing import SESSION_VAR
+
+    os.environ[SESSION_VAR] = uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """Fail the session (at its last teardown) when a process it started outlives it: servers,
+    daemons, shippers, Ray, trainers. The first session fixture set up, so the last torn down:
+    the clusters and servers that other session fixtures share are stopped before it looks."""
+    from orch_testing import SESSION_VAR, reap_session
+
+    yield
+    left = reap_session(os.environ[SESSION_VAR])
+    if left:
+        pytest.fail(f"the test session left {len(left)} process(es) running (killed now; stop what a test "
+                    "starts in its fixture's teardown):\n" + "\n".join(line[:400] for line in left), pytrace=False)
+
 
 SHAPES_TRAIN = 16
 SHAPES_VAL = 8

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+import psutil
 
 
 def root_conftest() -> Any:
@@ -35,28 +38,76 @@ def shipped_run(record: Any, timeout_s: float = 180.0) -> Any:
 
 
 def descendants(root: int) -> list[int]:
-    """Pids of every live descendant of ``root`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """Pids of every live descendant of ``root`` (children, their children, ...)."""
+    try:
+        return [child.pid for child in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def cmdline(pid: int) -> str:
     """The (Ray-retitled) command line of ``pid``, or '' when it is gone."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
+        return " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return ""
+
+
+# -- what a test session leaves running --------------------------------------------------------
+#: The variable that marks every process a test session starts (they inherit it); its value is
+#: one session's (under pytest-xdist: one worker's) own id.
+SESSION_VAR = "ORCH_TEST_SESSION"
+#: Helpers of the Python standard library that live as long as the process that started them
+#: (multiprocessing's resource tracker and fork server): not leftovers of a test.
+LIFELONG_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def session_processes(session_id: str, root: Optional[int] = None) -> list[psutil.Process]:
+    """The live processes of the test session ``session_id`` running as ``root`` (default: this
+    process): its descendants, and every process whose environment carries
+    ``ORCH_TEST_SESSION=<session_id>`` (daemons that detached into their own session and were
+    reparented). Zombies (they hold nothing), ``root`` itself, its ancestors and
+    :data:`LIFELONG_HELPERS` are left out."""
+    root = os.getpid() if root is None else root
+    session_root = psutil.Process(root)
+    skip = {root, *(p.pid for p in session_root.parents())}
+    found = {p.pid: p for p in session_root.children(recursive=True)}
+    for process in psutil.process_iter():
+        if process.pid in found or process.pid in skip:
+            continue
+        try:
+            if process.environ().get(SESSION_VAR) == session_id:
+                found[process.pid] = process
+        except (psutil.Error, OSError):
+            continue  # gone, or another user's (its environment is private)
+    live = []
+    for pid, process in sorted(found.items()):
+        try:
+            if pid in skip or process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                continue
+            if any(helper in " ".join(process.cmdline()) for helper in LIFELONG_HELPERS):
+                continue
+        except psutil.Error:
+            continue
+        live.append(process)
+    return live
+
+
+def reap_session(session_id: str, grace_s: float = 5.0) -> list[str]:
+    """Wait up to ``grace_s`` for the processes of test session ``session_id`` to end (a fixture
+    may have just stopped them); SIGKILL those still alive and return their command lines
+    (``pid: argv``), empty when the session left nothing running."""
+    deadline = time.monotonic() + grace_s
+    left = session_processes(session_id)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.25)
+        left = session_processes(session_id)
+    lines = []
+    for process in left:
+        try:
+            lines.append(f"{process.pid}: {' '.join(process.cmdline()) or process.name()}")
+            process.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(left, timeout=5)
+    return lines

@@ -13,10 +13,12 @@ from typing import Any
 class Hook:
     """Base class with no-op methods; override what you need.
 
-    Attributes of the trainer a hook may read: ``config, env, model, optimizer, epoch, iter,
-    max_iters, iters_per_epoch, output_dir, checkpointer, history`` (and ``lr_scaling``,
-    ``device``, ``run_id``). A hook gets its own settings (periods, intervals, schedule) when it
-    is built, not from ``trainer.config`` on every step.
+    Attributes of the trainer a hook may read: ``env, model, optimizer, epoch, iter, max_iters,
+    iters_per_epoch, output_dir, checkpointer, history, metrics, stopping, pending_eval`` (and
+    ``lr_scaling``, ``device``). A hook never sets them: it reports through the trainer's
+    methods (``report_eval``, ``defer_eval``) and its own return values, so the trainer stays
+    the one owner of training state (``Trainer.state_dict``). A hook gets its own settings
+    (periods, intervals, schedule) when it is built.
     """
 
     def before_train(self, trainer: Any) -> None:
@@ -24,7 +26,8 @@ class Hook:
 
     def after_iter(self, trainer: Any, log: dict[str, float]) -> None:
         """After each optimizer step. ``log`` holds ``loss``, each loss term (averaged over
-        ranks), ``lr``, ``time`` (s of this step), ``data_time`` and ``images`` (global count)."""
+        ranks), ``lr``, ``time`` (s of this step), ``data_time`` and ``images`` (global count),
+        and on logged steps ``images_per_s`` (since the previous logged step). Read it only."""
 
     def after_epoch(self, trainer: Any) -> None:
         """After the last step of a complete epoch."""

@@ -14,8 +14,8 @@ from detection.hooks.base import Hook, due
 
 class EvalHook(Hook):
     """Evaluate every ``period`` ``unit``\\ s (``"epoch"`` or ``"iter"``) and at the end; write
-    ``predictions_<split>.json`` and ``eval_<split>.json`` (rank 0); tell the other hooks through
-    ``after_eval``."""
+    ``predictions_<split>.json`` and ``eval_<split>.json`` (rank 0); report the metrics to the
+    trainer (``trainer.report_eval``), which records them and tells the other hooks."""
 
     def __init__(self, loader: Any, dataset: Any, *, period: int = 1, unit: str = "epoch", split: str = "val",
                  iou_types: Sequence[str] = ("bbox",), classwise: bool = False, with_masks: bool = False,
@@ -29,7 +29,6 @@ class EvalHook(Hook):
 
     def before_train(self, trainer: Any) -> None:
         if trainer.pending_eval:  # the run stopped (preempted) where an evaluation was due
-            trainer.pending_eval = False
             self.evaluate(trainer)
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
@@ -47,7 +46,7 @@ class EvalHook(Hook):
         if self.last_evaluated == trainer.iter:
             return trainer.metrics
         if trainer.stopping:
-            trainer.pending_eval = True
+            trainer.defer_eval()
             return trainer.metrics
         self.last_evaluated = trainer.iter
         metrics = evaluate_model(
@@ -56,11 +55,9 @@ class EvalHook(Hook):
             predictions_path=os.path.join(trainer.output_dir, f"predictions_{self.split}.json"),
             with_masks=self.with_masks, engine=self.engine,
         )
-        trainer.metrics = metrics
-        record = {"iter": trainer.iter, "epoch": trainer.iter / trainer.iters_per_epoch, "metrics": metrics}
-        trainer.history["eval"].append(record)
-        if trainer.env.rank == 0:
+        if trainer.env.rank == 0:  # before the hooks hear of it: the journal hook ships this file
+            record = {"iter": trainer.iter, "epoch": trainer.iter / trainer.iters_per_epoch, "metrics": metrics}
             write_json_atomic(os.path.join(trainer.output_dir, f"eval_{self.split}.json"),
                               {"split": self.split, **record}, sort_keys=False)
-        trainer.call_hooks("after_eval", metrics)
+        trainer.report_eval(metrics)  # the trainer records it and tells the hooks (after_eval)
         return metrics

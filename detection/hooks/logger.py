@@ -22,7 +22,6 @@ class LoggerHook(Hook):
         self.interval, self.name = max(1, int(interval)), name
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.bar: Any = None
-        self._window: list[tuple[float, float]] = []  # (images, seconds) since the last line
         self._start = 0.0
         self._start_iter = 0
 
@@ -37,16 +36,12 @@ class LoggerHook(Hook):
                             desc=self.name, file=sys.stderr)
 
     def after_iter(self, trainer: Any, log_values: dict[str, float]) -> None:
-        self._window.append((log_values["images"], log_values["time"]))
         if trainer.iter % self.interval and trainer.iter != trainer.max_iters:
             if self.bar is not None:
                 self.bar.update(1)
             return
-        images = sum(n for n, _ in self._window)
-        seconds = sum(t for _, t in self._window)
-        self._window.clear()
-        speed = images / seconds if seconds > 0 else 0.0
-        log_values["images_per_s"] = speed  # shared with later hooks (MLflow)
+        # The trainer's speed since its last logged step (the same interval in a run); this step's otherwise.
+        speed = log_values.get("images_per_s", log_values["images"] / log_values["time"] if log_values["time"] else 0.0)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{log_values['loss']:.3f}", lr=f"{log_values['lr']:.2e}",
                                  img_s=f"{speed:.1f}", refresh=False)

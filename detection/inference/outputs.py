@@ -3,14 +3,13 @@ all, and an output folder that is created only when its first file is written.""
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import os
-import tempfile
 from typing import Any, Mapping, Optional
 
 from cluster.errors import ConfigError
-from cluster.files import write_bytes_atomic
+from cluster.files import atomic_write, write_bytes_atomic
 
 #: Detections below this score are left out of results files: the floor of COCO test
 #: submissions (a detector's own threshold is usually higher, so this rarely removes any).
@@ -27,15 +26,6 @@ def check_out_dir(path: str) -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise ConfigError(f"--out {path}: {probe} is a file, so the folder cannot be made; give another --out")
-
-
-@functools.lru_cache(maxsize=None)
-def file_mode() -> int:
-    """The mode a plain ``open()`` would give a new file (0666 less the umask): temporary files
-    are made 0600, and outputs are for the user's other tools and colleagues to read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 class OutputDir:
@@ -55,7 +45,6 @@ class OutputDir:
         path = self.path(name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_bytes_atomic(path, data)
-        os.chmod(path, file_mode())
         return path
 
 
@@ -71,7 +60,7 @@ class JsonArrayWriter:
         self.count = 0
         self._wrap = wrap
         self._handle: Any = None
-        self._tmp = ""
+        self._file = contextlib.ExitStack()  # the atomic write, entered at the first item
 
     def __enter__(self) -> "JsonArrayWriter":
         return self
@@ -79,8 +68,7 @@ class JsonArrayWriter:
     def _open(self) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(self.path)}.", suffix=".tmp")
-        self._handle = os.fdopen(fd, "w", encoding="utf-8")
+        self._handle = self._file.enter_context(atomic_write(self.path, "w", encoding="utf-8"))
         if self._wrap:
             key, fields = self._wrap
             head = json.dumps(dict(fields))[:-1]  # '{"a": 1' : the array is the last field
@@ -95,21 +83,12 @@ class JsonArrayWriter:
         self._handle.write(("," if self.count else "") + "\n" + json.dumps(item))
         self.count += 1
 
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         if exc_type is None and self._handle is None:
             self._open()  # an empty array is still a result
-        if self._handle is None:
-            return
-        try:
-            if exc_type is None:
-                self._handle.write("\n]" + ("}" if self._wrap else "") + "\n")
-            self._handle.close()
-            if exc_type is None:
-                os.chmod(self._tmp, file_mode())
-                os.replace(self._tmp, self.path)
-        finally:
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+        if exc_type is None:
+            self._handle.write("\n]" + ("}" if self._wrap else "") + "\n")
+        self._file.__exit__(exc_type, exc, traceback)  # renames, or removes the temporary file
 
 
 def detections_to_results(output: Mapping[str, Any], image_id: int, label_to_cat_id: Mapping[int, int],

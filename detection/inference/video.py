@@ -13,15 +13,15 @@ is not copied.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import tempfile
 from fractions import Fraction
 from typing import Any, Iterator
 
 import numpy as np
 
 from cluster.errors import DataError
-from detection.inference.outputs import file_mode
+from cluster.files import atomic_path
 from detection.inference.sources import short_reason
 
 
@@ -86,6 +86,10 @@ class VideoReader:
         self.close()
 
 
+class _Aborted(Exception):
+    """Thrown into the atomic write of an aborted video so that it removes its temporary file."""
+
+
 class VideoWriter:
     """An MP4 at ``path`` (see the module docstring), written to a temporary file beside it and
     renamed by :meth:`commit` (called when a ``with`` block ends normally); :meth:`abort` (called
@@ -98,14 +102,13 @@ class VideoWriter:
         self.codec = "libx264" if even and "libx264" in _av().codecs_available else "mpeg4"
         self.frames = 0
         self._container: Any = None
-        self._tmp = ""
+        self._file = contextlib.ExitStack()  # the atomic write, entered at the first frame
 
     def _open(self) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".mp4")
-        os.close(fd)
-        self._container = _av().open(self._tmp, "w", format="mp4")
+        tmp = self._file.enter_context(atomic_path(self.path))
+        self._container = _av().open(tmp, "w", format="mp4")
         stream = self._stream = self._container.add_stream(self.codec, rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
         if self.codec == "libx264":
@@ -129,8 +132,7 @@ class VideoWriter:
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
-        os.chmod(self._tmp, file_mode())
-        os.replace(self._tmp, self.path)
+        self._file.close()  # moves the temporary file to ``path``
 
     def abort(self) -> None:
         """Close and remove the temporary file."""
@@ -139,8 +141,8 @@ class VideoWriter:
                 self._container.close()
             except Exception:  # noqa: BLE001 - closing a broken encoder; the file goes anyway
                 pass
-        if self._tmp and os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        with contextlib.suppress(_Aborted):
+            self._file.__exit__(_Aborted, _Aborted(), None)  # removes the temporary file
 
     def __enter__(self) -> "VideoWriter":
         return self

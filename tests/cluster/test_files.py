@@ -4,8 +4,14 @@ new file gets (0666 less the umask: outputs on shared storage stay readable by t
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 
-from cluster.files import read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
+import pytest
+
+from cluster.files import (atomic_path, atomic_write, file_lock, read_json, write_bytes_atomic, write_json_atomic,
+                           write_text_atomic)
 
 
 def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):
@@ -32,3 +38,40 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     except TypeError:
         pass
     assert read_json(path) == {"v": 1} and sorted(os.listdir(tmp_path)) == ["x.json"]
+
+
+def test_atomic_path_moves_on_success_and_removes_on_failure(tmp_path):
+    target = tmp_path / "video.mp4"
+    with atomic_path(target, durable=True) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not target.exists()
+        with open(tmp, "wb") as handle:  # as a library that wants a file name writes it
+            handle.write(b"frames")
+    assert target.read_bytes() == b"frames"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w", encoding="utf-8") as handle:
+            handle.write("half")
+            raise RuntimeError("encoder failed")
+    assert target.read_bytes() == b"frames" and os.listdir(tmp_path) == ["video.mp4"]
+
+
+def test_file_lock_excludes_another_process_and_is_dropped_when_it_dies(tmp_path):
+    lock = tmp_path / "leases.lock"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from cluster.files import file_lock
+        with file_lock({str(lock)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with file_lock(lock, blocking=False) as held:
+            assert held is False
+        with file_lock(lock, shared=True, blocking=False) as held:
+            assert held is False
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    with file_lock(lock, blocking=False) as held:  # the kernel dropped the dead holder's lock
+        assert held is True

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.lease import is_alive
+
 REPO = Path(__file__).resolve().parents[2]
 CHILD = """
 import signal, sys, time
@@ -35,10 +37,7 @@ def _parent(extra: list[str], marker: Path) -> subprocess.Popen:
 
 def _gone(pid: int) -> bool:
     """Exited (a zombie waiting for a reaper counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    return not is_alive(pid)
 
 
 def _wait(predicate, timeout_s=30.0):

@@ -9,16 +9,17 @@ import subprocess
 import sys
 import textwrap
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
+from orch_testing import root_conftest
 
 from cluster.env import DistEnv
 from cluster.errors import ConfigError
 from detection.checkpoint import Checkpointer, atomic_save, load_checkpoint
 from detection.config import CheckpointConfig
-from detection.engine import Preempted
+from detection.engine import Preempted, Trainer
 from detection.hooks import Hook
 from detection.lr_scaling import scale_lr
 from detection.config import OptimConfig, ScheduleConfig
@@ -44,26 +45,43 @@ class StopAfter(Hook):
         return trainer.iter + 1 >= self.n
 
 
+# Faster R-CNN samples RPN/RoI boxes with torch's global RNG, so exact equality needs the RNG
+# states restored too (SSD would hide a missing restore).
+RESUME_OVERRIDES = {
+    "tracking.enable": False, "data.val": None, "schedule.iterations": 12,
+    "model.type": "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "model.options": {"rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32,
+                      "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50},
+    "checkpoint.interval": 100, "checkpoint.save_best": None, "optim.type": "sgd", "optim.lr": 0.01,
+    "schedule.warmup_iters": 3,
+}
+
+
 def _resume_experiment(make_experiment, **extra):
-    # Faster R-CNN samples RPN/RoI boxes with torch's global RNG, so exact equality needs the
-    # RNG states restored too (SSD would hide a missing restore).
-    return make_experiment(**{
-        "tracking.enable": False, "data.val": None, "schedule.iterations": 12,
-        "model.type": "fasterrcnn_mobilenet_v3_large_320_fpn",
-        "model.options": {"rpn_batch_size_per_image": 32, "box_batch_size_per_image": 32,
-                          "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 50},
-        "checkpoint.interval": 100, "checkpoint.save_best": None, "optim.type": "sgd", "optim.lr": 0.01,
-        "schedule.warmup_iters": 3, **extra,
-    })
+    return make_experiment(**{**RESUME_OVERRIDES, **extra})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(shapes_data, tmp_path_factory) -> dict[int, float]:
+    """The losses of steps 1..12 of the resume experiment run without a stop, trained once for the
+    module: the reference of every stopped-and-resumed run below. The LR (constant after 3 warmup
+    steps) and the batch order (seed, epoch) do not depend on the schedule's length, so its first
+    8 steps are those of an uninterrupted 8-step run too."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    mapping = root_conftest().tiny_experiment_dict(shapes_data, folder / "work", f"sqlite:///{folder / 'mlflow.db'}")
+    for key, value in RESUME_OVERRIDES.items():
+        root_conftest()._set_dotted(mapping, key, value)
+    path = folder / "whole.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    whole = LossRecorder()
+    main(load_experiment(path), DistEnv.single(), hooks=[whole])
+    assert sorted(whole.losses) == list(range(1, 13))
+    return whole.losses
 
 
 @pytest.mark.parametrize("stop_at", [5, 8])  # mid-epoch, and exactly at the epoch boundary (8 steps/epoch)
-def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(make_experiment, stop_at):
+def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(make_experiment, stop_at, uninterrupted_losses):
     path = _resume_experiment(make_experiment)
-    whole = LossRecorder()
-    main(load_experiment(path, [f"runtime.output_dir={path.parent / 'whole'}"]), DistEnv.single(), hooks=[whole])
-    assert sorted(whole.losses) == list(range(1, 13))
-
     split_dir = path.parent / "split"
     first = LossRecorder()
     with pytest.raises(Preempted) as stopped:
@@ -76,16 +94,14 @@ def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(make_exp
     assert sorted(first.losses) == list(range(1, stop_at + 1))
     assert sorted(second.losses) == list(range(stop_at + 1, 13))
     resumed = {**first.losses, **second.losses}
-    assert resumed == whole.losses  # exactly equal floats, not approximately
+    assert resumed == uninterrupted_losses  # exactly equal floats, not approximately
 
 
-def test_resume_auto_with_a_longer_schedule_continues_exactly(make_experiment, caplog):
+def test_resume_auto_with_a_longer_schedule_continues_exactly(make_experiment, caplog, uninterrupted_losses):
     # Same world size, schedule.iterations 4 -> 8: iterations 5..8 are trained, with the losses of
-    # an uninterrupted 8-iteration run (milestones 8, 11: the LR of steps 1..8 does not depend on
-    # the length), and no world-size change is reported.
+    # an uninterrupted run (the LR of steps 1..8 does not depend on the length), and no
+    # world-size change is reported.
     path = _resume_experiment(make_experiment, **{"schedule.iterations": 8})
-    whole = LossRecorder()
-    main(load_experiment(path, [f"runtime.output_dir={path.parent / 'whole'}"]), DistEnv.single(), hooks=[whole])
     split_dir = path.parent / "split"
     first = LossRecorder()
     main(load_experiment(path, [f"runtime.output_dir={split_dir}", "schedule.iterations=4"]),
@@ -96,7 +112,7 @@ def test_resume_auto_with_a_longer_schedule_continues_exactly(make_experiment, c
                       DistEnv.single(), hooks=[second])
     assert result.iterations == 8
     assert sorted(first.losses) == [1, 2, 3, 4] and sorted(second.losses) == [5, 6, 7, 8]
-    assert {**first.losses, **second.losses} == whole.losses  # exactly equal floats
+    assert {**first.losses, **second.losses} == {k: v for k, v in uninterrupted_losses.items() if k <= 8}
     assert "world size" not in caplog.text and "LR rule re-applied" not in caplog.text
     assert "at iteration 4; schedule changed from 4 to 8 iterations" in caplog.text
 
@@ -108,7 +124,8 @@ def test_resume_auto_on_another_world_size_still_rescales(make_experiment, caplo
     first = main(load_experiment(path), DistEnv.single())
     state = load_checkpoint(first.last_checkpoint)
     assert state["iter"] == 4 and state["world_size"] == 1
-    atomic_save({**state, "world_size": 2, "max_iters": 16}, first.last_checkpoint)
+    # "run_id": an entry of older versions' checkpoints (always None there), ignored on load.
+    atomic_save({**state, "world_size": 2, "max_iters": 16, "run_id": None}, first.last_checkpoint)
     steps = LossRecorder()
     with caplog.at_level(logging.WARNING, logger="detection.checkpoint"):
         result = main(load_experiment(path, ["runtime.resume=auto", "schedule.iterations=8"]),
@@ -141,7 +158,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     try:
         deadline = time.time() + 60
         # Kill while a temporary file is being written: the moment a torn file would appear.
-        while not any(p.name.startswith(".tmp-") for p in final.parent.iterdir()):
+        while not any(p.name.endswith(".tmp") for p in final.parent.iterdir()):
             assert time.time() < deadline and proc.poll() is None, "writer never started a save"
             time.sleep(0.001)
         proc.send_signal(signal.SIGKILL)
@@ -155,21 +172,61 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 def test_stale_temporary_files_are_removed_on_start(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
-    (folder / ".tmp-abc.pth").write_bytes(b"half a checkpoint")
+    (folder / ".tmp-abc.pth").write_bytes(b"half a checkpoint (an older version's name)")
+    (folder / ".iter_4.pth.x1y2.tmp").write_bytes(b"half a checkpoint")
     Checkpointer(str(tmp_path), CheckpointConfig())
-    assert not list(folder.glob(".tmp-*"))
+    assert os.listdir(folder) == []
 
 
-def _fake_trainer(world_size=1, iteration=0, max_iters=10, model=None):
+def test_checkpoints_are_readable_by_the_team_as_the_umask_says(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = Checkpointer(str(tmp_path), CheckpointConfig()).save(_fake_trainer(iteration=3))
+        atomic_save({"k": 1}, str(tmp_path / "other.pth"))
+    finally:
+        os.umask(old)
+    assert oct(os.stat(path).st_mode & 0o777) == "0o640"  # the group reads; mkstemp alone gives 0o600
+    assert oct(os.stat(tmp_path / "other.pth").st_mode & 0o777) == "0o640"
+    assert oct(os.stat(os.path.join(os.path.dirname(path), "last_checkpoint")).st_mode & 0o777) == "0o640"
+
+
+def _fake_trainer(world_size=1, iteration=0, max_iters=10, model=None, checkpointer=None):
+    """A real Trainer of a tiny model, without data (the checkpoint tests never step it)."""
     model = model if model is not None else torch.nn.Linear(2, 1)
-    optim = torch.optim.SGD(model.parameters(), lr=0.1)
-    return SimpleNamespace(
-        model=model, optimizer=optim, scaler=None, iter=iteration, iters_per_epoch=5, max_iters=max_iters,
-        env=DistEnv(world_size=world_size, master_port=1 if world_size > 1 else None, rank=0),
+    trainer = Trainer(
+        env=DistEnv(world_size=world_size, master_port=1 if world_size > 1 else None, rank=0), model=model,
+        train_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loader=None,
+        device=torch.device("cpu"), max_iters=max_iters, iters_per_epoch=5, checkpointer=checkpointer,
         lr_scaling=scale_lr(OptimConfig(lr=0.02), ScheduleConfig(epochs=2), world_size, 2),
-        history={"train": [], "eval": []}, metrics={}, run_id=None, pending_rng=None,
-        config=SimpleNamespace(runtime=SimpleNamespace(seed=0)), call_hooks=lambda *a: None,
     )
+    trainer.iter = iteration
+    return trainer
+
+
+# The entries of a checkpoint written before Trainer.state_dict owned them (Checkpointer.state).
+OLD_FORMAT = {"model", "optimizer", "scaler", "iter", "epoch", "max_iters", "iters_per_epoch", "world_size", "lr",
+              "best", "history", "metrics", "rng", "run_id", "pending_eval", "classes"}
+
+
+def test_a_checkpoint_of_the_older_format_resumes_everything_it_holds(tmp_path):
+    saved = _fake_trainer(iteration=7, max_iters=10, checkpointer=Checkpointer(str(tmp_path), CheckpointConfig()))
+    state = saved.state_dict()
+    assert set(state) == OLD_FORMAT - {"run_id"}  # the same entries, less the dead run_id
+    old = {**state, "run_id": None, "history": {"train": [{"iter": 5, "loss": 1.5}], "eval": []},
+           "metrics": {"bbox_mAP": 0.25}, "pending_eval": True,
+           "best": {"metric": "bbox_mAP", "value": 0.25, "iter": 5, "epoch": 1, "path": "best_bbox_mAP.pth"}}
+    del old["classes"]  # older still: no classes
+    folder = tmp_path / "work_dirs" / "exp" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(old, folder / "iter_7.pth")  # as the older version wrote it
+    (folder / "last_checkpoint").write_text("iter_7.pth\n")
+    checkpointer = Checkpointer(str(folder.parent), CheckpointConfig())
+    target = _fake_trainer(max_iters=10, model=torch.nn.Linear(2, 1), checkpointer=checkpointer)
+    checkpointer.resume(target, checkpointer.find_resume("auto"))
+    assert (target.iter, target.history, target.metrics, target.pending_eval) == (
+        7, old["history"], {"bbox_mAP": 0.25}, True)
+    assert checkpointer.best == old["best"] and target.pending_rng is not None
+    assert all(torch.equal(v, saved.model.state_dict()[k]) for k, v in target.model.state_dict().items())
 
 
 def test_max_keep_and_pointer(tmp_path):
@@ -186,7 +243,7 @@ def test_max_keep_and_pointer(tmp_path):
 @pytest.mark.parametrize("rule, values, best", [("greater", [0.2, 0.5, 0.4], 0.5), ("less", [0.9, 0.3, 0.6], 0.3)])
 def test_save_best_follows_the_rule(tmp_path, rule, values, best):
     ckpt = Checkpointer(str(tmp_path), CheckpointConfig(save_best="bbox_mAP", rule=rule))
-    trainer = _fake_trainer()
+    trainer = _fake_trainer(checkpointer=ckpt)
     improved = []
     for step, value in enumerate(values, 1):
         trainer.iter = step
@@ -194,6 +251,7 @@ def test_save_best_follows_the_rule(tmp_path, rule, values, best):
     assert improved == [True, True, False]
     assert ckpt.best["value"] == best and ckpt.best["iter"] == 2
     assert load_checkpoint(ckpt.best["path"])["iter"] == 2
+    assert load_checkpoint(ckpt.best["path"])["best"] == ckpt.best  # the best file names itself
     assert not ckpt.update_best(trainer, {"other": 1.0})  # metric absent: nothing to compare
 
 

@@ -150,6 +150,9 @@ def test_predictions_are_json_and_masks_round_trip(tmp_path, val_set):
     path = write_predictions(str(tmp_path / "out" / "predictions_val.json"), preds)
     assert json.loads(open(path).read()) == preds
     assert os.listdir(tmp_path / "out") == ["predictions_val.json"]
+    with pytest.raises(TypeError):  # a value JSON cannot hold: the old file stays, no temporary file is left
+        write_predictions(path, [{"image_id": 1, "bbox": object()}])
+    assert json.loads(open(path).read()) == preds and os.listdir(tmp_path / "out") == ["predictions_val.json"]
 
 
 def test_gather_single_process_sorts_by_image():

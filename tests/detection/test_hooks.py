@@ -131,3 +131,31 @@ def test_training_code_does_not_know_how_it_was_launched():
         reads = re.search(r"""(environ(\.get|\.pop|\.setdefault)?\s*[\[(]|getenv\()\s*["']ORCH_""", code)
         assert not reads, f"{path} reads an orch variable: {reads.group(0)}"
         assert not re.search(r"env\.source|\.source ==", code), f"{path} branches on the backend"
+
+
+def test_hooks_report_to_the_trainer_and_never_write_its_fields():
+    from detection.engine import Trainer
+    from detection.hooks import Hook
+
+    class Heard(Hook):
+        def __init__(self):
+            self.metrics = []
+
+        def after_eval(self, trainer, metrics):
+            self.metrics.append((trainer.iter, metrics))
+
+    model = torch.nn.Linear(1, 1)
+    heard = Heard()
+    trainer = Trainer(env=DistEnv.single(), model=model, train_model=model, optimizer=torch.optim.SGD(model.parameters()),
+                      loader=None, device=torch.device("cpu"), max_iters=8, iters_per_epoch=4, hooks=[heard])
+    trainer.iter, trainer.stopping = 4, True
+    evaluation = EvalHook(loader=None, dataset=None, period=4, unit="iter")
+    evaluation.after_iter(trainer, {})  # due, but the run is stopping: deferred, nothing evaluated
+    assert trainer.pending_eval and heard.metrics == [] and trainer.history["eval"] == []
+    trainer.report_eval({"bbox_mAP": 0.5})  # what EvalHook.evaluate reports
+    assert trainer.metrics == {"bbox_mAP": 0.5} and not trainer.pending_eval
+    assert trainer.history["eval"] == [{"iter": 4, "epoch": 1.0, "metrics": {"bbox_mAP": 0.5}}]
+    assert heard.metrics == [(4, {"bbox_mAP": 0.5})]
+    values = {"loss": 1.0, "lr": 0.1, "time": 0.5, "images": 2.0, "images_per_s": 3.0}
+    LoggerHook(interval=4, tty=False).after_iter(trainer, values)
+    assert values == {"loss": 1.0, "lr": 0.1, "time": 0.5, "images": 2.0, "images_per_s": 3.0}

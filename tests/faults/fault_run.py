@@ -28,7 +28,7 @@ from fault_schedule import CHECKPOINT_INTERVAL, EVAL_INTERVAL, MAX_ITERS, Scenar
 from orchestrator.spec import JobState
 
 JOB_TIMEOUT_S = 360.0
-TMP_CHECKPOINT = re.compile(r"\.tmp-.*\.pth")
+TMP_CHECKPOINT = re.compile(r"\..*\.pth\.[^.]+\.tmp")  # cluster.files.atomic_path names it .<name>.<random>.tmp
 
 
 @dataclass
