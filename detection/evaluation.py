@@ -45,8 +45,13 @@ def load_ground_truth(ann_file: str) -> Any:
         raise DataError(f"annotation file {ann_file} does not exist")
     buffer = io.StringIO()
     try:
+        # Read here, not by COCO(path): Windows tools write a BOM, which json.load refuses.
+        with open(ann_file, encoding="utf-8-sig") as handle:
+            data = json.load(handle)
         with contextlib.redirect_stdout(buffer):
-            coco = COCO(ann_file)
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
     except (ValueError, KeyError, TypeError) as err:  # json.JSONDecodeError is a ValueError
         raise DataError(f"{ann_file}: not a readable COCO annotation file: {err}") from err
     log.debug("pycocotools: %s", buffer.getvalue().strip())

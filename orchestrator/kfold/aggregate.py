@@ -12,8 +12,6 @@ train on it; for rare classes it is stabler than the mean of per-fold APs.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -55,13 +53,12 @@ class PointSummary:
 
 
 def load_coco(ann_file: PathLike) -> Any:
-    """A pycocotools ``COCO`` of ``ann_file``, without its prints."""
-    from pycocotools.coco import COCO
+    """A pycocotools ``COCO`` of ``ann_file``, without its prints (a BOM is allowed)."""
+    from detection.evaluation import load_ground_truth
 
     if not Path(ann_file).is_file():
         raise DataError(f"annotation file {ann_file} does not exist; re-run orch split / orch kfold")
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(ann_file))
+    return load_ground_truth(str(ann_file))
 
 
 def load_predictions(path: PathLike) -> list[dict[str, Any]]:

@@ -335,6 +335,12 @@ def test_text_written_with_a_bom_reads_as_without(tmp_path):
     assert load_coco_json(str(coco))["categories"][0]["name"] == "WP"
     report, _ = check_coco(coco)
     assert report.images == 1
+    # scoring (orch eval of saved predictions, k-fold out-of-fold scores) reads it too
+    from detection.evaluation import load_ground_truth
+    from orchestrator.kfold.aggregate import load_coco
+
+    assert len(load_ground_truth(str(coco)).imgs) == 1
+    assert load_coco(coco).cats[1]["name"] == "WP"
 
 
 # VOC file names -------------------------------------------------------------------------------
