@@ -113,7 +113,7 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
     is set: a resumed job goes on in the same MLflow run), and the absolute tracking URI and the backend tag go into the config
     written to ``<output_dir>/config.yaml``. Without it (a dry run) nothing is written.
     """
-    from orchestrator.config import dump_experiment, with_overrides
+    from orchestrator.config import derive, dump_experiment
     from orchestrator.weights import weights_overrides
 
     output_dir = job_output_dir(experiment)
@@ -124,7 +124,7 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
 
         updates["tracking.uri"] = runs.tracking_uri_of(experiment)
         updates["tracking.tags"] = {**tracking.tags, "backend": backend}
-    experiment = with_overrides(experiment, updates)
+    experiment = derive(experiment, updates, source="orch's own settings")  # checked values: no re-validation
     config_path = output_dir / "config.yaml"
     if write:
         from orchestrator.outputs import claim_for_submission

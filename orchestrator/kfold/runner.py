@@ -98,27 +98,43 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
 
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
     coco = json.loads(ann_file.read_text())
-    folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes,
-                        stratify=kcfg.stratify)
-    if write:
-        manifest_file = folds_dir / "manifest.json"
-        same = False
-        if manifest_file.is_file():
-            old = json.loads(manifest_file.read_text())
-            same = (old.get("source", {}).get("sha256") == file_sha256(ann_file) and old.get("k") == kcfg.folds
-                    and old.get("seed") == kcfg.seed
-                    and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex}
-                    and old.get("stratify", ["classes"]) == list(kcfg.stratify))
-            try:
-                same = same and read_folds(folds_dir) == folds
-            except DataError:
-                same = False
-        if not same:
+    # Folds on disk made from this very file with these settings are reused as they are: no
+    # split computed (scikit-learn is imported only when one is), also for a dry run.
+    folds = _cached_folds(folds_dir, ann_file, kcfg)
+    if folds is None:
+        folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes,
+                            stratify=kcfg.stratify)
+        if write:
             write_folds(coco, folds, folds_dir, ann_file=ann_file, seed=kcfg.seed,
                         group_key=kcfg.group_key, group_regex=kcfg.group_regex, stratify=kcfg.stratify)
+    if write:
         check_folds(coco, read_folds(folds_dir))  # what is on disk, not what was meant
     echo(balance_table(coco, folds, kcfg.stratify))
     return ann_file, [(str(folds_dir / f"train_{f.fold}.json"), str(folds_dir / f"val_{f.fold}.json")) for f in folds]
+
+
+def _cached_folds(folds_dir: Path, ann_file: Path, kcfg: KFoldConfig):
+    """The folds written in ``folds_dir`` when its manifest says they split this very file
+    (same sha256) with these settings; None otherwise (or when unreadable)."""
+    from orchestrator.kfold.split import read_folds
+
+    manifest_file = folds_dir / "manifest.json"
+    if not manifest_file.is_file():
+        return None
+    try:
+        old = json.loads(manifest_file.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (old.get("source", {}).get("sha256") == file_sha256(ann_file) and old.get("k") == kcfg.folds
+            and old.get("seed") == kcfg.seed
+            and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex}
+            and old.get("stratify", ["classes"]) == list(kcfg.stratify))
+    if not same:
+        return None
+    try:
+        return read_folds(folds_dir)
+    except DataError:
+        return None
 
 
 def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] = None, backend: Optional[str] = None,
@@ -128,7 +144,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     """Run (or resume) the k-fold set of the experiment file ``path``; see the module docstring.
     ``flags`` are the resource flags shared with ``orch submit`` (``--gpus``, ``--partition``,
     ``--max-parallel``, ``--address``, ...); ``backend``/``gpus``/``max_parallel`` override them."""
-    from orchestrator.config import load_experiment, output_dir_of, with_overrides
+    from orchestrator.config import derive, load_experiment, output_dir_of, with_overrides
     from orchestrator.kfold.expand import expand
     from orchestrator.launch import Launch, ResourceFlags, choose_backend
     from orchestrator.weights import resolve_weights
@@ -182,7 +198,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     for t in pending:
         trial_exp = t.experiment
         if uri:
-            trial_exp = with_overrides(trial_exp, tracking.trial_tracking(t, state, set_id, uri))
+            trial_exp = derive(trial_exp, tracking.trial_tracking(t, state, set_id, uri), source="set tracking")
         trial_exps.append(trial_exp)
         state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
                                    "point": t.point_name, "output_dir": output_dir_of(trial_exp)}
