@@ -144,7 +144,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     """Run (or resume) the k-fold set of the experiment file ``path``; see the module docstring.
     ``flags`` are the resource flags shared with ``orch submit`` (``--gpus``, ``--partition``,
     ``--max-parallel``, ``--address``, ...); ``backend``/``gpus``/``max_parallel`` override them."""
-    from orchestrator.config import derive, load_experiment, output_dir_of, with_overrides
+    from orchestrator.config import load_experiment, output_dir_of, with_overrides
     from orchestrator.kfold.expand import expand
     from orchestrator.launch import Launch, ResourceFlags, choose_backend
     from orchestrator.weights import resolve_weights
@@ -194,22 +194,22 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     _index_path(set_id).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(_index_path(set_id), {"set_dir": str(set_dir)})
 
-    trial_exps = []
-    for t in pending:
-        trial_exp = t.experiment
-        if uri:
-            trial_exp = derive(trial_exp, tracking.trial_tracking(t, state, set_id, uri), source="set tracking")
-        trial_exps.append(trial_exp)
+    trial_tracking = []
+    for t, job in zip(pending, plan.jobs if pending else ()):
+        if uri:  # the trial's parent run, made just now; the job's own tags (backend) kept
+            keys = tracking.trial_tracking(t, state, set_id, uri)
+            keys["tracking.tags"] = {**job.experiment.tracking.tags, **keys["tracking.tags"]}
+            trial_tracking.append(keys)
         state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
-                                   "point": t.point_name, "output_dir": output_dir_of(trial_exp)}
+                                   "point": t.point_name, "output_dir": str(job.output_dir)}
     save_state(set_dir, state)
     waiting = dict(attached)
     if attached:
         echo(f"{len(attached)} trial(s) of an earlier `orch kfold` still running: waiting for them")
-    if trial_exps:
-        echo(f"launching {len(trial_exps)} trial(s) on {backend} ({len(done)} already finished)")
-        # a retried fold continues its own MLflow run (its journal)
-        submitted, handles = launch.submit(trial_exps, names, continue_runs=True)
+    if pending:
+        echo(f"launching {len(pending)} trial(s) on {backend} ({len(done)} already finished)")
+        # the plan made and preflighted above; a retried fold continues its own MLflow run (its journal)
+        submitted, handles = launch.submit(plan, continue_runs=True, tracking=trial_tracking if uri else None)
         for t, job in zip(pending, submitted.jobs):
             state["trials"][t.name]["output_dir"] = str(job.output_dir)
         echo(f"submitted jobs {handles[0].job_id} .. {handles[-1].job_id}; follow one with: orch logs -f JOB")
@@ -259,8 +259,11 @@ def _still_running(state: dict, trials) -> dict[str, Any]:
 
 def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float,
               echo: Callable[[str], None]) -> None:
-    """Poll every handle; record each trial in ``set.json`` the moment it ends, so an interrupted
+    """Poll every trial's job, all of them in one refresh per round (one backend query, not one
+    per trial); record each trial in ``set.json`` the moment it ends, so an interrupted
     ``orch kfold`` still remembers what finished."""
+    from orchestrator.jobs import refresh_records
+    from orchestrator.records import load_record
     from orchestrator.spec import JobState
 
     for name, handle in waiting.items():
@@ -268,8 +271,10 @@ def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float
     save_state(set_dir, state)
     try:
         while waiting:
+            fresh = refresh_records([load_record(h.job_id) for h in waiting.values()], run_ids=False)
+            states = {r.job_id: r.state for r in fresh}
             for name, handle in list(waiting.items()):
-                job_state = handle.state()
+                job_state = states[handle.job_id]
                 if not job_state.finished:
                     continue
                 record = state["trials"][name]

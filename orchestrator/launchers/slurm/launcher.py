@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.records import orch_home as records_home
+from orchestrator.launchers.base import JobHandle, Launcher, Plan, Status
 from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
 from orchestrator.spec import JobRecord, JobSpec, JobState
 
@@ -87,8 +88,6 @@ class SlurmLauncher(Launcher):
     poll_s: ClassVar[float] = 1.0
 
     def __init__(self) -> None:
-        # (request, waited) found to fit: submit's own preflight does not ask again
-        self._fitting: set[tuple[str, bool]] = set()
         self._node_gpus: dict[Optional[str], Optional[int]] = {}  # partition -> GPUs of its nodes
 
     def fit(self, experiment: Experiment) -> Experiment:
@@ -141,11 +140,7 @@ class SlurmLauncher(Launcher):
         if not slurm_reachable():
             raise LaunchError("Slurm is not reachable (sinfo failed); check SLURM_CONF and that slurmctld runs, "
                               "start the local cluster (python scripts/local_slurm.py up), or use another --backend")
-        asks = slurm_asks(plan)
-        key, waited = repr(asks), bool(wait_s and wait_s > 0)
-        if (key, True) not in self._fitting and (key, waited) not in self._fitting:
-            require_capacity(asks, wait_s)
-            self._fitting.add((key, waited))
+        require_capacity(slurm_asks(plan), wait_s)
 
     def submit(self, plan: SlurmPlan) -> list[JobHandle]:
         """sbatch every group; returns at once with one handle (and record) per job."""
@@ -153,7 +148,6 @@ class SlurmLauncher(Launcher):
 
         from orchestrator.launchers.slurm.task import SlurmTrainJob
 
-        self.preflight(plan)
         handles: list[JobHandle] = [None] * len(plan.jobs)  # type: ignore[list-item]
         for group in plan.groups:
             members = [plan.jobs[i] for i in group.indices]
@@ -187,27 +181,31 @@ class SlurmLauncher(Launcher):
                 handles[index] = self.handle(record.job_id)
         return handles
 
-    def refresh(self, record: JobRecord) -> JobRecord:
-        """Ask Slurm (sacct, else squeue / scontrol, else the job's result file) and store the answer."""
+    def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
+        """One ``sacct`` for all of ``records`` (and one ``squeue`` for those accounting does not
+        know), through the answers cache: see :mod:`.state`. Read-only."""
         from orchestrator.launchers.slurm import state as slurm_state
 
-        if record.state.finished or not record.native_id:
-            return record
-        status = slurm_state.query(record.native_id, record.extra.get("result_path"))
-        if status.state is JobState.UNKNOWN and status.source == "none":
-            return record  # Slurm forgot the job and it left no result: keep what we knew
-        fields: dict[str, Any] = {"extra": {"slurm_state": status.raw, "state_source": status.source}}
-        if status.started_at:
-            fields["started_at"] = status.started_at
-        if status.ended_at:
-            fields["ended_at"] = status.ended_at
-        if status.exit_code is not None:
-            fields["exit_code"] = status.exit_code
-        if status.state is JobState.FAILED and not record.error:
-            why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
-            fields["error"] = f"Slurm job {record.native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
-                f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
-        return records.transition(record.job_id, status.state, **fields)
+        asked = {r.native_id: r for r in records if r.native_id and not r.state.finished}
+        if not asked:
+            return {}
+        found = slurm_state.query_cached(list(asked), {n: r.extra.get("result_path") for n, r in asked.items()},
+                                         records_home())
+        answers = {}
+        for native_id, record in asked.items():
+            status = found.get(native_id)
+            if status is None or (status.state is JobState.UNKNOWN and status.source == "none"):
+                continue  # Slurm forgot the job and it left no result: keep what we knew
+            error = None
+            if status.state is JobState.FAILED and not record.error:
+                why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
+                error = f"Slurm job {native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
+                    f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
+            started = status.started_at if status.state is not JobState.PENDING else None  # squeue's is an estimate
+            answers[record.job_id] = Status(status.state, exit_code=status.exit_code, started_at=started,
+                                            ended_at=status.ended_at, error=error,
+                                            extra={"slurm_state": status.raw, "state_source": status.source})
+        return answers
 
     def cancel(self, record: JobRecord) -> None:
         """``scancel`` the job (a job Slurm already finished is left alone)."""
