@@ -3,19 +3,18 @@ Slurm commands per ``orch status``.
 
 Parts (each prints one line per figure; run them one at a time on a busy machine):
 
-- ``records``: N ended records in today's on-disk format (written by the record store's own
-  writer, ``records.create_record`` + ``records.transition``; 1000 of them one k-fold set), then
-  ``orch status`` in fresh processes: the first call (which builds the index) and later calls;
-  ``orch status --all --json``.
-- ``trials``: ``orch kfold`` of a 200-point grid x 5 folds ``--backend slurm --dry-run`` and
-  ``orch sweep --num-samples 1000 --dry-run``: wall time and peak memory (ru_maxrss) of the
-  command, in a fresh process.
-- ``slurm``: Slurm commands per ``orch status`` with ``--slurm-jobs`` of the records queued or
-  running on a live Slurm cluster (``SLURM_CONF``), counted by wrapper scripts put first on PATH.
+- ``status``: N records written by the record store's own writer (``records.create_record`` +
+  ``records.transition``), the index then deleted (an ``ORCH_HOME`` of the format before it);
+  ``--slurm-jobs K`` of them are the tasks of a real array (``sleep``) queued or running on the
+  Slurm cluster of ``SLURM_CONF``. Then ``orch status`` (and ``--all --json``) in fresh
+  processes: the first call (which rebuilds the index) and later calls, with the Slurm commands
+  of each call counted by wrapper scripts put first on PATH.
+- ``trials``: ``orch kfold`` of a 200-point grid x 5 folds ``--backend slurm --dry-run`` (a new
+  set, and one whose folds are on disk) and ``orch sweep --num-samples 1000 --dry-run``: wall
+  time and peak memory (``/usr/bin/time``) of the command, in a fresh process.
 
-    .venv/bin/python bench/bench_scale.py records --records 10000 --repeats 3
+    .venv/bin/python bench/bench_scale.py status --records 10000 --slurm-jobs 200 --repeats 5
     .venv/bin/python bench/bench_scale.py trials --repeats 3
-    .venv/bin/python bench/bench_scale.py slurm --records 10000 --slurm-jobs 200   # needs a cluster
 """
 
 from __future__ import annotations
@@ -42,15 +41,17 @@ def load() -> str:
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """(wall seconds, peak resident MB of the child, stdout) of one command in a fresh process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(wall seconds, CPU seconds (user + system) of the child and its children, stdout) of one
+    command in a fresh process. On a loaded machine the CPU time is the steadier figure."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024, proc.stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return wall, cpu, proc.stdout
 
 
 def peak_of(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
@@ -63,7 +64,7 @@ def peak_of(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
         return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024, proc.stdout
-    return timed(argv, env)
+    raise RuntimeError("/usr/bin/time is needed for the peak memory (apt-get install time)")
 
 
 def tiny_experiment(tmp: Path) -> dict:
@@ -118,16 +119,114 @@ def bench_trials(args) -> None:
                 print(runs[-1][2][:3000])
 
 
+WRAPPED = ("sacct", "squeue", "scontrol", "sinfo", "sbatch", "scancel")
+
+
+def wrappers(folder: Path, count_file: Path) -> str:
+    """Scripts named like Slurm's commands that log each call to ``count_file`` and run the real
+    one; returns the PATH that puts them first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in WRAPPED:
+        real = shutil.which(name)
+        if real is None:
+            continue
+        script = folder / name
+        script.write_text(f'#!/bin/sh\necho "{name} $*" >> {count_file}\nexec {real} "$@"\n')
+        script.chmod(0o755)
+    return f"{folder}:{os.environ['PATH']}"
+
+
+def make_records(home: Path, total: int, slurm_ids: list[str]) -> None:
+    """``total`` records written by the record store itself (``create_record`` + ``transition``),
+    all within the last 24 h: one 1000-trial k-fold set (812 succeeded, 8 running, 180 pending),
+    the Slurm array tasks ``slurm_ids`` (queued or running), the rest single jobs (mostly
+    succeeded, some failed), each with its MLflow run id. The index is then deleted: the home
+    looks like one written before the index existed."""
+    os.environ["ORCH_HOME"] = str(home)
+    from orchestrator import records
+    from orchestrator.spec import JobState
+
+    work = home.parent / "work"
+    uri = f"sqlite:///{home.parent}/mlflow.db"
+    set_dir = work / "kfold-0123456789"
+    made = 0
+    for i in range(min(1000, total - len(slurm_ids))):
+        point, fold = divmod(i, 5)
+        r = records.create_record(name=f"tiny/lr={point},wd=1/fold-{fold}", backend="slurm",
+                                  output_dir=str(set_dir / f"lr={point},wd=1" / f"fold-{fold}"),
+                                  config_path=str(set_dir / "config.yaml"), native_id=f"9{point:04d}{fold}",
+                                  tracking_uri=uri, mlflow_run_id=f"{i:032x}")
+        state = JobState.SUCCEEDED if i < 812 else JobState.RUNNING if i < 820 else JobState.PENDING
+        if state is not JobState.PENDING:
+            records.transition(r.job_id, JobState.RUNNING)
+        if state.finished:
+            records.transition(r.job_id, state, exit_code=0)
+        made += 1
+    for native in slurm_ids:
+        records.create_record(name="bench-array", backend="slurm", output_dir=str(work / "array" / native),
+                              config_path=str(work / "config.yaml"), native_id=native, tracking_uri=uri)
+        made += 1
+    for i in range(total - made):
+        r = records.create_record(name=f"job-{i % 97}", backend="local", output_dir=str(work / f"job-{i}"),
+                                  config_path=str(work / f"job-{i}" / "config.yaml"), tracking_uri=uri,
+                                  mlflow_run_id=f"{i:032x}")
+        records.transition(r.job_id, JobState.RUNNING)
+        records.transition(r.job_id, JobState.FAILED if i % 50 == 0 else JobState.SUCCEEDED, exit_code=i % 50 and 0)
+    records.index_path().unlink()
+
+
+def bench_status(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        home = tmp / "home"
+        slurm_ids: list[str] = []
+        if args.slurm_jobs:
+            proc = subprocess.run(["sbatch", "--parsable", f"--array=0-{args.slurm_jobs - 1}", "-o", "/dev/null",
+                                   "--wrap", "sleep 900"], capture_output=True, text=True, check=True)
+            array = proc.stdout.strip().split(";")[0]
+            slurm_ids = [f"{array}_{i}" for i in range(args.slurm_jobs)]
+        try:
+            started = time.perf_counter()
+            make_records(home, args.records, slurm_ids)
+            print(f"{args.records} records written in {time.perf_counter() - started:.1f} s "
+                  f"({len(slurm_ids)} of them Slurm array tasks on the cluster)", flush=True)
+            count_file = tmp / "slurm-calls.txt"
+            env = {**os.environ, "ORCH_HOME": str(home), "PATH": wrappers(tmp / "bin", count_file),
+                   "COLUMNS": "200"}
+            for label, argv, poll in (("orch status", [ORCH, "status"], None),
+                                      ("orch status --all --json", [ORCH, "status", "--all", "--json"], None),
+                                      ("orch status, Slurm asked every call (ORCH_SLURM_POLL_S=0)",
+                                       [ORCH, "status"], "0")):
+                call_env = {**env, **({"ORCH_SLURM_POLL_S": poll} if poll is not None else {})}
+                walls, cpus, calls = [], [], []
+                for _ in range(args.repeats + 1):
+                    count_file.write_text("")
+                    wall, cpu, out = timed(argv, call_env)
+                    walls.append(wall)
+                    cpus.append(cpu)
+                    calls.append([line.split()[0] for line in count_file.read_text().splitlines()])
+                later, later_cpu = sorted(walls[1:]), sorted(cpus[1:])
+                print(f"{label}: first {walls[0]:.2f} s (CPU {cpus[0]:.2f} s), later best {later[0]:.2f} s, median "
+                      f"{later[len(later) // 2]:.2f} s (CPU best {later_cpu[0]:.2f} s); Slurm commands per call {[len(c) for c in calls]} "
+                      f"({', '.join(sorted(set(sum(calls, []))))}); {len(out.splitlines())} lines out; "
+                      f"load {load()}", flush=True)
+                if args.verbose:
+                    print("\n".join(out.splitlines()[:12]))
+        finally:
+            if slurm_ids:
+                subprocess.run(["scancel", slurm_ids[0].split("_")[0]], check=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["records", "trials", "slurm"])
+    parser.add_argument("part", choices=["status", "trials"])
     parser.add_argument("--records", type=int, default=10000)
     parser.add_argument("--slurm-jobs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    {"trials": bench_trials}[args.part](args)
+    {"trials": bench_trials, "status": bench_status}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def job_output_dir(experiment: Experiment) -> Path:
     return Path(output_dir_of(experiment)).expanduser().resolve()
 
 
-def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None, write: bool = False,
+def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None, write: bool = True,
              continue_run: Optional[bool] = None) -> JobSpec:
     """The :class:`JobSpec` of a resolved experiment named ``name`` (default: the experiment's
     name): its absolute output folder, config path, tracking URI and backend tag decided; pure
@@ -172,7 +172,7 @@ class Launch:
         :meth:`submit` starts; bad options fail here."""
         names = names or [None] * len(experiments)
         experiments = [self.launcher.fit(e) for e in experiments]
-        return self.launcher.plan([job_spec(e, self.backend, name=n) for e, n in zip(experiments, names)])
+        return self.launcher.plan([job_spec(e, self.backend, name=n, write=False) for e, n in zip(experiments, names)])
 
     def preflight(self, plan: Plan, wait_s: Optional[float] = None) -> None:
         """Can the cluster ever run it, does an ``online`` tracking server answer, are the

@@ -209,10 +209,13 @@ def _to_dict(record: JobRecord) -> dict:
 
 
 def _from_dict(data: dict) -> JobRecord:
-    fields = {f.name for f in dataclasses.fields(JobRecord)}
-    values = {k: v for k, v in data.items() if k in fields}
+    values = dict(data)
     values["state"] = JobState(values.get("state", "UNKNOWN"))
-    return JobRecord(**values)
+    try:
+        return JobRecord(**values)
+    except TypeError:  # a key this version does not know (a newer orch wrote it): left out
+        fields = {f.name for f in dataclasses.fields(JobRecord)}
+        return JobRecord(**{k: v for k, v in values.items() if k in fields})
 
 
 def resolve_job_id(job: str) -> str:
