@@ -22,6 +22,7 @@ from cluster.errors import LaunchError
 from orchestrator import records
 from orchestrator.records import orch_home as records_home
 from orchestrator.launchers.base import JobHandle, Launcher, Plan, Status
+from orchestrator.launchers.slurm.capacity import DEFAULT_MAX_ARRAY_SIZE
 from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
 from orchestrator.spec import JobRecord, JobSpec, JobState
 
@@ -81,6 +82,14 @@ def slurm_asks(plan: SlurmPlan) -> list["SlurmAsk"]:
     return asks
 
 
+DEFAULT_ARRAY_PARALLELISM = 8  # an array's `%` throttle when neither --max-parallel nor Slurm says
+
+
+def _shape(params: dict[str, Any]) -> str:
+    """What jobs must share to go into one array: every sbatch parameter but the name."""
+    return json.dumps({**params, "job_name": None}, sort_keys=True, default=str)
+
+
 class SlurmLauncher(Launcher):
     """``orch submit --backend slurm`` (or ``--partition P`` with Slurm reachable)."""
 
@@ -89,11 +98,47 @@ class SlurmLauncher(Launcher):
 
     def __init__(self) -> None:
         self._node_gpus: dict[Optional[str], Optional[int]] = {}  # partition -> GPUs of its nodes
+        # The cluster's limits, read by `fit` (a plan itself asks nothing): MaxArraySize, and how
+        # many tasks of each shape the partition runs at once (the default `%` throttle).
+        self.max_array_size: int = DEFAULT_MAX_ARRAY_SIZE
+        self.at_once: dict[str, Optional[int]] = {}
+        self._limits_read = False
+        self._shapes: dict[str, str] = {}
+
+    def read_limits(self, experiment: Experiment) -> None:
+        """Read the cluster's limits for jobs like ``experiment``, once per shape: MaxArraySize
+        (``scontrol show config``, cached under ORCH_HOME) and, when no ``--max-parallel`` caps
+        the arrays, how many such tasks the partition's nodes hold at once."""
+        from orchestrator.launchers.slurm.capacity import max_array_size, tasks_at_once
+        from orchestrator.launchers.slurm.sbatch import slurm_reachable
+
+        if not self._limits_read:
+            self._limits_read = True
+            self._reachable = slurm_reachable()
+            if self._reachable:
+                self.max_array_size = max_array_size(records_home() / "slurm-config.json")
+        if not self._reachable or experiment.resources.slurm.array_parallelism is not None:
+            return
+        resources = repr((experiment.resources, experiment.runtime.device))  # 1000 trials: a few shapes
+        if resources in self._shapes:
+            return
+        params = sbatch_parameters(JobSpec(experiment.name, experiment, Path("config.yaml"), Path("."), self.name, {}))
+        key = self._shapes[resources] = _shape(params)
+        if key not in self.at_once:
+            from orchestrator.launchers.slurm.capacity import SlurmAsk
+
+            self.at_once[key] = tasks_at_once(SlurmAsk.from_params(params, f"job {experiment.name}"))
 
     def fit(self, experiment: Experiment) -> Experiment:
         """``--gpus N`` alone on a partition of G-GPU nodes (N > G) runs on N/G nodes of G GPUs,
         as ``sbatch --gpus-per-node`` users expect (``--gpus 16`` on 8-GPU nodes: 2 x 8). Where
-        Slurm cannot tell (a dry run away from the cluster), the layout stays one node."""
+        Slurm cannot tell (a dry run away from the cluster), the layout stays one node. Also
+        reads the cluster's limits that the plan obeys (:meth:`read_limits`)."""
+        experiment = self._fit_layout(experiment)
+        self.read_limits(experiment)
+        return experiment
+
+    def _fit_layout(self, experiment: Experiment) -> Experiment:
         from orchestrator.launchers.slurm.capacity import gpus_per_node
 
         res = experiment.resources
@@ -118,16 +163,26 @@ class SlurmLauncher(Launcher):
         grouped: dict[str, tuple[dict[str, Any], list[int]]] = {}
         for index, job in enumerate(jobs):
             params = sbatch_parameters(job)
-            key = json.dumps({**params, "job_name": None}, sort_keys=True, default=str)
-            grouped.setdefault(key, (params, []))[1].append(index)
+            grouped.setdefault(_shape(params), (params, []))[1].append(index)
         groups = []
-        for params, indices in grouped.values():
-            members = [jobs[i] for i in indices]
-            if len(members) > 1:  # one name for the array: what its runs' names share
-                prefix = os.path.commonprefix([j.name for j in members]).rstrip("-_.")
-                params = {**params, "job_name": prefix or "orch-array"}
-            folder = job_folder(members)
-            groups.append(SbatchGroup(params, tuple(indices), str(folder), render(params, folder, len(members))))
+        for key, (params, indices) in grouped.items():
+            # An array of more tasks than MaxArraySize is refused by sbatch: several arrays then.
+            size = max(1, self.max_array_size)
+            chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+            for chunk in chunks:
+                members = [jobs[i] for i in chunk]
+                chunk_params = dict(params)
+                if len(members) > 1:  # one name for the array: what its runs' names share
+                    prefix = os.path.commonprefix([j.name for j in members]).rstrip("-_.")
+                    chunk_params["job_name"] = prefix or "orch-array"
+                    if "array_parallelism" not in chunk_params:  # no --max-parallel: what the partition runs
+                        chunk_params["array_parallelism"] = self.at_once.get(key) or DEFAULT_ARRAY_PARALLELISM
+                    # the throttle is one per array: a set split in several arrays shares it out
+                    share = -(-int(chunk_params["array_parallelism"]) // len(chunks))
+                    chunk_params["array_parallelism"] = max(1, min(share, len(members)))
+                folder = job_folder(members)
+                groups.append(SbatchGroup(chunk_params, tuple(chunk), str(folder),
+                                          render(chunk_params, folder, len(members))))
         return SlurmPlan(self.name, tuple(jobs), tuple(groups))
 
     def preflight(self, plan: SlurmPlan, wait_s: float = 0.0) -> None:
