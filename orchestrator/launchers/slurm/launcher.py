@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from orchestrator import records
-from orchestrator.records import orch_home as records_home
 from orchestrator.launchers.base import JobHandle, Launcher, Plan, Status
 from orchestrator.launchers.slurm.capacity import DEFAULT_MAX_ARRAY_SIZE
 from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
+from orchestrator.records import orch_home as records_home
 from orchestrator.spec import JobRecord, JobSpec, JobState
 
 if TYPE_CHECKING:
@@ -103,14 +103,14 @@ class SlurmLauncher(Launcher):
         self.max_array_size: int = DEFAULT_MAX_ARRAY_SIZE
         self.at_once: dict[str, Optional[int]] = {}
         self._limits_read = False
-        self._shapes: dict[str, str] = {}
+        self._reachable = False
+        self._shapes: dict[str, str] = {}  # resources -> shape key, so 1000 trials compute a few
 
     def read_limits(self, experiment: Experiment) -> None:
         """Read the cluster's limits for jobs like ``experiment``, once per shape: MaxArraySize
         (``scontrol show config``, cached under ORCH_HOME) and, when no ``--max-parallel`` caps
         the arrays, how many such tasks the partition's nodes hold at once."""
-        from orchestrator.launchers.slurm.capacity import max_array_size, tasks_at_once
-        from orchestrator.launchers.slurm.sbatch import slurm_reachable
+        from orchestrator.launchers.slurm.capacity import SlurmAsk, max_array_size, tasks_at_once
 
         if not self._limits_read:
             self._limits_read = True
@@ -125,8 +125,6 @@ class SlurmLauncher(Launcher):
         params = sbatch_parameters(JobSpec(experiment.name, experiment, Path("config.yaml"), Path("."), self.name, {}))
         key = self._shapes[resources] = _shape(params)
         if key not in self.at_once:
-            from orchestrator.launchers.slurm.capacity import SlurmAsk
-
             self.at_once[key] = tasks_at_once(SlurmAsk.from_params(params, f"job {experiment.name}"))
 
     def fit(self, experiment: Experiment) -> Experiment:
