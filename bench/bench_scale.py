@@ -54,16 +54,16 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, cpu, proc.stdout
 
 
-def peak_of(argv: list[str], env: dict[str, str]) -> tuple[float, float, str]:
-    """Wall time and the child's own peak RSS (via /usr/bin/time when present, else ru_maxrss of
-    all children so far, which is an upper bound)."""
+def peak_of(argv: list[str], env: dict[str, str]) -> tuple[float, float, float, str]:
+    """Wall time, CPU seconds and the command's own peak RSS in MB (``/usr/bin/time``), stdout."""
     if shutil.which("/usr/bin/time"):
         start = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", *argv], env=env, capture_output=True, text=True)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", *argv], env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024, proc.stdout
+        peak, user, system = proc.stderr.strip().splitlines()[-1].split()
+        return wall, float(user) + float(system), int(peak) / 1024, proc.stdout
     raise RuntimeError("/usr/bin/time is needed for the peak memory (apt-get install time)")
 
 
@@ -112,11 +112,11 @@ def bench_trials(args) -> None:
             if args.only and args.only not in label:
                 continue
             runs = [peak_of(argv, env) for _ in range(args.repeats)]
-            walls = sorted(r[0] for r in runs)
-            print(f"{label}: wall best {walls[0]:.2f} s, median {walls[len(walls) // 2]:.2f} s; "
-                  f"peak {max(r[1] for r in runs):.0f} MB; load {load()}", flush=True)
+            walls, cpus = sorted(r[0] for r in runs), sorted(r[1] for r in runs)
+            print(f"{label}: wall best {walls[0]:.2f} s, median {walls[len(walls) // 2]:.2f} s; CPU best "
+                  f"{cpus[0]:.2f} s; peak {max(r[2] for r in runs):.0f} MB; load {load()}", flush=True)
             if args.verbose:
-                print(runs[-1][2][:3000])
+                print(runs[-1][3][:3000])
 
 
 WRAPPED = ("sacct", "squeue", "scontrol", "sinfo", "sbatch", "scancel")
