@@ -243,7 +243,7 @@ class SlurmLauncher(Launcher):
         if not asked:
             return {}
         found = slurm_state.query_cached(list(asked), {n: r.extra.get("result_path") for n, r in asked.items()},
-                                         records_home())
+                                         records_home(), {n: r.submitted_at for n, r in asked.items()})
         answers = {}
         for native_id, record in asked.items():
             status = found.get(native_id)

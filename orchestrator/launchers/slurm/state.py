@@ -273,10 +273,12 @@ def query_many(native_ids: Sequence[str], result_paths: Mapping[str, Optional[st
     return answers
 
 
-def query_cached(native_ids: Sequence[str], result_paths: Mapping[str, Optional[str]], home: Path) -> dict[str, SlurmStatus]:
+def query_cached(native_ids: Sequence[str], result_paths: Mapping[str, Optional[str]], home: Path,
+                 submitted: Mapping[str, float] = {}) -> dict[str, SlurmStatus]:
     """:func:`query_many`, asking Slurm only about the jobs whose last answer (kept in
-    ``home/slurm-status.json``) is older than :func:`poll_interval`. The lock is held while
-    asking: a second ``orch status`` waits for the first one's answers instead of asking too."""
+    ``home/slurm-status.json``) is older than :func:`poll_interval`, or older than the job's
+    submission (``submitted``: a cluster whose state was wiped reuses job ids). The lock is held
+    while asking: a second ``orch status`` waits for the first one's answers instead of asking."""
     interval = poll_interval()
     home.mkdir(parents=True, exist_ok=True)
     cache_file = home / "slurm-status.json"
@@ -288,7 +290,8 @@ def query_cached(native_ids: Sequence[str], result_paths: Mapping[str, Optional[
         except (OSError, ValueError):
             cache = {}
         now = time.time()
-        stale = [i for i in dict.fromkeys(native_ids) if i not in cache or now - cache[i].get("at", 0) >= interval]
+        stale = [i for i in dict.fromkeys(native_ids) if i not in cache or now - cache[i].get("at", 0) >= interval
+                 or cache[i].get("at", 0) < submitted.get(i, 0)]
         if stale:
             fresh = query_many(stale, result_paths)
             cache = {k: v for k, v in cache.items() if now - v.get("at", 0) < CACHE_KEEP_S}
