@@ -88,6 +88,21 @@ def cancel_job(job: str) -> JobRecord:
     return transition(record.job_id, JobState.CANCELLED)
 
 
+def cancel_jobs(job_ids: Sequence[str]) -> list[JobRecord]:
+    """Cancel many jobs at once (an interrupted set): one refresh, then each backend's
+    :meth:`~orchestrator.launchers.Launcher.cancel_many` (Slurm: one ``scancel`` for all, not one
+    per job); the unfinished ones are recorded CANCELLED."""
+    from orchestrator.launchers import get_launcher
+
+    fresh = refresh_records([load_record(j) for j in job_ids], run_ids=False)
+    by_backend: dict[str, list[JobRecord]] = {}
+    for r in fresh:
+        by_backend.setdefault(r.backend, []).append(r)
+    for backend, group in by_backend.items():
+        get_launcher(backend).cancel_many(group)
+    return [r if r.state.finished else transition(r.job_id, JobState.CANCELLED) for r in fresh]
+
+
 def follow_log(job: str, follow: bool = True, out=None, poll_s: float = 0.5) -> JobRecord:
     """Copy the job's log to ``out`` (stdout); with ``follow``, keep copying until the job ends
     (``orch logs -f``, ``orch submit --wait``). Returns the last record seen."""

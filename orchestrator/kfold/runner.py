@@ -287,8 +287,10 @@ def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float
             if waiting:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
-        for name, handle in waiting.items():
-            handle.cancel()
+        from orchestrator.jobs import cancel_jobs
+
+        cancel_jobs([h.job_id for h in waiting.values()])  # one scancel for a Slurm set, not one per trial
+        for name in waiting:
             state["trials"][name]["status"] = "CANCELLED"
         save_state(set_dir, state)
         raise

@@ -123,6 +123,11 @@ class Launcher(abc.ABC):
     def cancel(self, record: JobRecord) -> None:
         """Stop the job's processes. Idempotent; the caller records CANCELLED."""
 
+    def cancel_many(self, records: Sequence[JobRecord]) -> None:
+        """Stop many jobs (an interrupted set); default: :meth:`cancel` each."""
+        for record in records:
+            self.cancel(record)
+
     def describe(self, record: JobRecord) -> list[tuple[str, str]]:
         """Extra ``(label, value)`` rows for ``orch status JOB``."""
         return []

@@ -262,11 +262,22 @@ class SlurmLauncher(Launcher):
 
     def cancel(self, record: JobRecord) -> None:
         """``scancel`` the job (a job Slurm already finished is left alone)."""
-        if record.native_id and shutil.which("scancel"):
-            proc = subprocess.run(["scancel", record.native_id], capture_output=True, text=True, timeout=30)
+        self.cancel_many([record])
+
+    def cancel_many(self, records: Sequence[JobRecord]) -> None:
+        """One ``scancel`` for many jobs (per 500 ids); ids Slurm no longer knows are no error."""
+        from orchestrator.launchers.slurm.state import SACCT_CHUNK
+
+        native = [r.native_id for r in records if r.native_id]
+        if not native or not shutil.which("scancel"):
+            return
+        for start in range(0, len(native), SACCT_CHUNK):
+            chunk = native[start:start + SACCT_CHUNK]
+            proc = subprocess.run(["scancel", *chunk], capture_output=True, text=True, timeout=60)
             if proc.returncode != 0 and "already completing or completed" not in proc.stderr \
                     and "Invalid job id" not in proc.stderr:
-                raise LaunchError(f"scancel {record.native_id} failed: {proc.stderr.strip()}")
+                raise LaunchError(f"scancel {' '.join(chunk[:3])}{' ...' if len(chunk) > 3 else ''} failed: "
+                                  f"{proc.stderr.strip()}")
 
     def describe(self, record: JobRecord) -> list[tuple[str, str]]:
         rows = [("slurm state", record.extra["slurm_state"])] if record.extra.get("slurm_state") else []

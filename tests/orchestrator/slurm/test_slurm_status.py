@@ -1,6 +1,6 @@
 """Slurm asked once for many jobs: id lists and compressed array ids (pure), and on the real
 cluster one ``sacct`` (+ at most one ``squeue``) per ``orch status`` for all its jobs, none within
-the poll interval (commands counted by wrapper scripts first on PATH). The array split at
+the poll interval (commands counted by wrapper scripts first on PATH); one ``scancel`` for an interrupted set. The array split at
 MaxArraySize is in test_slurm_plan.py."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_an_array_asked_about_by_several_tasks_is_asked_for_once():
     assert slurm_state._ask_ids(["5_0", "5_1", "5_2", "7", "8_3"]) == ["5", "7", "8_3"]
 
 
-COUNTED = ("sacct", "squeue", "scontrol", "sinfo")
+COUNTED = ("sacct", "squeue", "scontrol", "sinfo", "scancel")
 
 
 def _wrappers(folder: Path, log: Path) -> str:
@@ -72,6 +72,12 @@ def test_one_sacct_per_status_for_all_jobs(slurm_cluster, tmp_path, monkeypatch)
         for _ in range(3):  # within the poll interval: answered from the cache, Slurm not asked
             assert main(["status"]) == 0
         assert log.read_text().split() == []
-        assert len(made) == 7
+        # an interrupted set: one scancel for all its jobs, each recorded CANCELLED (or as ended)
+        from orchestrator.jobs import cancel_jobs
+
+        ended = cancel_jobs([r.job_id for r in made])
+        assert log.read_text().split().count("scancel") == 1
+        assert all(r.state in (JobState.CANCELLED, JobState.SUCCEEDED) for r in ended)
+        assert [r.state for r in ended[:6]] == [JobState.CANCELLED] * 6
     finally:
         subprocess.run(["scancel", array, single], check=False)
