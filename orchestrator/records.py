@@ -12,7 +12,7 @@ does not name (an ``ORCH_HOME`` written before the index existed, a writer that 
 the two writes: their ``record.json`` is read and appended once), drops jobs whose folder is
 gone, re-reads ``record.json`` of the jobs not yet finished (the file is the truth; the index is
 a cache of it), and rewrites the file without superseded lines (atomic replace) when they
-outnumber the live ones. Deleting the index is always safe: the next listing rebuilds it.
+outnumber or outweigh the live ones (a sweep's record grows with its trials). Deleting the index is always safe: the next listing rebuilds it.
 
 Records are made in one place (:func:`create_record`) and change state in one place
 (:func:`transition`), which is therefore where "what happens when a job ends" is written once:
@@ -35,7 +35,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from cluster.errors import ConfigError, JobNotFound
 from cluster.files import read_json, write_json_atomic, write_text_atomic
@@ -142,47 +142,67 @@ def _store(folder: Path, data: dict) -> None:
         log.warning("could not append to the record index %s: %s", index_path(), err)
 
 
-def _read_index() -> tuple[dict[str, dict], int]:
-    """``({job_id: newest data}, number of lines)`` of the index (empty when absent). A line
-    being written right now (no newline yet) is skipped."""
+@dataclasses.dataclass
+class _Index:
+    """What the index file holds: the newest data of each job, the length of its line, and the
+    file's number of lines and size (to tell when superseded lines should be dropped)."""
+
+    rows: dict[str, dict]
+    sizes: dict[str, int]
+    lines: int
+    size: int
+
+    def bloated(self, live: Iterable[str]) -> bool:
+        """More superseded lines than live ones (plus slack), by count or by size (a sweep's
+        record grows with its trials and is rewritten at each of their reports)."""
+        live = list(live)
+        live_size = sum(self.sizes.get(job_id, 0) + 1 for job_id in live)
+        return self.lines > 2 * len(live) + 1000 or self.size > 2 * live_size + (1 << 20)
+
+
+def _read_index() -> _Index:
+    """The index (empty when absent). A line being written right now (no newline yet) is skipped."""
     try:
         with open(index_path()) as handle:
             text = handle.read()
     except FileNotFoundError:
-        return {}, 0
+        return _Index({}, {}, 0, 0)
     lines = text.split("\n")[:-1]  # the last piece is "" or a line still being written
     try:
-        rows = json.loads("[" + ",".join(lines) + "]")
+        parsed = list(zip(json.loads("[" + ",".join(lines) + "]"), lines))
     except ValueError:  # a torn line (a writer killed mid-line): parse one by one, skip it
-        rows = []
+        parsed = []
         for line in lines:
             try:
-                rows.append(json.loads(line))
+                parsed.append((json.loads(line), line))
             except ValueError:
                 continue
-    newest = {row["job_id"]: row for row in rows if isinstance(row, dict) and "job_id" in row}
-    return newest, len(lines)
+    rows, sizes = {}, {}
+    for row, line in parsed:
+        if isinstance(row, dict) and "job_id" in row:
+            rows[row["job_id"]] = row
+            sizes[row["job_id"]] = len(line)
+    return _Index(rows, sizes, len(lines), len(text))
 
 
 def _index_rows() -> dict[str, dict]:
     """Every stored record's data by job id, from the index (rebuilt where it is missing or
     stale; see the module docstring)."""
     folders = {entry.name for entry in os.scandir(jobs_dir()) if entry.is_dir()}
-    rows, lines = _read_index()
-    missing = folders.difference(rows)
-    if missing:
+    index = _read_index()
+    if folders.difference(index.rows):
         # Read and append under the index lock: a writer that changes one of these records now
         # appends after us, so its newer line wins.
         with _index_locked():
-            rows, lines = _read_index()
-            found = [data for data in (read_json(job_dir(j) / "record.json") for j in sorted(folders.difference(rows)))
+            index = _read_index()
+            found = [data for data in (read_json(job_dir(j) / "record.json")
+                                       for j in sorted(folders.difference(index.rows)))
                      if data is not None and "job_id" in data]
             if found:
                 _append_index(found)
-                rows.update((data["job_id"], data) for data in found)
-                lines += len(found)
-    live = {job_id: data for job_id, data in rows.items() if job_id in folders}
-    if lines > 2 * len(live) + 1000:
+                index = _read_index()
+    live = {job_id: data for job_id, data in index.rows.items() if job_id in folders}
+    if index.bloated(live):
         _compact()
     for job_id, data in live.items():
         if not JobState(data.get("state", "UNKNOWN")).finished:
@@ -195,7 +215,7 @@ def _index_rows() -> dict[str, dict]:
 def _compact() -> None:
     """Rewrite the index with one line per live job (atomic replace, under the index lock)."""
     with _index_locked():
-        rows, _ = _read_index()
+        rows = _read_index().rows
         folders = {entry.name for entry in os.scandir(jobs_dir()) if entry.is_dir()}
         text = "".join(json.dumps(row, separators=(",", ":"), default=str) + "\n"
                        for job_id, row in rows.items() if job_id in folders)

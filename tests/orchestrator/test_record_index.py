@@ -88,6 +88,19 @@ def test_compaction_keeps_one_line_per_job(home):
     assert len(lines) == 1 and json.loads(lines[0])["job_id"] == a.job_id
 
 
+def test_a_growing_record_rewritten_often_is_compacted_by_size(home):
+    """A sweep's record grows with its trials and is rewritten at each report: the index is
+    compacted when superseded lines outweigh the live ones, not only when they outnumber them."""
+    sweep = make("sweep")
+    for n in range(80):
+        records.annotate(sweep.job_id, extra={"trials": {f"t{i}": {"status": "RUNNING"} for i in range(n * 20)}})
+    before = records.index_path().stat().st_size
+    assert before > (1 << 20) and len(records.index_path().read_text().splitlines()) < 1000
+    records.list_records()
+    lines = records.index_path().read_text().splitlines()
+    assert len(lines) == 1 and records.index_path().stat().st_size < before / 10
+
+
 def _writer(home: str, job_ids: list, rounds: int, seed: int) -> None:
     os.environ["ORCH_HOME"] = home
     for n in range(rounds):
@@ -110,7 +123,7 @@ def test_concurrent_writers_leave_the_index_equal_to_the_files(home):
     for p in procs:
         p.join()
         assert p.exitcode == 0
-    indexed, _ = records._read_index()
+    indexed = records._read_index().rows
     truth = file_records()
     assert {k: indexed[k] for k in truth} == truth
     assert all(truth[i]["extra"] == {f"w{s}": 14 for s in range(4)} for i in ids)
