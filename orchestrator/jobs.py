@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from typing import Sequence
 
 from orchestrator.records import load_record, transition
 from orchestrator.spec import JobRecord, JobState
@@ -18,25 +19,56 @@ from orchestrator.spec import JobRecord, JobState
 log = logging.getLogger(__name__)
 
 
+def refresh_records(records: Sequence[JobRecord], run_ids: bool = True) -> list[JobRecord]:
+    """``records`` (same order) with their backends' current states: the unfinished ones of each
+    backend are asked about in one :meth:`~orchestrator.launchers.Launcher.status` call, and
+    every answer that changes something becomes a :func:`~orchestrator.records.transition` here
+    (the one place that writes states from answers). A finished record's state is final; a
+    backend that cannot answer right now leaves the stored states (and a warning). With
+    ``run_ids``, a record's MLflow run id is filled in once its journal was shipped."""
+    from orchestrator.launchers import get_launcher
+
+    fresh = {r.job_id: r for r in records}
+    by_backend: dict[str, list[JobRecord]] = {}
+    for r in records:
+        if not r.state.finished:
+            by_backend.setdefault(r.backend, []).append(r)
+    for backend, group in by_backend.items():
+        try:
+            launcher = get_launcher(backend)
+            answers = launcher.status(group)
+        except Exception as err:  # noqa: BLE001 - a flaky scheduler must not break `orch status`
+            log.warning("could not refresh %d %s job(s) (%s ...): %s", len(group), backend, group[0].job_id, err)
+            continue
+        for r in group:
+            answer = answers.get(r.job_id)
+            if answer is None:
+                continue
+            fields = answer.changes(r)
+            if answer.state == r.state and not fields:
+                continue  # nothing new: nothing written
+            if answer.state.finished:
+                launcher.release(r)
+            fresh[r.job_id] = transition(r.job_id, answer.state, **fields)
+    if run_ids:
+        for job_id, r in fresh.items():
+            if r.tracking_uri and not r.mlflow_run_id:
+                fresh[job_id] = _with_run_id(r)
+    return [fresh[r.job_id] for r in records]
+
+
+def _with_run_id(record: JobRecord) -> JobRecord:
+    from orchestrator.records import annotate
+    from orchestrator.tracking.runs import journal_dir, run_id_of
+
+    run_id = run_id_of(journal_dir(record.output_dir), record.tracking_uri)
+    return annotate(record.job_id, mlflow_run_id=run_id) if run_id else record
+
+
 def refresh_record(record: JobRecord) -> JobRecord:
     """``record`` with its backend's current state (stored), and its MLflow run id once its
-    journal was shipped. A finished record's state is final; a backend that cannot answer
-    right now leaves the stored state (and a warning)."""
-    if not record.state.finished:
-        from orchestrator.launchers import launcher_for
-
-        try:
-            record = launcher_for(record).refresh(record)
-        except Exception as err:  # noqa: BLE001 - a flaky scheduler must not break `orch status`
-            log.warning("could not refresh %s job %s: %s", record.backend, record.job_id, err)
-    if record.tracking_uri and not record.mlflow_run_id:
-        from orchestrator.records import annotate
-        from orchestrator.tracking.runs import journal_dir, run_id_of
-
-        run_id = run_id_of(journal_dir(record.output_dir), record.tracking_uri)
-        if run_id:
-            record = annotate(record.job_id, mlflow_run_id=run_id)
-    return record
+    journal was shipped (:func:`refresh_records` of one)."""
+    return refresh_records([record])[0]
 
 
 def refresh_job(job: str) -> JobRecord:
@@ -54,6 +86,21 @@ def cancel_job(job: str) -> JobRecord:
     if record.state.finished:
         return record
     return transition(record.job_id, JobState.CANCELLED)
+
+
+def cancel_jobs(job_ids: Sequence[str]) -> list[JobRecord]:
+    """Cancel many jobs at once (an interrupted set): one refresh, then each backend's
+    :meth:`~orchestrator.launchers.Launcher.cancel_many` (Slurm: one ``scancel`` for all, not one
+    per job); the unfinished ones are recorded CANCELLED."""
+    from orchestrator.launchers import get_launcher
+
+    fresh = refresh_records([load_record(j) for j in job_ids], run_ids=False)
+    by_backend: dict[str, list[JobRecord]] = {}
+    for r in fresh:
+        by_backend.setdefault(r.backend, []).append(r)
+    for backend, group in by_backend.items():
+        get_launcher(backend).cancel_many(group)
+    return [r if r.state.finished else transition(r.job_id, JobState.CANCELLED) for r in fresh]
 
 
 def follow_log(job: str, follow: bool = True, out=None, poll_s: float = 0.5) -> JobRecord:

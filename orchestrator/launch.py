@@ -1,13 +1,18 @@
-"""The one launch path of ``orch submit`` and ``orch kfold``: flags -> experiments -> plan ->
-preflight -> identity (config file and run journal written) -> plan -> submit.
+"""The one launch path of ``orch submit`` and ``orch kfold``: flags -> experiments -> fit and
+plan (once) -> preflight (once) -> identity (config file and run journal written) -> submit of
+that same plan.
 
 A bad option fails while planning unwritten specs, and a request the cluster can never satisfy
 fails in the launcher's ``preflight``: both before any file, record or MLflow run exists, so
-nothing is half-submitted. A dry run stops after the first plan and writes nothing.
+nothing is half-submitted. A dry run stops after the plan and writes nothing. What the dry run
+printed is what runs (TorchX: ``submit = schedule(submit_dryrun(...))``): :meth:`Launch.submit`
+takes the plan, writes each job's identity and hands the plan to the launcher, whose ``submit``
+neither plans nor preflights again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,15 +110,10 @@ def job_output_dir(experiment: Experiment) -> Path:
 
 def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None, write: bool = True,
              continue_run: Optional[bool] = None) -> JobSpec:
-    """Turn a resolved experiment into a :class:`JobSpec` named ``name`` (default: the
-    experiment's name).
-
-    With ``write`` (a real submission) the job's identity is decided now: its journal is created
-    in ``<output_dir>/journal`` (continued when ``continue_run``, by default when ``runtime.resume``
-    is set: a resumed job goes on in the same MLflow run), and the absolute tracking URI and the backend tag go into the config
-    written to ``<output_dir>/config.yaml``. Without it (a dry run) nothing is written.
-    """
-    from orchestrator.config import dump_experiment, with_overrides
+    """The :class:`JobSpec` of a resolved experiment named ``name`` (default: the experiment's
+    name): its absolute output folder, config path, tracking URI and backend tag decided; pure
+    unless ``write`` (then :func:`write_identity` writes its identity, as a submission does)."""
+    from orchestrator.config import derive
     from orchestrator.weights import weights_overrides
 
     output_dir = job_output_dir(experiment)
@@ -124,19 +124,33 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
 
         updates["tracking.uri"] = runs.tracking_uri_of(experiment)
         updates["tracking.tags"] = {**tracking.tags, "backend": backend}
-    experiment = with_overrides(experiment, updates)
-    config_path = output_dir / "config.yaml"
-    if write:
-        from orchestrator.outputs import claim_for_submission
-
-        claim_for_submission(output_dir)  # one live job per folder: refused before anything is written
-        if tracking.enable:
-            runs.create_journal(runs.journal_dir(str(output_dir)), experiment, tracking.run_name or experiment.name,
-                                tags=experiment.tracking.tags, parent=tracking.parent_journal,
-                                resume=bool(experiment.runtime.resume) if continue_run is None else continue_run)
-        write_text_atomic(config_path, dump_experiment(experiment))
-    return JobSpec(name=name or experiment.name, experiment=experiment, config_path=config_path,
+    experiment = derive(experiment, updates, source="orch's own settings")  # checked values: no re-validation
+    spec = JobSpec(name=name or experiment.name, experiment=experiment, config_path=output_dir / "config.yaml",
                    output_dir=output_dir, backend=backend, extra_env={})
+    if write:
+        write_identity(spec, continue_run)
+    return spec
+
+
+def write_identity(job: JobSpec, continue_run: Optional[bool] = None) -> None:
+    """Decide a planned job's identity before anything runs: its output folder is claimed (one
+    live job per folder), its journal created in ``<output_dir>/journal`` (continued when
+    ``continue_run``, by default when ``runtime.resume`` is set: a resumed job goes on in the same
+    MLflow run), and the resolved config, with the absolute tracking URI and the backend tag,
+    written to ``<output_dir>/config.yaml``."""
+    from orchestrator.config import dump_experiment
+    from orchestrator.outputs import claim_for_submission
+
+    experiment = job.experiment
+    claim_for_submission(job.output_dir)  # refused before anything is written
+    if experiment.tracking.enable:
+        from orchestrator.tracking import runs
+
+        tracking = experiment.tracking
+        runs.create_journal(runs.journal_dir(str(job.output_dir)), experiment, tracking.run_name or experiment.name,
+                            tags=tracking.tags, parent=tracking.parent_journal,
+                            resume=bool(experiment.runtime.resume) if continue_run is None else continue_run)
+    write_text_atomic(job.config_path, dump_experiment(experiment))
 
 
 @dataclass
@@ -154,7 +168,8 @@ class Launch:
         return cls(backend, get_launcher(backend))
 
     def plan(self, experiments: Sequence[Experiment], names: Optional[Sequence[str]] = None) -> Plan:
-        """The plan of unwritten specs: what ``--dry-run`` prints; bad options fail here."""
+        """Fit and plan the unwritten specs, once: what ``--dry-run`` prints and what
+        :meth:`submit` starts; bad options fail here."""
         names = names or [None] * len(experiments)
         experiments = [self.launcher.fit(e) for e in experiments]
         return self.launcher.plan([job_spec(e, self.backend, name=n, write=False) for e, n in zip(experiments, names)])
@@ -177,17 +192,24 @@ class Launch:
             self.launcher.preflight(plan)
         jobs_dir()
 
-    def submit(self, experiments: Sequence[Experiment], names: Optional[Sequence[str]] = None,
-               continue_runs: Optional[bool] = None) -> tuple[Plan, list[JobHandle]]:
-        """Decide identities (config files, journals), plan them and start them."""
-        names = names or [None] * len(experiments)
+    def submit(self, plan: Plan, continue_runs: Optional[bool] = None,
+               tracking: Optional[Sequence[dict[str, Any]]] = None) -> tuple[Plan, list[JobHandle]]:
+        """Write the identity of every job of ``plan`` (config files, journals) and start that
+        plan (planned and preflighted already). ``tracking``: per job, ``tracking.*`` keys decided
+        only now (a k-fold trial's parent run, made after preflight); they change no part of the
+        plan but the configs written."""
+        from orchestrator.config import derive
         from orchestrator.outputs import claim
 
-        experiments = [self.launcher.fit(e) for e in experiments]
-        specs = [job_spec(e, self.backend, name=n, continue_run=continue_runs) for e, n in zip(experiments, names)]
-        plan = self.launcher.plan(specs)
+        if tracking is not None:
+            if any(not all(k.startswith("tracking.") for k in t) for t in tracking):
+                raise LaunchError("Launch.submit: only tracking.* keys may change after planning")
+            jobs = tuple(dataclasses.replace(job, experiment=derive(job.experiment, t, source="set tracking"))
+                         for job, t in zip(plan.jobs, tracking))
+            plan = dataclasses.replace(plan, jobs=jobs)
+        for job in plan.jobs:
+            write_identity(job, continue_runs)
         handles = self.launcher.submit(plan)
         for job, handle in zip(plan.jobs, handles):
             claim(job.output_dir, handle.job_id)
         return plan, handles
-

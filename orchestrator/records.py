@@ -4,6 +4,16 @@ One folder a job, ``$ORCH_HOME/jobs/<job_id>/`` (``ORCH_HOME`` defaults to ``~/.
 ``record.json`` (a :class:`~orchestrator.spec.JobRecord`, written atomically under the folder's
 lock) and ``log.txt`` (every rank's output and orch's own lines).
 
+Listing 10,000 records must not open 10,000 files: every write of a record also appends the whole
+record as one line to ``$ORCH_HOME/jobs-index.jsonl`` (under ``jobs-index.lock``, while the
+record's own folder lock is still held, so the index's order of versions is the files' order;
+the newest line of a job wins). :func:`list_records` reads that one file, adds the job folders it
+does not name (an ``ORCH_HOME`` written before the index existed, a writer that died between
+the two writes: their ``record.json`` is read and appended once), drops jobs whose folder is
+gone, re-reads ``record.json`` of the jobs not yet finished (the file is the truth; the index is
+a cache of it), and rewrites the file without superseded lines (atomic replace) when they
+outnumber or outweigh the live ones (a sweep's record grows with its trials). Deleting the index is always safe: the next listing rebuilds it.
+
 Records are made in one place (:func:`create_record`) and change state in one place
 (:func:`transition`), which is therefore where "what happens when a job ends" is written once:
 the first terminal state wins (a job cancelled by the user stays CANCELLED whatever its processes
@@ -14,19 +24,22 @@ This module knows no backend; :mod:`orchestrator.jobs` asks the launchers for fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
+import json
 import logging
 import os
 import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from cluster.errors import ConfigError, JobNotFound
-from cluster.files import read_json, write_json_atomic
-from cluster.lease import is_alive, locked
+from cluster.files import read_json, write_json_atomic, write_text_atomic
+from cluster.lease import locked
 from orchestrator.spec import JobRecord, JobState
 
 log = logging.getLogger(__name__)
@@ -88,9 +101,125 @@ def create_record(*, name: str, backend: str, output_dir: str, config_path: str,
     folder = job_dir(job_id)
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):
-        write_json_atomic(folder / "record.json", _to_dict(record))
+        _store(folder, _to_dict(record))
     Path(record.log_path).touch()
     return record
+
+
+INDEX_FILE = "jobs-index.jsonl"
+INDEX_LOCK = "jobs-index.lock"
+
+
+def index_path() -> Path:
+    """The index of every record (one JSON line per record write)."""
+    return orch_home() / INDEX_FILE
+
+
+@contextlib.contextmanager
+def _index_locked() -> Iterator[None]:
+    fd = os.open(orch_home() / INDEX_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def _append_index(rows: list[dict]) -> None:
+    """Append records to the index; the caller holds the index lock."""
+    text = "".join(json.dumps(row, separators=(",", ":"), default=str) + "\n" for row in rows)
+    with open(index_path(), "a") as handle:
+        handle.write(text)
+
+
+def _store(folder: Path, data: dict) -> None:
+    """Write ``record.json`` and its index line; the caller holds the folder's lock."""
+    write_json_atomic(folder / "record.json", data)
+    try:
+        with _index_locked():
+            _append_index([data])
+    except OSError as err:  # the record itself is written; the next listing reads it from its file
+        log.warning("could not append to the record index %s: %s", index_path(), err)
+
+
+@dataclasses.dataclass
+class _Index:
+    """What the index file holds: the newest data of each job, the length of its line, and the
+    file's number of lines and size (to tell when superseded lines should be dropped)."""
+
+    rows: dict[str, dict]
+    sizes: dict[str, int]
+    lines: int
+    size: int
+
+    def bloated(self, live: Iterable[str]) -> bool:
+        """More superseded lines than live ones (plus slack), by count or by size (a sweep's
+        record grows with its trials and is rewritten at each of their reports)."""
+        live = list(live)
+        live_size = sum(self.sizes.get(job_id, 0) + 1 for job_id in live)
+        return self.lines > 2 * len(live) + 1000 or self.size > 2 * live_size + (1 << 20)
+
+
+def _read_index() -> _Index:
+    """The index (empty when absent). A line being written right now (no newline yet) is skipped."""
+    try:
+        with open(index_path()) as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        return _Index({}, {}, 0, 0)
+    lines = text.split("\n")[:-1]  # the last piece is "" or a line still being written
+    try:
+        parsed = list(zip(json.loads("[" + ",".join(lines) + "]"), lines))
+    except ValueError:  # a torn line (a writer killed mid-line): parse one by one, skip it
+        parsed = []
+        for line in lines:
+            try:
+                parsed.append((json.loads(line), line))
+            except ValueError:
+                continue
+    rows, sizes = {}, {}
+    for row, line in parsed:
+        if isinstance(row, dict) and "job_id" in row:
+            rows[row["job_id"]] = row
+            sizes[row["job_id"]] = len(line)
+    return _Index(rows, sizes, len(lines), len(text))
+
+
+def _index_rows() -> dict[str, dict]:
+    """Every stored record's data by job id, from the index (rebuilt where it is missing or
+    stale; see the module docstring)."""
+    folders = {entry.name for entry in os.scandir(jobs_dir()) if entry.is_dir()}
+    index = _read_index()
+    if folders.difference(index.rows):
+        # Read and append under the index lock: a writer that changes one of these records now
+        # appends after us, so its newer line wins.
+        with _index_locked():
+            index = _read_index()
+            found = [data for data in (read_json(job_dir(j) / "record.json")
+                                       for j in sorted(folders.difference(index.rows)))
+                     if data is not None and "job_id" in data]
+            if found:
+                _append_index(found)
+                index = _read_index()
+    live = {job_id: data for job_id, data in index.rows.items() if job_id in folders}
+    if index.bloated(live):
+        _compact()
+    for job_id, data in live.items():
+        if not JobState(data.get("state", "UNKNOWN")).finished:
+            fresh = read_json(job_dir(job_id) / "record.json")  # the file is the truth for live jobs
+            if fresh is not None:
+                live[job_id] = fresh
+    return live
+
+
+def _compact() -> None:
+    """Rewrite the index with one line per live job (atomic replace, under the index lock)."""
+    with _index_locked():
+        rows = _read_index().rows
+        folders = {entry.name for entry in os.scandir(jobs_dir()) if entry.is_dir()}
+        text = "".join(json.dumps(row, separators=(",", ":"), default=str) + "\n"
+                       for job_id, row in rows.items() if job_id in folders)
+        write_text_atomic(index_path(), text)
 
 
 def _to_dict(record: JobRecord) -> dict:
@@ -100,10 +229,13 @@ def _to_dict(record: JobRecord) -> dict:
 
 
 def _from_dict(data: dict) -> JobRecord:
-    fields = {f.name for f in dataclasses.fields(JobRecord)}
-    values = {k: v for k, v in data.items() if k in fields}
+    values = dict(data)
     values["state"] = JobState(values.get("state", "UNKNOWN"))
-    return JobRecord(**values)
+    try:
+        return JobRecord(**values)
+    except TypeError:  # a key this version does not know (a newer orch wrote it): left out
+        fields = {f.name for f in dataclasses.fields(JobRecord)}
+        return JobRecord(**{k: v for k, v in values.items() if k in fields})
 
 
 def resolve_job_id(job: str) -> str:
@@ -131,12 +263,8 @@ def load_record(job: str) -> JobRecord:
 
 
 def list_records() -> list[JobRecord]:
-    """Every stored record, newest first."""
-    records = []
-    for folder in jobs_dir().iterdir():
-        data = read_json(folder / "record.json")
-        if data is not None:
-            records.append(_from_dict(data))
+    """Every stored record, newest first (from the index: one file read, not one per job)."""
+    records = [_from_dict(data) for data in _index_rows().values()]
     return sorted(records, key=lambda r: r.submitted_at, reverse=True)
 
 
@@ -151,7 +279,7 @@ def _modify(job_id: str, change: Callable[[JobRecord], None]) -> tuple[JobRecord
         before = _from_dict(data)
         after = _from_dict(data)
         change(after)
-        write_json_atomic(folder / "record.json", _to_dict(after))
+        _store(folder, _to_dict(after))
     return before, after
 
 
@@ -197,16 +325,6 @@ def transition(job_id: str, state: JobState, *, extra: Optional[dict[str, Any]] 
     if after.state.finished and not before.state.finished:
         _close_tracking(after)
     return after
-
-
-def fail_if_owner_died(record: JobRecord, owner: str) -> JobRecord:
-    """A job whose owning process (``record.pid``: a local supervisor, a Ray driver) died without
-    recording an end is FAILED; ``owner`` names that process in the error."""
-    if record.state.finished or not record.pid or is_alive(record.pid, record.extra.get("pid_start")):
-        return record
-    where = record.extra.get("supervisor_log") or record.log_path
-    return transition(record.job_id, JobState.FAILED,
-                      error=f"the {owner} (pid {record.pid}) ended without recording an exit status; see {where}")
 
 
 def say(job_id: str, message: str) -> None:

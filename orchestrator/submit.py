@@ -44,4 +44,4 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
     if dry_run:
         return plan, []
     launch.preflight(plan, wait_s=flags.wait_for_resources)
-    return launch.submit(experiments)
+    return launch.submit(plan)

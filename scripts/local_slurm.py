@@ -91,7 +91,8 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool) -> dict:
+def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool,
+                 max_array_size: int | None = None) -> dict:
     """Write slurm.conf (+ gres.conf, slurmdbd.conf) under ``state``; return the chosen ports."""
     ports = {"ctld": free_port(), "nodes": [free_port() for _ in range(nodes)]}
     for sub in ("spool", "log", "run", "slurmd", "gpus"):
@@ -133,6 +134,8 @@ def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool) 
     ]
     if gpus_per_node:
         lines.append("GresTypes=gpu")
+    if max_array_size:  # a site's lower limit (Slurm's default is 1001: indices 0..1000)
+        lines.append(f"MaxArraySize={max_array_size}")
     if accounting:
         ports["dbd"] = free_port()
         ports["mysql"] = free_port()
@@ -389,9 +392,11 @@ def stop(state: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- commands
-def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool) -> None:
+def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool, max_array_size: int | None = None) -> None:
     """Start (or keep) the cluster described by the options; return when every node is idle."""
     options = {"nodes": nodes, "gpus_per_node": gpus_per_node, "accounting": accounting}
+    if max_array_size:
+        options["max_array_size"] = max_array_size
     meta = state / "cluster.json"
     if meta.exists() and json.loads(meta.read_text()).get("options") == options and nodes_idle(state):
         _log(f"already up ({state})")
@@ -401,7 +406,7 @@ def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool) -> None:
     ensure_packages(accounting)
     make_state_dir(state)
     started = time.monotonic()
-    ports = write_config(state, nodes, gpus_per_node, accounting)
+    ports = write_config(state, nodes, gpus_per_node, accounting, max_array_size)
     meta.write_text(json.dumps({"options": options, "ports": ports}, indent=1))
     ensure_hosts(nodes)
     try:
@@ -432,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=2, help="fake GPUs (GRES) per node; 0 = none")
     parser.add_argument("--accounting", action=argparse.BooleanOptionalAction, default=True,
                         help="slurmdbd + MariaDB so that sacct works (default: on)")
+    parser.add_argument("--max-array-size", type=int, default=None,
+                        help="slurm.conf MaxArraySize (default: Slurm's 1001)")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"all state and logs (default {DEFAULT_STATE_DIR})")
     args = parser.parse_args(argv)
     try:
@@ -441,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             if os.geteuid() != 0:
                 raise SetupError("run as root: it installs packages, edits /etc/hosts and starts daemons")
-            up(state, args.nodes, args.gpus_per_node, args.accounting)
+            up(state, args.nodes, args.gpus_per_node, args.accounting, args.max_array_size)
             print(env_line(state))
         elif args.command == "down":
             stop(state)

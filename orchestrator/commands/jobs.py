@@ -1,36 +1,40 @@
 """``orch status``, ``orch logs``, ``orch cancel``: jobs of every backend, from any shell.
 
-They read the records under ``$ORCH_HOME/jobs`` (:mod:`orchestrator.records`) and ask each job's
-launcher for a fresh state (:mod:`orchestrator.jobs`).
+They read the records under ``$ORCH_HOME/jobs`` (:mod:`orchestrator.records`, through its index)
+and ask each backend once for the fresh states of its unfinished jobs (:mod:`orchestrator.jobs`);
+the rows, groups and filters are :mod:`orchestrator.jobview`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
 from typing import Optional
 
 import click
 
-from orchestrator.jobs import cancel_job, refresh_record
+from orchestrator.jobs import cancel_job, refresh_record, refresh_records
+from orchestrator.jobview import (Row, elapsed_s, elapsed_text, expand, job_row, parse_since, parse_states,
+                                  recent, rows_of, select, to_json)
 from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobRecord, JobState
 
 RECENT_S = 24 * 3600
+# Up to this many rows a rich table; beyond, plain formatted lines (rich lays out every cell,
+# ~3 ms a row here: 10,000 rows took tens of seconds).
+RICH_ROWS = 60
 STATE_STYLE = {
     JobState.PENDING: "yellow", JobState.RUNNING: "cyan", JobState.SUCCEEDED: "green",
     JobState.FAILED: "red", JobState.CANCELLED: "magenta", JobState.UNKNOWN: "dim",
 }
+COLUMNS = ("JOB ID", "NAME", "BACKEND", "STATE", "ELAPSED", "OUTPUT", "MLFLOW")
 
 
 def elapsed(record: JobRecord, now: Optional[float] = None) -> str:
     """Run time (``1h02m``, ``3m05s``, ``12s``); queue time while pending shows as ``-``."""
-    if record.started_at is None:
-        return "-"
-    seconds = int((record.ended_at or now or time.time()) - record.started_at)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+    return elapsed_text(elapsed_s(record.started_at, record.ended_at, now))
 
 
 def _console():
@@ -43,28 +47,91 @@ def _console():
 @click.command("status")
 @click.argument("job", required=False)
 @click.option("--all", "show_all", is_flag=True, help="Every job ever recorded (default: active or ended in the last 24 h).")
-def status_cmd(job: Optional[str], show_all: bool) -> None:
-    """Show jobs as a table, or the details of one JOB (an id or a unique prefix of one)."""
+@click.option("--state", "states", multiple=True, metavar="STATE[,STATE]",
+              help="Only jobs in these states (pending, running, succeeded, failed, cancelled, unknown).")
+@click.option("--backend", "backends", multiple=True, help="Only jobs of this backend (repeatable).")
+@click.option("--name", default=None, help="Only jobs whose name contains NAME (or matches it, with * ? [).")
+@click.option("--since", default=None, help="Only jobs submitted since: 30m, 2h, 3d, 1w, or a date (2026-12-01).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per job (see the README for the keys).")
+def status_cmd(job: Optional[str], show_all: bool, states: tuple[str, ...], backends: tuple[str, ...],
+               name: Optional[str], since: Optional[str], as_json: bool) -> None:
+    """Show jobs: one line per job, Slurm array, k-fold set and sweep, with their states counted.
+    JOB: the details of one job (an id or a unique prefix of one), or every job of a k-fold set
+    or array (kfold-<set id>, array-<Slurm id>, as listed)."""
+    now = time.time()
+    wanted = parse_states(states)
+    start = parse_since(since, now) if since else None
+    records = list_records()
     if job:
-        _show_one(refresh_record(load_record(job)))
+        members = expand(rows_of(records), job)
+        if members is None:
+            record = refresh_record(load_record(job))
+            if as_json:
+                click.echo(json.dumps([to_json(record, now)], indent=1))
+            else:
+                _show_one(record)
+            return
+        records = [row.members[0] for row in members]
+    elif not (show_all or start is not None):
+        records = recent(records, RECENT_S, now)
+    if start is not None:
+        records = select(records, since=start)
+    records = refresh_records(records)
+    records = select(records, states=wanted, backends=set(backends), name=name)
+    if as_json:
+        click.echo(json.dumps([to_json(r, now) for r in records], indent=1))
         return
+    if not records:
+        filtered = wanted or backends or name or start is not None
+        click.echo("no jobs" + (" match" if filtered else "")
+                   + ("" if show_all or job or filtered else " in the last 24 h (orch status --all shows older ones)"))
+        return
+    rows = [job_row(r) for r in records] if job else rows_of(records)
+    cells = [_cells(row, now, links=len(rows) <= RICH_ROWS) for row in rows]
+    if len(rows) <= RICH_ROWS:
+        _print_table(rows, cells)
+    else:
+        _print_lines(cells)
+
+
+def _cells(row: Row, now: float, links: bool) -> tuple[str, ...]:
+    """The texts of one row, in :data:`COLUMNS` order (MLflow: the UI page of the run's
+    experiment where the view is short enough to look it up, else the run id)."""
+    first = row.members[0]
+    output = first.output_dir if row.kind in ("job", "sweep") else os.path.commonpath([r.output_dir for r in row.members])
+    link = first.mlflow_run_id or "-"
+    if first.tracking_uri and (links or row.kind != "job"):
+        link = _mlflow_link(first) or link
+    return (row.key, row.name, row.backend, row.counts_text(),
+            elapsed_text(elapsed_s(row.started_at, row.ended_at, now)), output, link)
+
+
+def _mlflow_link(record: JobRecord) -> Optional[str]:
+    from orchestrator.tracking.runs import experiment_id_of, journal_dir, ui_url
+
+    experiment = experiment_id_of(journal_dir(record.output_dir), record.tracking_uri)
+    return ui_url(record.tracking_uri, experiment) if experiment else None
+
+
+def _print_table(rows: list[Row], cells: list[tuple[str, ...]]) -> None:
     from rich.table import Table
 
-    now = time.time()
-    records = [refresh_record(r) for r in list_records()]
-    if not show_all:
-        records = [r for r in records if not r.state.finished or now - (r.ended_at or r.submitted_at) < RECENT_S]
-    console = _console()
-    if not records:
-        console.print("no jobs" + ("" if show_all else " in the last 24 h (orch status --all shows older ones)"))
-        return
     table = Table(box=None, header_style="bold")
-    for column in ("JOB ID", "NAME", "BACKEND", "STATE", "ELAPSED", "OUTPUT", "MLFLOW RUN"):
+    for column in COLUMNS:
         table.add_column(column, overflow="fold", no_wrap=column != "OUTPUT")
-    for r in records:
-        state = f"[{STATE_STYLE[r.state]}]{r.state.value}[/]"
-        table.add_row(r.job_id, r.name, r.backend, state, elapsed(r, now), r.output_dir, r.mlflow_run_id or "-")
-    console.print(table)
+    for row, texts in zip(rows, cells):
+        style = STATE_STYLE[row.state]
+        table.add_row(*texts[:3], f"[{style}]{texts[3]}[/]", *texts[4:])
+    _console().print(table)
+
+
+def _print_lines(cells: list[tuple[str, ...]]) -> None:
+    """Plain aligned lines (a long listing: no per-cell layout); paths and links are not padded."""
+    widths = [max(len(COLUMNS[i]), *(len(c[i]) for c in cells)) for i in range(5)]
+    out = []
+    for texts in [COLUMNS, *cells]:
+        out.append("  ".join(t.ljust(w) for t, w in zip(texts[:5], widths)) + "  " + "  ".join(texts[5:]))
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 def _show_one(r: JobRecord) -> None:

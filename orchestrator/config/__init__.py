@@ -5,7 +5,7 @@
 0.01
 """
 
-from orchestrator.config.api import build_experiment, load_experiment, with_overrides
+from orchestrator.config.api import build_experiment, derive, load_experiment, with_overrides
 from orchestrator.config.loader import load_raw, load_with_sources
 from orchestrator.config.overrides import apply_dotted, apply_overrides, parse_override
 from orchestrator.config.schema import Experiment
@@ -23,6 +23,7 @@ __all__ = [
     "apply_overrides",
     "build_experiment",
     "config_hash",
+    "derive",
     "dump_experiment",
     "experiment_to_dict",
     "flatten",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -9,8 +10,8 @@ from typing import Any, Iterable, Mapping
 from orchestrator.config.loader import load_with_sources
 from orchestrator.config.overrides import apply_dotted, apply_overrides
 from orchestrator.config.schema import Experiment
-from orchestrator.config.serialize import experiment_to_dict
-from orchestrator.config.validate import build
+from orchestrator.config.serialize import experiment_to_dict, to_plain
+from orchestrator.config.validate import Context, build, convert, type_hints
 
 
 def load_experiment(
@@ -49,3 +50,26 @@ def with_overrides(exp: Experiment, changes: Mapping[str, Any], source: str = "w
     sources: dict[str, str] = {}
     mapping = apply_dotted(experiment_to_dict(exp), changes, sources, origin=source)
     return build(mapping, sources, default=f"{source} (experiment {exp.name!r})")
+
+
+def derive(exp: Experiment, changes: Mapping[str, Any], source: str = "derive") -> Experiment:
+    """:func:`with_overrides` for values already known to be valid (a trial's grid values, each
+    checked once per key; the output folder, seed and tags orch computes itself): only the
+    top-level sections that ``changes`` name are converted again, the others are shared with
+    ``exp``, and the experiment-wide cross-field checks are not run again. Same rules for
+    mapping values and exclusive keys as :func:`with_overrides`; types are still checked in the
+    sections it rebuilds (a wrong type fails here, naming ``source``)."""
+    hints = type_hints(Experiment)
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in changes.items():
+        head = key.split(".", 1)[0]
+        if head not in hints:
+            return with_overrides(exp, changes, source)  # an unknown key: the full path says what is valid
+        sections.setdefault(head, {})[key] = value
+    ctx = Context(None, f"{source} (experiment {exp.name!r})")
+    updates = {}
+    for head, items in sections.items():
+        current = to_plain(getattr(exp, head))
+        mapping = apply_dotted({head: current}, items, origin=source, in_place=True)  # to_plain made a copy
+        updates[head] = convert(hints[head], mapping[head], head, ctx)
+    return dataclasses.replace(exp, **updates)

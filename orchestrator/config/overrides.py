@@ -60,15 +60,17 @@ def apply_dotted(
     items: Mapping[str, Any] | Iterable[tuple[str, Any]],
     sources: Sources | None = None,
     origin: str = "overrides",
+    in_place: bool = False,
 ) -> dict:
-    """Return a copy of ``mapping`` with every ``(dotted key, value)`` of ``items`` set in order.
+    """Return a copy of ``mapping`` with every ``(dotted key, value)`` of ``items`` set in order
+    (``in_place``: ``mapping`` itself, changed; for a mapping the caller has just made).
 
     ``sources`` (updated in place when given) records ``origin`` for every key path set. Setting
     ``schedule.iterations`` without ``schedule.epochs`` in the same call clears the inherited
     ``epochs`` (and the other way round); setting both is left for validation to report.
     """
     pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
-    return _apply(mapping, [(key, value, origin) for key, value in pairs], sources)
+    return _apply(mapping, [(key, value, origin) for key, value in pairs], sources, in_place)
 
 
 def apply_overrides(
@@ -82,8 +84,9 @@ def apply_overrides(
     return _apply(mapping, triples, sources)
 
 
-def _apply(mapping: dict, triples: list[tuple[str, Any, str]], sources: Sources | None) -> dict:
-    result = copy.deepcopy(mapping)
+def _apply(mapping: dict, triples: list[tuple[str, Any, str]], sources: Sources | None,
+           in_place: bool = False) -> dict:
+    result = mapping if in_place else copy.deepcopy(mapping)
     for key, value, where in triples:
         set_dotted(result, key, copy.deepcopy(value), where)
         if sources is not None:

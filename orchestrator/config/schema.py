@@ -55,7 +55,7 @@ class SlurmOptions:
     # batch script before the job starts (module load, conda activate), on purpose, unquoted.
     setup: tuple[str, ...] = ()
     max_requeues: int = 3
-    array_parallelism: int = 8
+    array_parallelism: Optional[int] = None  # None: as many as the partition can run at once
     additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
 
 

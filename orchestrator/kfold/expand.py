@@ -83,6 +83,22 @@ def grid_points(grid: dict[str, list[Any]]) -> list[tuple[str, dict[str, Any]]]:
     return points
 
 
+def check_grid_values(experiment: Experiment, grid: dict[str, list[Any]]) -> None:
+    """Validate every value of the grid once, each alone on the experiment (the whole experiment
+    with its cross-field checks): a bad value fails here, naming its key, and the trials are then
+    derived from the checked values without validating the experiment again per trial."""
+    from orchestrator.config import with_overrides
+
+    for key, values in grid.items():
+        seen: list[Any] = []
+        for value in values:
+            if value in seen:
+                continue
+            seen.append(value)
+            with_overrides(experiment, {key: value, "grid": {}, "kfold": None},
+                           source=f"grid.{key} value {format_value(value)}")
+
+
 def slug_of(point_name: str, fold: Optional[int] = None) -> str:
     """Relative folder of a trial: the point name made file-system safe (anything a shell or a
     file system could trip on, ``/`` included, becomes ``_``), then ``fold-<k>``."""
@@ -98,12 +114,14 @@ def expand(experiment: Experiment, folds: Optional[Sequence[tuple[str, str]]] = 
     writes into ``<runtime.output_dir>/<slug>`` and is named in MLflow by its ``name``, tagged
     ``fold`` and with each grid key. Pure: nothing is written or created.
     """
-    from orchestrator.config import output_dir_of, with_overrides
+    from orchestrator.config import derive, output_dir_of
 
     base_dir = output_dir_of(experiment).rstrip("/")
     fold_list: list[Optional[int]] = list(range(len(folds))) if folds else [None]
     trials = []
-    for point_name, point in grid_points(dict(experiment.grid)):
+    points = grid_points(dict(experiment.grid))
+    check_grid_values(experiment, dict(experiment.grid))
+    for point_name, point in points:
         base_seed = int(point.get("runtime.seed", experiment.runtime.seed))
         for fold in fold_list:
             parts = [p for p in (point_name, f"fold-{fold}" if fold is not None else "") if p]
@@ -124,8 +142,8 @@ def expand(experiment: Experiment, folds: Optional[Sequence[tuple[str, str]]] = 
             overrides["tracking.run_name"] = name
             overrides["tracking.tags"] = {**experiment.tracking.tags, **tags}
             # the trial is one plain run: it carries no grid or kfold section of its own
-            resolved = with_overrides(experiment, {**overrides, "grid": {}, "kfold": None},
-                                      source=f"grid point {point_name or '(none)'}")
+            resolved = derive(experiment, {**overrides, "grid": {}, "kfold": None},
+                              source=f"grid point {point_name or '(none)'}")
             trials.append(Trial(name=name, point_name=point_name, point=point, fold=fold, seed=seed,
                                 overrides=overrides, experiment=resolved))
     return trials

@@ -98,27 +98,43 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
 
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
     coco = json.loads(ann_file.read_text())
-    folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes,
-                        stratify=kcfg.stratify)
-    if write:
-        manifest_file = folds_dir / "manifest.json"
-        same = False
-        if manifest_file.is_file():
-            old = json.loads(manifest_file.read_text())
-            same = (old.get("source", {}).get("sha256") == file_sha256(ann_file) and old.get("k") == kcfg.folds
-                    and old.get("seed") == kcfg.seed
-                    and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex}
-                    and old.get("stratify", ["classes"]) == list(kcfg.stratify))
-            try:
-                same = same and read_folds(folds_dir) == folds
-            except DataError:
-                same = False
-        if not same:
+    # Folds on disk made from this very file with these settings are reused as they are: no
+    # split computed (scikit-learn is imported only when one is), also for a dry run.
+    folds = _cached_folds(folds_dir, ann_file, kcfg)
+    if folds is None:
+        folds = split_folds(coco, kcfg.folds, kcfg.seed, kcfg.group_key, kcfg.group_regex, kcfg.allow_small_classes,
+                            stratify=kcfg.stratify)
+        if write:
             write_folds(coco, folds, folds_dir, ann_file=ann_file, seed=kcfg.seed,
                         group_key=kcfg.group_key, group_regex=kcfg.group_regex, stratify=kcfg.stratify)
+    if write:
         check_folds(coco, read_folds(folds_dir))  # what is on disk, not what was meant
     echo(balance_table(coco, folds, kcfg.stratify))
     return ann_file, [(str(folds_dir / f"train_{f.fold}.json"), str(folds_dir / f"val_{f.fold}.json")) for f in folds]
+
+
+def _cached_folds(folds_dir: Path, ann_file: Path, kcfg: KFoldConfig):
+    """The folds written in ``folds_dir`` when its manifest says they split this very file
+    (same sha256) with these settings; None otherwise (or when unreadable)."""
+    from orchestrator.kfold.split import read_folds
+
+    manifest_file = folds_dir / "manifest.json"
+    if not manifest_file.is_file():
+        return None
+    try:
+        old = json.loads(manifest_file.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (old.get("source", {}).get("sha256") == file_sha256(ann_file) and old.get("k") == kcfg.folds
+            and old.get("seed") == kcfg.seed
+            and old.get("grouping") == {"group_key": kcfg.group_key, "group_regex": kcfg.group_regex}
+            and old.get("stratify", ["classes"]) == list(kcfg.stratify))
+    if not same:
+        return None
+    try:
+        return read_folds(folds_dir)
+    except DataError:
+        return None
 
 
 def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] = None, backend: Optional[str] = None,
@@ -178,22 +194,22 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     _index_path(set_id).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(_index_path(set_id), {"set_dir": str(set_dir)})
 
-    trial_exps = []
-    for t in pending:
-        trial_exp = t.experiment
-        if uri:
-            trial_exp = with_overrides(trial_exp, tracking.trial_tracking(t, state, set_id, uri))
-        trial_exps.append(trial_exp)
+    trial_tracking = []
+    for t, job in zip(pending, plan.jobs if pending else ()):
+        if uri:  # the trial's parent run, made just now; the job's own tags (backend) kept
+            keys = tracking.trial_tracking(t, state, set_id, uri)
+            keys["tracking.tags"] = {**job.experiment.tracking.tags, **keys["tracking.tags"]}
+            trial_tracking.append(keys)
         state["trials"][t.name] = {**state["trials"].get(t.name, {}), "status": "PENDING", "fold": t.fold,
-                                   "point": t.point_name, "output_dir": output_dir_of(trial_exp)}
+                                   "point": t.point_name, "output_dir": str(job.output_dir)}
     save_state(set_dir, state)
     waiting = dict(attached)
     if attached:
         echo(f"{len(attached)} trial(s) of an earlier `orch kfold` still running: waiting for them")
-    if trial_exps:
-        echo(f"launching {len(trial_exps)} trial(s) on {backend} ({len(done)} already finished)")
-        # a retried fold continues its own MLflow run (its journal)
-        submitted, handles = launch.submit(trial_exps, names, continue_runs=True)
+    if pending:
+        echo(f"launching {len(pending)} trial(s) on {backend} ({len(done)} already finished)")
+        # the plan made and preflighted above; a retried fold continues its own MLflow run (its journal)
+        submitted, handles = launch.submit(plan, continue_runs=True, tracking=trial_tracking if uri else None)
         for t, job in zip(pending, submitted.jobs):
             state["trials"][t.name]["output_dir"] = str(job.output_dir)
         echo(f"submitted jobs {handles[0].job_id} .. {handles[-1].job_id}; follow one with: orch logs -f JOB")
@@ -243,8 +259,11 @@ def _still_running(state: dict, trials) -> dict[str, Any]:
 
 def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float,
               echo: Callable[[str], None]) -> None:
-    """Poll every handle; record each trial in ``set.json`` the moment it ends, so an interrupted
+    """Poll every trial's job, all of them in one refresh per round (one backend query, not one
+    per trial); record each trial in ``set.json`` the moment it ends, so an interrupted
     ``orch kfold`` still remembers what finished."""
+    from orchestrator.jobs import refresh_records
+    from orchestrator.records import load_record
     from orchestrator.spec import JobState
 
     for name, handle in waiting.items():
@@ -252,8 +271,10 @@ def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float
     save_state(set_dir, state)
     try:
         while waiting:
+            fresh = refresh_records([load_record(h.job_id) for h in waiting.values()], run_ids=False)
+            states = {r.job_id: r.state for r in fresh}
             for name, handle in list(waiting.items()):
-                job_state = handle.state()
+                job_state = states[handle.job_id]
                 if not job_state.finished:
                     continue
                 record = state["trials"][name]
@@ -266,8 +287,10 @@ def _wait_all(set_dir: Path, state: dict, waiting: dict[str, Any], poll_s: float
             if waiting:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
-        for name, handle in waiting.items():
-            handle.cancel()
+        from orchestrator.jobs import cancel_jobs
+
+        cancel_jobs([h.job_id for h in waiting.values()])  # one scancel for a Slurm set, not one per trial
+        for name in waiting:
             state["trials"][name]["status"] = "CANCELLED"
         save_state(set_dir, state)
         raise

@@ -5,8 +5,10 @@ A backend is one class filling in :class:`Launcher`: ``plan`` is pure (no proces
 no writes) and its :class:`Plan`'s text is exactly what ``orch submit --dry-run`` prints;
 ``preflight`` asks the live system whether the plan can ever run (and refuses with one line
 before anything is written); ``submit`` takes only a plan, so what the dry run showed is what
-runs; ``refresh`` and ``cancel`` are what ``orch status`` and ``orch cancel`` call for a record of
-that backend; ``describe`` adds backend lines to ``orch status JOB``.
+runs; ``status`` (read-only, one call for many records: submitit's ``InfoWatcher``, TorchX's
+``describe``) and ``cancel`` are what ``orch status`` and ``orch cancel`` call for records of that
+backend, and :mod:`orchestrator.jobs` alone turns ``status`` answers into state transitions;
+``describe`` adds backend lines to ``orch status JOB``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,44 @@ class Plan:
         return self.text
 
 
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """A backend's answer about one job: what it says now, nothing stored. ``extra`` entries are
+    merged into the record's ``extra`` (e.g. Slurm's own word for the state)."""
+
+    state: JobState
+    exit_code: Optional[int] = None
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    error: Optional[str] = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def changes(self, record: JobRecord) -> dict[str, Any]:
+        """The record fields this answer would change (empty: nothing new, nothing to write)."""
+        fields = {k: v for k, v in (("exit_code", self.exit_code), ("started_at", self.started_at),
+                                    ("ended_at", self.ended_at), ("error", self.error))
+                  if v is not None and getattr(record, k) != v}
+        if any(record.extra.get(k) != v for k, v in self.extra.items()):
+            fields["extra"] = dict(self.extra)
+        return fields
+
+
+def owners_gone(records: Sequence[JobRecord], owner: str) -> dict[str, Status]:
+    """FAILED for each of ``records`` whose owning process (``record.pid``: a local supervisor, a
+    Ray driver, which records every change itself) is gone without having recorded an end; one
+    pass over the pids, no file read."""
+    from cluster.lease import is_alive
+
+    answers = {}
+    for record in records:
+        if record.state.finished or not record.pid or is_alive(record.pid, record.extra.get("pid_start")):
+            continue
+        where = record.extra.get("supervisor_log") or record.log_path
+        answers[record.job_id] = Status(
+            JobState.FAILED, error=f"the {owner} (pid {record.pid}) ended without recording an exit status; see {where}")
+    return answers
+
+
 class Launcher(abc.ABC):
     """One backend. Launchers take no constructor arguments: everything a job needs is in its
     :class:`JobSpec` (the resolved experiment, with the command-line flags folded in)."""
@@ -69,13 +109,24 @@ class Launcher(abc.ABC):
         the order of ``plan.jobs``."""
 
     @abc.abstractmethod
-    def refresh(self, record: JobRecord) -> JobRecord:
-        """The record with the backend's current state (stored through
-        :func:`orchestrator.records.transition`); never raises for a flaky backend."""
+    def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
+        """Read-only: the backend's current answer for each of ``records`` (unfinished ones of
+        this backend), by job id, asked in one query for all of them (never one per job); a job
+        it has no news of is left out. Writes nothing; may raise when the backend cannot be
+        asked (the caller keeps the stored states)."""
+
+    def release(self, record: JobRecord) -> None:
+        """Called once when ``status`` found the job ended: stop whatever of it is left (its
+        devices and port must not be used twice). Default: nothing."""
 
     @abc.abstractmethod
     def cancel(self, record: JobRecord) -> None:
         """Stop the job's processes. Idempotent; the caller records CANCELLED."""
+
+    def cancel_many(self, records: Sequence[JobRecord]) -> None:
+        """Stop many jobs (an interrupted set); default: :meth:`cancel` each."""
+        for record in records:
+            self.cancel(record)
 
     def describe(self, record: JobRecord) -> list[tuple[str, str]]:
         """Extra ``(label, value)`` rows for ``orch status JOB``."""

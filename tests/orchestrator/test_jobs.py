@@ -117,9 +117,9 @@ class FakeLauncher(Launcher):
     def submit(self, plan):
         raise NotImplementedError
 
-    def refresh(self, record):
-        self.calls.append("refresh")
-        return record
+    def status(self, records):
+        self.calls.append("status")
+        return {}
 
     def cancel(self, record):
         self.calls.append("cancel")
@@ -135,7 +135,7 @@ def test_every_backend_is_reached_through_the_registry(monkeypatch, capsys):
     assert jobs.refresh_record(record).state == JobState.RUNNING
     assert cli(["status", record.job_id]) == 0 and "fake  row" in capsys.readouterr().out
     assert jobs.cancel_job(record.job_id).state == JobState.CANCELLED
-    assert FakeLauncher.calls == ["refresh", "refresh", "refresh", "cancel"]
+    assert FakeLauncher.calls == ["status", "status", "status", "cancel"]
     # A backend that is not in the registry: the stored state is shown (with a warning).
     other = make(backend="nosuchbackend", state=JobState.RUNNING)
     assert jobs.refresh_record(other).state == JobState.RUNNING

@@ -20,10 +20,9 @@ from cluster.env import DistEnv
 from cluster.errors import ClusterError, LaunchError
 from cluster.files import write_json_atomic
 from cluster.gpus import DevicePool, detect_pool, list_device_leases
-from cluster.lease import is_alive
 from cluster.process import group_alive, signal_group, start_detached, stop_group
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher
+from orchestrator.launchers.base import JobHandle, Launcher, Status, owners_gone
 from orchestrator.launchers.local.plan import (
     NodeCommand,
     NodeJob,
@@ -138,7 +137,6 @@ class LocalLauncher(Launcher):
         per job (in the order of ``plan.jobs``) without waiting."""
         if not plan.jobs:
             return []
-        self.preflight(plan)  # also when called without orchestrator.launch
         ids: dict[int, str] = {}
         entries = []
         for entry in plan.request.jobs:
@@ -160,17 +158,18 @@ class LocalLauncher(Launcher):
             records.annotate(job_id, pid=me["pid"], extra={"pid_start": me["start"], "supervisor_log": supervisor_log})
         return [self.handle(ids[i]) for i in range(len(plan.jobs))]
 
-    def refresh(self, record: JobRecord) -> JobRecord:
-        """The supervisor records every change itself. A job whose supervisor died without
-        recording an end is FAILED, and whatever of its processes is left is killed first (they
-        die with the supervisor; this also covers their own children), so that its devices and
-        port, freed with the supervisor, are never used twice."""
-        if record.state.finished or not record.pid or is_alive(record.pid, record.extra.get("pid_start")):
-            return record
+    def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
+        """The supervisor records every change itself; this only notices a supervisor that died
+        without recording an end: FAILED."""
+        return owners_gone(records, "orch supervisor")
+
+    def release(self, record: JobRecord) -> None:
+        """Whatever of the job's processes is left is killed (they die with the supervisor; this
+        also covers their own children), so that its devices and port, freed with the
+        supervisor, are never used twice."""
         pgid = record.extra.get("pgid")
         if pgid and group_alive(pgid):
             signal_group(pgid, signal.SIGKILL)
-        return records.fail_if_owner_died(record, "orch supervisor")
 
     def cancel(self, record: JobRecord) -> None:
         """The cancel marker keeps a queued job from starting (and tells the supervisor to record

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ from cluster.errors import LaunchError
 from cluster.files import write_json_atomic
 from cluster.process import group_alive, signal_group, start_detached
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.launchers.base import JobHandle, Launcher, Status, owners_gone, Plan
 from orchestrator.launchers.ray.request import RayJobRequest
 from orchestrator.spec import JobRecord, JobSpec
 
@@ -129,9 +128,6 @@ class RayLauncher(Launcher):
     name: ClassVar[str] = "ray"
     poll_s: ClassVar[float] = 1.0
 
-    def __init__(self) -> None:
-        self._fitting: set[str] = set()  # asks found to fit: submit's own preflight does not ask again
-
     def plan(self, jobs: Sequence[JobSpec]) -> RayPlan:
         """Describe the Ray jobs; pure (no processes, no network, no writes)."""
         return RayPlan(self.name, tuple(jobs), tuple(RayJobRequest.for_job(job) for job in jobs))
@@ -148,14 +144,10 @@ class RayLauncher(Launcher):
         from orchestrator.launchers.ray.capacity import require_capacity
 
         for address, asks in by_cluster.items():
-            key = json.dumps([address, [a.to_json() for a in asks]], sort_keys=True)
-            if key not in self._fitting:
-                require_capacity(address, asks, wait_s)
-                self._fitting.add(key)
+            require_capacity(address, asks, wait_s)
 
     def submit(self, plan: RayPlan) -> list[JobHandle]:
         """Start one detached driver per job; returns at once with one handle per job."""
-        self.preflight(plan)
         handles = []
         for job, request in zip(plan.jobs, plan.requests):
             job_id = records.new_job_id(job.name)
@@ -170,10 +162,10 @@ class RayLauncher(Launcher):
             handles.append(self.handle(job_id))
         return handles
 
-    def refresh(self, record: JobRecord) -> JobRecord:
+    def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
         """The driver records every change itself; a driver that died without recording an end
-        (killed, machine rebooted) makes the job FAILED."""
-        return records.fail_if_owner_died(record, "Ray driver")
+        (killed, machine rebooted) makes the job FAILED (pid checks: no Ray call)."""
+        return owners_gone(records, "Ray driver")
 
     def cancel(self, record: JobRecord) -> None:
         """SIGTERM the driver's process group: the driver stops the Ray run (and its private Ray

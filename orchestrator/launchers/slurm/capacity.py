@@ -11,11 +11,14 @@ check (logged at debug level): a false refusal is worse than a late one.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from cluster.errors import ConfigError, LaunchError
@@ -323,6 +326,65 @@ def _partitions_of(ask: SlurmAsk, parts: list[SlurmPartition]) -> list[SlurmPart
         raise LaunchError(f"{ask.label} asks for partition {missing[0]}, which this Slurm cluster does not have; "
                           f"its partitions: {listed}; pass one with --partition")
     return [by_name[n] for n in names]
+
+
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize: indices 0..1000
+CONFIG_KEEP_S = 3600  # how long a read of `scontrol show config` is reused (ORCH_HOME/slurm-config.json)
+
+
+def max_array_size(cache_file: Optional[Path] = None) -> int:
+    """The cluster's ``MaxArraySize`` (an array may have that many tasks, indices 0..N-1), from
+    ``scontrol show config``, kept in ``cache_file`` for :data:`CONFIG_KEEP_S` per ``SLURM_CONF``;
+    Slurm's default where the cluster does not say (a dry run away from it)."""
+    conf = os.environ.get("SLURM_CONF", "")
+    if cache_file is not None:
+        try:
+            cached = json.loads(cache_file.read_text())
+            if cached.get("conf") == conf and time.time() - cached.get("at", 0) < CONFIG_KEEP_S:
+                return int(cached["max_array_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    proc = _scontrol("show", "config")
+    if proc is None or proc.returncode != 0:
+        return DEFAULT_MAX_ARRAY_SIZE
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", proc.stdout, re.MULTILINE)
+    size = int(match.group(1)) if match else DEFAULT_MAX_ARRAY_SIZE
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"conf": conf, "at": time.time(), "max_array_size": size}))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only home: asked again next time
+    return size
+
+
+def tasks_at_once(ask: SlurmAsk) -> Optional[int]:
+    """How many tasks shaped like ``ask`` the partition's available nodes can run at the same
+    time (CPUs, GPUs and memory per node); None when Slurm cannot tell."""
+    parts = query_partitions()
+    if parts is None:
+        return None
+    try:
+        chosen = _partitions_of(ask, parts)
+    except LaunchError:
+        return None
+    nodes = query_nodes(chosen[0]) if chosen else None
+    if not nodes:
+        return None
+    cpus = ask.tasks_per_node * ask.cpus_per_task
+    fits = 0
+    for node in nodes:
+        if not node.available or not node.cpus:
+            continue
+        per_node = node.cpus // cpus
+        if ask.gpus_per_node:
+            per_node = min(per_node, (node.gpus or 0) // ask.gpus_per_node)
+        if ask.mem_mb and node.mem_mb:
+            per_node = min(per_node, int(node.mem_mb // ask.mem_mb))
+        fits += per_node
+    return max(1, fits // max(1, ask.nodes))
 
 
 def gpus_per_node(partition: Optional[str]) -> Optional[int]:

@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.launchers.base import JobHandle, Launcher, Plan, Status
+from orchestrator.launchers.slurm.capacity import DEFAULT_MAX_ARRAY_SIZE
 from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
+from orchestrator.records import orch_home as records_home
 from orchestrator.spec import JobRecord, JobSpec, JobState
 
 if TYPE_CHECKING:
@@ -80,6 +82,14 @@ def slurm_asks(plan: SlurmPlan) -> list["SlurmAsk"]:
     return asks
 
 
+DEFAULT_ARRAY_PARALLELISM = 8  # an array's `%` throttle when neither --max-parallel nor Slurm says
+
+
+def _shape(params: dict[str, Any]) -> str:
+    """What jobs must share to go into one array: every sbatch parameter but the name."""
+    return json.dumps({**params, "job_name": None}, sort_keys=True, default=str)
+
+
 class SlurmLauncher(Launcher):
     """``orch submit --backend slurm`` (or ``--partition P`` with Slurm reachable)."""
 
@@ -87,14 +97,46 @@ class SlurmLauncher(Launcher):
     poll_s: ClassVar[float] = 1.0
 
     def __init__(self) -> None:
-        # (request, waited) found to fit: submit's own preflight does not ask again
-        self._fitting: set[tuple[str, bool]] = set()
         self._node_gpus: dict[Optional[str], Optional[int]] = {}  # partition -> GPUs of its nodes
+        # The cluster's limits, read by `fit` (a plan itself asks nothing): MaxArraySize, and how
+        # many tasks of each shape the partition runs at once (the default `%` throttle).
+        self.max_array_size: int = DEFAULT_MAX_ARRAY_SIZE
+        self.at_once: dict[str, Optional[int]] = {}
+        self._limits_read = False
+        self._reachable = False
+        self._shapes: dict[str, str] = {}  # resources -> shape key, so 1000 trials compute a few
+
+    def read_limits(self, experiment: Experiment) -> None:
+        """Read the cluster's limits for jobs like ``experiment``, once per shape: MaxArraySize
+        (``scontrol show config``, cached under ORCH_HOME) and, when no ``--max-parallel`` caps
+        the arrays, how many such tasks the partition's nodes hold at once."""
+        from orchestrator.launchers.slurm.capacity import SlurmAsk, max_array_size, tasks_at_once
+
+        if not self._limits_read:
+            self._limits_read = True
+            self._reachable = slurm_reachable()
+            if self._reachable:
+                self.max_array_size = max_array_size(records_home() / "slurm-config.json")
+        if not self._reachable or experiment.resources.slurm.array_parallelism is not None:
+            return
+        resources = repr((experiment.resources, experiment.runtime.device))  # 1000 trials: a few shapes
+        if resources in self._shapes:
+            return
+        params = sbatch_parameters(JobSpec(experiment.name, experiment, Path("config.yaml"), Path("."), self.name, {}))
+        key = self._shapes[resources] = _shape(params)
+        if key not in self.at_once:
+            self.at_once[key] = tasks_at_once(SlurmAsk.from_params(params, f"job {experiment.name}"))
 
     def fit(self, experiment: Experiment) -> Experiment:
         """``--gpus N`` alone on a partition of G-GPU nodes (N > G) runs on N/G nodes of G GPUs,
         as ``sbatch --gpus-per-node`` users expect (``--gpus 16`` on 8-GPU nodes: 2 x 8). Where
-        Slurm cannot tell (a dry run away from the cluster), the layout stays one node."""
+        Slurm cannot tell (a dry run away from the cluster), the layout stays one node. Also
+        reads the cluster's limits that the plan obeys (:meth:`read_limits`)."""
+        experiment = self._fit_layout(experiment)
+        self.read_limits(experiment)
+        return experiment
+
+    def _fit_layout(self, experiment: Experiment) -> Experiment:
         from orchestrator.launchers.slurm.capacity import gpus_per_node
 
         res = experiment.resources
@@ -119,16 +161,26 @@ class SlurmLauncher(Launcher):
         grouped: dict[str, tuple[dict[str, Any], list[int]]] = {}
         for index, job in enumerate(jobs):
             params = sbatch_parameters(job)
-            key = json.dumps({**params, "job_name": None}, sort_keys=True, default=str)
-            grouped.setdefault(key, (params, []))[1].append(index)
+            grouped.setdefault(_shape(params), (params, []))[1].append(index)
         groups = []
-        for params, indices in grouped.values():
-            members = [jobs[i] for i in indices]
-            if len(members) > 1:  # one name for the array: what its runs' names share
-                prefix = os.path.commonprefix([j.name for j in members]).rstrip("-_.")
-                params = {**params, "job_name": prefix or "orch-array"}
-            folder = job_folder(members)
-            groups.append(SbatchGroup(params, tuple(indices), str(folder), render(params, folder, len(members))))
+        for key, (params, indices) in grouped.items():
+            # An array of more tasks than MaxArraySize is refused by sbatch: several arrays then.
+            size = max(1, self.max_array_size)
+            chunks = [indices[i:i + size] for i in range(0, len(indices), size)]
+            for chunk in chunks:
+                members = [jobs[i] for i in chunk]
+                chunk_params = dict(params)
+                if len(members) > 1:  # one name for the array: what its runs' names share
+                    prefix = os.path.commonprefix([j.name for j in members]).rstrip("-_.")
+                    chunk_params["job_name"] = prefix or "orch-array"
+                    if "array_parallelism" not in chunk_params:  # no --max-parallel: what the partition runs
+                        chunk_params["array_parallelism"] = self.at_once.get(key) or DEFAULT_ARRAY_PARALLELISM
+                    # the throttle is one per array: a set split in several arrays shares it out
+                    share = -(-int(chunk_params["array_parallelism"]) // len(chunks))
+                    chunk_params["array_parallelism"] = max(1, min(share, len(members)))
+                folder = job_folder(members)
+                groups.append(SbatchGroup(chunk_params, tuple(chunk), str(folder),
+                                          render(chunk_params, folder, len(members))))
         return SlurmPlan(self.name, tuple(jobs), tuple(groups))
 
     def preflight(self, plan: SlurmPlan, wait_s: float = 0.0) -> None:
@@ -141,11 +193,7 @@ class SlurmLauncher(Launcher):
         if not slurm_reachable():
             raise LaunchError("Slurm is not reachable (sinfo failed); check SLURM_CONF and that slurmctld runs, "
                               "start the local cluster (python scripts/local_slurm.py up), or use another --backend")
-        asks = slurm_asks(plan)
-        key, waited = repr(asks), bool(wait_s and wait_s > 0)
-        if (key, True) not in self._fitting and (key, waited) not in self._fitting:
-            require_capacity(asks, wait_s)
-            self._fitting.add((key, waited))
+        require_capacity(slurm_asks(plan), wait_s)
 
     def submit(self, plan: SlurmPlan) -> list[JobHandle]:
         """sbatch every group; returns at once with one handle (and record) per job."""
@@ -153,7 +201,6 @@ class SlurmLauncher(Launcher):
 
         from orchestrator.launchers.slurm.task import SlurmTrainJob
 
-        self.preflight(plan)
         handles: list[JobHandle] = [None] * len(plan.jobs)  # type: ignore[list-item]
         for group in plan.groups:
             members = [plan.jobs[i] for i in group.indices]
@@ -187,35 +234,50 @@ class SlurmLauncher(Launcher):
                 handles[index] = self.handle(record.job_id)
         return handles
 
-    def refresh(self, record: JobRecord) -> JobRecord:
-        """Ask Slurm (sacct, else squeue / scontrol, else the job's result file) and store the answer."""
+    def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
+        """One ``sacct`` for all of ``records`` (and one ``squeue`` for those accounting does not
+        know), through the answers cache: see :mod:`.state`. Read-only."""
         from orchestrator.launchers.slurm import state as slurm_state
 
-        if record.state.finished or not record.native_id:
-            return record
-        status = slurm_state.query(record.native_id, record.extra.get("result_path"))
-        if status.state is JobState.UNKNOWN and status.source == "none":
-            return record  # Slurm forgot the job and it left no result: keep what we knew
-        fields: dict[str, Any] = {"extra": {"slurm_state": status.raw, "state_source": status.source}}
-        if status.started_at:
-            fields["started_at"] = status.started_at
-        if status.ended_at:
-            fields["ended_at"] = status.ended_at
-        if status.exit_code is not None:
-            fields["exit_code"] = status.exit_code
-        if status.state is JobState.FAILED and not record.error:
-            why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
-            fields["error"] = f"Slurm job {record.native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
-                f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
-        return records.transition(record.job_id, status.state, **fields)
+        asked = {r.native_id: r for r in records if r.native_id and not r.state.finished}
+        if not asked:
+            return {}
+        found = slurm_state.query_cached(list(asked), {n: r.extra.get("result_path") for n, r in asked.items()},
+                                         records_home(), {n: r.submitted_at for n, r in asked.items()})
+        answers = {}
+        for native_id, record in asked.items():
+            status = found.get(native_id)
+            if status is None or (status.state is JobState.UNKNOWN and status.source == "none"):
+                continue  # Slurm forgot the job and it left no result: keep what we knew
+            error = None
+            if status.state is JobState.FAILED and not record.error:
+                why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
+                error = f"Slurm job {native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
+                    f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
+            started = status.started_at if status.state is not JobState.PENDING else None  # squeue's is an estimate
+            answers[record.job_id] = Status(status.state, exit_code=status.exit_code, started_at=started,
+                                            ended_at=status.ended_at, error=error,
+                                            extra={"slurm_state": status.raw, "state_source": status.source})
+        return answers
 
     def cancel(self, record: JobRecord) -> None:
         """``scancel`` the job (a job Slurm already finished is left alone)."""
-        if record.native_id and shutil.which("scancel"):
-            proc = subprocess.run(["scancel", record.native_id], capture_output=True, text=True, timeout=30)
+        self.cancel_many([record])
+
+    def cancel_many(self, records: Sequence[JobRecord]) -> None:
+        """One ``scancel`` for many jobs (per 500 ids); ids Slurm no longer knows are no error."""
+        from orchestrator.launchers.slurm.state import SACCT_CHUNK
+
+        native = [r.native_id for r in records if r.native_id]
+        if not native or not shutil.which("scancel"):
+            return
+        for start in range(0, len(native), SACCT_CHUNK):
+            chunk = native[start:start + SACCT_CHUNK]
+            proc = subprocess.run(["scancel", *chunk], capture_output=True, text=True, timeout=60)
             if proc.returncode != 0 and "already completing or completed" not in proc.stderr \
                     and "Invalid job id" not in proc.stderr:
-                raise LaunchError(f"scancel {record.native_id} failed: {proc.stderr.strip()}")
+                raise LaunchError(f"scancel {' '.join(chunk[:3])}{' ...' if len(chunk) > 3 else ''} failed: "
+                                  f"{proc.stderr.strip()}")
 
     def describe(self, record: JobRecord) -> list[tuple[str, str]]:
         rows = [("slurm state", record.extra["slurm_state"])] if record.extra.get("slurm_state") else []

@@ -110,7 +110,8 @@ def sbatch_parameters(job: JobSpec) -> dict[str, Any]:
         params["mem"] = _convert_mem(res.mem_gb)
     if opts.setup:
         params["setup"] = list(opts.setup)
-    params["array_parallelism"] = opts.array_parallelism
+    if opts.array_parallelism is not None:  # else the launcher's plan sets what the partition can run
+        params["array_parallelism"] = opts.array_parallelism
     valid = set(submitit_parameter_names())
     extra: dict[str, Any] = {}
     for key, value in opts.additional.items():

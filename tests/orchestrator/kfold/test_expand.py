@@ -90,3 +90,17 @@ def test_bad_grids_raise_config_errors():
         expand(experiment({"optim.lr": [0.1, 0.1]}))
     with pytest.raises(ConfigError, match="grid.optim.nope"):
         expand(experiment({"optim.nope": [1]}))
+
+
+def test_trials_are_derived_equal_to_full_validation():
+    """Each trial is built from the checked base plus its overrides (no re-validation per trial)
+    and equals what validating the whole experiment with those overrides gives."""
+    exp = experiment({"optim.lr": [0.01, 0.001], "schedule.iterations": [10, 20]})
+    for trial in expand(exp, FOLDS):
+        full = with_overrides(exp, {**trial.overrides, "grid": {}, "kfold": None})
+        assert trial.experiment == full
+
+
+def test_a_bad_grid_value_fails_naming_its_key():
+    with pytest.raises(ConfigError, match="grid.optim.lr value oops"):
+        expand(experiment({"optim.lr": [0.01, "oops"], "runtime.seed": [1, 2]}), FOLDS)

@@ -17,6 +17,7 @@ from cluster.errors import ConfigError, LaunchError
 from orchestrator.config import with_overrides
 from orchestrator.config.schema import Experiment
 from orchestrator.launchers.slurm import SlurmLauncher, parse_time, sbatch_parameters
+from orchestrator.launchers.slurm.launcher import _shape
 from orchestrator.launchers.slurm.state import parse_exit_code, to_state
 from orchestrator.spec import JobSpec, JobState
 
@@ -148,3 +149,24 @@ def test_unreachable_slurm_refuses_before_anything_is_written(tiny_experiment, t
     with pytest.raises(LaunchError, match="Slurm is not reachable"):
         submit([str(tiny_experiment)], (), ResourceFlags(backend="slurm"))
     assert not (tmp_path / "work").exists() and not (tmp_path / "home").exists()
+
+
+def test_sets_larger_than_max_array_size_become_several_arrays():
+    jobs = [job(f"grid-{i}", f"/shared/work/grid/{i}", **{"resources.slurm.array_parallelism": 4}) for i in range(7)]
+    launcher = SlurmLauncher()
+    launcher.max_array_size = 3  # as `fit` reads it from `scontrol show config`
+    plan = launcher.plan(jobs)
+    assert [g.indices for g in plan.groups] == [(0, 1, 2), (3, 4, 5), (6,)]
+    # the throttle is shared out over the arrays (4 over 3 arrays: 2 each, at most the array's size)
+    assert [g.params.get("array_parallelism") for g in plan.groups[:2]] == [2, 2]
+    assert "#SBATCH --array=0-2%2" in plan.groups[0].script
+    assert sorted(i for g in plan.groups for i in g.indices) == list(range(7))  # every job once
+
+
+def test_without_max_parallel_the_throttle_is_what_the_partition_holds():
+    jobs = [job(f"grid-{i}", f"/shared/work/grid/{i}") for i in range(5)]
+    launcher = SlurmLauncher()
+    # Slurm never asked (a dry run away from it): the default cap, at most the array's size
+    assert launcher.plan(jobs).groups[0].params["array_parallelism"] == 5
+    launcher.at_once[_shape(sbatch_parameters(jobs[0]))] = 3  # as `fit` reads it from the nodes
+    assert "#SBATCH --array=0-4%3" in launcher.plan(jobs).text
