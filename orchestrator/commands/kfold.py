@@ -43,7 +43,7 @@ def split_cmd(ann_file, folds, out_dir, seed, group_key, group_regex, allow_smal
 
     strata = parse_stratify(stratify)
     try:
-        coco = json.loads(Path(ann_file).read_text())
+        coco = json.loads(Path(ann_file).read_text(encoding="utf-8-sig"))  # a BOM is allowed
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read COCO file {ann_file} ({err}); give a COCO instances JSON file") from None
     fold_list = split_folds(coco, folds, seed, group_key, group_regex, allow_small_classes, stratify=strata)

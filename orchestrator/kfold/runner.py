@@ -97,7 +97,7 @@ def prepare_folds(exp: Experiment, kcfg: KFoldConfig, folds_dir: Path, write: bo
     from orchestrator.kfold.split import balance_table, check_folds, read_folds, split_folds, write_folds
 
     ann_file = Path(kcfg.ann_file or exp.data.train.ann_file)
-    coco = json.loads(ann_file.read_text())
+    coco = json.loads(ann_file.read_text(encoding="utf-8-sig"))  # a BOM is allowed
     # Folds on disk made from this very file with these settings are reused as they are: no
     # split computed (scikit-learn is imported only when one is), also for a dry run.
     folds = _cached_folds(folds_dir, ann_file, kcfg)
