@@ -53,8 +53,9 @@ def run_folders(experiments: list[Experiment]) -> list[Experiment]:
 def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
            dry_run: bool = False, check_data: bool = True) -> tuple[Plan, list[JobHandle]]:
     """Resolve, plan and (unless ``dry_run``) launch. Returns ``(plan, handles)``; handles is
-    empty for a dry run. ``check_data`` (``--no-data-check`` turns it off): the annotation files
-    and image folders must exist on this machine."""
+    empty for a dry run. A real submission checks the input files first
+    (:mod:`orchestrator.submit_checks`); ``check_data=False`` (``--no-data-check``) leaves out
+    the annotation files and image folders (data seen only from the compute nodes)."""
     experiments = resolve_experiments(paths, overrides, flags)
     backends = {choose_backend(exp, flags.backend) for exp in experiments}
     if len(backends) > 1:
@@ -63,11 +64,11 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
             "submit them separately or pass --backend"
         )
     experiments = run_folders(experiments)
-    check_inputs(experiments, data=check_data)  # the files `orch train` would miss, before anything is queued
     launch = Launch.to(backends.pop())
     plan = launch.plan(experiments)
     resolve_weights(experiments, download=not dry_run)  # weights names -> the cache, before anything is queued
-    if dry_run:
+    if dry_run:  # the plan only: it may be printed on a machine that does not see the data
         return plan, []
     launch.preflight(plan, wait_s=flags.wait_for_resources)
+    check_inputs(experiments, data=check_data)  # the files `orch train` would miss, before anything is queued
     return launch.submit(experiments)

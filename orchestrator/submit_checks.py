@@ -3,7 +3,7 @@ run reads that ``orch train`` would miss at its first step. A mistake found here
 and exit 2, not a queued job that fails minutes (on a busy partition: hours) later with a FAILED
 MLflow run.
 
-Checked: every split's annotation file and image folder (``data.train``, ``data.val``,
+Checked (real submissions; a dry run only plans): every split's annotation file and image folder (``data.train``, ``data.val``,
 ``data.test``), the class names of ``data.classes`` against the training file's categories, and
 the local weights and checkpoint files (``model.weights`` / ``model.backbone_weights`` when they
 are paths, ``runtime.load_from``, a ``runtime.resume`` path). Weights *names* are resolved by

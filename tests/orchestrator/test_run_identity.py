@@ -157,11 +157,11 @@ def test_submit_with_a_missing_ann_file_exits_2_writing_nothing(make_experiment,
     assert records.list_records() == []
     assert not (tmp_path / "work").exists()
     assert not (tmp_path / "mlflow.db").exists()
-    # --no-data-check (data only on compute nodes) leaves the check to the job; a dry run shows it
-    assert orch(["submit", str(path), "--backend", "local", "--no-data-check", "--dry-run"]) == 0
+    # A dry run prints the plan (it may run where the data is not seen): no check
+    assert orch(["submit", str(path), "--backend", "local", "--dry-run"]) == 0
     # Missing image folder, missing local weights: the same
     path = make_experiment(**{"data.val.img_dir": str(tmp_path / "nodir")})
-    assert orch(["submit", str(path), "--backend", "local", "--dry-run"]) == 2
+    assert orch(["submit", str(path), "--backend", "local"]) == 2
     assert "data.val.img_dir" in capsys.readouterr().err
     path = make_experiment(**{"runtime.load_from": str(tmp_path / "w.pth")})
     assert orch(["submit", str(path), "--backend", "local"]) == 2
