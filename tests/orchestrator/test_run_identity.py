@@ -167,3 +167,27 @@ def test_submit_with_a_missing_ann_file_exits_2_writing_nothing(make_experiment,
     assert orch(["submit", str(path), "--backend", "local"]) == 2
     assert "runtime.load_from" in capsys.readouterr().err
     assert records.list_records() == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_submit_wait_leaves_the_job_running_and_says_how_to_cancel(make_experiment, tmp_path):
+    import signal
+
+    from orchestrator.jobs import cancel_job, refresh_job
+
+    path = make_experiment(**{"schedule.iterations": 100000, "eval.interval": 100000})
+    proc = subprocess.Popen([*ORCH, "submit", str(path), "--backend", "local", "--wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    assert first.startswith("submitted "), first + proc.stderr.read()
+    job_id = first.split()[1]
+    assert f"outputs in {tmp_path / 'work'}" in first
+    time.sleep(2)  # waiting (following the log)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    try:
+        assert proc.returncode == 130
+        assert "the job goes on" in err and f"orch cancel {job_id}" in err, err
+        assert not refresh_job(job_id).state.finished  # still pending or running
+    finally:
+        cancel_job(job_id)
