@@ -28,6 +28,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Collection, Iterator, Optional
 
@@ -163,22 +164,29 @@ def is_locked(folder: Path) -> bool:
     return False
 
 
-def hold(folder: Path) -> bool:
+def hold(folder: Path, wait_s: float = 0.0) -> bool:
     """Hold ``folder``'s run lock in this process until :func:`release` or its exit (the lock
     dies with the process: a killed run leaves the folder free). True when taken here, False
-    when this process held it already. LaunchError (one line) when another process holds it."""
+    when this process held it already. LaunchError (one line) when another process holds it
+    (after ``wait_s`` seconds: a restarted rank 0 may start while its killed predecessor exits)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
     if key in _held:
         return False
     fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LaunchError(f"the output folder {folder} is in use by another running training; wait for it to end "
-                          "or stop it, or give this run another name / runtime.output_dir") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            os.close(fd)
+            raise LaunchError(f"the output folder {folder} is in use by another running training; wait for it to "
+                              "end or stop it, or give this run another name / runtime.output_dir") from None
     _held[key] = fd
     return True
 

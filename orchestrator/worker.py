@@ -22,6 +22,8 @@ from cluster.errors import OrchError
 from cluster.logs import setup_logging
 
 log = logging.getLogger("orchestrator.worker")
+# A restarted or requeued rank 0 waits this long for its killed predecessor's lock to go.
+HOLD_WAIT_S = 60.0
 
 
 def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = (), env: DistEnv | None = None,
@@ -40,7 +42,7 @@ def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = 
     # One live run per folder, whatever started it: rank 0 holds the folder's run lock while it
     # trains (a second run into it is refused at once; the lock dies with this process).
     folder = output_dir_of(experiment)
-    taken = env.is_main and hold(folder)
+    taken = env.is_main and hold(folder, wait_s=HOLD_WAIT_S)
     try:
         if ship and env.is_main:
             start_shipping(experiment)
