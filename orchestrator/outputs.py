@@ -11,7 +11,7 @@ choose again (a requeue, a restart goes on in it).
 **One live run per folder.** The process that trains (rank 0) holds an ``fcntl.flock`` on
 ``<folder>/.orch-run.lock`` for the run's life (:func:`hold`): it dies with its owner, so a
 killed run leaves nothing to clean. A queued job has no process yet; for it the folder is
-claimed at submit:
+claimed at submit (below).
 
 Two jobs writing one folder lose work: a re-submitted experiment of the same name would overwrite
 ``config.yaml`` under a pending requeue (which then resumes with the new config), both would write

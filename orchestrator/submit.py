@@ -28,10 +28,11 @@ def resolve_experiments(paths: list[str], overrides: tuple[str, ...], flags: Res
     return [load_experiment(path, overrides, extra=flags.as_overrides()) for path in paths]
 
 
-def run_folders(experiments: list[Experiment]) -> list[Experiment]:
+def run_folders(experiments: list[Experiment], refuse_live: bool = True) -> list[Experiment]:
     """Each experiment sent to the folder of a new run (:func:`orchestrator.outputs.choose_run_folder`):
     its ``runtime.output_dir`` unless that holds an earlier run (then ``<folder>-2``, ..., said on
-    stderr) or ``runtime.resume`` continues it. A folder a live job holds is refused here."""
+    stderr) or ``runtime.resume`` continues it. A folder a live job holds is refused here
+    (``refuse_live``; a dry run only plans)."""
     import sys
 
     from orchestrator.config import with_overrides
@@ -41,7 +42,7 @@ def run_folders(experiments: list[Experiment]) -> list[Experiment]:
     out, taken = [], set()
     for exp in experiments:
         base = job_output_dir(exp)
-        folder = choose_run_folder(base, resume=bool(exp.runtime.resume), skip=taken)
+        folder = choose_run_folder(base, resume=bool(exp.runtime.resume), probe=refuse_live, skip=taken)
         taken.add(folder)
         if folder != base:
             print(new_folder_note(base, folder), file=sys.stderr, flush=True)
@@ -63,7 +64,7 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
             f"the experiments ask for different backends ({', '.join(sorted(backends))}); "
             "submit them separately or pass --backend"
         )
-    experiments = run_folders(experiments)
+    experiments = run_folders(experiments, refuse_live=not dry_run)
     launch = Launch.to(backends.pop())
     plan = launch.plan(experiments)
     resolve_weights(experiments, download=not dry_run)  # weights names -> the cache, before anything is queued
