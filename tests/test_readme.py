@@ -82,7 +82,7 @@ def readme_commands(text: str) -> list[Command]:
                 start = i
             logical += lines[i].strip() if logical else lines[i].rstrip()
             if logical.endswith("\\"):
-                logical = logical[:-1] + " "
+                logical = logical[:-1].rstrip() + " "
             else:
                 if logical.strip() and not logical.lstrip().startswith("#"):
                     for part in re.split(r";\s+|\s+&&\s+", strip_comment(logical)):
