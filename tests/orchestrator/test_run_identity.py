@@ -191,3 +191,21 @@ def test_ctrl_c_during_submit_wait_leaves_the_job_running_and_says_how_to_cancel
         assert not refresh_job(job_id).state.finished  # still pending or running
     finally:
         cancel_job(job_id)
+
+
+def test_orch_train_under_torchrun_refuses_a_folder_that_holds_a_run(make_experiment, tmp_path):
+    """Several ranks cannot agree on a new folder before they meet: rank 0 refuses, with the ways on."""
+    from cluster.env import DistEnv
+    from orchestrator.commands.train import _run_folder
+
+    path = make_experiment()
+    (tmp_path / "work").mkdir()
+    rank0, rank1 = DistEnv(rank=0, world_size=2, master_port=29400), DistEnv(rank=1, world_size=2, master_port=29400)
+    assert _run_folder(str(path), (), rank0) == ((), tmp_path / "work")  # an empty folder: used (and held)
+    release(tmp_path / "work")
+    (tmp_path / "work" / "config.yaml").write_text("name: tiny\n")
+    with pytest.raises(LaunchError, match=r"holds an earlier run; under torchrun .*runtime.resume=auto"):
+        _run_folder(str(path), (), rank0)
+    assert _run_folder(str(path), (), rank1) == ((), None)  # other ranks follow rank 0
+    assert _run_folder(str(path), ("runtime.resume=auto",), rank0) == (("runtime.resume=auto",), tmp_path / "work")
+    release(tmp_path / "work")
