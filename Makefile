@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.orch-installed
 DATA   ?= data/shapes
 DEMO_TRAIN ?= 1000
 DEMO_VAL   ?= 200
+# Extra `orch submit` options of the demo, e.g. DEMO_FLAGS="--set schedule.iterations=50" (a quick look)
+DEMO_FLAGS ?=
 # Test processes: many slow tests mostly wait (servers, daemons, outages), so 3 beat 2 cores.
 TEST_WORKERS ?= 3
 
@@ -24,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml
 # ./mlflow.db; prints the final metrics and the `mlflow ui` command.
 demo: $(STAMP)
 	$(ORCH) data shapes --out $(DATA) --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
-	$(ORCH) submit experiments/shapes_demo.yaml --backend local --wait
+	$(ORCH) submit experiments/shapes_demo.yaml --backend local --wait $(DEMO_FLAGS)
 
 # The whole suite, slow real-cluster tests included (Slurm, Ray, torchrun, mlflow server), and
 # the fault suite's CI seeds (tests/faults; `make faults` runs more).

@@ -3,7 +3,8 @@ predictions it reads.
 
 :func:`evaluate_coco` returns the 12 standard COCOeval numbers per IoU type under fixed names
 (``bbox_mAP``, ``bbox_mAP_50``, ..., ``segm_AR_l``), exactly the values COCOeval's ``stats``
-holds (``-1`` where the ground truth has no object in that area range), plus per-class AP
+holds, less the "absent" ones (COCOeval's ``-1``: no ground truth in that area range, e.g.
+``bbox_mAP_l`` on small images; left out, never a value of -1), plus per-class AP
 (``bbox_AP/<class name>``) when asked; classes without ground truth are left out of the
 per-class numbers. COCOeval's prints go to this module's logger at DEBUG. ``eval.engine`` picks
 the engine (:mod:`detection.coco_engines`).
@@ -33,6 +34,9 @@ STAT_NAMES: tuple[str, ...] = (
     "AR_1", "AR_10", "AR_100", "AR_s", "AR_m", "AR_l",
 )
 IOU_TYPES = ("bbox", "segm")
+#: COCOeval's value for "absent" (no ground truth in that area range): left out of the metrics,
+#: so that it is never logged or averaged as a score; tables show it as "–".
+ABSENT = -1.0
 
 
 def load_ground_truth(ann_file: str) -> Any:
@@ -79,7 +83,7 @@ def evaluate_coco(
             ``"pycocotools"``; both give the same numbers (:mod:`detection.coco_engines`).
 
     Only the categories of ``coco_gt`` are scored (predictions of other categories are ignored),
-    on all of its images. Empty predictions give 0 for every number (``-1`` where there is no
+    on all of its images. Empty predictions give 0 for every number (left out where there is no
     ground truth).
     """
     from detection.coco_engines import resolve_engine, score
@@ -104,7 +108,8 @@ def evaluate_coco(
             scores = score(engine, coco_gt, predictions, iou_type)
         log.debug("COCOeval %s (%s):\n%s", iou_type, engine, scores.summary)
         for name, value in zip(STAT_NAMES, scores.stats):
-            metrics[f"{iou_type}_{name}"] = value
+            if value != ABSENT:  # no ground truth in that range: no number, not a score of -1
+                metrics[f"{iou_type}_{name}"] = value
         if classwise:
             metrics.update(_per_class_ap(scores, iou_type, names))
     return metrics

@@ -22,24 +22,39 @@ from cluster.errors import OrchError
 from cluster.logs import setup_logging
 
 log = logging.getLogger("orchestrator.worker")
+# A restarted or requeued rank 0 waits this long for its killed predecessor's lock to go.
+HOLD_WAIT_S = 60.0
 
 
 def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = (), env: DistEnv | None = None,
         ship: bool = True):
     """Train the experiment at ``config_path`` in this process; returns the ``TrainResult``.
-    ``ship``: rank 0 starts the journal's shipper (a sweep ships its trials itself)."""
+    ``ship``: rank 0 starts the journal's shipper (a sweep ships its trials itself). The run's
+    folder is the one ``runtime.output_dir`` names: whoever started this decided it
+    (:mod:`orchestrator.outputs`); it is never chosen again here."""
     from orchestrator.config import load_experiment
+
+    from orchestrator.config import output_dir_of
+    from orchestrator.outputs import hold, release
 
     experiment = load_experiment(config_path, overrides)
     env = env or DistEnv.detect(os.environ)
-    if ship and env.is_main:
-        start_shipping(experiment)
-    from detection.train import main as train_main  # torch loads here
+    # One live run per folder, whatever started it: rank 0 holds the folder's run lock while it
+    # trains (a second run into it is refused at once; the lock dies with this process).
+    folder = output_dir_of(experiment)
+    taken = env.is_main and hold(folder, wait_s=HOLD_WAIT_S)
+    try:
+        if ship and env.is_main:
+            start_shipping(experiment)
+        from detection.train import main as train_main  # torch loads here
 
-    result = train_main(experiment, env, hooks)
-    if env.is_main:
-        write_result(result)
-    return result
+        result = train_main(experiment, env, hooks)
+        if env.is_main:
+            write_result(result)
+        return result
+    finally:
+        if taken:
+            release(folder)
 
 
 def start_shipping(experiment: Any) -> None:

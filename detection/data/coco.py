@@ -244,6 +244,9 @@ def _select_classes(
 
 
 
+#: Pixels a box may reach outside its image before it is an error (``orch data check``'s default
+#: ``--tolerance``): exports round coordinates; within it the box is clipped.
+OUTSIDE_TOLERANCE = 1.0
 SKIP_HINT = "fix the file, or set data.on_bad_data=skip to drop bad boxes and images (counted and logged)"
 
 
@@ -290,7 +293,8 @@ def check_annotations(
 ) -> tuple[dict[str, Any], Counter]:
     """Validate images and annotations; return the cleaned COCO dict and skip counts by reason.
 
-    Images get a ``path``; boxes partly outside their image are clipped; annotations of
+    Images get a ``path``; boxes partly outside their image are clipped (beyond a pixel only with
+    ``on_bad_data="skip"``: with ``"error"`` it is an error, as ``orch data check`` says); annotations of
     categories outside ``keep_cat_ids`` are left out (not bad); ``area`` and ``iscrowd`` get
     defaults because COCOeval needs both.
     """
@@ -321,7 +325,7 @@ def check_annotations(
 
     annotations = []
     for ann in raw["annotations"]:
-        checked = _check_annotation(ann, images, known_images, all_cat_ids, with_masks)
+        checked = _check_annotation(ann, images, known_images, all_cat_ids, with_masks, on_bad_data == "error")
         if isinstance(checked, tuple):
             bad(*checked)
         elif checked is not None and checked["category_id"] in keep_cat_ids:
@@ -333,10 +337,13 @@ def check_annotations(
 
 
 def _check_annotation(
-    ann: Any, images: dict[int, dict[str, Any]], known_images: set[int], all_cat_ids: set[int], with_masks: bool
+    ann: Any, images: dict[int, dict[str, Any]], known_images: set[int], all_cat_ids: set[int], with_masks: bool,
+    strict: bool = False,
 ) -> Any:
     """The cleaned annotation, ``None`` (belongs to an image already skipped), or a
-    ``(reason, message)`` pair when it is bad."""
+    ``(reason, message)`` pair when it is bad. ``strict`` (``on_bad_data=error``): a box partly
+    outside its image beyond the tolerance is bad, as ``orch data check`` says; otherwise it is
+    clipped."""
     bbox = ann.get("bbox") if isinstance(ann, dict) else None
     if not (isinstance(ann, dict) and "id" in ann and "image_id" in ann and "category_id" in ann
             and isinstance(bbox, list) and len(bbox) == 4
@@ -360,7 +367,12 @@ def _check_annotation(
         return "missing_segmentation", f"{where} has no segmentation, which mask training needs"
     if with_masks and not _valid_segmentation(ann["segmentation"], width, height):
         return "invalid_segmentation", f"{where} has a malformed segmentation (polygons or an RLE of the image size)"
-    # Partly outside: clip to the image (common after crops/exports, not an error).
+    if strict and (x < -OUTSIDE_TOLERANCE or y < -OUTSIDE_TOLERANCE or x + w > width + OUTSIDE_TOLERANCE
+                   or y + h > height + OUTSIDE_TOLERANCE):
+        # What `orch data check` calls an error is one here too (on_bad_data=error): never clipped silently.
+        return ("box_outside_image", f"{where} box {bbox} (xywh) reaches outside the {width}x{height} image by more "
+                f"than {OUTSIDE_TOLERANCE:g} px (orch data check --fix writes a copy with it clipped)")
+    # Partly outside within the tolerance (rounding), or on_bad_data=skip: clip to the image.
     x0, y0 = max(x, 0.0), max(y, 0.0)
     x1, y1 = min(x + w, float(width)), min(y + h, float(height))
     clean = {**ann, "bbox": [x0, y0, x1 - x0, y1 - y0]}

@@ -6,16 +6,25 @@ from typing import Optional
 
 
 def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
-    """Print metrics as a two-column table (rich), main COCO numbers first."""
+    """Print metrics as a two-column table (rich), main COCO numbers first. A COCO number that
+    is absent (no ground truth in its area range: left out of the metrics, or COCOeval's -1 in
+    older files) shows as "–"."""
     from rich.console import Console
     from rich.table import Table
 
+    from detection.evaluation import ABSENT, STAT_NAMES
+
+    metrics = dict(metrics)
+    for iou_type in {k.split("_", 1)[0] for k in metrics if k.endswith("_mAP")}:
+        for name in STAT_NAMES:
+            metrics.setdefault(f"{iou_type}_{name}", None)
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics, key=lambda k: ("/" in k, k)):
         value = metrics[key]
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        absent = value is None or (key.split("_", 1)[-1] in STAT_NAMES and value == ABSENT)
+        table.add_row(key, "–" if absent else f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
 
 

@@ -13,7 +13,9 @@ from orchestrator.commands.common import resource_options, set_option
 @set_option
 @click.option("--dry-run", is_flag=True, help="Print exactly what would run; start and write nothing.")
 @click.option("--wait", "wait_", is_flag=True, help="Block until the jobs end, streaming the log.")
-def submit_cmd(experiments, flags, overrides, dry_run, wait_) -> int:
+@click.option("--no-data-check", is_flag=True,
+              help="Do not check here that annotation files and image folders exist (data only on compute nodes).")
+def submit_cmd(experiments, flags, overrides, dry_run, wait_, no_data_check) -> int:
     """Launch EXPERIMENTS on a backend and return at once (job ids printed).
 
     \b
@@ -27,12 +29,12 @@ def submit_cmd(experiments, flags, overrides, dry_run, wait_) -> int:
     """
     from orchestrator.submit import submit
 
-    plan, handles = submit(list(experiments), tuple(overrides), flags, dry_run=dry_run)
+    plan, handles = submit(list(experiments), tuple(overrides), flags, dry_run=dry_run, check_data=not no_data_check)
     if dry_run:
         click.echo(str(plan))
         return 0
-    for handle in handles:
-        click.echo(f"submitted {handle.job_id} ({plan.backend})")
+    for job, handle in zip(plan.jobs, handles):
+        click.echo(f"submitted {handle.job_id} ({plan.backend}), outputs in {job.output_dir}")
     if not wait_:
         click.echo("follow with: orch status / orch logs -f JOB")
         return 0
@@ -45,11 +47,18 @@ def _wait(handles) -> int:
     from orchestrator.records import load_record
     from orchestrator.spec import JobState
 
-    if len(handles) == 1:
-        follow_log(handles[0].job_id)
+    try:
+        if len(handles) == 1:
+            follow_log(handles[0].job_id)
+        states = [handle.wait() for handle in handles]
+    except KeyboardInterrupt:
+        # Ctrl-C stops the waiting, not the jobs: say so, and how to stop them too.
+        cancel = "; ".join(f"orch cancel {handle.job_id}" for handle in handles)
+        click.echo(f"\norch: stopped waiting; the job{'s go' if len(handles) > 1 else ' goes'} on. "
+                   f"Follow with: orch logs -f {handles[0].job_id}   cancel with: {cancel}", err=True)
+        return 130
     failed = 0
-    for handle in handles:
-        state = handle.wait()
+    for handle, state in zip(handles, states):
         record = load_record(handle.job_id)
         click.echo(f"{handle.job_id}: {state.value}" + (f" ({record.error})" if record.error else ""))
         failed += state != JobState.SUCCEEDED

@@ -37,6 +37,9 @@ def sync_cmd(targets: tuple[str, ...], all_jobs: bool, uri: Optional[str], watch
     from orchestrator.tracking.sync import sync
 
     groups = _targets(targets, all_jobs)
+    if not groups and all_jobs and not targets:
+        click.echo("no recorded job has a run folder to sync (orch train's runs: orch sync work_dirs/)")
+        return 0
     if not groups:
         raise ConfigError("orch sync: give job ids, folders (e.g. orch sync work_dirs/) or --all")
     quiet_store_logs()

@@ -194,9 +194,23 @@ def _flatten_nested(mapping: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _did_you_mean(word: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _did_you_mean(word: str, candidates: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6) or _abbreviations(word, candidates)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _initials(word: str) -> str:
+    return "".join(part[0] for part in word.lower().split("_") if part)
+
+
+def _abbreviations(word: str, candidates: list[str]) -> list[str]:
+    """Candidates that spell ``word`` short or long: ``learning_rate`` -> ``lr`` (initials),
+    ``max_keep`` <- ``mk``, ``iters`` -> ``iterations`` (one begins the other)."""
+    low = word.lower()
+    found = [c for c in candidates if "_" in low and c.lower() == _initials(low)]
+    found += [c for c in candidates if "_" in c and low == _initials(c)]
+    found += [c for c in candidates if min(len(low), len(c)) >= 4 and (c.startswith(low) or low.startswith(c))]
+    return found
 
 
 def build_dataclass(cls: type, value: Any, path: str, ctx: Context) -> Any:
@@ -222,13 +236,13 @@ def build_dataclass(cls: type, value: Any, path: str, ctx: Context) -> Any:
 
 
 def _unknown_key(cls: type, key: Any, key_path: str, names: list[str], ctx: Context) -> ConfigError:
-    hint = _did_you_mean(str(key), names)
+    section = key_path.rpartition(".")[0]
+    hint = _did_you_mean(str(key), names, f"{section}." if section else "")
     if not hint:  # a key put in the wrong section: optim.epochs -> schedule.epochs
         elsewhere = [p for p in all_key_paths() if p.rpartition(".")[2] == str(key)]
         if elsewhere:
             hint = f" (did you mean {elsewhere[0]!r}?)"
     where = ctx.where(key_path)
-    section = key_path.rpartition(".")[0]
     under = f" under {section!r}" if section else ""
     return ConfigError(
         f"{where}: unknown key {key_path!r}{hint}; valid keys{under}: {', '.join(names)}"

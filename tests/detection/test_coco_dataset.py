@@ -180,11 +180,20 @@ def test_bad_segmentation_when_masks_are_asked(tmp_path, segmentation, reason):
     assert CocoDetection(ann, img, with_masks=False).skipped == {}  # boxes only: not needed
 
 
-def test_box_partly_outside_is_clipped_not_skipped(tmp_path):
+def test_box_partly_outside_is_clipped_with_skip_and_an_error_with_error(tmp_path):
     ann, img = _bad(tmp_path, lambda d: d["annotations"][1].update(bbox=[30, -4, 20, 10]))
-    ds = CocoDetection(ann, img, on_bad_data="error")
+    ds = CocoDetection(ann, img, on_bad_data="skip")
     assert ds.skipped == {}
     assert ds[0][1]["boxes"][1].tolist() == [30, 0, W, 6]
+    assert ds.coco.anns[11]["bbox"] == [30, 0, 10, 6]
+    # on_bad_data=error: what `orch data check` calls an error (beyond its 1 px tolerance) is one here
+    with pytest.raises(DataError, match=r"annotation 11 .* reaches outside the .* image by more than 1 px"):
+        CocoDetection(ann, img, on_bad_data="error")
+
+
+def test_box_within_the_tolerance_is_clipped_with_error(tmp_path):
+    ann, img = _bad(tmp_path, lambda d: d["annotations"][1].update(bbox=[30, -0.5, 10, 6.5]))
+    ds = CocoDetection(ann, img, on_bad_data="error")
     assert ds.coco.anns[11]["bbox"] == [30, 0, 10, 6]
 
 

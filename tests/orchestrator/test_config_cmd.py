@@ -83,7 +83,7 @@ def test_json_output(capsys):
     "args, message",
     [
         (["missing.yaml"], "experiment file not found"),
-        ([FASTER, "--set", "optim.auto_scale_lr.rulee=sqrt"], "did you mean 'rule'?"),
+        ([FASTER, "--set", "optim.auto_scale_lr.rulee=sqrt"], "did you mean 'optim.auto_scale_lr.rule'?"),
         ([FASTER, "--set", "optim.lr"], "expected KEY=VALUE"),
         ([FASTER, "--gpus", "0"], "resources.gpus: must be >= 1"),
         ([FASTER, "--set", "optim.type=adam"], "one of 'sgd', 'adamw'"),

@@ -83,7 +83,7 @@ def test_overriding_through_a_scalar_is_an_error(exp_file):
 
 
 def test_override_errors_name_the_flag(exp_file):
-    with pytest.raises(ConfigError, match=r"^--set optim.lrr=0.1: unknown key 'optim.lrr' \(did you mean 'lr'\?\)"):
+    with pytest.raises(ConfigError, match=r"^--set optim.lrr=0.1: unknown key 'optim.lrr' \(did you mean 'optim.lr'\?\)"):
         load_experiment(exp_file, ["optim.lrr=0.1"])
     with pytest.raises(ConfigError, match=r"^--set runtime.amp=maybe: runtime.amp: expected true or false"):
         load_experiment(exp_file, ["runtime.amp=maybe"])

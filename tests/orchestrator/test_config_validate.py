@@ -51,7 +51,7 @@ def test_conversion_to_frozen_typed_objects():
 def test_unknown_key_names_file_path_valid_keys_and_suggestion():
     message = check_error(
         {"optim": {"auto_scale_lr": {"rulee": "sqrt"}}},
-        "exp.yaml", "'optim.auto_scale_lr.rulee'", "did you mean 'rule'?",
+        "exp.yaml", "'optim.auto_scale_lr.rulee'", "did you mean 'optim.auto_scale_lr.rule'?",
         "enable, base_batch_size, rule",
     )
     assert message.startswith("exp.yaml: unknown key")
@@ -70,7 +70,7 @@ def test_unknown_key_names_the_file_that_set_it(tmp_path: Path):
     (tmp_path / "_base_" / "bad.yaml").write_text("data:\n  trian: {ann_file: x.json}\n")
     exp = tmp_path / "exp.yaml"
     exp.write_text("_base_: _base_/bad.yaml\noptim: {lr: 0.1}\n")
-    with pytest.raises(ConfigError, match=r"_base_/bad.yaml: unknown key 'data.trian' \(did you mean 'train'\?\)"):
+    with pytest.raises(ConfigError, match=r"_base_/bad.yaml: unknown key 'data.trian' \(did you mean 'data.train'\?\)"):
         load_experiment(exp)
 
 
@@ -239,3 +239,8 @@ def test_numpy_scalars_from_search_libraries_become_python_numbers():
     exp = with_overrides(build_experiment({}), {"optim.lr": np.float32(0.5), "data.batch_size_per_gpu": np.int64(3)})
     assert type(exp.optim.lr) is float and type(exp.data.batch_size_per_gpu) is int
     check_error({"data": {"batch_size_per_gpu": np.float64(2.0)}}, "expected an integer")
+
+
+def test_a_long_spelling_of_a_short_key_is_suggested():
+    check_error({"optim": {"learning_rate": 0.1}}, "unknown key 'optim.learning_rate'", "did you mean 'optim.lr'?")
+    check_error({"schedule": {"iters": 10}}, "did you mean 'schedule.iterations'?")

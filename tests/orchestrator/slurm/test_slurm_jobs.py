@@ -22,12 +22,13 @@ from orchestrator.spec import JobState
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-def submit(paths, **flags):
+def submit(paths, check_data=True, **flags):
     """``orch submit PATHS --backend slurm --partition dev [flags]`` -> (plan, handles, seconds)."""
     from orchestrator.submit import ResourceFlags, submit as orch_submit
 
     started = time.monotonic()
-    plan, handles = orch_submit([str(p) for p in paths], (), ResourceFlags(backend="slurm", partition="dev", **flags))
+    plan, handles = orch_submit([str(p) for p in paths], (), ResourceFlags(backend="slurm", partition="dev", **flags),
+                                check_data=check_data)
     return plan, handles, time.monotonic() - started
 
 
@@ -60,8 +61,8 @@ def jobs(slurm_cluster, write_experiment, module_orch_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_jobs")
     out = {}
 
-    def add(key, paths, **flags):
-        out[key] = (*submit(paths, **flags), root / key)
+    def add(key, paths, check_data=True, **flags):
+        out[key] = (*submit(paths, check_data, **flags), root / key)
 
     # The interactive ones first (and their tests come first in this file): they act on their jobs
     # while those train.
@@ -72,7 +73,9 @@ def jobs(slurm_cluster, write_experiment, module_orch_home, tmp_path_factory):
     add("single", [write_experiment(root / "single", "single")])
     # device auto: the job asks for GPUs (fake GRES, one per node) and trains on CPU (no CUDA here).
     add("two_node", [write_experiment(root / "two_node", "two-node", **{"runtime.device": "auto"})], gpus=2, gpus_per_node=1)
-    add("fail", [write_experiment(root / "fail", "fail", **{"data.train.ann_file": "/nonexistent/instances_train.json"})])
+    # Data seen only from the compute nodes (--no-data-check): the job finds it missing.
+    add("fail", [write_experiment(root / "fail", "fail", **{"data.train.ann_file": "/nonexistent/instances_train.json"})],
+        check_data=False)
     add("array", [write_experiment(root / "array" / str(i), f"arr-{i}", **{
         "schedule.iterations": 2, "eval.interval": 2, "resources.slurm.array_parallelism": 2}) for i in range(3)])
     yield out
