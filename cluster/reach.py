@@ -28,21 +28,29 @@ from cluster.errors import ClusterError
 
 # The network's own "no": waiting longer will not help.
 UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.ENETDOWN}
+# A live host answers a connection at once, if only to refuse it (its torchrun not started yet);
+# silence for this long means the host or its link is gone.
+SILENT_S = 10.0
 
 
 def wait_reachable(addr: str, port: int, wait_s: float) -> Optional[str]:
-    """None once ``addr:port`` accepts a TCP connection, else why not (at once when the network
-    says unreachable, after ``wait_s`` when nothing listens or nothing answers)."""
+    """None once ``addr:port`` accepts a TCP connection, else why not: at once when the network
+    says unreachable, after ``SILENT_S`` of silence (no host answers), after ``wait_s`` when the
+    host answers but nothing listens on the port."""
     deadline = time.monotonic() + wait_s
     last = "no answer"
+    silent_since = None
     while True:
         try:
-            socket.create_connection((addr, port), timeout=min(5.0, max(0.5, deadline - time.monotonic()))).close()
+            socket.create_connection((addr, port), timeout=SILENT_S / 2).close()
             return None
         except ConnectionRefusedError:
-            last = "connection refused: nothing listens there"
+            last, silent_since = "connection refused: nothing listens there", None
         except socket.timeout:
-            last = "no answer (a firewall, or the master's link is down)"
+            silent_since = silent_since or time.monotonic() - SILENT_S / 2
+            if time.monotonic() - silent_since >= SILENT_S:
+                return f"no answer for {SILENT_S:.0f} s: the host is down or its link is cut"
+            continue
         except OSError as err:
             if err.errno in UNREACHABLE:
                 return err.strerror or str(err)

@@ -219,11 +219,12 @@ def _wait(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def _edit_marked(path: Path, new_lines: list[str], top: bool = False) -> None:
-    """Replace the lines of ``path`` marked with MARKER by ``new_lines`` (at the top or the end)."""
+def _edit_marked(path: Path, state_dir: Path, new_lines: list[str], top: bool = False) -> None:
+    """Replace the lines of ``path`` marked as this state dir's by ``new_lines`` (at the top or the end)."""
+    marker = f"{MARKER} {state_dir}"
     text = path.read_text() if path.exists() else ""
-    kept = [line for line in text.splitlines(keepends=True) if MARKER not in line]
-    added = [f"{line}  {MARKER}\n" for line in new_lines]
+    kept = [line for line in text.splitlines(keepends=True) if not line.rstrip().endswith(marker)]
+    added = [f"{line}  {marker}\n" for line in new_lines]
     result = "".join(added + kept if top else kept + added)
     if result != text:
         path.write_text(result)
@@ -239,6 +240,10 @@ def up(state_dir: Path, hosts: int, subnet: str) -> dict:
             _log(f"{hosts} host(s) already up")
             return have
         down(state_dir)
+    taken = set(_run(["ip", "netns", "list"]).stdout.split()) & {h["name"] for h in want["hosts"]}
+    if taken or _run(["ip", "link", "show", BRIDGE], check=False).returncode == 0:
+        raise SetupError(f"hosts {', '.join(sorted(taken)) or '(bridge ' + BRIDGE + ')'} exist already, not made with "
+                         f"--state-dir {state_dir}: take them down with the --state-dir that made them")
     check_subnet_free(subnet)
     make_state_dir(state_dir)
     if not (state_dir / "id_ed25519").exists():
@@ -257,8 +262,8 @@ def up(state_dir: Path, hosts: int, subnet: str) -> dict:
     _write(state_dir / "known_hosts", "\n".join(known) + "\n")
     _write(state_dir / "ssh_config", ssh_client_config(state_dir, want), 0o644)
     SSH_CONFIG.parent.mkdir(mode=0o700, exist_ok=True)
-    _edit_marked(SSH_CONFIG, [f"Include {state_dir / 'ssh_config'}"], top=True)
-    _edit_marked(Path("/etc/hosts"), [f"{h['addr']} {h['name']}" for h in want["hosts"]])
+    _edit_marked(SSH_CONFIG, state_dir, [f"Include {state_dir / 'ssh_config'}"], top=True)
+    _edit_marked(Path("/etc/hosts"), state_dir, [f"{h['addr']} {h['name']}" for h in want["hosts"]])
     bad = problems(want)
     if bad:
         raise SetupError("; ".join(bad))
@@ -312,7 +317,7 @@ def down(state_dir: Path) -> None:
         _run(["ip", "link", "del", state["bridge"]], check=False)
     for path in (Path("/etc/hosts"), SSH_CONFIG):
         if path.exists():
-            _edit_marked(path, [])
+            _edit_marked(path, state_dir, [])
     if SSH_CONFIG.exists() and not SSH_CONFIG.read_text().strip():
         SSH_CONFIG.unlink()  # made by up
     remove_state_dir(state_dir)
