@@ -151,7 +151,7 @@ class TorchrunLauncher(LocalLauncher):
                 port = PortRule("probe", host=probe, argv=tuple(ssh_argv(probe, [sys.executable, "-m", "cluster.ports"], {}, tty=False)))
             argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}", several=nodes > 1)
             if nodes > 1:  # each node first finds (and says) its way to the master: cluster.reach
-                argv = [sys.executable, "-m", "cluster.reach", "--master", hosts[0], "--addr", addr,
+                argv = [sys.executable, "-m", "cluster.reach", "--master", opts.master_addr or hosts[0], "--addr", addr,
                         "--port", port_text, "--"] + argv
             lines, commands = [head], []
             for rank, host in enumerate(hosts):

@@ -62,3 +62,74 @@ def local_hosts():
         down = subprocess.run([sys.executable, str(SCRIPT), "down", "--state-dir", str(state)],
                               capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
+
+
+def read_final_loss(output_dir: Path) -> float:
+    """The loss of the last training step, from the run's journal (written by rank 0 as it trains,
+    whatever the backend)."""
+    loss = None
+    for line in (Path(output_dir) / "journal" / "events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("t") == "metrics":
+            for _, _, values in event["v"]:
+                loss = values.get("loss", loss)
+    assert loss is not None, f"no loss in the journal of {output_dir}"
+    return loss
+
+
+@pytest.fixture
+def orch_env(tmp_path, monkeypatch):
+    """An isolated orch home and lease folder, 4 CPU slots, one thread per process, ``tmp_path``
+    (on the filesystem every host shares) as the working directory."""
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ORCH_RUNTIME_DIR", str(tmp_path / "rt"))
+    monkeypatch.setenv("ORCH_CPU_SLOTS", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_tiny(shapes_data: Path, folder: Path, **dotted) -> Path:
+    """The tiny experiment (tests/conftest.py) in ``folder``, outputs in ``folder/work``."""
+    import copy
+
+    import yaml
+
+    from orch_testing import root_conftest
+
+    root = root_conftest()
+    folder.mkdir(parents=True, exist_ok=True)
+    mapping = copy.deepcopy(root.tiny_experiment_dict(shapes_data, folder / "work", f"sqlite:///{folder / 'mlflow.db'}"))
+    for key, value in dotted.items():
+        root._set_dotted(mapping, key, value)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_world4_loss(shapes_data, tmp_path_factory):
+    """Final loss of the tiny experiment on the local backend at world size 4 (4 processes on this
+    machine): what every 2-host run at world size 4 must reproduce. One training per session."""
+    folder = tmp_path_factory.mktemp("local-world4")
+    env = {"ORCH_HOME": str(folder / "home"), "ORCH_RUNTIME_DIR": str(folder / "rt"), "ORCH_CPU_SLOTS": "4",
+           "OMP_NUM_THREADS": "1"}
+    path = write_tiny(shapes_data, folder)
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(path), "--backend", "local",
+                          "--gpus", "4", "--wait"], capture_output=True, text=True, timeout=600, cwd=folder,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return read_final_loss(folder / "work")
+
+
+@pytest.fixture
+def final_loss():
+    """``final_loss(output_dir)``: see :func:`read_final_loss`."""
+    return read_final_loss
+
+
+@pytest.fixture
+def tiny(shapes_data, orch_env):
+    """``tiny(**dotted)``: the tiny experiment in this test's folder (outputs in ``work/``)."""
+    return lambda **dotted: write_tiny(shapes_data, orch_env, **dotted)
