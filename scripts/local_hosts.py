@@ -173,6 +173,16 @@ def enter(name: str) -> list[str]:
     return ["nsenter", "-t", str(pid), "--net", "--uts", "--mount", "--"]
 
 
+def cgroup_mounts() -> str:
+    """Shell commands that mount this machine's /sys/fs/cgroup hierarchies again (from /proc/mounts)."""
+    out = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        source, target, fstype, options = line.split()[:4]
+        if target == "/sys/fs/cgroup" or target.startswith("/sys/fs/cgroup/"):
+            out.append(f"mkdir -p {target} && mount -t {fstype} -o {options} {source} {target};")
+    return " ".join(out)
+
+
 def _start_host(state_dir: Path, state: dict, host: dict) -> None:
     name, veth = host["name"], host["veth"]
     netns = Path("/etc/netns") / name
@@ -189,8 +199,10 @@ def _start_host(state_dir: Path, state: dict, host: dict) -> None:
         _run(["ip", "-n", name] + cmd)
     # The keeper: a process in the host's namespaces whose mount namespace (made by `ip netns exec`)
     # has /etc/netns/<name>/* bound over /etc, and whose UTS namespace holds the hostname.
-    subprocess.Popen(["ip", "netns", "exec", name, "unshare", "--uts", "--", "bash", "-c",
-                      f"hostname {name} && exec -a orch-host-{name} sleep infinity"],
+    # `ip netns exec` mounts a fresh /sys there, without this machine's cgroup mounts, which slurmd
+    # needs: mount the same hierarchies again (cgroup mounts of one hierarchy share their groups).
+    keep = f"hostname {name} && {{ {cgroup_mounts()} true; }} && exec -a orch-host-{name} sleep infinity"
+    subprocess.Popen(["ip", "netns", "exec", name, "unshare", "--uts", "--", "bash", "-c", keep],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     _wait(lambda: keeper_pid(name) is not None, 10, f"host {name}'s keeper process")
     d = state_dir / name
