@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Optional
 
 from cluster.errors import ClusterError
@@ -296,18 +296,19 @@ def is_loopback(addr: str) -> bool:
         return False
 
 
-def resolve_reachable(host: str) -> str:
+def resolve_reachable(host: str, allow_loopback: bool = False) -> str:
     """``host``'s IPv4 address as other hosts see it: the first address it resolves to that is not
     loopback. Debian's /etc/hosts maps a host's own name to ``127.0.1.1``; that line must not
     become the address a job advertises (the classic first-multi-node hang). ClusterError when
-    ``host`` resolves to loopback only, or not at all."""
+    ``host`` resolves to loopback only (unless ``allow_loopback``: then that loopback address), or
+    not at all."""
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
     except OSError as err:
         raise ClusterError(f"host {host!r} does not resolve on {socket.gethostname()} ({err}); "
                            "give the master as an address every node reaches") from None
     addrs = list(dict.fromkeys(info[4][0] for info in infos))
-    usable = [a for a in addrs if not is_loopback(a)]
+    usable = [a for a in addrs if not is_loopback(a)] or (addrs if allow_loopback else [])
     if not usable:
         raise ClusterError(f"host {host!r} resolves only to loopback ({', '.join(addrs)}) on {socket.gethostname()}: "
                            "other nodes cannot reach that; give the master as an address every node reaches")
@@ -348,3 +349,24 @@ def socket_ifname_env(environ: Mapping[str, str], ifname: str) -> dict[str, str]
     (pure). Without them gloo binds the address of this host's name, loopback under Debian's
     ``127.0.1.1`` line, and advertises it to its peers."""
     return {name: ifname for name in SOCKET_IFNAME_VARS if not environ.get(name, "").strip()}
+
+
+def several_nodes(env: DistEnv, environ: Mapping[str, str]) -> tuple[DistEnv, dict[str, str], str]:
+    """For a process of a job on several nodes: ``env`` with the master as an address (never the
+    ``127.0.1.1`` that Debian gives the master its own name on the master), the socket interface
+    variables to export (those the user set are kept), and one line saying both. One node:
+    ``env`` unchanged, nothing to export. Not pure: it resolves a name and asks for a route."""
+    if env.num_nodes <= 1:
+        return env, {}, ""
+    # Loopback only: "nodes" of this one machine (a local 2-node Slurm); it works there and nowhere else.
+    addr = resolve_reachable(env.master_addr, allow_loopback=True)
+    ifname, source = route_interface(addr)
+    if env.source == "torchrun" and environ.get("MASTER_ADDR") != addr:
+        export_master = {"MASTER_ADDR": addr}  # env:// reads it
+    else:
+        export_master = {}
+    export = {**socket_ifname_env(environ, ifname), **export_master}
+    chosen = {k: export.get(k) or environ[k] for k in SOCKET_IFNAME_VARS if k in export or k in environ}
+    line = (f"{socket.gethostname()}: master {env.master_addr} at {addr}:{env.master_port} via {ifname} ({source}); "
+            + ", ".join(f"{k}={v}" for k, v in sorted(chosen.items())))
+    return replace(env, master_addr=addr), export, line
