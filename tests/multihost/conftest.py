@@ -133,3 +133,19 @@ def final_loss():
 def tiny(shapes_data, orch_env):
     """``tiny(**dotted)``: the tiny experiment in this test's folder (outputs in ``work/``)."""
     return lambda **dotted: write_tiny(shapes_data, orch_env, **dotted)
+
+
+@pytest.fixture(scope="session")
+def slurm_on_hosts(local_hosts):
+    """``SLURM_CONF`` of a Slurm cluster whose nodes are the hosts (one slurmd in each, NodeAddr its
+    address; ``local_slurm.py up --hosts-from``), no accounting; stopped at the end. Its own state
+    dir: another local cluster (other tests, other sessions) may run beside it."""
+    state = Path(tempfile.mkdtemp(prefix="orch-slurm-hosts-", dir="/tmp"))
+    state.chmod(0o755)
+    script = REPO / "scripts" / "local_slurm.py"
+    try:
+        subprocess.run([sys.executable, str(script), "up", "--hosts-from", str(local_hosts.state_dir), "--no-accounting",
+                        "--gpus-per-node", "2", "--state-dir", str(state)], check=True, timeout=900)
+        yield str(state / "slurm.conf")
+    finally:
+        subprocess.run([sys.executable, str(script), "down", "--state-dir", str(state)], timeout=120)
