@@ -170,7 +170,7 @@ def enter(name: str) -> list[str]:
     pid = keeper_pid(name)
     if pid is None:
         raise SetupError(f"host {name} is not up; run: python scripts/local_hosts.py up")
-    return ["nsenter", "-t", str(pid), "--net", "--uts", "--mount", "--"]
+    return ["nsenter", "-t", str(pid), "--net", "--uts", "--mount", f"--wd={os.getcwd()}", "--"]
 
 
 def cgroup_mounts() -> str:

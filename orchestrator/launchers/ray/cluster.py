@@ -65,6 +65,21 @@ def prepare_client(address: Optional[str]) -> None:
         os.environ.update(ray_environ({}))
 
 
+def set_socket_ifname() -> None:
+    """Ray worker process setup hook (``worker_process_setup_hook``): ``GLOO_SOCKET_IFNAME`` /
+    ``NCCL_SOCKET_IFNAME`` from the route to the head, unless set. Ray Train starts the process
+    group before any of orch's code runs in the worker, and without them gloo binds the address of
+    the host's own name: ``127.0.1.1`` under Debian's /etc/hosts, which the other nodes cannot
+    reach (every rank then fails in ``connectFullMesh``)."""
+    import ray
+
+    from cluster.env import resolve_reachable, route_interface, socket_ifname_env
+
+    head = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if not is_loopback(head):
+        os.environ.update(socket_ifname_env(os.environ, route_interface(resolve_reachable(head))[0]))
+
+
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """``count`` distinct ports that could be bound on ``host`` just now (held open together so
     none is returned twice; a later collision makes ``ray start`` fail and :meth:`start` retry)."""
