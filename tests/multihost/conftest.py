@@ -149,3 +149,29 @@ def slurm_on_hosts(local_hosts):
         yield str(state / "slurm.conf")
     finally:
         subprocess.run([sys.executable, str(script), "down", "--state-dir", str(state)], timeout=120)
+
+
+@pytest.fixture(scope="session")
+def ray_on_hosts(local_hosts):
+    """``HEAD:PORT`` of a Ray cluster whose head runs in h1 and whose second node joins from h2
+    (``ray start --address HEAD:PORT --node-ip-address <h2's address>``), 2 CPUs each; stopped at
+    the end (``LocalRay``: SIGTERM to each ``ray start --block``)."""
+    from orchestrator.launchers.ray.cluster import LocalRay
+
+    h1, h2 = local_hosts.names
+    inside = lambda name: [sys.executable, str(SCRIPT), "exec", name, "--state-dir", str(local_hosts.state_dir), "--"]
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the workers inherit it
+    head = LocalRay(num_cpus=2, num_gpus=0, node_ip=local_hosts.addr[h1], prefix=inside(h1))
+    worker = None
+    try:
+        head.start()
+        worker = LocalRay(num_cpus=2, num_gpus=0, node_ip=local_hosts.addr[h2], join=head.address, prefix=inside(h2))
+        worker.start()
+        yield head.address
+    finally:
+        for node in (worker, head):
+            if node is not None:
+                node.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
