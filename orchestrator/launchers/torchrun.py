@@ -26,6 +26,7 @@ from typing import ClassVar, Sequence
 
 from cluster.env import resolve_reachable, route_interface
 from cluster.errors import ClusterError, LaunchError
+from cluster.remote import ssh_argv as remote_ssh_argv
 from orchestrator.launchers.local.launcher import LocalLauncher, node_request
 from orchestrator.launchers.local.plan import NodeCommand, NodeJob, NodePlan, PortRule, base_env, format_command
 from orchestrator.spec import JobSpec
@@ -57,12 +58,19 @@ def torchrun_argv(job: JobSpec, nnodes: int, nproc: int, endpoint: str, several:
     ]
 
 
+def remote_command(argv: list[str], env: dict[str, str]) -> str:
+    """``argv`` with ``env`` as one shell line that runs in the current folder on another host."""
+    return f"cd {shlex.quote(os.getcwd())} && exec env {format_command(argv, env)}"
+
+
 def ssh_argv(host: str, argv: list[str], env: dict[str, str], tty: bool = True) -> list[str]:
-    """Run ``argv`` on ``host`` in the current folder; ``-tt`` so that closing the connection
-    (``orch cancel``) hangs up the remote torchrun too (``tty=False`` for a command whose output is
-    read: a terminal mixes its stderr into it)."""
-    remote = f"cd {shlex.quote(os.getcwd())} && exec env {format_command(argv, env)}"
-    return ["ssh", *(["-tt"] if tty else []), "-o", "BatchMode=yes", host, remote]
+    """Run ``argv`` on ``host`` in the current folder. A node of a job (``tty``) goes through
+    :mod:`cluster.remote`: ``ssh -tt`` (closing the connection, as ``orch cancel`` does, hangs up
+    the remote torchrun too) with keep-alives, and one line naming the host when it is lost. A
+    command whose output is read (``tty=False``) is plain ssh: a terminal mixes stderr into it."""
+    if tty:
+        return [sys.executable, "-m", "cluster.remote", host, remote_command(argv, env)]
+    return remote_ssh_argv(host, remote_command(argv, env), tty=False)
 
 
 def master_address(job: JobSpec, hosts: Sequence[str]) -> str:

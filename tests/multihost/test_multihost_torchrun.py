@@ -4,6 +4,7 @@ final loss; a node that cannot reach the master fails the job at once in one lin
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,7 @@ def test_two_hosts_world_size_4_match_the_local_backend(local_hosts, tiny, final
     assert dry.returncode == 0, dry.stderr
     for rank, host in enumerate((h1, h2)):  # per host: the command, the rendezvous address, the interface
         assert f"# node {rank} ({host}, over ssh): rendezvous {local_hosts.addr[h1]}:{{port}}, interface the route to" in dry.stdout
-        assert f"ssh -tt -o BatchMode=yes {host} " in dry.stdout
+        assert f"-m cluster.remote {host} " in dry.stdout
     _, handles = submit([str(path)], (), ResourceFlags(backend="torchrun", hosts=f"{h1},{h2}", gpus_per_node=2, gpus=4))
     state = handles[0].wait(600)
     record = jobs.load_record(handles[0].job_id)
@@ -52,3 +53,45 @@ def test_master_unreachable_fails_at_once_naming_both_hosts(local_hosts, tiny):
     assert state == JobState.FAILED
     assert record.error.startswith(f"orch: error: host {h2} cannot reach the master {h1} at {local_hosts.addr[h1]}:"), record.error
     assert time.monotonic() - started < 60
+
+
+def job_processes(host):
+    """Pids of the job's processes (torchrun agents, workers) inside ``host``."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split():
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"orchestrator.worker" in cmd or b"torchrun" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, tiny):
+    from orchestrator.config import load_experiment
+
+    h1, h2 = local_hosts.names
+    path = tiny(**{"schedule.iterations": 100000, "eval.interval": 100000, "checkpoint.interval": 100000})
+    timeout_s = load_experiment(str(path)).runtime.collective_timeout_s
+    _, handles = submit([str(path)], (), ResourceFlags(backend="torchrun", hosts=f"{h1},{h2}", gpus_per_node=2, gpus=4))
+    record = jobs.load_record(handles[0].job_id)
+    events = Path(record.output_dir) / "journal" / "events.jsonl"
+    deadline = time.monotonic() + 300  # until it trains (a step's metrics in the journal)
+    while time.monotonic() < deadline and not (events.exists() and '"t":"metrics"' in events.read_text()):
+        time.sleep(2)
+    assert events.exists() and '"t":"metrics"' in events.read_text(), open(record.log_path).read()[-3000:]
+    subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "down"], check=True)
+    cut = time.monotonic()
+    try:
+        state = handles[0].wait(timeout_s + 60)
+        ended = time.monotonic() - cut
+        record = jobs.load_record(handles[0].job_id)
+        assert state == JobState.FAILED and ended < timeout_s + 60
+        assert record.error.startswith(f"orch: error: host {h2} was lost ("), record.error
+        deadline = time.monotonic() + 60  # h2's sshd ends the cut-off session (ClientAlive), and its processes
+        while time.monotonic() < deadline and (job_processes(h1) or job_processes(h2)):
+            time.sleep(1)
+        assert not job_processes(h1) and not job_processes(h2)
+    finally:
+        subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "up"], check=True)
