@@ -155,6 +155,8 @@ def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool, 
         "JobCompType=jobcomp/none",
         "JobAcctGatherType=jobacct_gather/none",
     ]
+    if hosts:  # a host that stops answering is DOWN in ~30 s, not 300, and its jobs fail (no requeue by default)
+        lines += ["SlurmdTimeout=20", "MessageTimeout=5", "JobRequeue=0"]
     if gpus_per_node:
         lines.append("GresTypes=gpu")
     if accounting:

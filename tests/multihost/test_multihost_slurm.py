@@ -75,3 +75,33 @@ def workers(local_hosts, host):
         if b"submitit.core._submit" in cmd or b"orchestrator.worker" in cmd:
             found.append(int(pid))
     return found
+
+
+def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, slurm_env, tiny):
+    from orchestrator.config import load_experiment
+
+    h1, h2 = local_hosts.names
+    path = tiny(**{"schedule.iterations": 100000, "eval.interval": 100000, "checkpoint.interval": 100000})
+    timeout_s = load_experiment(str(path)).runtime.collective_timeout_s
+    job = submit(slurm_env, path)
+    deadline = time.monotonic() + 300  # until the ranks run on both hosts
+    while time.monotonic() < deadline and not all(workers(local_hosts, h) for h in local_hosts.names):
+        time.sleep(1)
+    subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "down"], check=True)
+    cut = time.monotonic()
+    try:
+        state = wait_state(slurm_env, job, ("FAILED", "SUCCEEDED", "CANCELLED"), timeout_s + 60)
+        ended = time.monotonic() - cut
+        assert state == "FAILED" and ended < timeout_s + 60
+        error = next(line for line in orch(slurm_env, "status", job).stdout.splitlines() if line.strip().startswith("error"))
+        assert f"host {h2} was lost" in error, error
+        assert not workers(local_hosts, h1)
+    finally:
+        subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "up"], check=True)
+    # h2 back: Slurm returns it to service and has it kill what the lost job left there.
+    deadline = time.monotonic() + 120
+    idle = lambda: "down" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                                env=slurm_env).stdout
+    while time.monotonic() < deadline and (workers(local_hosts, h2) or not idle()):
+        time.sleep(2)
+    assert not workers(local_hosts, h2) and idle()

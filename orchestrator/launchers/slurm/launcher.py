@@ -205,6 +205,8 @@ class SlurmLauncher(Launcher):
             fields["exit_code"] = status.exit_code
         if status.state is JobState.FAILED and not record.error:
             why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
+            if status.raw.startswith("NODE_FAIL") and slurm_state.lost_nodes():  # name the lost host first
+                why = f"host {', '.join(slurm_state.lost_nodes())} was lost (not responding)" + (f"; {why}" if why else "")
             fields["error"] = f"Slurm job {record.native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
                 f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
         return records.transition(record.job_id, status.state, **fields)
