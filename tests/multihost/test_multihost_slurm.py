@@ -92,6 +92,7 @@ def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, slu
     try:
         state = wait_state(slurm_env, job, ("FAILED", "SUCCEEDED", "CANCELLED"), timeout_s + 60)
         ended = time.monotonic() - cut
+        print(f"slurm: the job ended {ended:.1f} s after {h2}'s link was cut")
         assert state == "FAILED" and ended < timeout_s + 60
         error = next(line for line in orch(slurm_env, "status", job).stdout.splitlines() if line.strip().startswith("error"))
         assert f"host {h2} was lost" in error, error
