@@ -35,7 +35,8 @@ def lost_line(host: str, code: int, stderr_tail: str) -> Optional[str]:
     failed (255), else None (the remote command's own status)."""
     if code != SSH_FAILED:
         return None
-    why = stderr_tail.strip().splitlines()[-1].strip() if stderr_tail.strip() else "ssh failed"
+    why = (stderr_tail.strip().splitlines()[-1].strip() if stderr_tail.strip()
+           else "its ssh connection failed: no answer, or closed by the host")
     return f"orch: error: host {host} was lost ({why}; no answer for {ALIVE_INTERVAL_S * ALIVE_COUNT} s ends the job)"
 
 

@@ -24,7 +24,8 @@ Standard library only. Facts behind every setting: shared/LOCAL_SLURM.md.
 With ``--hosts-from`` (the state dir of ``scripts/local_hosts.py``) the nodes are those hosts,
 named as they are (h1, h2, ...; /etc/hosts is left alone), each slurmd started inside its host
 with ``NodeAddr`` its own address; slurmctld (and slurmdbd, MariaDB) stay on this machine and are
-reached at its bridge address.
+reached at its bridge address. A host that stops answering is down after ``SlurmdTimeout=20`` s
+and its jobs fail (``JobRequeue=0``) instead of waiting for it.
 """
 
 from __future__ import annotations
