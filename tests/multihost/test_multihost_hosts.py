@@ -6,8 +6,6 @@ master is cut off. No training (seconds)."""
 import subprocess
 import sys
 
-from orch_testing import root_conftest  # noqa: F401  (the tests' import path)
-
 
 def test_each_host_is_its_own_host(local_hosts):
     h1, h2 = local_hosts.names

@@ -2,15 +2,10 @@
 (2 workers per host) gives the local backend's final loss. The driver runs in h1, as it must run
 on a node of the cluster; `orch status` reads the job from this machine."""
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "local_hosts.py"
-
 
 def test_ray_train_world_size_4_on_two_hosts_matches_the_local_backend(local_hosts, ray_on_hosts, tiny, final_loss,
                                                                        local_world4_loss, orch_env):

@@ -1,7 +1,6 @@
 """Slurm across two hosts (one slurmd per host, NodeAddr its address): a 2-node job at world size 4
 gives the local backend's final loss; `orch status/logs/cancel` work from this machine."""
 
-import json
 import os
 import subprocess
 import sys
