@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+
 def test_ray_train_world_size_4_on_two_hosts_matches_the_local_backend(local_hosts, ray_on_hosts, tiny, final_loss,
                                                                        local_world4_loss, orch_env):
     h1, h2 = local_hosts.names
