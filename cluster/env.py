@@ -17,13 +17,16 @@ Order of detection (first match wins), and why:
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, replace
 from typing import Literal, Mapping, Optional
 
 from cluster.errors import ClusterError
 from cluster.hostlist import expand_hostlist, expand_tasks_per_node
 
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 Source = Literal["torchrun", "slurm", "ray", "single"]
 SOURCES = ("torchrun", "slurm", "ray", "single")
 LOOPBACK = "127.0.0.1"
@@ -282,3 +285,88 @@ def _from_ray(env: Mapping[str, str]) -> DistEnv:
         master_port=_port(env, ("MASTER_PORT",), world),
         source="ray",
     )
+
+
+# -- addresses and interfaces of a multi-node job ------------------------------------------------
+def is_loopback(addr: str) -> bool:
+    """Whether ``addr`` (an IP address) is a loopback address (``127.0.1.1`` included)."""
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_reachable(host: str, allow_loopback: bool = False) -> str:
+    """``host``'s IPv4 address as other hosts see it: the first address it resolves to that is not
+    loopback. Debian's /etc/hosts maps a host's own name to ``127.0.1.1``; that line must not
+    become the address a job advertises (the classic first-multi-node hang). ClusterError when
+    ``host`` resolves to loopback only (unless ``allow_loopback``: then that loopback address), or
+    not at all."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as err:
+        raise ClusterError(f"host {host!r} does not resolve on {socket.gethostname()} ({err}); "
+                           "give the master as an address every node reaches") from None
+    addrs = list(dict.fromkeys(info[4][0] for info in infos))
+    usable = [a for a in addrs if not is_loopback(a)] or (addrs if allow_loopback else [])
+    if not usable:
+        raise ClusterError(f"host {host!r} resolves only to loopback ({', '.join(addrs)}) on {socket.gethostname()}: "
+                           "other nodes cannot reach that; give the master as an address every node reaches")
+    return usable[0]
+
+
+def route_interface(addr: str) -> tuple[str, str]:
+    """(interface, source address) this host uses to reach IP ``addr``: the kernel's route choice
+    (a UDP ``connect`` sends nothing), then the interface that holds the source address. For an
+    address of this host itself, its own interface (not ``lo``, which routes it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((addr, 9))
+        except OSError as err:
+            raise ClusterError(f"{socket.gethostname()} has no route to {addr} ({err.strerror})") from None
+        source = probe.getsockname()[0]
+    for _, name in socket.if_nameindex():
+        if _ipv4_of(name) == source:
+            return name, source
+    raise ClusterError(f"{socket.gethostname()}: no interface holds {source}, the source address towards {addr}")
+
+
+def _ipv4_of(ifname: str) -> Optional[str]:
+    """The IPv4 address of interface ``ifname`` (SIOCGIFADDR; None when it has none)."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(sock.fileno(), 0x8915, struct.pack("256s", ifname[:15].encode()))  # SIOCGIFADDR
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def socket_ifname_env(environ: Mapping[str, str], ifname: str) -> dict[str, str]:
+    """``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` = ``ifname``, leaving out those the user set
+    (pure). Without them gloo binds the address of this host's name, loopback under Debian's
+    ``127.0.1.1`` line, and advertises it to its peers."""
+    return {name: ifname for name in SOCKET_IFNAME_VARS if not environ.get(name, "").strip()}
+
+
+def several_nodes(env: DistEnv, environ: Mapping[str, str]) -> tuple[DistEnv, dict[str, str], str]:
+    """For a process of a job on several nodes: ``env`` with the master as an address (never the
+    ``127.0.1.1`` that Debian gives the master its own name on the master), the socket interface
+    variables to export (those the user set are kept), and one line saying both. One node:
+    ``env`` unchanged, nothing to export. Not pure: it resolves a name and asks for a route."""
+    if env.num_nodes <= 1:
+        return env, {}, ""
+    # Loopback only: "nodes" of this one machine (a local 2-node Slurm); it works there and nowhere else.
+    addr = resolve_reachable(env.master_addr, allow_loopback=True)
+    ifname, source = route_interface(addr)
+    if env.source == "torchrun" and environ.get("MASTER_ADDR") != addr:
+        export_master = {"MASTER_ADDR": addr}  # env:// reads it
+    else:
+        export_master = {}
+    export = {**socket_ifname_env(environ, ifname), **export_master}
+    chosen = {k: export.get(k) or environ[k] for k in SOCKET_IFNAME_VARS if k in export or k in environ}
+    line = (f"{socket.gethostname()}: master {env.master_addr} at {addr}:{env.master_port} via {ifname} ({source}); "
+            + ", ".join(f"{k}={v}" for k, v in sorted(chosen.items())))
+    return replace(env, master_addr=addr), export, line

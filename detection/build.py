@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from cluster.env import several_nodes
 from cluster.errors import ConfigError
 from detection import models
 
@@ -98,6 +99,10 @@ def init_process_group(env: Any, device: torch.device, collective_timeout_s: int
     ``collective_timeout_s`` (a rank died) fails instead of hanging."""
     if env.world_size <= 1 or dist.is_initialized():
         return False
+    env, export, said = several_nodes(env, os.environ)  # the master as an address; gloo/NCCL's interface
+    os.environ.update(export)
+    if said and env.local_rank == 0:
+        log.info(said)
     timeout = datetime.timedelta(seconds=collective_timeout_s)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=env.init_method,
                             rank=env.rank, world_size=env.world_size, timeout=timeout)

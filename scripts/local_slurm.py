@@ -6,6 +6,8 @@
     eval "$(python scripts/local_slurm.py env)"      # export SLURM_CONF=...
     python scripts/local_slurm.py status
     python scripts/local_slurm.py down              # stop every daemon, wipe all state
+    python scripts/local_slurm.py up --hosts-from /run/orch-hosts --state-dir DIR
+                                    # one slurmd per host of scripts/local_hosts.py
 
 ``up`` installs Debian's Slurm and munge (and slurmdbd + MariaDB for ``--accounting``, so that
 ``sacct`` works) with apt-get when they are missing, writes ``slurm.conf`` with the partitions
@@ -18,6 +20,12 @@ sets CUDA_VISIBLE_DEVICES for character devices). Needs root: apt-get installs t
 mysql), and slurmd runs as root to start jobs as the user who submitted them. As root it uses a
 state dir only after ``local_slurm_state`` checked it (no symlink, ours, writable by no one else).
 Standard library only. Facts behind every setting: shared/LOCAL_SLURM.md.
+
+With ``--hosts-from`` (the state dir of ``scripts/local_hosts.py``) the nodes are those hosts,
+named as they are (h1, h2, ...; /etc/hosts is left alone), each slurmd started inside its host
+with ``NodeAddr`` its own address; slurmctld (and slurmdbd, MariaDB) stay on this machine and are
+reached at its bridge address. A host that stops answering is down after ``SlurmdTimeout=20`` s
+and its jobs fail (``JobRequeue=0``) instead of waiting for it.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import time
 from pathlib import Path
 
 # Next to this file; `python scripts/local_slurm.py` puts scripts/ first on sys.path.
+import local_hosts
 from local_slurm_state import (UnsafeStateDir, check_removable, check_state_dir, make_state_dir,
                                remove_state_dir, state_path)
 
@@ -91,19 +100,35 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool,
+def load_hosts(hosts_from: str | None) -> list[dict] | None:
+    """The hosts (name, addr) of a scripts/local_hosts.py state dir, with the machine's bridge
+    address as ``ctld``; None without ``--hosts-from``."""
+    if not hosts_from:
+        return None
+    path = Path(hosts_from) / "hosts.json"
+    if not path.exists():
+        raise SetupError(f"--hosts-from {hosts_from}: no hosts.json; bring them up with scripts/local_hosts.py up")
+    state = json.loads(path.read_text())
+    return [dict(h, ctld=state["bridge_addr"], hosts_from=str(hosts_from)) for h in state["hosts"]]
+
+
+def node_names(nodes: int, hosts: list[dict] | None) -> list[str]:
+    return [h["name"] for h in hosts] if hosts else [f"node{i + 1}" for i in range(nodes)]
+
+
+def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool, hosts: list[dict] | None = None,
                  max_array_size: int | None = None) -> dict:
     """Write slurm.conf (+ gres.conf, slurmdbd.conf) under ``state``; return the chosen ports."""
     ports = {"ctld": free_port(), "nodes": [free_port() for _ in range(nodes)]}
     for sub in ("spool", "log", "run", "slurmd", "gpus"):
         (state / sub).mkdir(parents=True, exist_ok=True)
-    names = [f"node{i + 1}" for i in range(nodes)]
+    names = node_names(nodes, hosts)
     for name in names:
         (state / "slurmd" / name).mkdir(exist_ok=True)
     gres = f" Gres=gpu:{gpus_per_node}" if gpus_per_node else ""
     lines = [
         "ClusterName=orchlocal",
-        "SlurmctldHost=localhost(127.0.0.1)",
+        f"SlurmctldHost=localhost({hosts[0]['ctld'] if hosts else '127.0.0.1'})",
         f"SlurmctldPort={ports['ctld']}",
         "SlurmUser=root",
         "SlurmdUser=root",
@@ -132,6 +157,8 @@ def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool,
         "JobCompType=jobcomp/none",
         "JobAcctGatherType=jobacct_gather/none",
     ]
+    if hosts:  # a host that stops answering is DOWN in ~30 s, not 300, and its jobs fail (no requeue by default)
+        lines += ["SlurmdTimeout=20", "MessageTimeout=5", "JobRequeue=0"]
     if gpus_per_node:
         lines.append("GresTypes=gpu")
     if max_array_size:  # a site's lower limit (Slurm's default is 1001: indices 0..1000)
@@ -146,9 +173,10 @@ def write_config(state: Path, nodes: int, gpus_per_node: int, accounting: bool,
         ]
     else:
         lines.append("AccountingStorageType=accounting_storage/none")
-    for name, port in zip(names, ports["nodes"]):
+    addrs = [h["addr"] for h in hosts] if hosts else ["127.0.0.1"] * nodes
+    for name, port, addr in zip(names, ports["nodes"], addrs):
         lines.append(
-            f"NodeName={name} NodeHostname={_hostname()} NodeAddr=127.0.0.1 Port={port} "
+            f"NodeName={name} NodeHostname={name if hosts else _hostname()} NodeAddr={addr} Port={port} "
             f"CPUs={CPUS_PER_NODE} RealMemory={MEM_PER_NODE_MB}{gres} State=UNKNOWN"
         )
     # debug has a time limit, as real clusters' short partitions do (tests of --time > MaxTime).
@@ -324,7 +352,7 @@ def start_mariadb(state: Path, port: int) -> None:
     _run([client, "--no-defaults", f"--socket={sock}", "-uroot", "-e", sql])
 
 
-def start_slurm(state: Path, nodes: int, accounting: bool, ports: dict) -> None:
+def start_slurm(state: Path, nodes: int, accounting: bool, ports: dict, hosts: list[dict] | None = None) -> None:
     env = dict(os.environ, SLURM_CONF=str(state / "slurm.conf"))
     conf = str(state / "slurm.conf")
     if accounting:
@@ -332,8 +360,10 @@ def start_slurm(state: Path, nodes: int, accounting: bool, ports: dict) -> None:
         _wait(lambda: _port_open(ports["dbd"]), 30, "slurmdbd", state / "log" / "slurmdbd.log")
     _run(["slurmctld", "-f", conf], env=env)
     _wait(lambda: _port_open(ports["ctld"]), 30, "slurmctld", state / "log" / "slurmctld.log")
-    for i in range(nodes):
-        _run(["slurmd", "-f", conf, "-N", f"node{i + 1}"], env=env)
+    for i, name in enumerate(node_names(nodes, hosts)):
+        # In host mode inside the host (its network, hostname and /etc/hosts): nsenter.
+        inside = local_hosts.enter(name) if hosts else []
+        _run(inside + ["slurmd", "-f", conf, "-N", name], env=env)
 
 
 def nodes_idle(state: Path) -> bool:
@@ -392,9 +422,12 @@ def stop(state: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- commands
-def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool, max_array_size: int | None = None) -> None:
+def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool, hosts: list[dict] | None = None,
+       max_array_size: int | None = None) -> None:
     """Start (or keep) the cluster described by the options; return when every node is idle."""
-    options = {"nodes": nodes, "gpus_per_node": gpus_per_node, "accounting": accounting}
+    nodes = len(hosts) if hosts else nodes
+    options = {"nodes": nodes, "gpus_per_node": gpus_per_node, "accounting": accounting,
+               **({"hosts": hosts} if hosts else {})}
     if max_array_size:
         options["max_array_size"] = max_array_size
     meta = state / "cluster.json"
@@ -406,14 +439,15 @@ def up(state: Path, nodes: int, gpus_per_node: int, accounting: bool, max_array_
     ensure_packages(accounting)
     make_state_dir(state)
     started = time.monotonic()
-    ports = write_config(state, nodes, gpus_per_node, accounting, max_array_size)
+    ports = write_config(state, nodes, gpus_per_node, accounting, hosts, max_array_size)
     meta.write_text(json.dumps({"options": options, "ports": ports}, indent=1))
-    ensure_hosts(nodes)
+    if not hosts:  # the hosts of local_hosts resolve already
+        ensure_hosts(nodes)
     try:
         start_munge(state)
         if accounting:
             start_mariadb(state, ports["mysql"])
-        start_slurm(state, nodes, accounting, ports)
+        start_slurm(state, nodes, accounting, ports, hosts)
         _wait(lambda: nodes_idle(state), 60, "idle nodes (sinfo)", state / "log" / "slurmctld.log")
     except Exception:
         _log("start failed; stopping what was started")
@@ -440,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-array-size", type=int, default=None,
                         help="slurm.conf MaxArraySize (default: Slurm's 1001)")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help=f"all state and logs (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--hosts-from", metavar="DIR", help="one node per host of scripts/local_hosts.py (its --state-dir)")
     args = parser.parse_args(argv)
     try:
         state = state_path(args.state_dir)
@@ -448,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             if os.geteuid() != 0:
                 raise SetupError("run as root: it installs packages, edits /etc/hosts and starts daemons")
-            up(state, args.nodes, args.gpus_per_node, args.accounting, args.max_array_size)
+            up(state, args.nodes, args.gpus_per_node, args.accounting, load_hosts(args.hosts_from), args.max_array_size)
             print(env_line(state))
         elif args.command == "down":
             stop(state)
@@ -464,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(_run(["sinfo"], check=False, env=env).stdout, end="")
                 print(env_line(state))
             return 0 if daemons else 1
-    except (SetupError, UnsafeStateDir, subprocess.TimeoutExpired) as err:
+    except (SetupError, local_hosts.SetupError, UnsafeStateDir, subprocess.TimeoutExpired) as err:
         _log(f"error: {err}")
         return 1
     return 0

@@ -24,7 +24,9 @@ import sys
 from pathlib import Path
 from typing import ClassVar, Sequence
 
-from cluster.errors import LaunchError
+from cluster.env import resolve_reachable, route_interface
+from cluster.errors import ClusterError, LaunchError
+from cluster.remote import ssh_argv as remote_ssh_argv
 from orchestrator.launchers.local.launcher import LocalLauncher, node_request
 from orchestrator.launchers.local.plan import NodeCommand, NodeJob, NodePlan, PortRule, base_env, format_command
 from orchestrator.spec import JobSpec
@@ -43,21 +45,61 @@ def is_local_host(host: str) -> bool:
     return host in LOCAL_NAMES or host in (socket.gethostname(), socket.getfqdn())
 
 
-def torchrun_argv(job: JobSpec, nnodes: int, nproc: int, endpoint: str) -> list[str]:
-    """The torchrun command line of one node."""
+def torchrun_argv(job: JobSpec, nnodes: int, nproc: int, endpoint: str, several: bool = False) -> list[str]:
+    """The torchrun command line of one node; ``several``: one of several nodes started by orch,
+    whose own address (``--local-addr``, the workers' MASTER_ADDR when it is the master)
+    :mod:`cluster.reach` fills in on the node."""
     rdzv_id = job.name
     return [
         torchrun_path(), "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
         "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", rdzv_id,
+        *(["--local-addr", "{node_addr}"] if several else []),
         "--max_restarts", "0", "-m", "orchestrator.worker", str(job.config_path),
     ]
 
 
-def ssh_argv(host: str, argv: list[str], env: dict[str, str]) -> list[str]:
-    """Run ``argv`` on ``host`` in the current folder; ``-tt`` so that closing the connection
-    (``orch cancel``) hangs up the remote torchrun too."""
-    remote = f"cd {shlex.quote(os.getcwd())} && exec env {format_command(argv, env)}"
-    return ["ssh", "-tt", "-o", "BatchMode=yes", host, remote]
+def remote_command(argv: list[str], env: dict[str, str]) -> str:
+    """``argv`` with ``env`` as one shell line that runs in the current folder on another host."""
+    return f"cd {shlex.quote(os.getcwd())} && exec env {format_command(argv, env)}"
+
+
+def ssh_argv(host: str, argv: list[str], env: dict[str, str], tty: bool = True) -> list[str]:
+    """Run ``argv`` on ``host`` in the current folder. A node of a job (``tty``) goes through
+    :mod:`cluster.remote`: ``ssh -tt`` (closing the connection, as ``orch cancel`` does, hangs up
+    the remote torchrun too) with keep-alives, and one line naming the host when it is lost. A
+    command whose output is read (``tty=False``) is plain ssh: a terminal mixes stderr into it."""
+    if tty:
+        return [sys.executable, "-m", "cluster.remote", host, remote_command(argv, env)]
+    return remote_ssh_argv(host, remote_command(argv, env), tty=False)
+
+
+def master_address(job: JobSpec, hosts: Sequence[str]) -> str:
+    """The rendezvous address of a job on ``hosts``: 127.0.0.1 when every host is this machine,
+    else the first host's address as this machine resolves it (an address, so that no node maps it
+    to its own loopback: Debian's ``127.0.1.1 <own name>``). A name that does not resolve here is
+    kept (the nodes may know it); one that resolves to loopback only is refused."""
+    if all(is_local_host(h) for h in hosts):
+        return "127.0.0.1"
+    if hosts[0] in LOCAL_NAMES:
+        raise LaunchError(f"job {job.name}: remote nodes cannot reach the master as {hosts[0]!r}; "
+                          "name the first host by its network name or pass --master-addr")
+    try:
+        return resolve_reachable(hosts[0])
+    except ClusterError as err:
+        if "does not resolve" in str(err):
+            return hosts[0]
+        raise LaunchError(f"job {job.name}: {err} (--master-addr ADDRESS)") from None
+
+
+def interface_text(addr: str, host: str, local: bool) -> str:
+    """The interface a node will use towards the master, for the dry run: known here for this
+    machine, else found on the node at start (and printed in the job's log)."""
+    if local:
+        try:
+            return "{} ({})".format(*route_interface(addr))
+        except ClusterError as err:
+            return f"none: {err}"
+    return f"the route to {addr} on {host} (said in the log at start)"
 
 
 def layout(job: JobSpec) -> tuple[int, int]:
@@ -111,19 +153,26 @@ class TorchrunLauncher(LocalLauncher):
             commands = [NodeCommand(tuple(argv), env, procs=nproc)]
         elif nodes == 1 or opts.hosts:
             hosts = opts.hosts or ("127.0.0.1",)
-            addr = opts.master_addr or hosts[0]
-            if any(not is_local_host(h) for h in hosts) and addr in LOCAL_NAMES:
-                raise LaunchError(f"job {job.name}: remote nodes cannot reach the master as {addr!r}; "
-                                  "name the first host by its network name or pass --master-addr")
-            if not opts.rdzv_port and not is_local_host(addr):
-                port = PortRule("probe", host=addr, argv=tuple(ssh_argv(addr, [sys.executable, "-m", "cluster.ports"], {})))
-            argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")
+            addr = opts.master_addr or master_address(job, hosts)
+            if not opts.rdzv_port and not is_local_host(hosts[0] if not opts.master_addr else addr):
+                probe = hosts[0] if not opts.master_addr else addr
+                port = PortRule("probe", host=probe, argv=tuple(ssh_argv(probe, [sys.executable, "-m", "cluster.ports"], {}, tty=False)))
+            argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}", several=nodes > 1)
+            if nodes > 1:  # each node first finds (and says) its way to the master: cluster.reach
+                argv = [sys.executable, "-m", "cluster.reach", "--master", opts.master_addr or hosts[0], "--addr", addr,
+                        "--port", port_text, "--"] + argv
             lines, commands = [head], []
             for rank, host in enumerate(hosts):
                 local = is_local_host(host)
                 run = argv if local else ssh_argv(host, argv, env)
                 commands.append(NodeCommand(tuple(run), env if local else {}, procs=nproc, local=local))
-                lines += [f"# node {rank} ({host}{'' if local else ', over ssh'}):", format_command(run, commands[-1].env)]
+                lines += [f"# node {rank} ({host}{'' if local else ', over ssh'}): rendezvous {addr}:{port_text}"
+                          + (f", interface {interface_text(addr, host, local)}" if nodes > 1 else ""),
+                          format_command(run, commands[-1].env)]
+            if nodes > 1:
+                lines.append("# {node_addr}: the node's own address towards the master, filled in on the node by "
+                             "cluster.reach, which also sets GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME (unless set) and "
+                             "fails the job at once when the node cannot reach the master")
         else:
             addr = opts.master_addr or "{master_addr}"
             argv = torchrun_argv(job, nodes, nproc, f"{addr}:{port_text}")

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from cluster.errors import ClusterError
 
@@ -65,6 +65,21 @@ def prepare_client(address: Optional[str]) -> None:
         os.environ.update(ray_environ({}))
 
 
+def set_socket_ifname() -> None:
+    """Ray worker process setup hook (``worker_process_setup_hook``): ``GLOO_SOCKET_IFNAME`` /
+    ``NCCL_SOCKET_IFNAME`` from the route to the head, unless set. Ray Train starts the process
+    group before any of orch's code runs in the worker, and without them gloo binds the address of
+    the host's own name: ``127.0.1.1`` under Debian's /etc/hosts, which the other nodes cannot
+    reach (every rank then fails in ``connectFullMesh``)."""
+    import ray
+
+    from cluster.env import resolve_reachable, route_interface, socket_ifname_env
+
+    head = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if not is_loopback(head):
+        os.environ.update(socket_ifname_env(os.environ, route_interface(resolve_reachable(head))[0]))
+
+
 def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
     """``count`` distinct ports that could be bound on ``host`` just now (held open together so
     none is returned twice; a later collision makes ``ray start`` fail and :meth:`start` retry)."""
@@ -90,7 +105,10 @@ class LocalRay:
     """``with LocalRay(num_cpus=2) as ray_cluster: ray.init(address=ray_cluster.address)``.
 
     ``num_cpus``/``num_gpus`` None let Ray count the machine's. ``log_path`` receives the output of
-    ``ray start`` (default: a file in the temporary folder, removed on stop).
+    ``ray start`` (default: a file in the temporary folder, removed on stop). A node of several:
+    ``node_ip`` (the address it advertises; a head's address is then ``node_ip:PORT``), ``join``
+    (``HEAD:PORT``: a worker node joining that head) and ``prefix`` (a command that runs ``ray
+    start`` in another host, e.g. ``scripts/local_hosts.py exec h2 --``).
     """
 
     def __init__(
@@ -99,26 +117,33 @@ class LocalRay:
         num_gpus: Optional[int] = None,
         log_path: Optional[str] = None,
         start_timeout_s: float = 90.0,
+        node_ip: str = LOOPBACK,
+        join: Optional[str] = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.log_path = log_path
         self.start_timeout_s = start_timeout_s
+        self.node_ip, self.join, self.prefix = node_ip, join, tuple(prefix)
         self.process: Optional[subprocess.Popen] = None
         self.temp_dir: Optional[str] = None
         self.port: Optional[int] = None
 
     @property
     def address(self) -> str:
-        """``127.0.0.1:PORT`` of the head's GCS (what ``ray.init(address=...)`` takes)."""
+        """``127.0.0.1:PORT`` of the head's GCS (what ``ray.init(address=...)`` takes); the
+        joined head's for a worker node."""
         if self.port is None:
             raise ClusterError("the local Ray cluster is not started")
-        return f"{LOOPBACK}:{self.port}"
+        return self.join or f"{self.node_ip}:{self.port}"
 
     def command(self, ports: list[int]) -> list[str]:
         """The ``ray start`` command line for the given ports (one per :data:`PORT_OPTIONS`)."""
-        argv = [ray_executable(), "start", "--head", "--block", f"--node-ip-address={LOOPBACK}"]
-        argv += [f"{option}={port}" for option, port in zip(PORT_OPTIONS, ports)]
-        argv += ["--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
+        head = ["--head"] if self.join is None else [f"--address={self.join}"]
+        argv = [ray_executable(), "start", *head, "--block", f"--node-ip-address={self.node_ip}"]
+        # A worker node has no GCS port of its own.
+        argv += [f"{option}={port}" for option, port in zip(PORT_OPTIONS, ports) if self.join is None or option != "--port"]
+        argv += ["--include-dashboard=false"] * (self.join is None) + ["--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
         if self.num_cpus is not None:
             argv.append(f"--num-cpus={int(self.num_cpus)}")
         if self.num_gpus is not None:
@@ -137,9 +162,12 @@ class LocalRay:
             # SIGTERM on our death: `ray start --block` then stops what it started.
             guard = [sys.executable, "-m", "cluster.pdeath", str(os.getpid()), "--signal", "TERM", "--"]
             with open(log_file, "ab") as log:
+                env = ray_environ()
+                if not is_loopback(self.node_ip):  # that variable makes Ray advertise loopback
+                    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
                 self.process = subprocess.Popen(
-                    guard + self.command(ports), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=ray_environ(), start_new_session=True,
+                    guard + list(self.prefix) + self.command(ports), stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
                 )
             self.port = ports[0]
             if self._wait_ready(log_file):

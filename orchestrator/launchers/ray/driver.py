@@ -83,7 +83,9 @@ def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpu
             if job_id:
                 records.annotate(job_id, extra={"ray_head_pid": head.process.pid, "ray_address": address})
             log.info("started a private Ray head at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        # Job-level (Ray runs a worker_process_setup_hook only from here): gloo's interface on every node.
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "orchestrator.launchers.ray.cluster.set_socket_ifname"})
         yield address
     finally:
         with contextlib.suppress(Exception):

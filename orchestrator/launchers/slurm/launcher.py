@@ -252,6 +252,8 @@ class SlurmLauncher(Launcher):
             error = None
             if status.state is JobState.FAILED and not record.error:
                 why = slurm_state.error_line(record.extra.get("result_path"), record.log_path)
+                if status.raw.startswith("NODE_FAIL") and slurm_state.lost_nodes():  # name the lost host first
+                    why = f"host {', '.join(slurm_state.lost_nodes())} was lost (not responding)" + (f"; {why}" if why else "")
                 error = f"Slurm job {native_id} {status.raw.split()[0] if status.raw else 'FAILED'}" + (
                     f" (exit {status.exit_code})" if status.exit_code is not None else "") + (f": {why}" if why else "")
             started = status.started_at if status.state is not JobState.PENDING else None  # squeue's is an estimate

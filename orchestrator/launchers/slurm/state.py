@@ -343,3 +343,13 @@ def error_line(result_path: Optional[str], stderr_path: Optional[str]) -> Option
     # Skip srun's trailing chatter ("srun: error: node1: task 0: Exited with exit code 1").
     useful = [line for line in lines if not line.startswith(("srun:", "slurmstepd:"))]
     return (useful or lines)[-1][:500] if lines else None
+
+
+def lost_nodes() -> list[str]:
+    """Nodes Slurm holds down or not responding (``sinfo``): after a NODE_FAIL, the hosts the job lost."""
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-t", "down,fail,no_respond", "-o", "%N"], capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted(set(proc.stdout.split())) if proc.returncode == 0 else []

@@ -1,0 +1,107 @@
+"""Slurm across two hosts (one slurmd per host, NodeAddr its address): a 2-node job at world size 4
+gives the local backend's final loss; `orch status/logs/cancel` work from this machine."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def orch(env, *args, timeout=120):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    return out
+
+
+def job_state(env, job):
+    out = orch(env, "status", job)
+    return next((s for s in ("SUCCEEDED", "FAILED", "CANCELLED", "RUNNING", "PENDING") if s in out.stdout), out.stdout)
+
+
+def wait_state(env, job, states, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while (state := job_state(env, job)) not in states and time.monotonic() < deadline:
+        time.sleep(2)
+    return state
+
+
+@pytest.fixture
+def slurm_env(orch_env, slurm_on_hosts):
+    return {**os.environ, "SLURM_CONF": slurm_on_hosts}
+
+
+def submit(env, path, *extra):
+    out = orch(env, "submit", str(path), "--backend", "slurm", "--nodes", "2", "--gpus-per-node", "2", "--gpus", "4", *extra)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("submitted ")[1].split()[0]
+
+
+def test_two_hosts_world_size_4_match_the_local_backend(local_hosts, slurm_env, tiny, final_loss, local_world4_loss, orch_env):
+    h1, h2 = local_hosts.names
+    job = submit(slurm_env, tiny())
+    assert wait_state(slurm_env, job, ("SUCCEEDED", "FAILED", "CANCELLED"), 600) == "SUCCEEDED", orch(slurm_env, "logs", job).stdout[-3000:]
+    logs = orch(slurm_env, "logs", job).stdout
+    assert f"{h1}: master {h1} at {local_hosts.addr[h1]}:" in logs and "via eth0" in logs  # never 127.0.1.1
+    assert final_loss(orch_env / "work") == pytest.approx(local_world4_loss, rel=1e-6)
+
+
+def test_cancel_from_this_machine_leaves_no_process_on_the_hosts(local_hosts, slurm_env, tiny):
+    job = submit(slurm_env, tiny(**{"schedule.iterations": 10000}))
+    assert wait_state(slurm_env, job, ("RUNNING",), 120) == "RUNNING"
+    deadline = time.monotonic() + 120  # until the ranks run on both hosts
+    while time.monotonic() < deadline and not all(workers(local_hosts, h) for h in local_hosts.names):
+        time.sleep(1)
+    assert all(workers(local_hosts, h) for h in local_hosts.names)
+    assert orch(slurm_env, "cancel", job).returncode == 0
+    assert wait_state(slurm_env, job, ("CANCELLED",), 60) == "CANCELLED"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(workers(local_hosts, h) for h in local_hosts.names):
+        time.sleep(1)
+    assert not any(workers(local_hosts, h) for h in local_hosts.names)
+
+
+def workers(local_hosts, host):
+    """Pids of training processes inside ``host``."""
+    pids = subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split()
+    found = []
+    for pid in pids:
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmd or b"orchestrator.worker" in cmd:
+            found.append(int(pid))
+    return found
+
+
+def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, slurm_env, tiny):
+    from orchestrator.config import load_experiment
+
+    h1, h2 = local_hosts.names
+    path = tiny(**{"schedule.iterations": 100000, "eval.interval": 100000, "checkpoint.interval": 100000})
+    timeout_s = load_experiment(str(path)).runtime.collective_timeout_s
+    job = submit(slurm_env, path)
+    deadline = time.monotonic() + 300  # until the ranks run on both hosts
+    while time.monotonic() < deadline and not all(workers(local_hosts, h) for h in local_hosts.names):
+        time.sleep(1)
+    subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "down"], check=True)
+    cut = time.monotonic()
+    try:
+        state = wait_state(slurm_env, job, ("FAILED", "SUCCEEDED", "CANCELLED"), timeout_s + 60)
+        ended = time.monotonic() - cut
+        print(f"slurm: the job ended {ended:.1f} s after {h2}'s link was cut")
+        assert state == "FAILED" and ended < timeout_s + 60
+        error = next(line for line in orch(slurm_env, "status", job).stdout.splitlines() if line.strip().startswith("error"))
+        assert f"host {h2} was lost" in error, error
+        assert not workers(local_hosts, h1)
+    finally:
+        subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "up"], check=True)
+    # h2 back: Slurm returns it to service and has it kill what the lost job left there.
+    deadline = time.monotonic() + 120
+    idle = lambda: "down" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                                env=slurm_env).stdout
+    while time.monotonic() < deadline and (workers(local_hosts, h2) or not idle()):
+        time.sleep(2)
+    assert not workers(local_hosts, h2) and idle()
