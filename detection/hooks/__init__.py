@@ -13,6 +13,7 @@ from detection.hooks.base import Hook
 _LAZY = {
     "CheckpointHook": "detection.hooks.checkpoint",
     "EvalHook": "detection.hooks.evaluation",
+    "HeartbeatHook": "detection.hooks.heartbeat",
     "LoggerHook": "detection.hooks.logger",
     "LRSchedulerHook": "detection.hooks.lr",
     "lr_at": "detection.hooks.lr",
