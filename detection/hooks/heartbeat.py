@@ -13,8 +13,10 @@ evaluation stuck past the collective timeout is a hang again). The file is kept 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -23,6 +25,7 @@ from typing import Any, Optional
 from detection.hooks.base import Hook, due
 
 HEARTBEAT_DIR = "heartbeat"
+STACK_SIGNAL = signal.SIGUSR1  # orchestrator.watchdog_stacks sends it where py-spy cannot read the stacks
 KEEP_LINES = 50
 
 
@@ -49,10 +52,12 @@ class HeartbeatHook(Hook):
         self._phase_since: Optional[float] = None
         self._ticker: Optional[threading.Thread] = None
         self._wake = threading.Event()
+        self._stack_file: Any = None
 
     # -- hook methods ----------------------------------------------------------------------------
     def before_train(self, trainer: Any) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._register_stacks()
         self.beat(trainer, "start")
 
     def after_iter(self, trainer: Any, log: dict[str, float]) -> None:
@@ -143,8 +148,21 @@ class HeartbeatHook(Hook):
                 return
             self._write({**self._last, "t": round(time.time(), 3)})
 
+    def _register_stacks(self) -> None:
+        """The watchdog's fallback: ``STACK_SIGNAL`` writes every thread's Python stack to
+        ``rank-<r>.stack.txt`` beside the heartbeat (faulthandler: safe in any state)."""
+        try:
+            self._stack_file = open(self.path.replace(".jsonl", ".stack.txt"), "a", encoding="utf-8")
+            faulthandler.register(STACK_SIGNAL, file=self._stack_file, all_threads=True)
+        except (OSError, ValueError, RuntimeError):  # not the main interpreter, or no such signal
+            self._stack_file = None
+
     def _close(self) -> None:
         self._wake.set()
+        if self._stack_file is not None:
+            faulthandler.unregister(STACK_SIGNAL)
+            self._stack_file.close()
+            self._stack_file = None
         with self._lock:
             if self._handle is not None:
                 self._handle.close()
