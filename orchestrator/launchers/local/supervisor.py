@@ -19,6 +19,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -268,9 +269,13 @@ def _watch(job_id: str, procs: list[subprocess.Popen],
     hang: Optional[str] = None
     next_check = time.monotonic() + HANG_POLL_S
     pgid = procs[0].pid
+    exits: dict[int, dict] = {}  # process index -> how and when it ended (what `orch why` reads)
     while True:
         codes = [p.poll() for p in procs]
-        for code in codes:
+        for index, code in enumerate(codes):
+            if code is not None and index not in exits:
+                exits[index] = {"index": index, "pid": procs[index].pid, "code": code, "at": time.time(),
+                                "stopped": stopped_at is not None}
             if code not in (None, 0) and first_bad is None:
                 first_bad = code
         if all(c is not None for c in codes):
@@ -289,6 +294,7 @@ def _watch(job_id: str, procs: list[subprocess.Popen],
         _wait_any(procs, WATCH_POLL_S)
     # Leftovers (data-loader workers, grandchildren) must not outlive the job or its lease.
     signal_group(pgid, signal.SIGKILL)
+    annotate(job_id, extra={"exits": sorted(exits.values(), key=lambda e: e["at"]), "host": socket.gethostname()})
     return (first_bad if first_bad is not None else 0), hang
 
 
