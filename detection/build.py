@@ -301,6 +301,11 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
         from detection.tracking import JournalHook
 
         hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
+        if config.runtime.system_metrics_interval > 0:  # after the journal exists
+            from detection.hooks.system_metrics import SystemMetricsHook
+            from detection.tracking import journal_dir
+
+            hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval))
     return [*hooks, *extra]
 
 

@@ -16,6 +16,7 @@ _LAZY = {
     "HeartbeatHook": "detection.hooks.heartbeat",
     "LoggerHook": "detection.hooks.logger",
     "LRSchedulerHook": "detection.hooks.lr",
+    "SystemMetricsHook": "detection.hooks.system_metrics",
     "lr_at": "detection.hooks.lr",
     "lr_schedule": "detection.hooks.lr",
 }

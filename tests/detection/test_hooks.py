@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cluster.env import DistEnv
-from detection.hooks import CheckpointHook, EvalHook, HeartbeatHook, LoggerHook, LRSchedulerHook, lr_schedule
+from detection.hooks import (CheckpointHook, EvalHook, HeartbeatHook, LoggerHook, LRSchedulerHook, SystemMetricsHook,
+                             lr_schedule)
 from detection.lr_scaling import scale_lr
 from orchestrator.config import load_experiment
 
@@ -116,8 +117,9 @@ def test_build_hooks_passes_each_hook_its_settings(make_experiment):
     extra = CountingEval()
     hooks = build_hooks(exp, DistEnv.single(), scaling, 8, 4, eval_loader=object(), eval_set=object(), extra=[extra])
     assert [type(h) for h in hooks] == [HeartbeatHook, LRSchedulerHook, LoggerHook, EvalHook, CheckpointHook,
-                                        JournalHook, CountingEval]
-    heartbeat, _, logger, evaluation, checkpoint, mlflow, _ = hooks
+                                        JournalHook, SystemMetricsHook, CountingEval]
+    heartbeat, _, logger, evaluation, checkpoint, mlflow, system, _ = hooks
+    assert system.interval == 30.0 and system.folder.endswith("journal")
     assert (heartbeat.eval_period, heartbeat.checkpoint_period, heartbeat.unit) == (3, 5, "iter")
     assert (evaluation.period, evaluation.unit, evaluation.split, evaluation.iou_types) == (3, "iter", "val", ("bbox",))
     assert (checkpoint.period, checkpoint.unit, logger.interval, mlflow.log_interval) == (5, "iter", 7, 7)
