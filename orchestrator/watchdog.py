@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from cluster.files import write_json_atomic
 from orchestrator.progress import Progress, read_progress
 from orchestrator.watchdog_stacks import Where, dump_stacks, faulthandler_stacks, hang_reason, parse_faulthandler
 from orchestrator.watchdog_stacks import render, where
@@ -122,14 +123,63 @@ class HangReport:
     reason: str
 
 
+def new_report_folder(output_dir: str) -> str:
+    """``<output_dir>/hang-<time>`` (created)."""
+    folder = os.path.join(output_dir, "hang-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def dump_rank(folder: str, output_dir: str, rank: int, pid: int, host: str, stall: Stall,
+              in_process: bool = False) -> Where:
+    """Write ``<folder>/rank-<r>.txt`` (the stacks of ``pid`` and its loader workers) and
+    ``rank-<r>.json`` (where it is); returns where. ``in_process``: ``pid`` is this process (a
+    Slurm task dumping itself), whose fallback is ``faulthandler.dump_traceback``."""
+    threads, how = dump_stacks(pid, nonblocking=in_process)
+    if not threads:  # the fallback: faulthandler, Python frames only
+        if in_process:
+            text = own_stacks()
+        else:
+            text = faulthandler_stacks(pid, os.path.join(output_dir, "heartbeat", f"rank-{rank}.stack.txt"))
+        threads = parse_faulthandler(text, pid)
+        how = f"{how}; faulthandler" if threads else f"{how}; faulthandler gave nothing"
+    found = where(threads, pid)
+    with open(os.path.join(folder, f"rank-{rank}.txt"), "w", encoding="utf-8") as handle:
+        handle.write(f"rank {rank} on {host}, pid {pid}: {found.text()}\n")
+        handle.write(f"stacks read with {how}; {stall.describe()}\n\n")
+        handle.write(render(threads))
+    write_json_atomic(os.path.join(folder, f"rank-{rank}.json"),
+                      {"rank": rank, "host": host, "pid": pid, "state": found.state, "detail": found.detail})
+    return found
+
+
+def own_stacks() -> str:
+    """This process's threads as faulthandler writes them."""
+    import faulthandler
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as handle:
+        faulthandler.dump_traceback(handle, all_threads=True)
+        handle.seek(0)
+        return handle.read()
+
+
+def write_reason(folder: str, stall: Stall, wheres: dict[int, Where], hosts: dict[int, str]) -> HangReport:
+    """``<folder>/reason.txt``: the one line naming the ranks that differ."""
+    detail = hang_reason(wheres, hosts) if wheres else "no rank's process could be found"
+    reason = f"hang: {stall.describe()}: {detail}"
+    with open(os.path.join(folder, REASON_FILE), "w", encoding="utf-8") as handle:
+        handle.write(reason + "\n")
+    return HangReport(folder, reason)
+
+
 def write_report(output_dir: str, stall: Stall, pids: Optional[dict[int, int]] = None,
                  host: Optional[str] = None) -> HangReport:
     """Dump every rank of this host (their heartbeat's pid, else ``pids``: rank -> pid) into
     ``<output_dir>/hang-<time>/rank-<r>.txt`` and return the reason line. Ranks on other hosts
     are named in the reason with what their heartbeat last said."""
     host = host or socket.gethostname()
-    folder = os.path.join(output_dir, "hang-" + time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(folder, exist_ok=True)
+    folder = new_report_folder(output_dir)
     ranks: dict[int, tuple[int, str]] = {r: (pid, host) for r, pid in (pids or {}).items()}
     if stall.progress is not None:
         ranks.update({r: (b.pid, b.host) for r, b in stall.progress.ranks.items()})
@@ -137,27 +187,13 @@ def write_report(output_dir: str, stall: Stall, pids: Optional[dict[int, int]] =
     hosts: dict[int, str] = {}
     for rank, (pid, rank_host) in sorted(ranks.items()):
         hosts[rank] = rank_host
-        path = os.path.join(folder, f"rank-{rank}.txt")
         if rank_host != host:
             wheres[rank] = Where("on another host, not dumped")
-            with open(path, "w", encoding="utf-8") as handle:
+            with open(os.path.join(folder, f"rank-{rank}.txt"), "w", encoding="utf-8") as handle:
                 handle.write(f"rank {rank} runs on {rank_host} (pid {pid}); this watchdog runs on {host}\n")
             continue
-        threads, how = dump_stacks(pid)
-        if not threads:  # the in-process fallback: faulthandler, Python frames only
-            text = faulthandler_stacks(pid, os.path.join(output_dir, "heartbeat", f"rank-{rank}.stack.txt"))
-            threads = parse_faulthandler(text, pid)
-            how = f"{how}; faulthandler" if threads else f"{how}; faulthandler gave nothing"
-        wheres[rank] = where(threads, pid)
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(f"rank {rank} on {rank_host}, pid {pid}: {wheres[rank].text()}\n")
-            handle.write(f"stacks read with {how}; {stall.describe()}\n\n")
-            handle.write(render(threads))
-    detail = hang_reason(wheres, hosts) if wheres else "no rank's process could be found"
-    reason = f"hang: {stall.describe()}: {detail}"
-    with open(os.path.join(folder, REASON_FILE), "w", encoding="utf-8") as handle:
-        handle.write(reason + "\n")
-    return HangReport(folder, reason)
+        wheres[rank] = dump_rank(folder, output_dir, rank, pid, rank_host, stall)
+    return write_reason(folder, stall, wheres, hosts)
 
 
 def latest_report(output_dir: str) -> Optional[HangReport]:

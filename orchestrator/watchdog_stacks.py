@@ -88,16 +88,19 @@ def py_spy() -> Optional[str]:
     return beside if os.access(beside, os.X_OK) else shutil.which("py-spy")
 
 
-def dump_stacks(pid: int, timeout_s: float = 60.0) -> tuple[list[Thread], str]:
+def dump_stacks(pid: int, timeout_s: float = 60.0, nonblocking: bool = False) -> tuple[list[Thread], str]:
     """The threads of ``pid`` and of its child processes, with a note of how they were read
     (``py-spy --native``, ``py-spy``, or why it failed). Native frames are tried first and
-    dropped when py-spy cannot unwind them on this system."""
+    dropped when py-spy cannot unwind them on this system. ``nonblocking``: do not pause the
+    process (a process dumping itself)."""
     exe = py_spy()
     if exe is None:
         return [], "py-spy not found (pip install py-spy)"
     problem = ""
-    for native in (True, False):
+    for native in ((False,) if nonblocking else (True, False)):  # py-spy unwinds native frames paused only
         argv = [exe, "dump", "--pid", str(pid), "--json", "--locals", "--subprocesses"] + (["--native"] if native else [])
+        if nonblocking:
+            argv.append("--nonblocking")
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as err:

@@ -60,3 +60,18 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def fifo_dataset(shapes_data: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the shapes data whose first training image is a named pipe nobody writes
+    (reading it blocks, as a hung network file system does); returns (folder, image name)."""
+    import json
+    import shutil
+
+    data = Path(tmp_path) / "data"
+    shutil.copytree(shapes_data, data)
+    first = json.loads((data / "annotations" / "instances_train.json").read_text())["images"][0]["file_name"]
+    image = data / "train" / first
+    image.unlink()
+    os.mkfifo(image)
+    return data, os.path.basename(first)

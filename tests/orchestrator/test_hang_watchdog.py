@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from orch_testing import fifo_dataset
 from orchestrator import records
 from orchestrator.launch import ResourceFlags
 from orchestrator.spec import JobState
@@ -27,17 +27,6 @@ def _wait(predicate, timeout_s, what):
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.5)
-
-
-def fifo_dataset(shapes_data: Path, tmp_path: Path) -> tuple[Path, str]:
-    """A copy of the shapes data whose first training image is a FIFO; returns (folder, name)."""
-    data = tmp_path / "data"
-    shutil.copytree(shapes_data, data)
-    first = json.loads((data / "annotations" / "instances_train.json").read_text())["images"][0]["file_name"]
-    image = data / "train" / first
-    image.unlink()
-    os.mkfifo(image)
-    return data, os.path.basename(first)
 
 
 @pytest.mark.slow
@@ -60,7 +49,7 @@ def test_a_rank_blocked_in_a_read_is_named_and_the_job_ends(make_experiment, sha
     assert report is not None and record.error == report.reason, (record.error, report)
     assert "blocked in read" in report.reason and f"image {image}" in report.reason, report.reason
     assert "detection/data/decode.py" in report.reason and "waiting in" in report.reason, report.reason
-    assert sorted(os.listdir(report.folder)) == ["rank-0.txt", "rank-1.txt", "reason.txt"]
+    assert sorted(os.listdir(report.folder)) == ["rank-0.json", "rank-0.txt", "rank-1.json", "rank-1.txt", "reason.txt"]
     blocked = int(re.search(r"rank (\d) on \S+ blocked", report.reason).group(1))
     assert re.search(rf"rank {1 - blocked} on \S+ waiting in", report.reason), report.reason
     assert "read_image" in (Path(report.folder) / f"rank-{blocked}.txt").read_text()
