@@ -135,7 +135,7 @@ def dump_rank(folder: str, output_dir: str, rank: int, pid: int, host: str, stal
     """Write ``<folder>/rank-<r>.txt`` (the stacks of ``pid`` and its loader workers) and
     ``rank-<r>.json`` (where it is); returns where. ``in_process``: ``pid`` is this process (a
     Slurm task dumping itself), whose fallback is ``faulthandler.dump_traceback``."""
-    threads, how = dump_stacks(pid, nonblocking=in_process)
+    threads, how = dump_stacks(pid)  # itself too: py-spy is another process, pausing this one is safe
     if not threads:  # the fallback: faulthandler, Python frames only
         if in_process:
             text = own_stacks()

@@ -88,19 +88,16 @@ def py_spy() -> Optional[str]:
     return beside if os.access(beside, os.X_OK) else shutil.which("py-spy")
 
 
-def dump_stacks(pid: int, timeout_s: float = 60.0, nonblocking: bool = False) -> tuple[list[Thread], str]:
+def dump_stacks(pid: int, timeout_s: float = 60.0) -> tuple[list[Thread], str]:
     """The threads of ``pid`` and of its child processes, with a note of how they were read
     (``py-spy --native``, ``py-spy``, or why it failed). Native frames are tried first and
-    dropped when py-spy cannot unwind them on this system. ``nonblocking``: do not pause the
-    process (a process dumping itself)."""
+    dropped when py-spy cannot unwind them on this system."""
     exe = py_spy()
     if exe is None:
         return [], "py-spy not found (pip install py-spy)"
     problem = ""
-    for native in ((False,) if nonblocking else (True, False)):  # py-spy unwinds native frames paused only
+    for native in (True, False):
         argv = [exe, "dump", "--pid", str(pid), "--json", "--locals", "--subprocesses"] + (["--native"] if native else [])
-        if nonblocking:
-            argv.append("--nonblocking")
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -219,19 +216,33 @@ def _classify(thread: Thread) -> Where:
     detail = ", ".join(x for x in (location, f"image {image}" if image else "") if x)
     innermost = frames[0] if frames else None
     collective = _in_collective(python)
-    # A blocking file-system call near the top of the stack (native, or a Python reader).
+    # A blocking file-system call near the top of the stack (native, or a Python reader), or,
+    # without native frames, the call on the innermost Python frame's line.
     io = next((f for f in frames[:3] if IO_CALLS.match(f.name.split(".")[-1])), None)
-    if io is not None and not collective:
-        call = "read" if any(k in io.name for k in ("open", "read", "stat", "getdents")) else io.name
-        what = io.name if io.name != call else ""
+    name = io.name if io is not None else (_source_call(python[0]) if python else None)
+    if name is not None and not collective:
+        call = "read" if any(k in name for k in ("open", "read", "stat", "getdents")) else name
+        what = name if name != call else ""
         return Where(f"blocked in {call}", ", ".join(x for x in (what, detail) if x))
     if collective:
         return Where(f"waiting in {collective}", location)
-    if any("dataloader.py" in f.file and f.name.split(".")[-1] in ("_get_data", "_try_get_data", "_next_data")
+    if any("dataloader.py" in f.file and f.name.split(".")[-1] in ("_get_data", "_try_get_data")
            for f in python):
         return Where("waiting for the data loader", location)
     name = python[0].name if python else (innermost.name if innermost else "?")
     return Where(f"in {name.split('.')[-1]}", detail)
+
+
+SOURCE_IO = re.compile(r"\b(open|read|readinto|readline|readlines|read_bytes|read_text|stat|listdir|scandir)\s*\(")
+
+
+def _source_call(frame: Frame) -> Optional[str]:
+    """The file-system call on ``frame``'s source line (``open`` in ``with open(path) as f``),
+    when the file is readable here."""
+    import linecache
+
+    match = SOURCE_IO.search(linecache.getline(frame.file, frame.line)) if frame.line else None
+    return match.group(1) if match else None
 
 
 def _in_collective(python: list[Frame]) -> Optional[str]:

@@ -158,3 +158,13 @@ def test_where_and_the_reason_line():
     reason = hang_reason({0: reduce, 1: blocked, 2: reduce, 3: reduce}, {0: "h1", 1: "h2", 2: "h1", 3: "h2"})
     assert reason == ("rank 1 on h2 blocked in read (open64, detection/data/decode.py:26, image 000123.jpg); "
                       "ranks 0, 2, 3 waiting in all_reduce (detection/engine.py:208)")
+
+
+def test_without_native_frames_the_source_line_tells_a_read(tmp_path):
+    source = tmp_path / "detection" / "reader.py"
+    source.parent.mkdir()
+    source.write_text("def load(path):\n    with open(path, 'rb') as handle:\n        return handle.read()\n")
+    threads = parse_py_spy([{"pid": 3, "os_thread_id": 3, "thread_name": "MainThread", "frames": [
+        frame("load", str(source), 2, path='"/d/train/7.jpg"'),
+        frame("_SingleProcessDataLoaderIter._next_data", "/v/site-packages/torch/utils/data/dataloader.py", 790)]}])
+    assert where(threads, 3) == Where("blocked in read", "open, detection/reader.py:2, image 7.jpg")
