@@ -39,3 +39,16 @@ def test_a_hung_task_is_named_and_the_job_ends(slurm_cluster, write_experiment, 
     assert "hang: no rank advanced" in (record.error or ""), record.error
     text = CliRunner().invoke(why_cmd, [handle.job_id]).output
     assert f"hang report: {report.folder}" in text and "sbatch script" in text, text
+
+
+def test_why_names_the_task_of_a_config_error(slurm_cluster, write_experiment, module_orch_home, tmp_path):
+    from orchestrator.commands.why import why_cmd
+    from orchestrator.submit import ResourceFlags, submit
+
+    path = write_experiment(tmp_path / "bad", "bad", **{"runtime.device": "cuda", "tracking.enable": False})
+    _, [handle] = submit([str(path)], (), ResourceFlags(backend="slurm", partition="dev", gpus=2, gpus_per_node=1))
+    assert handle.wait(timeout_s=240) is JobState.FAILED
+    text = CliRunner().invoke(why_cmd, [handle.job_id]).output
+    assert re.search(r"first failure: task [01]", text), text
+    assert "runtime.device=cuda but no CUDA GPU is visible" in text and "#SBATCH" in text, text
+    assert text.splitlines()[-1].startswith("next: fix what the error names"), text
