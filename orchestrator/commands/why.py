@@ -93,6 +93,8 @@ def explain(record: JobRecord) -> str:
         if hang.reason and hang.reason != record.error:
             out.append(f"  {hang.reason}")
         out.extend(f"  {name}" for name in sorted(os.listdir(hang.folder)) if name.startswith("rank-"))
+    if record.extra.get("kind") == "sweep":
+        out.extend(sweep_trials(record.output_dir))
     out.append("what ran:")
     out.extend("  " + line for line in what_ran(record))
     out.append("next: " + next_step(record, failure, hang, lines))
@@ -209,6 +211,30 @@ def hang_report(record: JobRecord) -> Optional[HangReport]:
     if report is None or (record.started_at and os.path.getmtime(report.folder) < record.started_at):
         return None
     return report
+
+
+def sweep_trials(output_dir: str) -> list[str]:
+    """One line per trial of a sweep (its progress, hang or Tune's error), then the first failed
+    trial's error."""
+    trials_dir = Path(output_dir) / "trials"
+    trials = sorted(p.name for p in trials_dir.iterdir()) if trials_dir.is_dir() else []
+    errors = {}
+    for path in Path(output_dir).glob("**/error.txt"):
+        trial = next((t for t in trials if t in str(path.parent)), None)
+        if trial is not None:
+            errors.setdefault(trial, path)
+    lines = [f"trials: {len(trials)}"]
+    for trial in trials:
+        progress = read_progress(str(trials_dir / trial))
+        hang = latest_report(str(trials_dir / trial))
+        state = "failed" if trial in errors else "hung" if hang else "ok"
+        lines.append(f"  {trial}: {state}" + (f", {progress.describe()}" if progress else "")
+                     + (f"; {hang.reason}" if hang else ""))
+    failed = next((t for t in trials if t in errors), None)
+    if failed is not None:
+        lines.append(f"first failed trial {failed} ({errors[failed]}):")
+        lines.extend("  " + line for line in around_error(read_tail(str(errors[failed]))))
+    return lines
 
 
 # -- what ran ------------------------------------------------------------------------------------

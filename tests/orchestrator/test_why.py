@@ -88,3 +88,16 @@ def test_a_kill_by_the_oom_killer_is_named():
         "rank 1 (pid 5) on h2 was killed by SIGKILL - out of memory (the kernel's OOM killer)"
     assert Failure("task 3", "", -15).describe() == "task 3 was killed by SIGTERM"
     assert Failure("rank 0", "h", 2).describe() == "rank 0 on h exited with status 2 (bad input)"
+
+
+def test_a_sweeps_trials(tmp_path):
+    from orchestrator.commands.why import sweep_trials
+
+    for trial in ("a1b2c_00000", "a1b2c_00001"):
+        (tmp_path / "trials" / trial).mkdir(parents=True)
+    error = tmp_path / "ray" / "sweep" / "run_trial_a1b2c_00001_1_lr=0.1" / "error.txt"
+    error.parent.mkdir(parents=True)
+    error.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad lr\n")
+    lines = sweep_trials(str(tmp_path))
+    assert lines[:3] == ["trials: 2", "  a1b2c_00000: ok", "  a1b2c_00001: failed"]
+    assert lines[3].startswith("first failed trial a1b2c_00001") and lines[-1] == "  ValueError: bad lr"
