@@ -195,6 +195,12 @@ def where(threads: list[Thread], pid: int) -> Where:
     own = [t for t in threads if t.pid == pid]
     main = next((t for t in own if t.tid == pid or t.name in ("MainThread",) or t.name.startswith("Current")),
                 own[0] if own else None)
+    # The thread that trains: Ray Train runs the loop outside the main thread; orch's own threads
+    # (the watchdog, the heartbeat ticker) do not count.
+    training = [t for t in own if any("detection/" in (project_path(f.file) or "") for f in t.frames)
+                and t.name not in ("hang-watchdog", "heartbeat", "system-metrics")]
+    if training and (main is None or main not in training):
+        main = training[0]
     if main is None:
         return Where("not dumped")
     found = _classify(main)

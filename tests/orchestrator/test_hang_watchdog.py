@@ -168,3 +168,18 @@ def test_without_native_frames_the_source_line_tells_a_read(tmp_path):
         frame("load", str(source), 2, path='"/d/train/7.jpg"'),
         frame("_SingleProcessDataLoaderIter._next_data", "/v/site-packages/torch/utils/data/dataloader.py", 790)]}])
     assert where(threads, 3) == Where("blocked in read", "open, detection/reader.py:2, image 7.jpg")
+
+
+def test_the_training_thread_is_read_when_it_is_not_the_main_one():
+    ray_main = {"pid": 11, "os_thread_id": 11, "thread_name": "MainThread", "frames": [
+        frame("main_loop", "/v/site-packages/ray/_private/worker.py", 1069)]}
+    trainer = {**BLOCKED[0], "os_thread_id": 12, "thread_name": "Thread-3 (train_fn)"}
+    assert where(parse_py_spy([ray_main, trainer]), 11).state == "blocked in read"
+
+
+def test_a_requeued_local_job_resumes():
+    from orchestrator.launchers.local.plan import NodeCommand, NodeJob
+    from orchestrator.launchers.local.supervisor import _resuming
+
+    job = NodeJob(index=0, name="x", slots=1, commands=(NodeCommand(argv=("python", "-m", "orchestrator.worker", "c.yaml")),))
+    assert _resuming(job).commands[0].argv[-2:] == ("--set", "runtime.resume=auto")

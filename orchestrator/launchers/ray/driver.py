@@ -37,21 +37,18 @@ def _raise_cancelled(*_: Any) -> None:
     raise Cancelled()
 
 
-class Hung(BaseException):
-    """Raised in the driver's main thread when the hang watchdog ends the job (runtime.on_hang=fail)."""
-
-
 _hang: list[str] = []  # the reason, set by the watchdog thread before it signals the main thread
 
 
 def _raise_hung(*_: Any) -> None:
-    raise Hung(_hang[0] if _hang else "hang")
+    # KeyboardInterrupt: the one exception ray.get's signal check passes on (it swallows others).
+    raise KeyboardInterrupt(_hang[0] if _hang else "hang")
 
 
 def start_watchdog(request: RayJobRequest) -> Optional[threading.Event]:
     """The hang watchdog of a Ray job: a driver thread reads the workers' heartbeats; on a hang
     it dumps the workers on this host (py-spy) and acts on ``runtime.on_hang``: ``fail`` ends the
-    job (Hung in the main thread; the workers go with the driver), ``requeue`` kills the hung
+    job (an interrupt in the main thread; the workers go with the driver), ``requeue`` kills the hung
     workers so that Ray Train restarts them from the last checkpoint (``max_failures``),
     ``wait`` reports only. Returns the event that stops it."""
     from orchestrator.watchdog import HangSettings, Watchdog, write_report
@@ -169,8 +166,10 @@ def run_job(request: RayJobRequest) -> JobState:
     except Cancelled:
         set_state(job_id, JobState.CANCELLED)
         return JobState.CANCELLED
-    except Hung as hang:
-        set_state(job_id, JobState.FAILED, error=str(hang)[:2000], exit_code=1)
+    except KeyboardInterrupt:
+        if not _hang:
+            raise
+        set_state(job_id, JobState.FAILED, error=_hang[0][:2000], exit_code=1)
         return JobState.FAILED
     except Exception as err:  # noqa: BLE001 - any failure ends as a FAILED record with its line
         log.error("Ray job failed: %s", err)
