@@ -29,8 +29,10 @@ from orchestrator.spec import JobState
 log = logging.getLogger("orchestrator.ray")
 
 
-class Cancelled(BaseException):
-    """Raised in the driver by SIGTERM (BaseException: nothing on the way may swallow it)."""
+class Cancelled(KeyboardInterrupt):
+    """Raised in the driver by SIGTERM. A KeyboardInterrupt: nothing on the way may swallow it,
+    and ``ray.get``'s signal check passes only those on (as a plain KeyboardInterrupt; it swallows
+    any other exception of a signal handler, so a cancel would never reach the driver)."""
 
 
 def _raise_cancelled(*_: Any) -> None:
@@ -163,14 +165,12 @@ def run_job(request: RayJobRequest) -> JobState:
             error = getattr(result, "error", None)
             if error is not None:
                 raise RuntimeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error))
-    except Cancelled:
+    except KeyboardInterrupt:  # SIGTERM (orch cancel), Ctrl-C, or the hang watchdog
+        if _hang:
+            set_state(job_id, JobState.FAILED, error=_hang[0][:2000], exit_code=1)
+            return JobState.FAILED
         set_state(job_id, JobState.CANCELLED)
         return JobState.CANCELLED
-    except KeyboardInterrupt:
-        if not _hang:
-            raise
-        set_state(job_id, JobState.FAILED, error=_hang[0][:2000], exit_code=1)
-        return JobState.FAILED
     except Exception as err:  # noqa: BLE001 - any failure ends as a FAILED record with its line
         log.error("Ray job failed: %s", err)
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
