@@ -137,7 +137,13 @@ def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpu
             if job_id:
                 records.annotate(job_id, extra={"ray_head_pid": head.process.pid, "ray_address": address})
             log.info("started a private Ray head at %s", address)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
         ray.init(address=address, log_to_driver=True)
+        # ray.init installs its C++ failure handler for SIGTERM, which dumps and dies: the driver's
+        # own handler (cancel: end the trials' runs, stop the head) is put back.
+        for sig, handler in handlers.items():
+            if callable(handler) and threading.current_thread() is threading.main_thread():
+                signal.signal(sig, handler)
         yield address
     finally:
         with contextlib.suppress(Exception):

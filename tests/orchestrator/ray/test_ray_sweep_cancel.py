@@ -31,6 +31,8 @@ def test_cancel_ends_every_trial_run(ray_head, orch_home, make_experiment, track
              "max_concurrent": 2, "cpus_per_trial": 1}
     path = make_experiment(**{"sweep": sweep, "schedule.iterations": 100000, "eval.interval": 100000,
                               "checkpoint.interval": 100000})
+    client = MlflowClient(tracking_uri)
+    client.search_experiments()  # the SQLite store created now, not by two processes at once
     assert orch(["sweep", str(path), "--address", ray_head.address, "--detach"]) == 0
     [record] = list_records()
     deadline = time.monotonic() + 300
@@ -40,7 +42,6 @@ def test_cancel_ends_every_trial_run(ray_head, orch_home, make_experiment, track
     driver = load_record(record.job_id).pid
     assert orch(["cancel", record.job_id]) == 0
     cancelled = time.monotonic()
-    client = MlflowClient(tracking_uri)
 
     def statuses() -> dict[str, str]:
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -50,5 +51,15 @@ def test_cancel_ends_every_trial_run(ray_head, orch_home, make_experiment, track
         assert time.monotonic() - cancelled < 60, statuses()
         time.sleep(1)
     assert load_record(record.job_id).state == JobState.CANCELLED
+    while not _gone(driver):  # a zombie until this process (which started it) reaps it
+        assert time.monotonic() - cancelled < 60, cmdline(driver)
+        time.sleep(0.5)
     left = [p for p in descendants(ray_head.process.pid) if "run_trial" in cmdline(p) or "ImplicitFunc" in cmdline(p)]
-    assert not left and not Path(f"/proc/{driver}").exists(), [cmdline(p) for p in left]
+    assert not left, [cmdline(p) for p in left]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
