@@ -32,6 +32,7 @@ from orchestrator.watchdog import HangReport, latest_report
 
 CONTEXT_LINES = 12
 TRACEBACK = re.compile(r"Traceback \(most recent call last\):")
+BAD_INPUT = re.compile(r"\b(cluster\.errors\.)?(ConfigError|DataError)\b")  # the user's input, not a crash
 
 
 @dataclass(frozen=True)
@@ -281,8 +282,8 @@ def next_step(record: JobRecord, failure: Optional[Failure], hang: Optional[Hang
                 f"deadlock), or raise runtime.hang_timeout if a step is that slow; then: {resume}")
     if failure is not None and failure.oom:
         return f"lower data.batch_size_per_gpu (or ask for more memory: --mem-gb), then: {resume}"
-    reason = record.error or ""
-    if "orch worker: error:" in reason or (failure is not None and failure.code == 2):
+    text = "\n".join([record.error or "", *lines])
+    if "orch worker: error:" in text or BAD_INPUT.search(text) or (failure is not None and failure.code == 2):
         return (f"fix what the error names (a config key or file: `orch config {shlex.quote(record.config_path)}` "
                 "checks the file), then submit again")
     return f"fix the cause above, then continue from the last checkpoint: {resume}"
