@@ -300,12 +300,12 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
     if env.rank == 0 and config.tracking.enable:
         from detection.tracking import JournalHook
 
-        hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
-        if config.runtime.system_metrics_interval > 0:  # after the journal exists
+        if config.runtime.system_metrics_interval > 0:  # before the journal hook: its last sample precedes the end status
             from detection.hooks.system_metrics import SystemMetricsHook
             from detection.tracking import journal_dir
 
             hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval))
+        hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
     return [*hooks, *extra]
 
 

@@ -108,9 +108,9 @@ class GroupProbe:
 
 
 class SystemMetricsHook(Hook):
-    """Samples every ``interval`` s from a thread (and once at the start and end) into the
-    journal at ``journal_folder``. Add it on one rank per node, after the hook that creates the
-    journal."""
+    """Samples every ``interval`` s from a thread (and at the first step and the end) into the
+    journal at ``journal_folder``. Add it on the rank that writes the journal, before the journal
+    hook (its last sample must come before the run's end status)."""
 
     def __init__(self, journal_folder: str, interval: float, *, pgid: Optional[int] = None,
                  devices: Optional[Sequence[str]] = None, host: Optional[str] = None) -> None:
@@ -123,20 +123,21 @@ class SystemMetricsHook(Hook):
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._trainer: Any = None
+        self._lock = threading.Lock()
+        self._samples = 0
+        self._closed = False
 
     def before_train(self, trainer: Any) -> None:
-        from detection.journal import Journal, is_journal
-
-        if not is_journal(self.folder):
-            return
-        self.journal = Journal.open(self.folder)
         self._trainer = trainer
         devices = self.devices if self.devices is not None else (
             own_devices(local_world_size=trainer.env.local_world_size) if trainer.device.type == "cuda" else [])
         self.gpus = GpuProbe(devices)
-        self.sample()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
         self._thread.start()
+
+    def after_iter(self, trainer: Any, log: dict[str, float]) -> None:
+        if self._samples == 0:  # the first point of the series (the journal exists by now)
+            self.sample()
 
     def after_train(self, trainer: Any, result: Any) -> None:
         self._close()
@@ -145,15 +146,22 @@ class SystemMetricsHook(Hook):
         self._close()
 
     def sample(self) -> dict[str, float]:
-        """One sample, written to the journal now; returns the values (keys without the prefix)."""
-        values = dict(self.group.sample())
-        if self.gpus is not None:
-            values.update(self.gpus.sample())
-        if self.journal is not None:
-            step = int(getattr(self._trainer, "iter", 0))
-            self.journal.log_metrics({f"system/{self.host}/{k}": v for k, v in values.items()}, step=step)
-            self.journal.flush()
-        return values
+        """One sample, written to the journal now; returns the values (keys without the prefix).
+        The journal is opened at the first sample that finds it (the journal hook creates it)."""
+        from detection.journal import Journal, is_journal
+
+        with self._lock:
+            values = dict(self.group.sample())
+            if self.gpus is not None:
+                values.update(self.gpus.sample())
+            if self.journal is None and not self._closed and is_journal(self.folder):
+                self.journal = Journal.open(self.folder)
+            if self.journal is not None:
+                step = int(getattr(self._trainer, "iter", 0))
+                self.journal.log_metrics({f"system/{self.host}/{k}": v for k, v in values.items()}, step=step)
+                self.journal.flush()
+                self._samples += 1
+            return values
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -164,13 +172,17 @@ class SystemMetricsHook(Hook):
                 return
 
     def _close(self) -> None:
+        """Stop sampling; the last point is written now, before the journal hook (after this one
+        in the hook list) ends the run, so that no value follows the run's end status."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        if self.journal is not None:
-            self.sample()  # the end of the series
-            self.journal.close()
-            self.journal = None
-        if self.gpus is not None:
-            self.gpus.close()
+        self.sample()
+        with self._lock:
+            self._closed = True
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            if self.gpus is not None:
+                self.gpus.close()

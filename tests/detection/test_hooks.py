@@ -117,8 +117,8 @@ def test_build_hooks_passes_each_hook_its_settings(make_experiment):
     extra = CountingEval()
     hooks = build_hooks(exp, DistEnv.single(), scaling, 8, 4, eval_loader=object(), eval_set=object(), extra=[extra])
     assert [type(h) for h in hooks] == [HeartbeatHook, LRSchedulerHook, LoggerHook, EvalHook, CheckpointHook,
-                                        JournalHook, SystemMetricsHook, CountingEval]
-    heartbeat, _, logger, evaluation, checkpoint, mlflow, system, _ = hooks
+                                        SystemMetricsHook, JournalHook, CountingEval]
+    heartbeat, _, logger, evaluation, checkpoint, system, mlflow, _ = hooks
     assert system.interval == 30.0 and system.folder.endswith("journal")
     assert (heartbeat.eval_period, heartbeat.checkpoint_period, heartbeat.unit) == (3, 5, "iter")
     assert (evaluation.period, evaluation.unit, evaluation.split, evaluation.iou_types) == (3, "iter", "val", ("bbox",))

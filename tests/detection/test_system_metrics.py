@@ -54,3 +54,7 @@ def test_a_run_has_cpu_and_rss_series(make_experiment, tracking_uri, ship):
     assert len(cpu) >= 2 and len(rss) >= 2  # at the start, every interval, at the end
     assert all(m.value > 50 for m in rss)  # a process with torch loaded
     assert run.data.metrics[f"system/{host}/processes"] >= 1
+    from detection.journal import read_events
+
+    events, _ = read_events(os.path.join(result.output_dir, "journal"))
+    assert events[-1] == {**events[-1], "t": "status", "status": "FINISHED"}  # nothing after the end (the shipper stops there)
