@@ -284,11 +284,16 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
                 eval_loader: Optional[Any], eval_set: Optional[Any], extra: Sequence[Any] = ()) -> list[Any]:
     """The trainer's own hooks, each given its settings now, then ``extra`` (a launcher's hooks
     run after the trainer's own: the Ray report hooks rely on it). Every rank calls it."""
-    from detection.hooks import CheckpointHook, EvalHook, LoggerHook, LRSchedulerHook, lr_schedule
+    from detection.hooks import CheckpointHook, EvalHook, HeartbeatHook, LoggerHook, LRSchedulerHook, lr_schedule
 
     unit = schedule_unit(config)
     hosts = gather_hosts()
-    hooks: list[Any] = [LRSchedulerHook(lr_schedule(config.schedule, scaling, iters_per_epoch, max_iters))]
+    # First: it announces an evaluation or checkpoint before the hooks that run it.
+    hooks: list[Any] = [HeartbeatHook(output_dir(config), env.rank, unit=unit,
+                                      eval_period=config.eval.interval if eval_loader is not None else 0,
+                                      checkpoint_period=config.checkpoint.interval,
+                                      max_phase_s=config.runtime.collective_timeout_s)]
+    hooks.append(LRSchedulerHook(lr_schedule(config.schedule, scaling, iters_per_epoch, max_iters)))
     if env.rank == 0:
         hooks.append(LoggerHook(config.runtime.log_interval, name=config.name))
     if eval_loader is not None:
@@ -300,6 +305,11 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
     if env.rank == 0 and config.tracking.enable:
         from detection.tracking import JournalHook
 
+        if config.runtime.system_metrics_interval > 0:  # before the journal hook: its last sample precedes the end status
+            from detection.hooks.system_metrics import SystemMetricsHook
+            from detection.tracking import journal_dir
+
+            hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval))
         hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
     return [*hooks, *extra]
 

@@ -164,6 +164,14 @@ class RuntimeConfig:
     # A collective that waits longer than this fails the run (a dead rank must not hang the
     # others for torch's default 30 minutes); long enough for rank 0's COCO evaluation.
     collective_timeout_s: int = 600
+    # Hang watchdog (the job's supervisor reads every rank's heartbeat): no rank advancing for
+    # hang_timeout s (null = max(300, 20 x the median step time)) is a hang; before training
+    # starts startup_timeout applies. on_hang: fail (stop, free the devices) | requeue (restart
+    # from the last checkpoint) | wait (report only). Every rank's stack goes to <output_dir>/hang-*/.
+    hang_timeout: Optional[float] = None
+    startup_timeout: float = 1800.0
+    on_hang: Literal["fail", "requeue", "wait"] = "fail"
+    system_metrics_interval: float = 30.0  # s between system/... metrics (CPU, RSS, GPU); 0 = off
 
 
 @dataclass(frozen=True)

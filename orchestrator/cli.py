@@ -27,6 +27,7 @@ from orchestrator.commands.sweep import sweep_cmd
 from orchestrator.commands.sync import sync_cmd
 from orchestrator.commands.train import train_cmd
 from orchestrator.commands.weights import weights_group
+from orchestrator.commands.why import why_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -64,6 +65,7 @@ for _command in (
     sweep_cmd,
     sync_cmd,
     weights_group,
+    why_cmd,
 ):
     cli.add_command(_command)
 

@@ -111,3 +111,18 @@ def reap_session(session_id: str, grace_s: float = 5.0) -> list[str]:
             continue
     psutil.wait_procs(left, timeout=5)
     return lines
+
+
+def fifo_dataset(shapes_data: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A copy of the shapes data whose first training image is a named pipe nobody writes
+    (reading it blocks, as a hung network file system does); returns (folder, image name)."""
+    import json
+    import shutil
+
+    data = Path(tmp_path) / "data"
+    shutil.copytree(shapes_data, data)
+    first = json.loads((data / "annotations" / "instances_train.json").read_text())["images"][0]["file_name"]
+    image = data / "train" / first
+    image.unlink()
+    os.mkfifo(image)
+    return data, os.path.basename(first)

@@ -317,7 +317,7 @@ def check_annotations(
             bad("invalid_image", f"image id {img['id']} appears twice")
             continue
         path = os.path.join(img_dir, img["file_name"])
-        if not os.path.isfile(path):
+        if not os.path.exists(path) or os.path.isdir(path):  # a pipe or device file is read like a file
             bad("missing_image", f"image {img['id']} file {path} does not exist")
             continue
         images[img["id"]] = {**img, "path": path}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from PIL import Image, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg, decode_png, read_file
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 from torchvision.transforms.functional import pil_to_tensor
 
 _JPEG = [0xFF, 0xD8, 0xFF]
@@ -26,10 +26,13 @@ _PNG = [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]
 def read_image(path: str, exif: bool = True) -> torch.Tensor:
     """The RGB image in ``path`` as a ``uint8 [3, H, W]`` tensor, turned upright by its EXIF
     orientation unless ``exif`` is false. Raises ``OSError`` when no decoder can read it."""
-    try:
-        data = read_file(path)
-    except RuntimeError as err:  # torchvision reports a missing or unreadable file this way
-        raise OSError(str(err)) from err
+    # Python's reader, not torchvision.io.read_file (which refuses what stat calls empty): a pipe or
+    # a special file is read as a file is, and blocks as a hung file system would.
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    if not raw:
+        raise OSError(f"{path} is empty")
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     image = _decode_fast(data, exif)
     if image is not None:
         return image

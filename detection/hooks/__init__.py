@@ -13,8 +13,10 @@ from detection.hooks.base import Hook
 _LAZY = {
     "CheckpointHook": "detection.hooks.checkpoint",
     "EvalHook": "detection.hooks.evaluation",
+    "HeartbeatHook": "detection.hooks.heartbeat",
     "LoggerHook": "detection.hooks.logger",
     "LRSchedulerHook": "detection.hooks.lr",
+    "SystemMetricsHook": "detection.hooks.system_metrics",
     "lr_at": "detection.hooks.lr",
     "lr_schedule": "detection.hooks.lr",
 }

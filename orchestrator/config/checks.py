@@ -65,6 +65,8 @@ def check_experiment(exp: Experiment, ctx: Context) -> None:
               "optim.weight_decay", "schedule.warmup_iters", "schedule.min_lr_ratio")
     _at_least(exp, ctx, 0, "optim.lr", "optim.grad_clip", "schedule.gamma",
               "schedule.warmup_ratio", strict=True)
+    _at_least(exp, ctx, 1, "runtime.hang_timeout", "runtime.startup_timeout")
+    _at_least(exp, ctx, 0, "runtime.system_metrics_interval")
     if exp.data.max_size < exp.data.min_size:
         raise ctx.error("data.max_size", f"must be >= data.min_size ({exp.data.min_size}), got {exp.data.max_size}")
     if exp.data.flip_prob > 1:

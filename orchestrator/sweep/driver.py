@@ -109,7 +109,7 @@ def build_tuner(plan: SweepPlan, callbacks: list):
 def run_sweep(plan: SweepPlan) -> dict[str, Any]:
     """Run the sweep to its end (this process is its driver); record the outcome and return the
     summary (``best``, ``trials``). SIGTERM / Ctrl-C cancel it."""
-    from orchestrator.launchers.ray.driver import Cancelled, ray_connection
+    from orchestrator.launchers.ray.driver import ray_connection
     from orchestrator.sweep.report import RecordCallback, end_running_children, finish_parent_run, summarize
     from orchestrator.tracking.background import FolderShipper
 
@@ -125,7 +125,7 @@ def run_sweep(plan: SweepPlan) -> dict[str, Any]:
             summary = summarize(plan, results)
             status = "FINISHED" if summary["best"] else "FAILED"
             finish_parent_run(plan, summary, status)
-        except (Cancelled, KeyboardInterrupt):
+        except KeyboardInterrupt:  # SIGTERM (orch cancel: driver.Cancelled) or Ctrl-C, as ray.get passes it on
             end_running_children(plan, "KILLED")
             finish_parent_run(plan, None, "KILLED")
             records.transition(job_id, JobState.CANCELLED)
@@ -155,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import signal
 
     from cluster.logs import setup_logging
-    from orchestrator.launchers.ray.driver import Cancelled, _raise_cancelled
+    from orchestrator.launchers.ray.driver import _raise_cancelled
 
     args = sys.argv[1:] if argv is None else argv
     setup_logging()
@@ -163,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plan = SweepPlan.from_json(json.loads(Path(args[0]).read_text()))
     try:
         summary = run_sweep(plan)
-    except Cancelled:
+    except KeyboardInterrupt:
         return 1
     except OrchError as err:
         print(f"orch sweep: error: {err}", file=sys.stderr)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cluster.env import DistEnv
-from detection.hooks import CheckpointHook, EvalHook, LoggerHook, LRSchedulerHook, lr_schedule
+from detection.hooks import (CheckpointHook, EvalHook, HeartbeatHook, LoggerHook, LRSchedulerHook, SystemMetricsHook,
+                             lr_schedule)
 from detection.lr_scaling import scale_lr
 from orchestrator.config import load_experiment
 
@@ -115,13 +116,17 @@ def test_build_hooks_passes_each_hook_its_settings(make_experiment):
     scaling = scale_lr(exp.optim, exp.schedule, 1, 2)
     extra = CountingEval()
     hooks = build_hooks(exp, DistEnv.single(), scaling, 8, 4, eval_loader=object(), eval_set=object(), extra=[extra])
-    assert [type(h) for h in hooks] == [LRSchedulerHook, LoggerHook, EvalHook, CheckpointHook, JournalHook, CountingEval]
-    _, logger, evaluation, checkpoint, mlflow, _ = hooks
+    assert [type(h) for h in hooks] == [HeartbeatHook, LRSchedulerHook, LoggerHook, EvalHook, CheckpointHook,
+                                        SystemMetricsHook, JournalHook, CountingEval]
+    heartbeat, _, logger, evaluation, checkpoint, system, mlflow, _ = hooks
+    assert system.interval == 30.0 and system.folder.endswith("journal")
+    assert (heartbeat.eval_period, heartbeat.checkpoint_period, heartbeat.unit) == (3, 5, "iter")
     assert (evaluation.period, evaluation.unit, evaluation.split, evaluation.iou_types) == (3, "iter", "val", ("bbox",))
     assert (checkpoint.period, checkpoint.unit, logger.interval, mlflow.log_interval) == (5, "iter", 7, 7)
     rank1 = DistEnv(rank=1, world_size=2, local_rank=1, local_world_size=2, master_port=1)
     others = build_hooks(exp, rank1, scaling, 8, 4, eval_loader=None, eval_set=None)
-    assert [type(h) for h in others] == [LRSchedulerHook, CheckpointHook]  # rank 0 logs; no eval set
+    assert [type(h) for h in others] == [HeartbeatHook, LRSchedulerHook, CheckpointHook]  # rank 0 logs; no eval set
+    assert others[0].path.endswith("rank-1.jsonl") and others[0].eval_period == 0
 
 
 def test_training_code_does_not_know_how_it_was_launched():

@@ -14,10 +14,12 @@ disjoint share of the leased devices (``procs`` each) and their thread share.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -34,8 +36,9 @@ from cluster.process import signal_group
 from orchestrator.launchers.local.launcher import cancel_requested
 from orchestrator.launchers.local.plan import NodeJob, NodeRequest
 from orchestrator.launchers.local.reasons import failure_reason
-from orchestrator.records import annotate, log_path, say, transition
+from orchestrator.records import annotate, load_record, log_path, say, transition
 from orchestrator.spec import JobState
+from orchestrator.watchdog import HangSettings, Watchdog, write_report
 
 POLL_S = 0.05
 WATCH_POLL_S = 0.25  # how often a running job checks for `orch cancel`
@@ -43,6 +46,8 @@ QUEUE_POLL_S = 0.5  # other orch processes' releases are seen by polling; our ow
 _released = threading.Condition()
 _releases = [0]  # bumped under _released at every release, so a wake-up between try and wait is not lost
 TERM_GRACE_S = 10.0
+HANG_POLL_S = 5.0  # how often a running job's heartbeats are read
+HANG_RESTARTS = 3  # runtime.on_hang=requeue: restarts from the last checkpoint before the job fails
 _stopping = threading.Event()
 
 
@@ -98,7 +103,14 @@ def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.Bou
             _finish(job_id, JobState.CANCELLED, None, None)
             return
         procs = _start(job, devices, port)
-        code = _watch(job_id, procs)
+        code, hang = _watch(job_id, procs, _watchdog(job_id, job))
+        restarts = 0
+        while hang is not None and _on_hang(job_id) == "requeue" and restarts < HANG_RESTARTS \
+                and not (cancel_requested(job_id) or _stopping.is_set()):
+            restarts += 1
+            say(job_id, f"runtime.on_hang=requeue: restarting from the last checkpoint ({restarts}/{HANG_RESTARTS})")
+            procs = _start(_resuming(job), devices, port)
+            code, hang = _watch(job_id, procs, _watchdog(job_id, job))
         ended_at = time.time()
         # Free the slice before the bookkeeping, so that the next queued job starts at once.
         for lease in (port_lease, devices):
@@ -107,8 +119,10 @@ def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.Bou
         _wake_waiters()
         if cancel_requested(job_id) or _stopping.is_set():
             _finish(job_id, JobState.CANCELLED, code, None, ended_at)
-        elif code == 0:
+        elif code == 0 and hang is None:
             _finish(job_id, JobState.SUCCEEDED, 0, None, ended_at)
+        elif hang is not None:
+            _finish(job_id, JobState.FAILED, code, hang, ended_at)
         else:
             _finish(job_id, JobState.FAILED, code, _failure_reason(job_id, procs, code), ended_at)
     except Exception as err:  # anything here is orch's fault or the machine's: record it
@@ -214,20 +228,64 @@ def _fill(text: str, port: Optional[int]) -> str:
     return text.replace("{port}", str(port)) if port is not None else text
 
 
-def _watch(job_id: str, procs: list[subprocess.Popen]) -> int:
-    """Wait for every process; when one fails (or on cancel) stop the others, as torchrun does,
-    since the survivors would block in a collective. Returns the first non-zero status, else 0."""
+def _watchdog(job_id: str, job: NodeJob) -> Optional[Watchdog]:
+    """The hang watchdog of one attempt of ``job`` (None when its record names no config)."""
+    record = load_record(job_id)
+    if not record.config_path or not os.path.exists(record.config_path):
+        return None
+    world = sum(c.procs for c in job.commands)
+    return Watchdog(record.output_dir, HangSettings.of_config(record.config_path), world)
+
+
+def _on_hang(job_id: str) -> str:
+    return HangSettings.of_config(load_record(job_id).config_path).on_hang
+
+
+def _resuming(job: NodeJob) -> NodeJob:
+    """``job`` with every worker told to resume from its newest checkpoint."""
+    commands = tuple(dataclasses.replace(c, argv=(*c.argv, "--set", "runtime.resume=auto")) for c in job.commands)
+    return dataclasses.replace(job, commands=commands)
+
+
+def _hung(job_id: str, procs: list[subprocess.Popen], watchdog: Watchdog) -> Optional[str]:
+    """When the job hangs: dump every rank's stack, record the reason; returns it (None: no hang)."""
+    stall = watchdog.check()
+    if stall is None:
+        return None
+    pids = {i: p.pid for i, p in enumerate(procs)} if len(procs) == watchdog.world_size else {}
+    report = write_report(watchdog.output_dir, stall, pids)
+    say(job_id, f"{report.reason}; stacks in {report.folder}")
+    annotate(job_id, extra={"hang": report.folder, "hang_reason": report.reason})
+    return report.reason
+
+
+def _watch(job_id: str, procs: list[subprocess.Popen],
+           watchdog: Optional[Watchdog] = None) -> tuple[int, Optional[str]]:
+    """Wait for every process; when one fails (or on cancel, or a hang the job's
+    ``runtime.on_hang`` does not wait out) stop the others, as torchrun does, since the survivors
+    would block in a collective. Returns the first non-zero status (else 0) and the hang reason."""
     first_bad: Optional[int] = None
     stopped_at: Optional[float] = None
+    hang: Optional[str] = None
+    next_check = time.monotonic() + HANG_POLL_S
     pgid = procs[0].pid
+    exits: dict[int, dict] = {}  # process index -> how and when it ended (what `orch why` reads)
     while True:
         codes = [p.poll() for p in procs]
-        for code in codes:
+        for index, code in enumerate(codes):
+            if code is not None and index not in exits:
+                exits[index] = {"index": index, "pid": procs[index].pid, "code": code, "at": time.time(),
+                                "stopped": stopped_at is not None}
             if code not in (None, 0) and first_bad is None:
                 first_bad = code
         if all(c is not None for c in codes):
             break
-        stop = first_bad is not None or _stopping.is_set() or cancel_requested(job_id)
+        if watchdog is not None and hang is None and stopped_at is None and time.monotonic() >= next_check:
+            next_check = time.monotonic() + HANG_POLL_S
+            hang = _hung(job_id, procs, watchdog)
+            if hang is not None and watchdog.settings.on_hang == "wait":
+                hang = None  # reported once; the job keeps its devices until it ends or is cancelled
+        stop = first_bad is not None or hang is not None or _stopping.is_set() or cancel_requested(job_id)
         if stop and stopped_at is None:
             stopped_at = time.monotonic()
             signal_group(pgid, signal.SIGTERM)
@@ -236,7 +294,8 @@ def _watch(job_id: str, procs: list[subprocess.Popen]) -> int:
         _wait_any(procs, WATCH_POLL_S)
     # Leftovers (data-loader workers, grandchildren) must not outlive the job or its lease.
     signal_group(pgid, signal.SIGKILL)
-    return first_bad if first_bad is not None else 0
+    annotate(job_id, extra={"exits": sorted(exits.values(), key=lambda e: e["at"]), "host": socket.gethostname()})
+    return (first_bad if first_bad is not None else 0), hang
 
 
 def _wait_any(procs: list[subprocess.Popen], timeout_s: float) -> None:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
+import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,12 +29,63 @@ from orchestrator.spec import JobState
 log = logging.getLogger("orchestrator.ray")
 
 
-class Cancelled(BaseException):
-    """Raised in the driver by SIGTERM (BaseException: nothing on the way may swallow it)."""
+class Cancelled(KeyboardInterrupt):
+    """Raised in the driver by SIGTERM. A KeyboardInterrupt: nothing on the way may swallow it,
+    and ``ray.get``'s signal check passes only those on (as a plain KeyboardInterrupt; it swallows
+    any other exception of a signal handler, so a cancel would never reach the driver)."""
 
 
 def _raise_cancelled(*_: Any) -> None:
     raise Cancelled()
+
+
+_hang: list[str] = []  # the reason, set by the watchdog thread before it signals the main thread
+
+
+def _raise_hung(*_: Any) -> None:
+    # KeyboardInterrupt: the one exception ray.get's signal check passes on (it swallows others).
+    raise KeyboardInterrupt(_hang[0] if _hang else "hang")
+
+
+def start_watchdog(request: RayJobRequest) -> Optional[threading.Event]:
+    """The hang watchdog of a Ray job: a driver thread reads the workers' heartbeats; on a hang
+    it dumps the workers on this host (py-spy) and acts on ``runtime.on_hang``: ``fail`` ends the
+    job (an interrupt in the main thread; the workers go with the driver), ``requeue`` kills the hung
+    workers so that Ray Train restarts them from the last checkpoint (``max_failures``),
+    ``wait`` reports only. Returns the event that stops it."""
+    from orchestrator.watchdog import HangSettings, Watchdog, write_report
+
+    if not request.output_dir or not request.config_path:
+        return None
+    settings = HangSettings.of_config(request.config_path)
+    stop = threading.Event()
+    main_thread = threading.main_thread().ident
+
+    def watch() -> None:
+        watchdog = Watchdog(request.output_dir, settings, int(request.num_workers))
+        while not stop.wait(5.0):
+            stall = watchdog.check()
+            if stall is None:
+                continue
+            report = write_report(request.output_dir, stall)
+            log.error("%s; stacks in %s", report.reason, report.folder)
+            if request.job_id:
+                records.annotate(request.job_id, extra={"hang": report.folder, "hang_reason": report.reason})
+            if settings.on_hang == "fail":
+                _hang[:] = [report.reason]
+                signal.pthread_kill(main_thread, signal.SIGUSR2)
+                return
+            if settings.on_hang == "wait":
+                return
+            here = socket.gethostname()  # requeue: Ray Train restarts the killed workers
+            for beat in (stall.progress.ranks.values() if stall.progress else ()):
+                if beat.host == here:
+                    with contextlib.suppress(OSError):
+                        os.kill(beat.pid, signal.SIGKILL)
+            watchdog = Watchdog(request.output_dir, settings, int(request.num_workers))  # the next attempt
+
+    threading.Thread(target=watch, name="hang-watchdog", daemon=True).start()
+    return stop
 
 
 def set_state(job_id: Optional[str], state: JobState, **fields: Any) -> None:
@@ -83,9 +137,15 @@ def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpu
             if job_id:
                 records.annotate(job_id, extra={"ray_head_pid": head.process.pid, "ray_address": address})
             log.info("started a private Ray head at %s", address)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
         # Job-level (Ray runs a worker_process_setup_hook only from here): gloo's interface on every node.
         ray.init(address=address, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "orchestrator.launchers.ray.cluster.set_socket_ifname"})
+        # ray.init installs its C++ failure handler for SIGTERM, which dumps and dies: the driver's
+        # own handler (cancel: end the trials' runs, stop the head) is put back.
+        for sig, handler in handlers.items():
+            if callable(handler) and threading.current_thread() is threading.main_thread():
+                signal.signal(sig, handler)
         yield address
     finally:
         with contextlib.suppress(Exception):
@@ -104,11 +164,19 @@ def run_job(request: RayJobRequest) -> JobState:
             gpu = request.use_gpu
             use_gpu = gpu == "yes" or (gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
             set_state(job_id, JobState.RUNNING)
-            result = build_trainer(request, use_gpu).fit()
+            stop_watchdog = start_watchdog(request)
+            try:
+                result = build_trainer(request, use_gpu).fit()
+            finally:
+                if stop_watchdog is not None:
+                    stop_watchdog.set()
             error = getattr(result, "error", None)
             if error is not None:
                 raise RuntimeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error))
-    except Cancelled:
+    except KeyboardInterrupt:  # SIGTERM (orch cancel), Ctrl-C, or the hang watchdog
+        if _hang:
+            set_state(job_id, JobState.FAILED, error=_hang[0][:2000], exit_code=1)
+            return JobState.FAILED
         set_state(job_id, JobState.CANCELLED)
         return JobState.CANCELLED
     except Exception as err:  # noqa: BLE001 - any failure ends as a FAILED record with its line
@@ -125,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     setup_logging()
     signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGUSR2, _raise_hung)
     try:
         request = RayJobRequest.from_json(json.loads(Path(args[0]).read_text()))
     except (IndexError, OSError, ValueError, TypeError) as err:

@@ -142,12 +142,14 @@ class SlurmTrainJob(Checkpointable):
             record_restarts(self.config_path, restarts)
         from detection.engine import Preempted
 
+        watchdog = start_watchdog(self.config_path, env)
         try:
             result = run(self.config_path, overrides, hooks=[PreemptionHook(flag)], env=env)
         except Preempted as err:
             self._after_preemption(flag, env.is_main, restarts, err)
             raise  # only reached when no requeue is left
         finally:
+            watchdog.stop()
             if lease is not None:
                 lease.release()
         return {"metrics": dict(result.metrics), "run_id": result.run_id, "output_dir": result.output_dir,
@@ -173,6 +175,27 @@ class SlurmTrainJob(Checkpointable):
         """submitit's own requeue path (a USR2 before our handlers are installed): run the same
         callable again; the requeued run resumes from the last checkpoint (resume=auto)."""
         return DelayedSubmission(self, *args, **kwargs)
+
+
+def start_watchdog(config_path: str, env: Any) -> Any:
+    """The hang watchdog thread of this task (task 0 decides, every task dumps its own stack);
+    on a hang task 0 acts on ``runtime.on_hang``: ``fail`` exits (srun --kill-on-bad-exit stops
+    the other tasks), ``requeue`` asks Slurm to requeue the job, ``wait`` only reports."""
+    from orchestrator.config import load_experiment, output_dir_of
+    from orchestrator.watchdog import HangSettings
+    from orchestrator.watchdog_task import TaskWatchdog
+
+    settings = HangSettings.of_config(config_path)
+
+    def act(report: Any) -> None:
+        if settings.on_hang == "requeue":
+            subprocess.run(["scontrol", "requeue", job_key()], check=False, timeout=60)
+        elif settings.on_hang == "fail":
+            print(f"orch worker: error: {report.reason}; stacks in {report.folder}", file=sys.stderr, flush=True)
+            os._exit(1)  # the main thread is the one hung: no clean way out of it
+
+    output = str(output_dir_of(load_experiment(config_path)))
+    return TaskWatchdog(output, settings, env.rank, env.world_size, act).start()
 
 
 def write_task_env(folder: Path, env: Any, restarts: int) -> None:
