@@ -44,7 +44,8 @@ class Row:
     backend: str
     members: list[JobRecord]
     counts: dict[JobState, int] = field(default_factory=dict)
-    # Live progress (step/total, img/s, ETA) once a heartbeat reports it; None until then.
+    # Live progress of a running job (``step 120/400, 35.2 img/s, ETA 0:04:10``) from its ranks'
+    # heartbeats; None until the first step, and for groups and ended jobs.
     progress: Optional[str] = None
 
     @property
@@ -75,7 +76,8 @@ class Row:
     def counts_text(self) -> str:
         """``812 SUCCEEDED · 8 RUNNING · 180 PENDING`` (a single job: its state)."""
         if self.kind == "job":
-            return self.members[0].state.value
+            state = self.members[0].state.value
+            return f"{state} {self.progress}" if self.progress else state
         return " · ".join(f"{self.counts[s]} {s.value}" for s in COUNT_ORDER if self.counts.get(s))
 
 
@@ -118,7 +120,9 @@ def job_row(record: JobRecord) -> Row:
     """One job as a row of its own (a sweep: its trials counted)."""
     trials = record.extra.get("trials") if record.extra.get("kind") == "sweep" else None
     if trials is None:
-        return Row("job", record.job_id, record.name, record.backend, [record], {record.state: 1})
+        live = progress_of(record)
+        return Row("job", record.job_id, record.name, record.backend, [record], {record.state: 1},
+                   progress=live["text"] if live else None)
     counts: dict[JobState, int] = {}
     for trial in trials.values():
         state = TUNE_STATES.get(str(trial.get("status", "")).upper(), JobState.UNKNOWN)
@@ -227,5 +231,20 @@ def to_json(record: JobRecord, now: Optional[float] = None) -> dict[str, Any]:
         "elapsed_s": elapsed_s(record.started_at, record.ended_at, now), "exit_code": record.exit_code,
         "error": record.error, "output_dir": record.output_dir, "log_path": record.log_path,
         "config_path": record.config_path, "mlflow_run_id": record.mlflow_run_id,
-        "tracking_uri": record.tracking_uri, "progress": None,
+        "tracking_uri": record.tracking_uri, "progress": progress_of(record),
     }
+
+
+def progress_of(record: JobRecord) -> Optional[dict[str, Any]]:
+    """A running job's live progress from its ranks' heartbeats (``step``, ``total``,
+    ``images_per_s``, ``eta_s``, ``last_beat``); None for a job not running or not yet stepping.
+    Only running jobs' folders are read, so a long listing of ended jobs costs nothing more."""
+    if record.state is not JobState.RUNNING or not record.output_dir:
+        return None
+    from orchestrator.progress import read_progress
+
+    progress = read_progress(record.output_dir)
+    if progress is None:
+        return None
+    return {"step": progress.step, "total": progress.total, "images_per_s": progress.images_per_s,
+            "eta_s": progress.eta_s, "last_beat": progress.last_beat, "text": progress.describe()}

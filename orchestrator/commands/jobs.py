@@ -15,9 +15,10 @@ from typing import Optional
 
 import click
 
+from cluster.errors import ConfigError
 from orchestrator.jobs import cancel_job, refresh_record, refresh_records
 from orchestrator.jobview import (Row, elapsed_s, elapsed_text, expand, job_row, parse_since, parse_states,
-                                  recent, rows_of, select, to_json)
+                                  progress_of, recent, rows_of, select, to_json)
 from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobRecord, JobState
 
@@ -53,11 +54,31 @@ def _console():
 @click.option("--name", default=None, help="Only jobs whose name contains NAME (or matches it, with * ? [).")
 @click.option("--since", default=None, help="Only jobs submitted since: 30m, 2h, 3d, 1w, or a date (2026-12-01).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per job (see the README for the keys).")
+@click.option("--watch", "watch_s", type=float, default=None, is_flag=False, flag_value=5.0, metavar="[SECONDS]",
+              help="Refresh in place every SECONDS (default 5) until Ctrl-C.")
 def status_cmd(job: Optional[str], show_all: bool, states: tuple[str, ...], backends: tuple[str, ...],
-               name: Optional[str], since: Optional[str], as_json: bool) -> None:
-    """Show jobs: one line per job, Slurm array, k-fold set and sweep, with their states counted.
+               name: Optional[str], since: Optional[str], as_json: bool, watch_s: Optional[float]) -> None:
+    """Show jobs: one line per job, Slurm array, k-fold set and sweep, with their states counted,
+    and a running job's step, images per second and ETA (from its ranks' heartbeats).
     JOB: the details of one job (an id or a unique prefix of one), or every job of a k-fold set
     or array (kfold-<set id>, array-<Slurm id>, as listed)."""
+    if watch_s is None:
+        _status_once(job, show_all, states, backends, name, since, as_json)
+        return
+    if watch_s <= 0 or as_json:
+        raise ConfigError("--watch takes a number of seconds above 0, and no --json (a script polls on its own)")
+    try:
+        while True:
+            click.clear()
+            click.echo(time.strftime("%H:%M:%S") + f"  (every {watch_s:g} s; Ctrl-C ends)")
+            _status_once(job, show_all, states, backends, name, since, as_json)
+            time.sleep(watch_s)
+    except KeyboardInterrupt:
+        click.echo("")
+
+
+def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], backends: tuple[str, ...],
+                 name: Optional[str], since: Optional[str], as_json: bool) -> None:
     now = time.time()
     wanted = parse_states(states)
     start = parse_since(since, now) if since else None
@@ -146,6 +167,9 @@ def _show_one(r: JobRecord) -> None:
         ("output", r.output_dir), ("config", r.config_path), ("log", r.log_path),
         ("mlflow run", r.mlflow_run_id or "-"),
     ]
+    live = progress_of(r)
+    if live:
+        rows.insert(4, ("progress", live["text"]))
     from orchestrator.launchers import launcher_for
 
     rows += launcher_for(r).describe(r)  # devices and port, Slurm state, a sweep's trials, ...

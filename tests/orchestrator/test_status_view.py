@@ -108,3 +108,30 @@ def test_a_long_listing_is_plain_lines(capsys, monkeypatch):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:5] == ["JOB", "ID", "NAME", "BACKEND", "STATE"] and len(lines) == 6
     assert all("SUCCEEDED" in line for line in lines[1:])
+
+
+def test_a_running_job_shows_its_step_speed_and_eta(tmp_path, capsys):
+    """The STATE cell and --json of a running job carry its ranks' heartbeat progress (issue 20's
+    live progress in issue 18's view); an ended job's folder is not read."""
+    from types import SimpleNamespace
+
+    from detection.hooks import HeartbeatHook
+
+    out_dir = tmp_path / "run"
+    hook = HeartbeatHook(str(out_dir), 0, unit="iter", eval_period=100, tick_s=0.05)
+    hook.before_train(SimpleNamespace(iter=0, max_iters=400, iters_per_epoch=100, epoch=0))
+    for step in range(1, 121):
+        hook.after_iter(SimpleNamespace(iter=step, max_iters=400, iters_per_epoch=100, epoch=0),
+                        {"time": 0.25, "images": 8.0})
+    running = make("live", JobState.RUNNING, output_dir=str(out_dir))
+    ended = make("done", JobState.SUCCEEDED, output_dir=str(out_dir))
+    assert cli(["status"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if running.job_id in l)
+    # 280 steps left at 0.25 s; img/s is measured over the beats' wall times (here written at once)
+    assert "RUNNING step 120/400" in line and "ETA 0:01:10" in line
+    assert cli(["status", "--json"]) == 0
+    rows = {r["job_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[running.job_id]["progress"]["step"] == 120 and rows[running.job_id]["progress"]["total"] == 400
+    assert rows[ended.job_id]["progress"] is None
+    assert cli(["status", running.job_id]) == 0
+    assert "step 120/400" in capsys.readouterr().out
