@@ -1,8 +1,9 @@
 """Replays a run journal (``detection.journal``) to an MLflow tracking URI, exactly once.
 
 ``ship(journal_dir, uri)`` sends what is new since the last call and returns; ``ship_forever``
-follows a journal that training is still writing (the process ``python -m
-orchestrator.tracking.shipper JOURNAL_DIR --uri URI --follow`` started beside training).
+follows one journal that training is still writing (``python -m orchestrator.tracking.shipper
+JOURNAL_DIR --uri URI --follow``, by hand). Beside jobs, one process per host ships every
+journal with ``ship`` (:mod:`.host_shipper`).
 
 Exactly once, in three parts:
 1. The run: found by its tag ``orch.journal_id`` before one is created (``store``), and its id
