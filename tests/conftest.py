@@ -203,6 +203,30 @@ def random_detector(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_shipper_outlives_the_session(tmp_path_factory):
+    """Fails the session when an MLflow shipper it started still runs at its end (after a
+    minute's grace; ``orch_testing.leftover_shippers``). Processes of the session are marked by
+    ``ORCH_TEST_SESSION`` in their environment; ``ORCH_HOME`` is the session's own, so this
+    session's jobs never share a shipper with another session's (or the user's ~/.orch)."""
+    import uuid
+
+    from orch_testing import SESSION_ENV, leftover_shippers
+
+    saved = {name: os.environ.get(name) for name in (SESSION_ENV, "ORCH_HOME")}
+    session = uuid.uuid4().hex
+    os.environ[SESSION_ENV] = session
+    os.environ["ORCH_HOME"] = str(tmp_path_factory.mktemp("orch_home"))
+    yield
+    left = leftover_shippers(session)
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    assert not left, f"{len(left)} MLflow shipper process(es) outlived the tests that started them: {left}"
+
+
 # Daemons one test session shares: the local Slurm cluster (one per machine) and Ray heads (two
 # at once starve this 2-core machine). Under pytest-xdist (`make test` runs `-n 3 --dist
 # loadgroup`) the tests of each run in one worker, one after another; other tests run beside them.

@@ -60,3 +60,48 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+SHIPPER_MARKS = ("orchestrator.tracking.host_shipper", "orchestrator.tracking.shipper")
+SESSION_ENV = "ORCH_TEST_SESSION"  # set by the test session; every process it starts inherits it
+
+
+def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the live processes whose environment holds ``name=value``
+    (read from /proc; processes of other users are skipped)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in environ and state not in ("Z", "X"):
+            found.append((int(entry), cmdline(int(entry))))
+    return found
+
+
+def leftover_shippers(session: str, grace_s: float = 60.0) -> list[tuple[int, str]]:
+    """MLflow shipper processes started during test session ``session`` (their environment holds
+    ``ORCH_TEST_SESSION=session``) still alive after ``grace_s`` seconds: a shipper exits once
+    what it follows is shipped, so one left is a shipper that outlived its purpose (or a test that
+    stopped a server without reaping its shippers). Those found are killed (SIGKILL, by pid)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [(pid, argv) for pid, argv in processes_with_env(SESSION_ENV, session)
+                if any(mark in argv for mark in SHIPPER_MARKS)]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -88,7 +89,9 @@ class HostShipper:
             self.pass_once()
             if self.stopping or not registry.entries(self.folder):
                 if self.stopping or registry.release(lock_fd, self.folder):
-                    log.info("host shipper: nothing left to ship (%d journal(s) shipped); exiting", self.shipped)
+                    usage = resource.getrusage(resource.RUSAGE_SELF)
+                    log.info("host shipper: nothing left to ship (%d journal(s) shipped, %.2f CPU-s); exiting",
+                             self.shipped, usage.ru_utime + usage.ru_stime)
                     return 0
             deadline = time.monotonic() + self.poll_s
             while time.monotonic() < deadline and not self.stopping:
