@@ -80,6 +80,11 @@ def shipper_cpu(home: Path) -> tuple[int, float]:
     return runs, cpu
 
 
+def learning_rates(points: int) -> list[float]:
+    """The grid's values (one per point)."""
+    return [round(1e-4 * (i + 1), 6) for i in range(points)]
+
+
 def experiment_yaml(folder: Path, uri: str, points: int, folds: int, iterations: int) -> Path:
     """The tiny shapes experiment as a k-fold grid set of ``points`` learning rates."""
     import yaml
@@ -96,7 +101,7 @@ def experiment_yaml(folder: Path, uri: str, points: int, folds: int, iterations:
     mapping["checkpoint"].update(interval=iterations, save_best=None)
     mapping["tracking"]["experiment"] = "scale"
     mapping["kfold"] = {"folds": folds, "allow_small_classes": True}
-    mapping["grid"] = {"optim.lr": [round(1e-4 * (i + 1), 6) for i in range(points)]}
+    mapping["grid"] = {"optim.lr": learning_rates(points)}
     path = folder / "scale.yaml"
     path.write_text(yaml.safe_dump(mapping, sort_keys=False))
     return path
@@ -158,7 +163,7 @@ def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[s
         browser.wait_text(*point_names[:3], timeout_s=180)
         return []
     except AssertionError as err:
-        return [str(err).splitlines()[0]]
+        return [str(err)[:2000]]
     finally:
         browser.close()
 
@@ -166,6 +171,7 @@ def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[s
 def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store: str = "postgres",
               max_parallel: int = 2, browser: bool = False, echo=print) -> dict[str, Any]:
     """The whole measurement in ``folder`` (servers stopped after); returns the summary."""
+    from orchestrator.kfold.expand import format_value
     from pg_helpers import Postgres
     from ship_helpers import MlflowServer
 
@@ -208,8 +214,9 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
         if browser:
             link = next((line.split("view it: open ", 1)[1].split()[0] for line in done.stdout.splitlines()
                          if "view it: open " in line), None)
-            result["browser_problems"] = (look_in_browser(link, "scale grid", [f"lr={1e-4 * (i + 1):g}" for i in range(3)])
-                                          if link else ["orch kfold printed no link"])
+            names = [f"lr={format_value(lr)}" for lr in learning_rates(min(points, 3))]
+            result["browser_problems"] = (look_in_browser(link, "scale grid", names) if link
+                                          else ["orch kfold printed no link"])
     finally:
         if server is not None:
             server.stop()
