@@ -35,7 +35,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "orchestrator" / "tracking")]
 
-SHIPPER_MARKS = ("orchestrator.tracking.host_shipper", "orchestrator.tracking.shipper")
+SHIPPER_MARKS = ("orchestrator.tracking.shipper",)  # the host shipper runs as `shipper --host`
 
 
 class ShipperWatch:

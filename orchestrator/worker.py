@@ -74,6 +74,9 @@ def start_shipping(experiment: Any) -> None:
                     "answers (or run `orch sync %s` from a machine that reaches it)", uri, folder,
                     output_dir_of(experiment))
     runs.start_shipper(folder, uri, until_pid=os.getpid())
+    from orchestrator.tracking.registry import keep_shipper
+
+    keep_shipper()  # another job's allocation may end the host's shipper while this one trains
 
 
 def write_result(result: Any) -> None:

@@ -62,7 +62,7 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-SHIPPER_MARKS = ("orchestrator.tracking.host_shipper", "orchestrator.tracking.shipper")
+SHIPPER_MARKS = ("orchestrator.tracking.shipper",)  # the host shipper runs as `shipper --host`
 SESSION_ENV = "ORCH_TEST_SESSION"  # set by the test session; every process it starts inherits it
 
 

@@ -1,7 +1,7 @@
 """This host's shipper: one process that ships every journal registered in its registry folder
 (:mod:`.registry`), started by the first job that needs it, gone once nothing is left.
 
-``python -m orchestrator.tracking.host_shipper REGISTRY_DIR --lock-fd FD`` (started by
+``python -m orchestrator.tracking.shipper --host REGISTRY_DIR --lock-fd FD`` (started by
 :func:`registry.ensure_shipper`, which hands it the locked ``shipper.lock``). Every ``POLL_S``
 seconds it looks at each entry and ships what is new (:func:`shipper.ship`: ``log_batch`` calls,
 exactly once, parents first); a journal with nothing new costs a ``stat`` and a cursor read.
@@ -29,7 +29,6 @@ import logging
 import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +193,7 @@ class HostShipper:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.tracking.host_shipper",
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.tracking.shipper --host",
                                      description=(__doc__ or "").split("\n")[0])
     parser.add_argument("registry", help="the registry folder ($ORCH_HOME/shipping/<host>)")
     parser.add_argument("--lock-fd", type=int, required=True, help="descriptor of the locked shipper.lock")
@@ -215,7 +214,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 __all__ = ["HostShipper", "LINGER_S", "OWNER_GRACE_S", "POLL_S", "linger_s", "main"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

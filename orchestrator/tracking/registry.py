@@ -16,7 +16,8 @@ sweep or a 1000-trial set costs one MLflow import and one process, not one per t
 
 The starting process takes ``shipper.lock`` itself and hands the locked file to the shipper it
 starts (an inherited descriptor shares the lock), so two jobs starting at once cannot both start
-one. A Slurm allocation ends every process it started, its shipper too: entries it left are
+one. A Slurm allocation ends every process it started, its shipper too: a training process still
+running on the host starts it again within 30 s (``keep_shipper``); entries of ended jobs are
 picked up by the next ``orch status`` on the login node (``runs.ensure_shipping``) or ``orch sync``.
 """
 
@@ -31,6 +32,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +180,8 @@ def ensure_shipper(folder: Optional[Path] = None) -> Optional[int]:
         if fd is None:
             return None
         try:
-            argv = [sys.executable, "-m", "orchestrator.tracking.host_shipper", str(folder), "--lock-fd", str(fd)]
+            # Started as `shipper --host`: what looks for shipper processes by name finds it too.
+            argv = [sys.executable, "-m", "orchestrator.tracking.shipper", "--host", str(folder), "--lock-fd", str(fd)]
             with open(folder / SHIPPER_LOG, "ab") as out:
                 proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True, pass_fds=(fd,), cwd=str(folder))
@@ -186,6 +189,31 @@ def ensure_shipper(folder: Optional[Path] = None) -> Optional[int]:
         finally:
             os.close(fd)  # the shipper's inherited descriptor keeps the lock
     return proc.pid
+
+
+_keeper: list[threading.Thread] = []
+
+
+def keep_shipper(interval_s: float = 30.0) -> threading.Thread:
+    """A daemon thread of a long-lived owner (a training process) that starts this host's shipper
+    again whenever none runs (every ``interval_s``: one lock attempt): a shipper started inside a
+    Slurm allocation ends with it, while jobs of other allocations on the host still write. One
+    per process (Ray reuses its worker processes for many trainings)."""
+    if _keeper and _keeper[0].is_alive():
+        return _keeper[0]
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                ensure_shipper()
+            except OSError as err:  # e.g. ORCH_HOME gone: the next try may work
+                log.debug("shipper not restarted: %s", err)
+
+    thread = threading.Thread(target=loop, name="orch-keep-shipper", daemon=True)
+    thread.start()
+    _keeper[:] = [thread]
+    return thread
 
 
 def release(lock_fd: int, folder: Path) -> bool:
@@ -209,5 +237,5 @@ def hosts() -> list[Path]:
         return []
 
 
-__all__ = ["Entry", "drop", "ensure_shipper", "entries", "hosts", "register", "registry_dir", "release",
+__all__ = ["Entry", "drop", "ensure_shipper", "entries", "hosts", "keep_shipper", "register", "registry_dir", "release",
            "shipper_alive", "shipping_root", "start_lock"]

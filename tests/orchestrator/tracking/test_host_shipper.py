@@ -31,7 +31,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 def shippers(home: Path) -> list[int]:
     """Pids of the shipper processes serving ``home``."""
-    return [pid for pid, argv in processes_with_env("ORCH_HOME", str(home)) if "tracking.host_shipper" in argv]
+    return [pid for pid, argv in processes_with_env("ORCH_HOME", str(home)) if "tracking.shipper --host" in argv]
 
 
 def wait_no_shipper(home: Path, timeout_s: float = 300) -> None:
