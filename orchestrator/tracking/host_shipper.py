@@ -109,7 +109,7 @@ class HostShipper:
             now = time.monotonic()
             if not entry.owner_alive():
                 watch.owner_gone = watch.owner_gone or now
-            if not is_journal(entry.journal):  # deleted, or not written yet (training makes it)
+            if not self._is_journal(entry.journal):  # deleted, or not written yet (training makes it)
                 if watch.seen or watch.owner_gone is not None:
                     self._drop(entry, "its folder is gone" if watch.seen else "no journal there and its job has ended")
                 continue
@@ -180,6 +180,12 @@ class HostShipper:
         registry.drop(entry)
         self.watches.pop(entry.path, None)
         self.metas.pop(entry.journal, None)
+
+    def _is_journal(self, folder: str) -> bool:
+        """Whether ``folder`` holds a journal (a ``stat`` once its ``meta.json`` was read)."""
+        if folder in self.metas:
+            return os.path.exists(os.path.join(folder, META))
+        return is_journal(folder)
 
     def _index(self, current: list[registry.Entry]) -> dict[str, str]:
         """journal id -> folder of the registered journals (``meta.json`` never changes)."""
