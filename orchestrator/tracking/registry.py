@@ -223,8 +223,10 @@ def keep_shipper(interval_s: float = 30.0) -> threading.Thread:
     def loop() -> None:
         while True:
             time.sleep(interval_s)
+            folder = registry_dir()
             try:
-                ensure_shipper()
+                if folder.is_dir() and entries(folder):  # never recreates a deleted ORCH_HOME
+                    ensure_shipper(folder)
             except OSError as err:  # e.g. ORCH_HOME gone: the next try may work
                 log.debug("shipper not restarted: %s", err)
 
