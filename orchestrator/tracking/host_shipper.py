@@ -20,6 +20,8 @@ An entry is removed when:
 The process exits when no entry is left (decided under ``start.lock``, so a job registering at
 that moment either is seen or starts a new shipper) or when its registry folder is deleted.
 While the server's port is closed no MLflow call is made: a plain connect probes it each pass.
+Each tracking URI is served by a thread of its own, so a store that stalls (a server that died
+in the middle of a call: MLflow's HTTP retries last minutes) holds up only its own journals.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +81,8 @@ class HostShipper:
     metas: dict[str, dict] = field(default_factory=dict)
     shipped: int = 0  # journals shipped to their final status
     stopping: bool = False
+    _busy: dict[str, threading.Thread] = field(default_factory=dict)  # URI -> its pass's thread
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # metas, shipped
 
     def run(self, lock_fd: int) -> int:
         log.info("host shipper %d: following the journals registered in %s", os.getpid(), self.folder)
@@ -86,7 +91,7 @@ class HostShipper:
                 log.info("host shipper: %s is gone; exiting", self.folder)
                 return 0
             self.pass_once()
-            if self.stopping or not registry.entries(self.folder):
+            if self.stopping or not (registry.entries(self.folder) or self.busy()):
                 if self.stopping or registry.release(lock_fd, self.folder):
                     usage = resource.getrusage(resource.RUSAGE_SELF)
                     log.info("host shipper: nothing left to ship (%d journal(s) shipped, %.2f CPU-s); exiting",
@@ -96,38 +101,66 @@ class HostShipper:
             while time.monotonic() < deadline and not self.stopping:
                 time.sleep(min(0.2, self.poll_s))
 
-    def pass_once(self) -> None:
+    def pass_once(self, wait_s: Optional[float] = None) -> None:
+        """Look at every entry: one thread per tracking URI, so that a store that stalls (a
+        server that died mid-call sits in MLflow's HTTP retries for minutes) holds up only its
+        own journals; a URI whose thread of an earlier pass still runs is skipped. Waits up to
+        ``wait_s`` (default: the poll interval) for this pass's threads."""
+        current = registry.entries(self.folder)
+        with self._lock:
+            index = self._index(current)
+        groups: dict[str, list[registry.Entry]] = {}
+        for entry in current:
+            groups.setdefault(entry.uri, []).append(entry)
+        started = []
+        for uri, group in groups.items():
+            if uri in self._busy and self._busy[uri].is_alive():
+                continue
+            thread = threading.Thread(target=self._pass_uri, args=(uri, group, index), name=f"ship {uri}", daemon=True)
+            self._busy[uri] = thread
+            thread.start()
+            started.append(thread)
+        deadline = time.monotonic() + (self.poll_s if wait_s is None else wait_s)
+        for thread in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def busy(self) -> bool:
+        """Whether a pass's thread still works."""
+        return any(thread.is_alive() for thread in self._busy.values())
+
+    def _pass_uri(self, uri: str, group: list[registry.Entry], index: dict[str, str]) -> None:
         from orchestrator.tracking.runs import reachable
 
-        answers: dict[str, bool] = {}
-        current = registry.entries(self.folder)
-        index = self._index(current)
-        for entry in current:
-            if self.stopping:
-                return
-            watch = self.watches.setdefault(entry.path, _Watch())
-            now = time.monotonic()
-            if not entry.owner_alive():
-                watch.owner_gone = watch.owner_gone or now
-            if not self._is_journal(entry.journal):  # deleted, or not written yet (training makes it)
-                if watch.seen or watch.owner_gone is not None:
-                    self._drop(entry, "its folder is gone" if watch.seen else "no journal there and its job has ended")
-                continue
-            watch.seen = True
-            if entry.uri not in answers:
-                answers[entry.uri] = reachable(entry.uri)
-            if not answers[entry.uri]:
-                if watch.down_since is None:
-                    watch.down_since = now
-                    log.warning("host shipper: %s does not answer; %s waits in its journal", entry.uri, entry.journal)
-                gone_for = now - max(watch.owner_gone or now, watch.down_since)
-                if watch.owner_gone is not None and gone_for >= self.linger:
-                    self._drop(entry, f"{entry.uri} did not answer for {self.linger:.0f} s after the job ended; "
-                                      f"`orch sync {os.path.dirname(entry.journal)}` ships it")
-                continue
-            watch.down_since = None
-            if now < watch.retry_at:
-                continue
+        try:
+            up = reachable(uri)
+            for entry in group:
+                if self.stopping:
+                    return
+                self._look_at(entry, up, index)
+        except Exception:  # noqa: BLE001 - a bug here must not end the host's shipping silently
+            log.exception("host shipper: pass over %s failed", uri)
+
+    def _look_at(self, entry: registry.Entry, up: bool, index: dict[str, str]) -> None:
+        watch = self.watches.setdefault(entry.path, _Watch())
+        now = time.monotonic()
+        if not entry.owner_alive():
+            watch.owner_gone = watch.owner_gone or now
+        if not self._is_journal(entry.journal):  # deleted, or not written yet (training makes it)
+            if watch.seen or watch.owner_gone is not None:
+                self._drop(entry, "its folder is gone" if watch.seen else "no journal there and its job has ended")
+            return
+        watch.seen = True
+        if not up:
+            if watch.down_since is None:
+                watch.down_since = now
+                log.warning("host shipper: %s does not answer; %s waits in its journal", entry.uri, entry.journal)
+            gone_for = now - max(watch.owner_gone or now, watch.down_since)
+            if watch.owner_gone is not None and gone_for >= self.linger:
+                self._drop(entry, f"{entry.uri} did not answer for {self.linger:.0f} s after the job ended; "
+                                  f"`orch sync {os.path.dirname(entry.journal)}` ships it")
+            return
+        watch.down_since = None
+        if now >= watch.retry_at:
             self._ship(entry, watch, index)
 
     def _ship(self, entry: registry.Entry, watch: _Watch, index: dict[str, str]) -> None:
@@ -168,7 +201,8 @@ class HostShipper:
         watch.backoff = min(watch.backoff * 2, MAX_BACKOFF_S)
 
     def _done(self, entry: registry.Entry, run_id: Optional[str], status: Optional[str]) -> None:
-        self.shipped += 1
+        with self._lock:
+            self.shipped += 1
         log.info("host shipper: %s -> %s run %s %s", entry.journal, entry.uri, run_id, status)
         self._forget(entry)
 
@@ -179,7 +213,8 @@ class HostShipper:
     def _forget(self, entry: registry.Entry) -> None:
         registry.drop(entry)
         self.watches.pop(entry.path, None)
-        self.metas.pop(entry.journal, None)
+        with self._lock:
+            self.metas.pop(entry.journal, None)
 
     def _is_journal(self, folder: str) -> bool:
         """Whether ``folder`` holds a journal (a ``stat`` once its ``meta.json`` was read)."""

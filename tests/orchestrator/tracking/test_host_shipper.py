@@ -134,3 +134,31 @@ def test_a_failed_orch_train_leaves_no_shipper(make_experiment, tmp_path, home):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for journal in (tmp_path / "work").rglob("journal"):  # created before the failure: shipped, FAILED
         assert fully_shipped(str(journal), uri) and load_cursor(str(journal), uri).status == "FAILED"
+
+
+def test_a_store_that_stalls_holds_up_only_its_own_journals(tmp_path, home, sqlite_uri):
+    """A server that accepts connections and never answers (MLflow waits 120 s per try, then
+    retries): a journal for another store is shipped meanwhile, by the same shipper."""
+    import signal
+    import socket
+
+    from orchestrator.tracking import runs
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections complete in the backlog; nothing is ever read or answered
+    stalled = make_journal(tmp_path / "stalled" / "journal", run_name="stalled", steps=5)
+    other = make_journal(tmp_path / "other" / "journal", run_name="other", steps=5)
+    try:
+        runs.start_shipper(stalled.folder, f"http://127.0.0.1:{silent.getsockname()[1]}")
+        time.sleep(3)  # the shipper's first call to the silent server is under way
+        runs.start_shipper(other.folder, sqlite_uri)
+        deadline = time.monotonic() + 90  # well under MLflow's 120 s request timeout
+        while load_cursor(other.folder, sqlite_uri).status != "FINISHED":
+            assert time.monotonic() < deadline, shipper_log(home)
+            time.sleep(0.2)
+        assert len(shippers(home)) == 1
+    finally:
+        for pid in shippers(home):  # the stalled journal would keep it for MLflow's retries
+            os.kill(pid, signal.SIGKILL)
+        silent.close()
