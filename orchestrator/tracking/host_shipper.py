@@ -94,8 +94,9 @@ class HostShipper:
             if self.stopping or not (registry.entries(self.folder) or self.busy()):
                 if self.stopping or registry.release(lock_fd, self.folder):
                     usage = resource.getrusage(resource.RUSAGE_SELF)
-                    log.info("host shipper: nothing left to ship (%d journal(s) shipped, %.2f CPU-s); exiting",
-                             self.shipped, usage.ru_utime + usage.ru_stime)
+                    log.info("host shipper: %s (%d journal(s) shipped, %.2f CPU-s); exiting",
+                             "stopped" if self.stopping else "nothing left to ship", self.shipped,
+                             usage.ru_utime + usage.ru_stime)
                     return 0
             deadline = time.monotonic() + self.poll_s
             while time.monotonic() < deadline and not self.stopping:
