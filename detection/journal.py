@@ -296,5 +296,6 @@ class Journal:
             view = view[os.write(self._fd, view):]
 
 
-__all__ = ["Entry", "Journal", "STATUSES", "TERMINAL", "destination", "is_journal", "last_status", "last_steps", "read_entries",
+__all__ = ["Entry", "Journal", "STATUSES", "TERMINAL", "destination", "is_journal", "last_status", "last_steps",
+           "read_entries",
            "read_events", "read_meta"]

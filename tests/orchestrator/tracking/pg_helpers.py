@@ -21,14 +21,16 @@ from ship_helpers import _free_port
 def pg_bin(name: str) -> str:
     """A PostgreSQL program (``initdb``, ``pg_ctl``, ``createdb``): Debian keeps them in
     /usr/lib/postgresql/<version>/bin, off PATH."""
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or ([shutil.which(name)] if shutil.which(name) else [])
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    found = found or ([shutil.which(name)] if shutil.which(name) else [])
     if not found:
         raise RuntimeError(f"PostgreSQL's {name} is missing: apt-get install -y postgresql")
     return found[-1]
 
 
 class Postgres:
-    """``with Postgres() as pg: pg.uri`` (``postgresql+psycopg2://postgres@127.0.0.1:PORT/mlflow``: the driver named, else SQLAlchemy looks for psycopg 3)."""
+    """``with Postgres() as pg: pg.uri`` (``postgresql+psycopg2://postgres@127.0.0.1:PORT/mlflow``:
+    the driver named, else SQLAlchemy looks for psycopg 3)."""
 
     def __init__(self) -> None:
         root = os.geteuid() == 0
