@@ -10,7 +10,9 @@ Layout of a journal folder::
 
     meta.json      written once, atomically: {"format": 1, "journal_id": uuid4 hex,
                    "experiment", "run_name", "created_ms", "parent": null | {"journal_id",
-                   "path" (absolute), "rel" (relative to this folder)}}
+                   "path" (absolute), "rel" (relative to this folder)}, "tracking_uri": the
+                   store the run is made for (null: not known; ``orch sync`` then uses
+                   ``$MLFLOW_TRACKING_URI`` or its ``--uri``)}
     events.jsonl   one JSON object per line, appended (kinds below); "ts" is Unix time in ms
     files/         texts given to ``log_text``, referenced by artifact events
     cursors/       the shippers' progress per destination (written by the shipper only)
@@ -64,6 +66,11 @@ def read_meta(folder: PathLike) -> dict[str, Any]:
     if meta is None or "journal_id" not in meta:
         raise FileNotFoundError(f"no run journal in {folder} ({META} missing or unreadable)")
     return meta
+
+
+def destination(folder: PathLike) -> Optional[str]:
+    """The tracking URI the journal's run is made for (None: not recorded)."""
+    return read_meta(folder).get("tracking_uri") or None
 
 
 def is_journal(folder: PathLike) -> bool:
@@ -176,11 +183,12 @@ class Journal:
 
     @classmethod
     def create(cls, folder: PathLike, experiment: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
-               parent: Union["Journal", PathLike, None] = None) -> "Journal":
+               parent: Union["Journal", PathLike, None] = None, tracking_uri: Optional[str] = None) -> "Journal":
         """A new journal in ``folder`` (created if needed; FileExistsError if it holds one).
 
         ``parent``: the parent run's journal (or its folder) for nested runs (a k-fold set, a
-        sweep); the shipper records the child in the parent's MLflow experiment."""
+        sweep); the shipper records the child in the parent's MLflow experiment.
+        ``tracking_uri``: the store the run is made for (``orch sync`` sends it there)."""
         folder = os.path.abspath(folder)
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(os.path.join(folder, META)):
@@ -191,7 +199,8 @@ class Journal:
             parent_ref = {"journal_id": read_meta(parent_dir)["journal_id"], "path": parent_dir,
                           "rel": os.path.relpath(parent_dir, folder)}
         meta = {"format": FORMAT, "journal_id": uuid.uuid4().hex, "experiment": str(experiment),
-                "run_name": str(run_name), "created_ms": _now_ms(), "parent": parent_ref}
+                "run_name": str(run_name), "created_ms": _now_ms(), "parent": parent_ref,
+                "tracking_uri": str(tracking_uri) if tracking_uri else None}
         write_json_atomic(os.path.join(folder, META), meta, durable=True)
         journal = cls(folder, meta)
         if tags:
@@ -287,5 +296,6 @@ class Journal:
             view = view[os.write(self._fd, view):]
 
 
-__all__ = ["Entry", "Journal", "STATUSES", "TERMINAL", "is_journal", "last_status", "last_steps", "read_entries",
+__all__ = ["Entry", "Journal", "STATUSES", "TERMINAL", "destination", "is_journal", "last_status", "last_steps",
+           "read_entries",
            "read_events", "read_meta"]

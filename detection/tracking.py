@@ -49,7 +49,7 @@ def open_journal(folder: str, config: Any) -> Journal:
     tracking = config.tracking
     return Journal.create(folder, experiment=tracking.experiment or config.name,
                           run_name=tracking.run_name or config.name, tags=dict(tracking.tags or {}),
-                          parent=tracking.parent_journal or None)
+                          parent=tracking.parent_journal or None, tracking_uri=tracking.uri or None)
 
 
 def flatten_params(config: Any) -> dict[str, str]:

@@ -37,7 +37,7 @@ def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = 
     from orchestrator.config import output_dir_of
     from orchestrator.outputs import hold, release
 
-    experiment = load_experiment(config_path, overrides)
+    experiment = with_destination(load_experiment(config_path, overrides))
     env = env or DistEnv.detect(os.environ)
     # One live run per folder, whatever started it: rank 0 holds the folder's run lock while it
     # trains (a second run into it is refused at once; the lock dies with this process).
@@ -57,11 +57,25 @@ def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = 
             release(folder)
 
 
+def with_destination(experiment: Any) -> Any:
+    """The experiment with its tracking URI resolved (``tracking.uri``, else
+    ``$MLFLOW_TRACKING_URI``, else ``./mlflow.db``, made absolute): the journal records where its
+    run goes, so that ``orch sync`` sends it there from any folder or shell."""
+    tracking = experiment.tracking
+    if not tracking.enable or tracking.uri:
+        return experiment
+    from orchestrator.config import with_overrides
+    from orchestrator.tracking.runs import tracking_uri_of
+
+    return with_overrides(experiment, {"tracking.uri": tracking_uri_of(experiment)})
+
+
 def start_shipping(experiment: Any) -> None:
-    """Start the detached shipper of this run's journal (``tracking.mode`` auto or online); it
-    follows the journal while training writes it and outlives this process until the run's final
-    status is shipped. A server that does not answer now gets one warning: the values wait in
-    the journal."""
+    """Hand this run's journal to this host's shipper (``tracking.mode`` auto or online),
+    starting it unless one runs: it follows the journal while training writes it and ships it
+    to its final status after this process ended (a bounded wait when the server is down: see
+    ``orchestrator.tracking.host_shipper``). A server that does not answer now gets one warning:
+    the values wait in the journal."""
     tracking = experiment.tracking
     if not tracking.enable or tracking.mode == "offline":
         return
@@ -75,6 +89,9 @@ def start_shipping(experiment: Any) -> None:
                     "answers (or run `orch sync %s` from a machine that reaches it)", uri, folder,
                     output_dir_of(experiment))
     runs.start_shipper(folder, uri, until_pid=os.getpid())
+    from orchestrator.tracking.registry import keep_shipper
+
+    keep_shipper()  # another job's allocation may end the host's shipper while this one trains
 
 
 def write_result(result: Any) -> None:

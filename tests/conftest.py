@@ -231,6 +231,25 @@ def random_detector(shapes_data, tmp_path_factory) -> tuple[Path, Path]:
     return path, checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_shipper_outlives_the_session(tmp_path_factory):
+    """Fails the session when an MLflow shipper it started still runs at its end (after a
+    minute's grace, torn down before :func:`nothing_left_running` looks;
+    ``orch_testing.leftover_shippers``). ``ORCH_HOME`` is the session's own, so this session's
+    jobs never share a shipper with another session's (or the user's ~/.orch)."""
+    from orch_testing import SESSION_VAR, leftover_shippers
+
+    saved = os.environ.get("ORCH_HOME")
+    os.environ["ORCH_HOME"] = str(tmp_path_factory.mktemp("orch_home"))
+    yield
+    left = leftover_shippers(os.environ[SESSION_VAR])
+    if saved is None:
+        os.environ.pop("ORCH_HOME", None)
+    else:
+        os.environ["ORCH_HOME"] = saved
+    assert not left, f"{len(left)} MLflow shipper process(es) outlived the tests that started them: {left}"
+
+
 # Daemons one test session shares: the local Slurm cluster (one per machine) and Ray heads (two
 # at once starve this 2-core machine). Under pytest-xdist (`make test` runs `-n 3 --dist
 # loadgroup`) the tests of each run in one worker, one after another; other tests run beside them.

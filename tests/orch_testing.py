@@ -126,3 +126,48 @@ def fifo_dataset(shapes_data: Path, tmp_path: Path) -> tuple[Path, str]:
     image.unlink()
     os.mkfifo(image)
     return data, os.path.basename(first)
+
+
+SHIPPER_MARKS = ("orchestrator.tracking.shipper",)  # the host shipper runs as `shipper --host`
+
+
+def leftover_shippers(session: str, grace_s: float = 60.0) -> list[tuple[int, str]]:
+    """MLflow shipper processes of test session ``session`` (:func:`session_processes`) still
+    alive after ``grace_s`` seconds: a shipper exits once what it follows is shipped, so one left
+    is a shipper that outlived its purpose (or a test that stopped a server without reaping its
+    shippers). Those found are killed (SIGKILL)."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = []
+        for process in session_processes(session):
+            try:
+                argv = " ".join(process.cmdline())
+            except psutil.Error:
+                continue
+            if any(mark in argv for mark in SHIPPER_MARKS):
+                left.append((process, argv))
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    for process, _ in left:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return [(process.pid, argv) for process, argv in left]
+
+
+def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the live processes whose environment holds ``name=value``
+    (processes of other users, whose environment is private, are skipped)."""
+    found = []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        try:
+            if process.environ().get(name) == value and process.status() not in (
+                    psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+                found.append((process.pid, " ".join(process.cmdline())))
+        except (psutil.Error, OSError):
+            continue
+    return found

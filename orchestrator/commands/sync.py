@@ -15,7 +15,8 @@ import click
 @click.argument("targets", nargs=-1, metavar="[JOB|DIR]...")
 @click.option("--all", "all_jobs", is_flag=True, help="Every job in the orch records (orch status --all).")
 @click.option("--uri", default=None, metavar="URI",
-              help="Tracking URI to ship to (default: each job's own, else $MLFLOW_TRACKING_URI, else "
+              help="Tracking URI to ship every run to (default: the store each run was made for, as its "
+                   "journal records; for older journals the job's, else $MLFLOW_TRACKING_URI, else "
                    "sqlite:///<cwd>/mlflow.db).")
 @click.option("--watch", is_flag=True, help="Keep shipping new records until every run has ended (Ctrl-C stops).")
 @click.option("--poll", type=float, default=5.0, show_default=True, metavar="S", help="Seconds between passes with --watch.")
@@ -26,13 +27,13 @@ def sync_cmd(targets: tuple[str, ...], all_jobs: bool, uri: Optional[str], watch
 
     \b
     Examples:
-      orch sync shapes_demo-20261125                     # one job, to the store it was submitted with
+      orch sync shapes_demo-20261125                     # one job, to the store it was made for
+      orch sync work_dirs/shapes_demo                    # the same, by its folder
       orch sync --all                                    # every recorded job
       orch sync work_dirs/ --uri http://mlflow.example:5000   # every run under work_dirs/, to a server
       orch sync /scratch/me/runs --watch                 # follow running jobs (e.g. from a login node)
     """
     from cluster.errors import ConfigError
-    from orchestrator.tracking.runs import resolve_tracking_uri
     from orchestrator.tracking.store import quiet_store_logs
     from orchestrator.tracking.sync import sync
 
@@ -45,13 +46,11 @@ def sync_cmd(targets: tuple[str, ...], all_jobs: bool, uri: Optional[str], watch
     quiet_store_logs()
     failed = False
     for job_uri, paths in groups.items():
-        target = uri or job_uri or resolve_tracking_uri(None)
-
         def show(summary) -> None:
             if watch:
                 click.echo(summary.lines()[0])
 
-        summary = sync(paths, target, watch=watch, poll_s=poll, on_pass=show)
+        summary = sync(paths, uri, watch=watch, poll_s=poll, on_pass=show, default=job_uri)
         for line in summary.lines():
             click.echo(line)
         failed = failed or bool(summary.failed)

@@ -1,7 +1,8 @@
 """Shipping beside a driver process (a sweep's, a k-fold set's): one thread syncs every journal
 under a folder every few seconds while the driver works; at the end a last pass (when the
-server answers) and, for whatever is not fully shipped, a detached shipper each that keeps
-trying after the driver has exited (``orch sync`` does the same by hand)."""
+server answers) and whatever is not fully shipped is handed to this host's shipper
+(:mod:`.host_shipper`), which keeps trying after the driver has exited (``orch sync`` does the
+same by hand)."""
 
 from __future__ import annotations
 

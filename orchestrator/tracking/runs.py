@@ -4,9 +4,11 @@ it ends when its training could not end it.
 
 Every MLflow run orch makes (a job, a fold, a k-fold or grid parent, a sweep and its trials) is
 first a journal (:mod:`detection.journal`) in the run's folder, created here before anything
-runs; the shipper (:mod:`orchestrator.tracking.shipper`) creates the MLflow run from it, nested
-under its parent's run in the parent's experiment, and replays every value exactly once. The run
-id is known once the journal was shipped (:func:`run_id_of`).
+runs, with the tracking URI it is made for; this host's shipper
+(:mod:`orchestrator.tracking.host_shipper`, one process for every journal registered on the host)
+creates the MLflow run from it, nested under its parent's run in the parent's experiment, and
+replays every value exactly once. The run id is known once the journal was shipped
+(:func:`run_id_of`).
 
 ``tracking.mode``: ``auto`` ships when the server is reachable and keeps journaling (with one
 warning) when it is not; ``online`` refuses to submit when the server does not answer;
@@ -18,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 import time
 import urllib.parse
 from typing import Any, Mapping, Optional
@@ -30,8 +31,6 @@ from detection.tracking import journal_dir
 log = logging.getLogger(__name__)
 
 REACH_TIMEOUT_S = 3.0
-SHIPPER_LINGER_S = 24 * 3600.0  # after its job ended, a shipper keeps trying this long (then: orch sync)
-SHIPPER_FILE = "shipper.json"  # who ships this journal now: {host, pid, start}
 
 MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told otherwise
 # MLflow 3.17's UI picks between its GenAI pages and its model-training pages by a switch kept in
@@ -86,7 +85,8 @@ def create_journal(folder: str, exp: Any, run_name: str, tags: Optional[Mapping[
             return journal
         os.replace(folder, f"{folder}.{time.strftime('%Y%m%d-%H%M%S')}")
     return Journal.create(folder, experiment=experiment_name(exp), run_name=run_name,
-                          tags={str(k): str(v) for k, v in (tags or {}).items()}, parent=parent)
+                          tags={str(k): str(v) for k, v in (tags or {}).items()}, parent=parent,
+                          tracking_uri=tracking_uri_of(exp))
 
 
 def close_journal(folder: str, status: str, error: Optional[str] = None) -> bool:
@@ -195,39 +195,21 @@ def require_reachable(exp: Any) -> None:
                           "(orch sync later)")
 
 
-def start_shipper(folder: str, uri: str, until_pid: Optional[int] = None, linger_s: float = SHIPPER_LINGER_S,
-                  log_file: Optional[str] = None) -> int:
-    """Start a detached shipper that follows journal ``folder`` to ``uri`` until its final status
-    is shipped (it retries while the server is down). With ``until_pid`` it gives up ``linger_s``
-    after that process ended (``orch sync`` ships the rest later). Returns its pid."""
-    from cluster.process import start_detached
+def start_shipper(folder: str, uri: str, until_pid: Optional[int] = None) -> Optional[int]:
+    """Have journal ``folder`` shipped to ``uri`` by this host's shipper (:mod:`.host_shipper`),
+    starting it unless one runs. ``until_pid``: the process writing the journal (its end means
+    no more lines will come). Returns the pid of a shipper started now (None: one was running)."""
+    from orchestrator.tracking import registry
 
-    argv = [sys.executable, "-m", "orchestrator.tracking.shipper", folder, "--uri", uri, "--follow"]
-    if until_pid is not None:
-        argv += ["--until-pid", str(until_pid), "--linger", str(linger_s)]
-    log_file = log_file or os.path.join(os.path.dirname(folder), "shipper.log")
-    os.makedirs(os.path.dirname(log_file), exist_ok=True)
-    me = start_detached(argv, log_file)
-    if os.path.isdir(folder):
-        from cluster.files import write_json_atomic
-
-        write_json_atomic(os.path.join(folder, SHIPPER_FILE), {**me, "host": socket.gethostname()})
-    return me["pid"]
+    registry.register(folder, uri, owner_pid=until_pid)
+    return registry.ensure_shipper()
 
 
 def ensure_shipping(folder: str, uri: Optional[str]) -> bool:
-    """Start a shipper for journal ``folder`` unless its final status is already shipped to
-    ``uri`` or a shipper of it still runs on this host (a Slurm job's own shipper dies with the
-    job's allocation: the login node's ``orch status`` picks the journal up). True if started."""
-    if not uri or not is_journal(folder):
-        return False
-    from cluster.files import read_json
-    from cluster.lease import is_alive
-
-    if fully_shipped(folder, uri):
-        return False
-    running = read_json(os.path.join(folder, SHIPPER_FILE))
-    if running and running.get("host") == socket.gethostname() and is_alive(running["pid"], running.get("start")):
+    """Have journal ``folder`` shipped to ``uri`` unless its final status is already there (a
+    Slurm job's own shipper dies with the job's allocation: the login node's ``orch status``
+    picks the journal up). True when it was handed to this host's shipper."""
+    if not uri or not is_journal(folder) or fully_shipped(folder, uri):
         return False
     start_shipper(folder, uri)
     return True

@@ -1,8 +1,9 @@
 """Replays a run journal (``detection.journal``) to an MLflow tracking URI, exactly once.
 
 ``ship(journal_dir, uri)`` sends what is new since the last call and returns; ``ship_forever``
-follows a journal that training is still writing (the process ``python -m
-orchestrator.tracking.shipper JOURNAL_DIR --uri URI --follow`` started beside training).
+follows one journal that training is still writing (``python -m orchestrator.tracking.shipper
+JOURNAL_DIR --uri URI --follow``, by hand). Beside jobs, one process per host ships every
+journal with ``ship`` (:mod:`.host_shipper`).
 
 Exactly once, in three parts:
 1. The run: found by its tag ``orch.journal_id`` before one is created (``store``), and its id
@@ -170,7 +171,13 @@ def _owner_gone(pid: Optional[int], linger_s: float) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m orchestrator.tracking.shipper JOURNAL_DIR --uri URI [--follow]``: exit 0 when
-    everything is shipped (with --follow: also the final status), 1 otherwise."""
+    everything is shipped (with --follow: also the final status), 1 otherwise.
+    ``... shipper --host REGISTRY_DIR --lock-fd FD``: this host's shipper (:mod:`.host_shipper`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--host"]:
+        from orchestrator.tracking.host_shipper import main as host_main
+
+        return host_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m orchestrator.tracking.shipper", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("journal_dir")
     parser.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI, else "

@@ -1,4 +1,5 @@
-"""``orch sync``: ship every run journal under some folders to one tracking URI.
+"""``orch sync``: ship every run journal under some folders to the store each run was made
+for (the tracking URI its journal records), or to one URI given.
 
 Journals are found recursively (a folder holding a journal ``meta.json``), shipped parents
 first (a k-fold set or sweep parent before its children), each under its own cursor for the
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from cluster.errors import ConfigError
-from detection.journal import META, read_meta
+from detection.journal import META, destination, read_meta
 from orchestrator.tracking.replay import ShipPending
 from orchestrator.tracking.shipper import ship
 
@@ -27,6 +28,7 @@ class Outcome:
     """One journal after a sync pass. ``problem`` (one line) says why it is not done."""
 
     journal_dir: str
+    uri: str = ""
     run_id: Optional[str] = None
     created_run: bool = False
     values: int = 0
@@ -40,7 +42,8 @@ class Outcome:
 
 @dataclass(frozen=True)
 class SyncSummary:
-    """What a sync did to each journal, and totals."""
+    """What a sync did to each journal, and totals. ``uri``: the destination (or a description
+    of several: each run's own store)."""
 
     uri: str
     outcomes: tuple[Outcome, ...]
@@ -109,21 +112,39 @@ def _ship_one(folder: str, uri: str, index: dict[str, str]) -> Outcome:
     try:
         result = ship(folder, uri, journals=index)
     except ShipPending as err:
-        return Outcome(folder, problem=str(err))
+        return Outcome(folder, uri, problem=str(err))
     except Exception as err:  # noqa: BLE001 - one line per journal; the others go on
         text = (str(err).strip().splitlines() or [""])[0][:300]
-        return Outcome(folder, problem=f"{type(err).__name__}: {text}", failed=True)
+        return Outcome(folder, uri, problem=f"{type(err).__name__}: {text}", failed=True)
     problem = None
     if not result.done:
         problem = f"run {result.status or 'without a status'}: shipped up to now, the rest on the next sync"
-    return Outcome(folder, result.run_id, result.created_run, result.values, result.artifacts, result.status,
-                   result.done, problem, warnings=result.warnings)
+    return Outcome(folder, result.uri, result.run_id, result.created_run, result.values, result.artifacts,
+                   result.status, result.done, problem, warnings=result.warnings)
 
 
-def sync(paths: Iterable[str], uri: str, watch: bool = False, poll_s: float = 5.0,
+def destination_of(folder: str, uri: Optional[str], default: Optional[str]) -> str:
+    """Where journal ``folder`` goes: ``uri`` when given (``--uri``), else the store its run was
+    made for (recorded in the journal), else ``default`` (a job record's URI, then
+    ``$MLFLOW_TRACKING_URI``, then ``./mlflow.db``)."""
+    if uri:
+        return uri
+    recorded = destination(folder)
+    if recorded:
+        return recorded
+    if default:
+        return default
+    from orchestrator.tracking.runs import resolve_tracking_uri
+
+    return resolve_tracking_uri(None)
+
+
+def sync(paths: Iterable[str], uri: Optional[str], watch: bool = False, poll_s: float = 5.0,
          stop_when: Optional[Callable[[], bool]] = None,
-         on_pass: Optional[Callable[[SyncSummary], None]] = None) -> SyncSummary:
-    """Ship every journal under ``paths`` to ``uri``; return what happened to each.
+         on_pass: Optional[Callable[[SyncSummary], None]] = None, default: Optional[str] = None) -> SyncSummary:
+    """Ship every journal under ``paths`` to ``uri``, or (``uri`` None) each to the store its run
+    was made for (:func:`destination_of`, ``default`` where a journal records none); return what
+    happened to each.
 
     ``watch``: pass again every ``poll_s`` seconds (finding new journals too) until every
     journal has shipped its final status or ``stop_when()`` is true; ``on_pass`` sees each
@@ -136,8 +157,8 @@ def sync(paths: Iterable[str], uri: str, watch: bool = False, poll_s: float = 5.
             raise ConfigError(f"orch sync: no run journal under {', '.join(paths)}; give the output folder of a job "
                               "run with this version of orch")
         index = {read_meta(f)["journal_id"]: f for f in folders}
-        outcomes = [_ship_one(f, uri, index) for f in folders]
-        summary = SyncSummary(uri, tuple(outcomes))
+        outcomes = [_ship_one(f, destination_of(f, uri, default), index) for f in folders]
+        summary = SyncSummary(_describe(outcomes), tuple(outcomes))
         if on_pass is not None:
             on_pass(summary)
         for o in outcomes:
@@ -148,8 +169,14 @@ def sync(paths: Iterable[str], uri: str, watch: bool = False, poll_s: float = 5.
                                "created_run": o.created_run or before.created_run})
             totals[o.journal_dir] = o
         if not watch or all(o.done for o in outcomes) or (stop_when and stop_when()):
-            return SyncSummary(uri, tuple(totals[f] for f in folders))
+            return SyncSummary(summary.uri, tuple(totals[f] for f in folders))
         time.sleep(poll_s)
 
 
-__all__ = ["Outcome", "SyncSummary", "find_journals", "order_parents_first", "sync"]
+def _describe(outcomes: list[Outcome]) -> str:
+    """The destination of a pass: one URI, or the list of several."""
+    uris = list(dict.fromkeys(o.uri for o in outcomes))
+    return uris[0] if len(uris) == 1 else "their own stores (" + ", ".join(uris) + ")"
+
+
+__all__ = ["Outcome", "SyncSummary", "destination_of", "find_journals", "order_parents_first", "sync"]

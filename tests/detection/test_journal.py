@@ -164,3 +164,14 @@ def test_bad_input_is_refused_at_the_call(tmp_path):
         journal.log_text("x", "../escape.txt")
     with pytest.raises(FileNotFoundError, match="no run journal"):
         Journal.open(tmp_path / "nothing")
+
+
+def test_the_journal_records_the_store_its_run_is_made_for(tmp_path):
+    """``orch sync`` sends a journal where its run was meant to go: the URI is in ``meta.json``
+    (None when not known, as in journals of older versions)."""
+    from detection.journal import destination
+
+    Journal.create(tmp_path / "a", "exp", "run", tracking_uri="http://mlflow.lab:5000").close()
+    Journal.create(tmp_path / "b", "exp", "run").close()
+    assert destination(tmp_path / "a") == "http://mlflow.lab:5000" == read_meta(tmp_path / "a")["tracking_uri"]
+    assert destination(tmp_path / "b") is None

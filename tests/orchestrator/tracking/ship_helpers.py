@@ -26,10 +26,12 @@ def _free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 (SQLite store, proxied artifacts, one worker)."""
+    """``mlflow server`` on 127.0.0.1 (SQLite store unless ``store`` names another, e.g. a
+    PostgreSQL URI; proxied artifacts, one worker)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, store: Optional[str] = None) -> None:
         self.folder = folder
+        self.store = store
         self.port = _free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: Optional[subprocess.Popen] = None
@@ -43,7 +45,7 @@ class MlflowServer:
         log = open(self.folder / "server.log", "a")
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server",
-             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--backend-store-uri", self.store or f"sqlite:///{self.folder / 'mlflow.db'}",
              "--artifacts-destination", str(self.folder / "artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -1,0 +1,263 @@
+"""MLflow at a study's scale: a k-fold grid set of ``--points`` x ``--folds`` trials (2 training
+iterations each, the tiny shapes model) on the local backend, tracked into a real ``mlflow
+server`` backed by a private PostgreSQL (``--store postgres``, Debian's ``postgresql``) or by
+SQLite (``--store sqlite``), both started here on 127.0.0.1 at ports chosen at run time and
+stopped after, or straight into a SQLite file (``--store sqlite-file``: no server; the store's
+"database is locked" answers, retried by the shipper, are counted from its log).
+
+Measured: the set's wall time; the shipper processes that ran (at most one at a time is the
+design: one per host, never one MLflow import per trial) and their CPU seconds (each host shipper
+logs its own at exit), per trial; how long after the set ended everything was shipped. Checked:
+one experiment holding every run, each fold under its grid point and each point under the grid
+parent, nothing RUNNING, every shipper gone at the end; ``--browser``: the experiment page
+opened in headless Chromium at the link ``orch kfold`` printed shows the grid parent as the one
+parent row, and its points once expanded.
+
+    .venv/bin/python bench/bench_scale_mlflow.py --points 100 --folds 2 --browser   # 200 trials
+    .venv/bin/python bench/bench_scale_mlflow.py --points 10 --folds 2 --store sqlite-file
+
+A JSON summary goes to stdout's last line (and ``--out FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "orchestrator" / "tracking")]
+
+SHIPPER_MARKS = ("orchestrator.tracking.shipper",)  # the host shipper runs as `shipper --host`
+
+
+class ShipperWatch:
+    """Samples /proc every ``poll_s``: shipper processes whose environment has ``ORCH_HOME=home``
+    (pids seen, most at once)."""
+
+    def __init__(self, home: Path, poll_s: float = 0.5) -> None:
+        self.home, self.poll_s = str(home), poll_s
+        self.seen: set[int] = set()
+        self.most = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def alive(self) -> list[int]:
+        from orch_testing import processes_with_env
+
+        return [pid for pid, argv in processes_with_env("ORCH_HOME", self.home)
+                if any(mark in argv for mark in SHIPPER_MARKS)]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pids = self.alive()
+            self.seen.update(pids)
+            self.most = max(self.most, len(pids))
+            self._stop.wait(self.poll_s)
+
+    def __enter__(self) -> "ShipperWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def busy_retries(home: Path) -> int:
+    """How many store calls the shippers retried because the store was busy ("database is locked")."""
+    return sum(log.read_text().count(" busy (") for log in home.glob("shipping/*/shipper.log"))
+
+
+def shipper_cpu(home: Path) -> tuple[int, float]:
+    """(host shipper runs that exited, their CPU seconds) from the shippers' logs."""
+    runs, cpu = 0, 0.0
+    for log in home.glob("shipping/*/shipper.log"):
+        for found in re.finditer(r"journal\(s\) shipped, ([0-9.]+) CPU-s\); exiting", log.read_text()):
+            runs, cpu = runs + 1, cpu + float(found.group(1))
+    return runs, cpu
+
+
+def learning_rates(points: int) -> list[float]:
+    """The grid's values (one per point)."""
+    return [round(1e-4 * (i + 1), 6) for i in range(points)]
+
+
+def experiment_yaml(folder: Path, uri: str, points: int, folds: int, iterations: int) -> Path:
+    """The tiny shapes experiment as a k-fold grid set of ``points`` learning rates."""
+    import yaml
+
+    from detection.shapes import make_shapes
+    from orch_testing import root_conftest
+
+    data = folder / "shapes"
+    make_shapes(data, n_train=16, n_val=8, size=64, seed=0)
+    mapping = root_conftest().tiny_experiment_dict(data, folder / "work", uri)
+    mapping["name"] = "scale"
+    mapping["schedule"]["iterations"] = iterations
+    mapping["eval"].update(interval=iterations, classwise=False)
+    mapping["checkpoint"].update(interval=iterations, save_best=None)
+    mapping["tracking"]["experiment"] = "scale"
+    mapping["kfold"] = {"folds": folds, "allow_small_classes": True}
+    mapping["grid"] = {"optim.lr": learning_rates(points)}
+    path = folder / "scale.yaml"
+    path.write_text(yaml.safe_dump(mapping, sort_keys=False))
+    return path
+
+
+def check_runs(uri: str, points: int, folds: int) -> dict[str, Any]:
+    """Read every run back: one experiment; grid parent -> points -> folds; statuses."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    runs = client.search_runs([e.experiment_id for e in experiments], max_results=50000) if experiments else []
+    by_id = {r.info.run_id: r for r in runs}
+    kinds: dict[str, list] = {}
+    for run in runs:
+        kinds.setdefault(run.data.tags.get("orch.kind", "fold"), []).append(run)
+    grid = kinds.get("kfold-grid", [])
+    parent = lambda r: r.data.tags.get("mlflow.parentRunId")  # noqa: E731
+    problems = []
+    if len(experiments) != 1:
+        problems.append(f"{len(experiments)} experiments: {[e.name for e in experiments]}")
+    if len(grid) != 1:
+        problems.append(f"{len(grid)} grid parents")
+    points_ok = [p for p in kinds.get("kfold-point", []) if grid and parent(p) == grid[0].info.run_id]
+    folds_ok = [f for f in kinds.get("fold", []) if parent(f) in {p.info.run_id for p in points_ok}]
+    if len(points_ok) != points or len(folds_ok) != points * folds:
+        problems.append(f"{len(points_ok)} of {points} points under the grid parent, {len(folds_ok)} of "
+                        f"{points * folds} folds under a point")
+    statuses: dict[str, int] = {}
+    for run in runs:
+        statuses[run.info.status] = statuses.get(run.info.status, 0) + 1
+    if set(statuses) != {"FINISHED"}:
+        problems.append(f"statuses {statuses}")
+    missing_parent = [r.info.run_name for r in runs if parent(r) and parent(r) not in by_id]
+    if missing_parent:
+        problems.append(f"{len(missing_parent)} runs whose parent is not in the experiment")
+    return {"experiments": len(experiments), "runs": len(runs), "statuses": statuses,
+            "experiment_id": experiments[0].experiment_id if experiments else None, "problems": problems}
+
+
+def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[str]:
+    """Open the printed link in headless Chromium: one parent row (the grid), its points once
+    expanded. Returns problems (empty: as expected)."""
+    import shutil
+
+    from test_mlflow_ui import EXPANDER, Browser
+
+    chromium = shutil.which("chromium")
+    if not chromium:
+        return ["chromium is not installed (apt-get install chromium)"]
+    browser = Browser(chromium)
+    try:
+        browser.open(link)
+        browser.wait_text(grid_name, timeout_s=180)
+        rows = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
+        if rows != 1:
+            return [f"{rows} expandable parent rows before expanding, not 1"]
+        browser.js(f"document.querySelector('{EXPANDER}').click()")
+        browser.wait_text(*point_names[:3], timeout_s=180)
+        return []
+    except AssertionError as err:
+        return [str(err)[:2000]]
+    finally:
+        browser.close()
+
+
+def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store: str = "postgres",
+              max_parallel: int = 2, browser: bool = False, echo=print) -> dict[str, Any]:
+    """The whole measurement in ``folder`` (servers stopped after); returns the summary."""
+    from orchestrator.kfold.expand import format_value
+    from pg_helpers import Postgres
+    from ship_helpers import MlflowServer
+
+    pg: Optional[Postgres] = Postgres() if store == "postgres" else None
+    server: Optional[MlflowServer] = None
+    (folder / "server").mkdir(parents=True, exist_ok=True)
+    home = folder / "home"
+    result: dict[str, Any] = {"points": points, "folds": folds, "trials": points * folds, "iterations": iterations,
+                              "store": store, "max_parallel": max_parallel}
+    try:
+        if pg is not None:
+            pg.start()
+        if store == "sqlite-file":
+            uri = f"sqlite:///{folder / 'server' / 'mlflow.db'}"
+        else:
+            server = MlflowServer(folder / "server", store=pg.uri if pg else None)
+            server.start()
+            uri = server.uri
+        path = experiment_yaml(folder, uri, points, folds, iterations)
+        env = dict(os.environ, ORCH_HOME=str(home), ORCH_RUNTIME_DIR=str(folder / "rt"), ORCH_CPU_SLOTS="2",
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'wrong.db'}")
+        env.pop("MASTER_PORT", None)
+        with ShipperWatch(home) as watch:
+            started = time.monotonic()
+            done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "kfold", str(path), "--backend", "local",
+                                   "--max-parallel", str(max_parallel)], env=env, cwd=folder, capture_output=True,
+                                  text=True, timeout=6 * 3600)
+            result["set_s"] = round(time.monotonic() - started, 1)
+            if done.returncode != 0:
+                raise RuntimeError(f"orch kfold failed ({done.returncode}): {done.stdout[-3000:]}{done.stderr[-3000:]}")
+            echo(f"set of {points * folds} trials done in {result['set_s']} s; waiting for the shipper")
+            deadline = time.monotonic() + 900
+            while watch.alive() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            result["shipped_after_set_s"] = round(time.monotonic() - started - result["set_s"], 1)
+            result["shippers_left"] = watch.alive()
+        result["shipper_pids"] = len(watch.seen)
+        result["shippers_at_once"] = watch.most
+        runs, cpu = shipper_cpu(home)
+        result["host_shipper_runs"], result["shipper_cpu_s"] = runs, round(cpu, 2)
+        result["shipper_cpu_s_per_trial"] = round(cpu / (points * folds), 4)
+        result["busy_retries"] = busy_retries(home)
+        result.update(check_runs(uri, points, folds))
+        result["wrong_store_written"] = (folder / "wrong.db").exists()
+        if browser and server is not None:
+            link = next((line.split("view it: open ", 1)[1].split()[0] for line in done.stdout.splitlines()
+                         if "view it: open " in line), None)
+            names = [f"lr={format_value(lr)}" for lr in learning_rates(min(points, 3))]
+            result["browser_problems"] = (look_in_browser(link, "scale grid", names) if link
+                                          else ["orch kfold printed no link"])
+    finally:
+        if server is not None:
+            server.stop()
+        if pg is not None:
+            pg.stop()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--store", choices=("postgres", "sqlite", "sqlite-file"), default="postgres")
+    parser.add_argument("--max-parallel", type=int, default=2)
+    parser.add_argument("--browser", action="store_true", help="also open the experiment page in headless Chromium")
+    parser.add_argument("--out", default=None, help="write the JSON summary here too")
+    args = parser.parse_args()
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-scale-mlflow-") as tmp:
+        result = run_scale(Path(tmp), args.points, args.folds, args.iterations, args.store, args.max_parallel,
+                           args.browser)
+    result["loadavg_before"] = [round(x, 2) for x in load]
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0 if not result["problems"] and not result.get("browser_problems") and not result["shippers_left"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
