@@ -113,6 +113,23 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
         _print_table(rows, cells)
     else:
         _print_lines(cells)
+    if not job:
+        _print_pending_shipments()
+
+
+def _print_pending_shipments(shown: int = 5) -> None:
+    """What still waits to reach MLflow (journals registered with a host's shipper and not yet
+    shipped to their final status): a count, the oldest few, and how to ship them by hand."""
+    from orchestrator.tracking.pending import pending_shipments
+
+    pending = pending_shipments()
+    if not pending:
+        return
+    click.echo(f"\nMLflow: {len(pending)} run(s) waiting to be shipped")
+    for shipment in pending[:shown]:
+        click.echo(f"  {shipment.describe()}")
+    if len(pending) > shown:
+        click.echo(f"  ... and {len(pending) - shown} more (orch sync DIR ships a folder's runs now)")
 
 
 def _cells(row: Row, now: float, links: bool) -> tuple[str, ...]:

@@ -135,3 +135,20 @@ def test_a_running_job_shows_its_step_speed_and_eta(tmp_path, capsys):
     assert rows[ended.job_id]["progress"] is None
     assert cli(["status", running.job_id]) == 0
     assert "step 120/400" in capsys.readouterr().out
+
+
+def test_runs_waiting_for_the_shipper_are_listed(tmp_path, capsys):
+    """A journal registered with this host's shipper and not shipped yet shows under the jobs
+    (issue 18: `orch status` shows what is waiting to be shipped)."""
+    from detection.journal import Journal
+    from orchestrator.tracking import registry
+
+    make("one", JobState.SUCCEEDED)
+    assert cli(["status"]) == 0
+    assert "waiting to be shipped" not in capsys.readouterr().out
+    run = tmp_path / "run"
+    Journal.create(str(run / "journal"), experiment="tiny", run_name="one").close()
+    registry.register(str(run / "journal"), f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cli(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "MLflow: 1 run(s) waiting to be shipped" in out and str(run) in out
