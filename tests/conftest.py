@@ -258,6 +258,12 @@ SHARED_DAEMONS = {"slurm": ("slurm", "slurm_cluster"), "ray": ("ray", "ray_head"
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        # The hosts of tests/multihost are one set per session, so all their tests run in one
+        # worker, whatever cluster (Slurm, Ray) they start on those hosts; xdist takes the first
+        # group marker an item has, so this one is given here, before the daemons' groups.
+        if "tests/multihost/" in Path(str(item.fspath)).as_posix():
+            item.add_marker(pytest.mark.xdist_group("multihost"))
+            continue
         for group, (marker, fixture) in SHARED_DAEMONS.items():
             if item.get_closest_marker(marker) or fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(pytest.mark.xdist_group(group))

@@ -78,7 +78,7 @@ def problem(token: str) -> str | None:
         return None  # URLs (`env://`), command lines, placeholders: prose
     if "/" in token or re.search(r"\.(py|md|sh)$", token):
         path = token.rstrip("/")
-        if path.startswith(("$", "~", "/")) or "{" in path or not re.search(r"\.(py|md|yaml|cfg|sh)$|/$", token):
+        if path.startswith(("$", "~", "/", "../")) or "{" in path or not re.search(r"\.(py|md|yaml|cfg|sh)$|/$", token):
             return None  # runtime paths (`$ORCH_HOME/jobs/...`): prose
         # relative to the repository, or to a package folder (`slurm/state.py`, `cluster.py`)
         return None if repo_has(path, token.endswith("/")) else f"no file or folder {path}"

@@ -24,8 +24,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.multihost)
-            item.add_marker(pytest.mark.slow)
-            item.add_marker(pytest.mark.xdist_group("multihost"))
+            item.add_marker(pytest.mark.slow)  # its xdist group: the root conftest
 
 
 class Hosts:
