@@ -72,6 +72,9 @@ def trial_experiment(params: dict[str, Any], plan: SweepPlan, trial_id: str, tri
     changes: dict[str, Any] = dict(params)
     changes["runtime.output_dir"] = os.path.join(plan.output_dir, "trials", trial_id)
     changes["sweep"] = None
+    # A trial started again (its sweep resumed, or Tune retrying it) continues from its own last
+    # checkpoint in its folder (none yet: it starts from the beginning).
+    changes["runtime.resume"] = "auto"
     if base.tracking.enable and plan.parent_journal:
         from orchestrator.sweep.report import trial_journal
         from orchestrator.tracking import runs
