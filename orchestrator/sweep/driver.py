@@ -126,6 +126,10 @@ def run_sweep(plan: SweepPlan, resume: bool = False) -> dict[str, Any]:
 
     job_id = plan.job_id
     status = "FAILED"
+    if resume:  # what the record saw end: never trained again (build_tuner's restore may not know it)
+        trials = records.load_record(job_id).extra.get("trials") or {}
+        plan = dataclasses.replace(plan, finished_trials={
+            trial_id: entry for trial_id, entry in trials.items() if entry.get("status") == "TERMINATED"})
     # One shipper for the parent and every trial (trials do not start their own).
     with FolderShipper(plan.output_dir, plan.tracking_uri, enabled=bool(plan.parent_journal) and plan_mode(plan) != "offline") as shipper:
         try:

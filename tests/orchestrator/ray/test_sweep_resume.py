@@ -41,6 +41,9 @@ def test_resume_after_the_driver_is_killed(ray_head, orch_home, make_experiment,
         time.sleep(0.5)
     driver = load_record(record.job_id).pid
     os.kill(driver, signal.SIGKILL)
+    while not _gone(driver):  # a zombie until this process (which started it) reaps it
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
 
     assert orch(["sweep", "--resume", record.job_id]) == 0, Path(record.log_path).read_text()[-3000:]
     done = load_record(record.job_id)
@@ -55,5 +58,16 @@ def test_resume_after_the_driver_is_killed(ray_head, orch_home, make_experiment,
     assert sorted(float(c.data.params["optim.lr"]) for c in children) == lrs  # each value once
     assert len({c.data.tags["orch.trial_id"] for c in children}) == 6
     assert all(c.info.status == "FINISHED" for c in children), [(c.info.run_name, c.info.status) for c in children]
+    # Each trial trained to its end once: the 3 finished ones were not trained again.
+    ends = [line.rsplit("/", 1)[-1] for line in Path(record.log_path).read_text().splitlines()
+            if "detection.train: done:" in line]
+    assert sorted(ends) == sorted(done.extra["trials"]), ends
     left = [p for p in descendants(ray_head.process.pid) if "run_trial" in cmdline(p) or "ImplicitFunc" in cmdline(p)]
     assert not left, [cmdline(p) for p in left]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
