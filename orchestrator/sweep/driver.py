@@ -126,6 +126,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False) -> dict[str, Any]:
 
     job_id = plan.job_id
     status = "FAILED"
+    # What `--resume` restores is Tune's last saved experiment state; by default ("auto") it is
+    # saved every 10 s or more (over a minute seen on a loaded machine): save it every second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if resume:  # what the record saw end: never trained again (build_tuner's restore may not know it)
         trials = records.load_record(job_id).extra.get("trials") or {}
         plan = dataclasses.replace(plan, finished_trials={
