@@ -18,7 +18,8 @@ Records are made in one place (:func:`create_record`) and change state in one pl
 (:func:`transition`), which is therefore where "what happens when a job ends" is written once:
 the first terminal state wins (a job cancelled by the user stays CANCELLED whatever its processes
 exit with), and a job that ends without succeeding gets its MLflow run closed (FAILED / KILLED)
-when its training could not close it itself. Other fields change through :func:`annotate`.
+when its training could not close it itself. Other fields change through :func:`annotate`;
+:func:`reopen` (``orch sweep --resume`` only) is the one way back from a finished state.
 This module knows no backend; :mod:`orchestrator.jobs` asks the launchers for fresh states.
 """
 
@@ -325,6 +326,21 @@ def transition(job_id: str, state: JobState, *, extra: Optional[dict[str, Any]] 
     if after.state.finished and not before.state.finished:
         _close_tracking(after)
     return after
+
+
+def reopen(job_id: str) -> JobRecord:
+    """The one way back from a finished state, for ``orch sweep --resume`` only: a sweep whose
+    driver died (FAILED) or was cancelled goes back to PENDING under the same job id (its output
+    folder, MLflow parent run and trials are kept), with ``ended_at``, ``exit_code`` and ``error``
+    cleared and ``extra["resumes"]`` counted; its new driver then records RUNNING and the end as
+    usual. Written through the same lock and index as every other change."""
+
+    def change(r: JobRecord) -> None:
+        r.state = JobState.PENDING
+        r.ended_at = r.exit_code = r.error = None
+        r.extra["resumes"] = int(r.extra.get("resumes") or 0) + 1
+
+    return _modify(job_id, change)[1]
 
 
 def say(job_id: str, message: str) -> None:

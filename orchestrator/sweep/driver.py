@@ -75,8 +75,11 @@ def prepare_sweep(plan: SweepPlan) -> SweepPlan:
     return plan
 
 
-def build_tuner(plan: SweepPlan, callbacks: list):
-    """The ``tune.Tuner`` of the sweep."""
+def build_tuner(plan: SweepPlan, callbacks: list, resume: bool = False):
+    """The ``tune.Tuner`` of the sweep; with ``resume``, the one restored from the experiment
+    folder ``<storage_path>/<job_id>`` (``Tuner.restore``: finished trials kept, the searcher's
+    saved state restored so no trial is drawn twice, unfinished and errored trials started again
+    under their trial ids, i.e. their folders, journals and checkpoints)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -96,6 +99,13 @@ def build_tuner(plan: SweepPlan, callbacks: list):
     else:
         resources = {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
+    if resume:
+        path = os.path.join(plan.storage_path, plan.job_id)
+        if not tune.Tuner.can_restore(path):
+            raise OrchError(f"sweep {plan.job_id} cannot be resumed: {path} holds no Ray Tune experiment state "
+                            "(the driver died before its first trial started); start it again with `orch sweep`")
+        # The restored Tuner keeps the run config it was created with (callbacks included).
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
         trainable,
         param_space=to_tune(list(plan.space), plan.searcher),
@@ -106,21 +116,29 @@ def build_tuner(plan: SweepPlan, callbacks: list):
     )
 
 
-def run_sweep(plan: SweepPlan) -> dict[str, Any]:
+def run_sweep(plan: SweepPlan, resume: bool = False) -> dict[str, Any]:
     """Run the sweep to its end (this process is its driver); record the outcome and return the
-    summary (``best``, ``trials``). SIGTERM / Ctrl-C cancel it."""
+    summary (``best``, ``trials``). SIGTERM / Ctrl-C cancel it. ``resume``: continue the sweep
+    of a driver that died (``orch sweep --resume``, :func:`build_tuner`)."""
     from orchestrator.launchers.ray.driver import ray_connection
     from orchestrator.sweep.report import RecordCallback, end_running_children, finish_parent_run, summarize
     from orchestrator.tracking.background import FolderShipper
 
     job_id = plan.job_id
     status = "FAILED"
+    # What `--resume` restores is Tune's last saved experiment state; by default ("auto") it is
+    # saved every 10 s or more (over a minute seen on a loaded machine): save it every second.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if resume:  # what the record saw end: never trained again (build_tuner's restore may not know it)
+        trials = records.load_record(job_id).extra.get("trials") or {}
+        plan = dataclasses.replace(plan, finished_trials={
+            trial_id: entry for trial_id, entry in trials.items() if entry.get("status") == "TERMINATED"})
     # One shipper for the parent and every trial (trials do not start their own).
     with FolderShipper(plan.output_dir, plan.tracking_uri, enabled=bool(plan.parent_journal) and plan_mode(plan) != "offline") as shipper:
         try:
             with ray_connection(plan.address, job_id):
                 records.transition(job_id, JobState.RUNNING, pid=os.getpid())
-                results = build_tuner(plan, [RecordCallback(job_id)]).fit()
+                results = build_tuner(plan, [RecordCallback(job_id)], resume).fit()
             shipper.pass_now()  # so that the trial table can name each trial's MLflow run
             summary = summarize(plan, results)
             status = "FINISHED" if summary["best"] else "FAILED"
@@ -150,7 +168,8 @@ def plan_mode(plan: SweepPlan) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m orchestrator.sweep.driver SWEEP.json``: the detached driver ``orch sweep`` starts."""
+    """``python -m orchestrator.sweep.driver SWEEP.json [--resume]``: the detached driver ``orch
+    sweep`` (``--resume``: ``orch sweep --resume JOB``) starts."""
     import json
     import signal
 
@@ -162,7 +181,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _raise_cancelled)
     plan = SweepPlan.from_json(json.loads(Path(args[0]).read_text()))
     try:
-        summary = run_sweep(plan)
+        summary = run_sweep(plan, resume="--resume" in args[1:])
     except KeyboardInterrupt:
         return 1
     except OrchError as err:

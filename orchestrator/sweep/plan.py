@@ -58,6 +58,9 @@ class SweepPlan:
     cwd: Optional[str] = None
     parent_journal: Optional[str] = None
     tracking_uri: Optional[str] = None
+    # Resumed sweep only: trial id -> its entry in the record's trial table, for the trials that
+    # ended before the driver died (Tune's saved state may be older than their end).
+    finished_trials: Optional[dict[str, dict[str, Any]]] = None
 
     @property
     def use_gpu(self) -> bool:

@@ -40,6 +40,17 @@ def create_parent_journal(exp: Experiment, plan: SweepPlan) -> str:
     return journal.folder
 
 
+def reopen_parent_journal(plan: SweepPlan) -> None:
+    """A resumed sweep goes on in the same parent run: when the run was ended (FAILED by the
+    check that found the driver dead, KILLED by a cancel), a RUNNING status is appended to its
+    journal, which the shipper sends as ``update_run(status=RUNNING)``."""
+    from detection.journal import TERMINAL, Journal, is_journal, last_status
+
+    if plan.parent_journal and is_journal(plan.parent_journal) and last_status(plan.parent_journal) in TERMINAL:
+        with Journal.open(plan.parent_journal) as journal:
+            journal.set_status("RUNNING")
+
+
 def trial_journal(plan: SweepPlan, trial_id: str) -> str:
     """The journal folder of a trial (its run, nested under the sweep's)."""
     return runs.journal_dir(os.path.join(plan.output_dir, "trials", trial_id))

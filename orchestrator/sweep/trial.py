@@ -72,6 +72,9 @@ def trial_experiment(params: dict[str, Any], plan: SweepPlan, trial_id: str, tri
     changes: dict[str, Any] = dict(params)
     changes["runtime.output_dir"] = os.path.join(plan.output_dir, "trials", trial_id)
     changes["sweep"] = None
+    # A trial started again (its sweep resumed, or Tune retrying it) continues from its own last
+    # checkpoint in its folder (none yet: it starts from the beginning).
+    changes["runtime.resume"] = "auto"
     if base.tracking.enable and plan.parent_journal:
         from orchestrator.sweep.report import trial_journal
         from orchestrator.tracking import runs
@@ -109,6 +112,11 @@ def run_trial(params: dict[str, Any], plan: SweepPlan) -> None:
     if plan.cwd and os.path.isdir(plan.cwd):
         os.chdir(plan.cwd)  # Tune starts trials in their own folder; paths are the user's
     ctx = tune.get_context()
+    done = (plan.finished_trials or {}).get(ctx.get_trial_id())
+    if done is not None and done.get(plan.metric) is not None and os.path.exists(os.path.join(plan.output_dir, "trials", ctx.get_trial_id(), "result.json")):
+        # Ended before the driver died, after Tune last saved its state: not trained again.
+        tune.report({plan.metric: done.get(plan.metric), "resumed_finished": True})
+        return
     suffix = ctx.get_trial_name().rsplit("_", 1)[-1]  # run_trial_99ac6_00002 -> trial 3
     number = int(suffix) + 1 if suffix.isdigit() else 0
     exp = trial_experiment(params, plan, ctx.get_trial_id(), trial_run_name(number, params))
