@@ -171,3 +171,11 @@ def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
         except (psutil.Error, OSError):
             continue
     return found
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie waiting for its parent to reap it counts as ended)."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
+        return True

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from orch_testing import cmdline, descendants
+from orch_testing import cmdline, descendants, gone
 from orchestrator.cli import main as orch
 from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobState
@@ -51,15 +51,9 @@ def test_cancel_ends_every_trial_run(ray_head, orch_home, make_experiment, track
         assert time.monotonic() - cancelled < 60, statuses()
         time.sleep(1)
     assert load_record(record.job_id).state == JobState.CANCELLED
-    while not _gone(driver):  # a zombie until this process (which started it) reaps it
+    while not gone(driver):  # a zombie until this process (which started it) reaps it
         assert time.monotonic() - cancelled < 60, cmdline(driver)
         time.sleep(0.5)
     left = [p for p in descendants(ray_head.process.pid) if "run_trial" in cmdline(p) or "ImplicitFunc" in cmdline(p)]
     assert not left, [cmdline(p) for p in left]
 
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True

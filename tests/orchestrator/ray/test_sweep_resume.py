@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orch_testing import cmdline, descendants
+from orch_testing import cmdline, descendants, gone
 from orchestrator.cli import main as orch
 from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobState
@@ -41,7 +41,7 @@ def test_resume_after_the_driver_is_killed(ray_head, orch_home, make_experiment,
         time.sleep(0.5)
     driver = load_record(record.job_id).pid
     os.kill(driver, signal.SIGKILL)
-    while not _gone(driver):  # a zombie until this process (which started it) reaps it
+    while not gone(driver):  # a zombie until this process (which started it) reaps it
         assert time.monotonic() < deadline
         time.sleep(0.2)
 
@@ -65,9 +65,3 @@ def test_resume_after_the_driver_is_killed(ray_head, orch_home, make_experiment,
     left = [p for p in descendants(ray_head.process.pid) if "run_trial" in cmdline(p) or "ImplicitFunc" in cmdline(p)]
     assert not left, [cmdline(p) for p in left]
 
-
-def _gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
