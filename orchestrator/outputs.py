@@ -25,7 +25,6 @@ and any job after its owner has ended may use it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Collection, Iterator, Optional
 
 from cluster.errors import JobNotFound, LaunchError
-from cluster.files import read_json, write_json_atomic
+from cluster.files import file_lock, read_json, write_json_atomic
 from cluster.lease import is_alive, owner_identity
 
 OWNER_FILE = ".orch-owner.json"
@@ -41,18 +40,14 @@ RUN_LOCK = ".orch-run.lock"
 # What a run leaves in its folder (written at submit, or by its first steps): a folder with any
 # of them holds a run; one with only orch's lock and owner files does not.
 RUN_MARKS = ("config.yaml", "journal", "checkpoints", "result.json")
-_held: dict[str, int] = {}  # folder -> open descriptor of its run lock, held by this process
+_held: dict[str, contextlib.ExitStack] = {}  # folder -> its run lock, held by this process
 
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / ".orch-owner.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(folder / ".orch-owner.lock", mode=0o644):
         yield
-    finally:
-        os.close(fd)
 
 
 def live_owner(folder: Path, job_id: Optional[str] = None) -> Optional[str]:
@@ -151,17 +146,10 @@ def is_locked(folder: Path) -> bool:
     folder = Path(folder)
     if str(folder.resolve()) in _held:
         return True
-    try:
-        fd = os.open(folder / RUN_LOCK, os.O_RDWR)
-    except FileNotFoundError:
+    if not (folder / RUN_LOCK).exists():  # probing never creates the lock file
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's own lock too
-    return False
+    with file_lock(folder / RUN_LOCK, blocking=False, mode=0o644) as free:
+        return not free  # leaving the block drops the probe's own lock
 
 
 def hold(folder: Path, wait_s: float = 0.0) -> bool:
@@ -174,25 +162,22 @@ def hold(folder: Path, wait_s: float = 0.0) -> bool:
     key = str(folder.resolve())
     if key in _held:
         return False
-    fd = os.open(folder / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + wait_s
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock = contextlib.ExitStack()  # open until release(): the kernel drops it when we die
+        if lock.enter_context(file_lock(folder / RUN_LOCK, blocking=False, mode=0o644)):
             break
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.5)
-                continue
-            os.close(fd)
+        lock.close()
+        if time.monotonic() >= deadline:
             raise LaunchError(f"the output folder {folder} is in use by another running training; wait for it to "
-                              "end or stop it, or give this run another name / runtime.output_dir") from None
-    _held[key] = fd
+                              "end or stop it, or give this run another name / runtime.output_dir")
+        time.sleep(0.5)
+    _held[key] = lock
     return True
 
 
 def release(folder: Path) -> None:
     """Let go of ``folder``'s run lock held by this process (nothing when it holds none)."""
-    fd = _held.pop(str(Path(folder).resolve()), None)
-    if fd is not None:
-        os.close(fd)
+    lock = _held.pop(str(Path(folder).resolve()), None)
+    if lock is not None:
+        lock.close()

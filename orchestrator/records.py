@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from cluster.errors import ConfigError, JobNotFound
-from cluster.files import read_json, write_json_atomic, write_text_atomic
+from cluster.files import file_lock, read_json, write_json_atomic, write_text_atomic
 from cluster.lease import locked
 from orchestrator.spec import JobRecord, JobState
 
@@ -118,12 +117,8 @@ def index_path() -> Path:
 
 @contextlib.contextmanager
 def _index_locked() -> Iterator[None]:
-    fd = os.open(orch_home() / INDEX_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(orch_home() / INDEX_LOCK):
         yield
-    finally:
-        os.close(fd)  # closing drops the flock
 
 
 def _append_index(rows: list[dict]) -> None:

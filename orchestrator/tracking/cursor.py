@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
-from cluster.files import read_json, write_json_atomic
+from cluster.files import file_lock, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 CURSORS = "cursors"
@@ -89,15 +88,10 @@ def cursor_lock(journal_dir: str, uri: str) -> Iterator[None]:
     shipper holds it). Where the file system refuses locks, goes on unlocked with a warning."""
     path = cursor_path(journal_dir, uri)[: -len(".json")] + ".lock"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as err:  # e.g. ENOLCK on a network file system without lockd
-            log.warning("shipper: no lock on %s (%s); do not run two shippers of this journal at once", path, err)
+    with file_lock(path, mode=0o644, required=False) as held:
+        if not held:  # e.g. ENOLCK on a network file system without lockd
+            log.warning("shipper: no lock on %s; do not run two shippers of this journal at once", path)
         yield
-    finally:
-        os.close(fd)  # closing releases the lock
 
 
 __all__ = ["Cursor", "cursor_lock", "cursor_path", "load_cursor", "normalize_uri", "save_cursor", "shipped_run_id"]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from cluster.files import read_json, write_json_atomic
+from cluster.files import file_lock, read_json, write_json_atomic
 from cluster.lease import is_alive, owner_identity
 
 log = logging.getLogger(__name__)
@@ -151,13 +151,8 @@ def drop(entry: Entry) -> None:
 def start_lock(folder: Path) -> Iterator[None]:
     """Hold ``start.lock`` of a registry folder (see the module docstring)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / START_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        with contextlib.suppress(OSError):  # no locks on this file system: go on unserialised
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(folder / START_LOCK, mode=0o644, required=False):  # no locks here: go on unserialised
         yield
-    finally:
-        os.close(fd)
 
 
 def _try_shipper_lock(folder: Path) -> Optional[int]:

@@ -22,7 +22,6 @@ mlflow is imported inside functions.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -30,6 +29,8 @@ import sqlite3
 import tempfile
 import time
 from typing import Any, Iterator, Optional
+
+from cluster.files import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,8 @@ def _machine_lock(name: str) -> Iterator[None]:
     """An exclusive lock shared by this machine's processes (a file in the temp folder, so
     nothing is added beside the user's database)."""
     digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    fd = os.open(os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}-{digest}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}-{digest}.lock")):
         yield
-    finally:
-        os.close(fd)
 
 
 def _enable_wal(path: str) -> None:

@@ -26,7 +26,6 @@ status``.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pickle
@@ -38,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+from cluster.files import file_lock, write_text_atomic
 from orchestrator.spec import JobState
 
 QUERY_TIMEOUT_S = 20
@@ -282,9 +282,7 @@ def query_cached(native_ids: Sequence[str], result_paths: Mapping[str, Optional[
     interval = poll_interval()
     home.mkdir(parents=True, exist_ok=True)
     cache_file = home / "slurm-status.json"
-    fd = os.open(home / "slurm-status.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(home / "slurm-status.lock"):
         try:
             cache = json.loads(cache_file.read_text())
         except (OSError, ValueError):
@@ -297,11 +295,7 @@ def query_cached(native_ids: Sequence[str], result_paths: Mapping[str, Optional[
             cache = {k: v for k, v in cache.items() if now - v.get("at", 0) < CACHE_KEEP_S}
             for job_id, status in fresh.items():
                 cache[job_id] = {**asdict(status), "state": status.state.value, "at": now}
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_file)
-    finally:
-        os.close(fd)
+            write_text_atomic(cache_file, json.dumps(cache))
     answers = {}
     for job_id in native_ids:
         entry = {k: v for k, v in cache.get(job_id, {}).items() if k != "at"}
