@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 # Next to this file; `python scripts/local_slurm.py` puts scripts/ first on sys.path.
 import local_hosts
 from local_slurm_state import (UnsafeStateDir, check_removable, check_state_dir, make_state_dir,
@@ -247,29 +249,21 @@ def remove_hosts() -> None:
 
 # ----------------------------------------------------------------------------------- daemons
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie child of ours counts as dead)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    # A zombie child of ours counts as dead.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def other_slurmctld() -> bool:
     """A slurmctld is running (another local cluster; ours is stopped when this is asked)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _pid_alive(int(entry)):
-            try:
-                argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0", 1)[0]
-            except OSError:
-                continue
-            if os.path.basename(argv0) == b"slurmctld":
-                return True
+    for process in psutil.process_iter(["cmdline", "status"]):
+        argv = process.info["cmdline"] or []
+        if argv and os.path.basename(argv[0]) == "slurmctld" and process.info["status"] != psutil.STATUS_ZOMBIE:
+            return True
     return False
 
 

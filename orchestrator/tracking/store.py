@@ -57,17 +57,19 @@ def sqlite_path(uri: str) -> Optional[str]:
 
 
 def filesystem_type(path: str) -> str:
-    """The type of the file system holding ``path`` (from /proc/self/mounts; '' if unknown)."""
+    """The type of the file system holding ``path`` (the longest mount point above it; '' if
+    unknown)."""
+    import psutil
+
     best, kind = "", ""
     try:
-        with open("/proc/self/mounts") as handle:
-            for line in handle:
-                parts = line.split()
-                if len(parts) >= 3 and (path == parts[1] or path.startswith(parts[1].rstrip("/") + "/")):
-                    if len(parts[1]) >= len(best):
-                        best, kind = parts[1], parts[2]
+        partitions = psutil.disk_partitions(all=True)
     except OSError:
-        pass
+        return kind
+    for part in partitions:
+        mount = part.mountpoint
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, part.fstype
     return kind
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from cluster.errors import LaunchError
+from cluster.process import signal_group
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def query(address: Optional[str], asks: Sequence[RayAsk], wait_s: float = 0.0,
     with tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "orchestrator.launchers.ray.capacity"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
-        timer = threading.Timer(limit, _kill_group, (proc,))
+        timer = threading.Timer(limit, signal_group, (proc.pid, signal.SIGKILL))
         timer.start()
         try:
             with contextlib.suppress(OSError):  # a child that died at start-up: no answer, below
@@ -198,7 +199,7 @@ def query(address: Optional[str], asks: Sequence[RayAsk], wait_s: float = 0.0,
         finally:
             timer.cancel()
             if proc.poll() is None:
-                _kill_group(proc)
+                signal_group(proc.pid, signal.SIGKILL)  # its own session: the whole group
                 proc.wait()
         if last is None:
             err.seek(0)
@@ -206,14 +207,6 @@ def query(address: Optional[str], asks: Sequence[RayAsk], wait_s: float = 0.0,
             log.debug("no capacity answer from the Ray cluster %s (exit %s): %s; capacity not checked",
                       address or "(private head)", proc.returncode, tail)
     return last
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (it runs in its own session)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def require_capacity(address: Optional[str], asks: Sequence[RayAsk], wait_s: float = 0.0) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cluster.errors import ClusterError
+from cluster.process import stop_group
 
 LOOPBACK = "127.0.0.1"
 # The --*-port options of `ray start` that would otherwise default to fixed numbers.
@@ -193,19 +193,12 @@ class LocalRay:
         return False
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM the ``ray start --block`` process (it stops what it started); SIGKILL its
-        process group if it lingers. Idempotent."""
+        """SIGTERM the ``ray start --block`` process group (it stops what it started); SIGKILL
+        what lingers after ``timeout_s``. Idempotent."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                process.wait(timeout=10)
+            stop_group(process.pid, grace_s=timeout_s)
+            process.wait(timeout=10)
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from cluster.files import write_json_atomic
-from cluster.process import group_alive, signal_group, start_detached
+from cluster.process import signal_group, start_detached, stop_group
 from orchestrator import records
 from orchestrator.launchers.base import JobHandle, Launcher, Status, owners_gone, Plan
 from orchestrator.launchers.ray.request import RayJobRequest
@@ -170,22 +170,14 @@ class RayLauncher(Launcher):
     def cancel(self, record: JobRecord) -> None:
         """SIGTERM the driver's process group: the driver stops the Ray run (and its private Ray
         head) and records CANCELLED. SIGKILL after a grace period, the private head too."""
-        import time
-
         pgid = record.extra.get("pgid")
-        if not pgid or not signal_group(pgid, signal.SIGTERM):
+        if not pgid or stop_group(pgid, grace_s=CANCEL_GRACE_S, poll_s=0.2):
             return
-        deadline = time.monotonic() + CANCEL_GRACE_S
-        while time.monotonic() < deadline:
-            if not group_alive(pgid):
-                return
-            time.sleep(0.2)
-        # The driver did not stop in time: kill it, and the private Ray head it started (that head
-        # runs in its own process group).
+        # The driver did not stop in time (stop_group killed it): kill the private Ray head it
+        # started too (that head runs in its own process group).
         head = records.load_record(record.job_id).extra.get("ray_head_pid")
-        for group in (pgid, head):
-            if group:
-                signal_group(group, signal.SIGKILL)
+        if head:
+            signal_group(head, signal.SIGKILL)
 
     def describe(self, record: JobRecord) -> list[tuple[str, str]]:
         """The Ray address; for a sweep, its trials and the best trial so far."""
