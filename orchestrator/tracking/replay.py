@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Callable, Optional
 
 from cluster.errors import OrchError
+from cluster.retry import retry
 from detection.journal import TERMINAL, read_entries, read_meta
 from orchestrator.tracking import store
 from orchestrator.tracking.cursor import Cursor, load_cursor, save_cursor
 
 log = logging.getLogger(__name__)
+# MLflow answers that trying again does not change (a bad value, a run that is gone).
+_PERMANENT_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
 
 PARAMS_PER_BATCH, METRICS_PER_BATCH, TAGS_PER_BATCH = 100, 1000, 100
 READ_BYTES = 4 << 20  # journal bytes read at a time
@@ -56,17 +58,10 @@ class Shipment:
     # -- store calls ---------------------------------------------------------------------------
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)``, tried again on transient errors of a SQLite store."""
-        for attempt in range(self.attempts):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - the store's own error types vary
-                code = getattr(err, "error_code", None)
-                if attempt + 1 == self.attempts or code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
-                    raise
-                delay = min(0.5 * 2 ** attempt, 8.0)
-                log.warning("shipper: %s busy (%s); retrying in %.1f s", self.uri, str(err).splitlines()[0][:200], delay)
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return retry(lambda: fn(*args, **kwargs), self.attempts, delay_s=0.5, max_delay_s=8.0,
+                     retry_if=lambda err: getattr(err, "error_code", None) not in _PERMANENT_CODES,
+                     on_retry=lambda err, pause: log.warning("shipper: %s busy (%s); retrying in %.1f s", self.uri,
+                                                             (str(err).splitlines() or [""])[0][:200], pause))
 
     def save(self, **changes: Any) -> None:
         """Move the cursor to the end of what was processed (everything before it is shipped)."""

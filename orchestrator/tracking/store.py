@@ -27,10 +27,10 @@ import logging
 import os
 import sqlite3
 import tempfile
-import time
 from typing import Any, Iterator, Optional
 
 from cluster.files import file_lock
+from cluster.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +137,21 @@ def experiment_id(client: Any, name: str) -> str:
     An existing experiment without a kind gets it; one with another kind is left alone."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(6):  # several shippers may create the same experiment at once
+    def find_or_create() -> str:
         found = client.get_experiment_by_name(name)
         if found is not None:
             if EXPERIMENT_KIND_TAG not in (found.tags or {}):
                 client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
-                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        except MlflowException:
-            time.sleep(0.2 * (attempt + 1))
-    raise RuntimeError(f"MLflow experiment {name!r} could neither be found nor created at {client.tracking_uri}")
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+    try:  # several shippers may create the same experiment at once: the losers find it next time
+        return retry(find_or_create, 6, delay_s=0.2, max_delay_s=1.0,
+                     retry_if=lambda err: isinstance(err, MlflowException))
+    except MlflowException as err:
+        raise RuntimeError(f"MLflow experiment {name!r} could neither be found nor created at "
+                           f"{client.tracking_uri}: {err}") from err
 
 
 def find_run(client: Any, experiment: str, journal_id: str) -> Optional[Any]:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 from cluster.errors import ClusterError
 from cluster.process import stop_group
+from cluster.retry import retry
 
 LOOPBACK = "127.0.0.1"
 # The --*-port options of `ray start` that would otherwise default to fixed numbers.
@@ -101,6 +102,10 @@ def ray_executable() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
+class _NotReady(Exception):
+    """A try of LocalRay.start whose head did not come up (the message: its log's tail)."""
+
+
 class LocalRay:
     """``with LocalRay(num_cpus=2) as ray_cluster: ray.init(address=ray_cluster.address)``.
 
@@ -153,31 +158,37 @@ class LocalRay:
     def start(self, attempts: int = 3) -> str:
         """Start the head; returns its address. Retries with new ports when ``ray start`` fails
         (another process took a port between our check and Ray's bind)."""
-        last_error = ""
-        for _ in range(attempts):
-            # Short path: Ray's unix sockets live under it (108-byte limit).
-            self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
-            log_file = self.log_path or os.path.join(self.temp_dir, "ray-start.log")
-            ports = free_ports(len(PORT_OPTIONS))
-            # SIGTERM on our death: `ray start --block` then stops what it started.
-            guard = [sys.executable, "-m", "cluster.pdeath", str(os.getpid()), "--signal", "TERM", "--"]
-            with open(log_file, "ab") as log:
-                env = ray_environ()
-                if not is_loopback(self.node_ip):  # that variable makes Ray advertise loopback
-                    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-                self.process = subprocess.Popen(
-                    guard + list(self.prefix) + self.command(ports), stdout=log, stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                )
-            self.port = ports[0]
-            if self._wait_ready(log_file):
-                return self.address
-            last_error = _tail(log_file)
-            self.stop()
-        raise ClusterError(
-            f"could not start a local Ray head ({attempts} tries); last output: {last_error}; "
-            "check `ray start --head` by hand, or pass --address of a running cluster"
-        )
+        try:
+            return retry(self._start_once, attempts, delay_s=0.0, retry_if=lambda err: isinstance(err, _NotReady))
+        except _NotReady as err:
+            raise ClusterError(
+                f"could not start a local Ray head ({attempts} tries); last output: {err}; "
+                "check `ray start --head` by hand, or pass --address of a running cluster"
+            ) from None
+
+    def _start_once(self) -> str:
+        """One try of :meth:`start` on newly chosen ports; _NotReady (the log's tail) when the
+        head did not come up (it is stopped then)."""
+        # Short path: Ray's unix sockets live under it (108-byte limit).
+        self.temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+        log_file = self.log_path or os.path.join(self.temp_dir, "ray-start.log")
+        ports = free_ports(len(PORT_OPTIONS))
+        # SIGTERM on our death: `ray start --block` then stops what it started.
+        guard = [sys.executable, "-m", "cluster.pdeath", str(os.getpid()), "--signal", "TERM", "--"]
+        with open(log_file, "ab") as log:
+            env = ray_environ()
+            if not is_loopback(self.node_ip):  # that variable makes Ray advertise loopback
+                env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+            self.process = subprocess.Popen(
+                guard + list(self.prefix) + self.command(ports), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
+        self.port = ports[0]
+        if self._wait_ready(log_file):
+            return self.address
+        tail = _tail(log_file)
+        self.stop()
+        raise _NotReady(tail)
 
     def _wait_ready(self, log_file: str) -> bool:
         deadline = time.monotonic() + self.start_timeout_s
