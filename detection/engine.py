@@ -47,7 +47,6 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # last evaluation
     best: dict[str, Any] = field(default_factory=dict)  # {"metric", "value", "epoch", "iter", "path"}
     output_dir: str = ""
-    run_id: Optional[str] = None  # always None (the journal names the MLflow run); read by launchers/slurm/task.py
     last_checkpoint: Optional[str] = None
     iterations: int = 0
     epochs: int = 0

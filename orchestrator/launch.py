@@ -126,7 +126,7 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
         updates["tracking.tags"] = {**tracking.tags, "backend": backend}
     experiment = derive(experiment, updates, source="orch's own settings")  # checked values: no re-validation
     spec = JobSpec(name=name or experiment.name, experiment=experiment, config_path=output_dir / "config.yaml",
-                   output_dir=output_dir, backend=backend, extra_env={})
+                   output_dir=output_dir, backend=backend)
     if write:
         write_identity(spec, continue_run)
     return spec

@@ -40,7 +40,6 @@ class JobSpec:
     config_path: Path
     output_dir: Path
     backend: str
-    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -27,7 +27,7 @@ def test_run_records_params_metrics_tags_and_artifacts(make_experiment, tracking
     result = main(exp, DistEnv.single())
     client = MlflowClient(tracking_uri)
     run = ship(result.output_dir)["tiny"]
-    result.run_id = run.info.run_id
+    run_id = run.info.run_id
     assert run.info.status == "FINISHED"
 
     params = run.data.params
@@ -41,7 +41,7 @@ def test_run_records_params_metrics_tags_and_artifacts(make_experiment, tracking
         assert key in metrics, key
     assert metrics["bbox_mAP"] == pytest.approx(result.metrics["bbox_mAP"])
     assert metrics["best/bbox_mAP"] == pytest.approx(result.best["value"])
-    steps = [m.step for m in client.get_metric_history(result.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert steps == [1, 2, 3, 4]  # runtime.log_interval=1: every step, written in batches
 
     tags = run.data.tags
@@ -50,12 +50,12 @@ def test_run_records_params_metrics_tags_and_artifacts(make_experiment, tracking
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"])
     assert re.fullmatch(r"[0-9a-f]{12}", tags["config_hash"]) and tags["orch_version"] == "0.1.0"
 
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "eval_val.json", "per_class_ap.md", "curves.png", "checkpoints"} <= artifacts
-    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == ["checkpoints/best_bbox_mAP.pth"]
-    local = client.download_artifacts(result.run_id, "per_class_ap.md")
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/best_bbox_mAP.pth"]
+    local = client.download_artifacts(run_id, "per_class_ap.md")
     assert "| ellipse |" in open(local).read()
-    config_text = open(client.download_artifacts(result.run_id, "config.yaml")).read()
+    config_text = open(client.download_artifacts(run_id, "config.yaml")).read()
     assert "ssdlite320_mobilenet_v3_large" in config_text and "_base_" not in config_text
     # Artifacts live beside the SQLite file, not in the current directory's ./mlruns.
     assert str(tracking_uri[len("sqlite:///"):]).rsplit("/", 1)[0] in run.info.artifact_uri

@@ -102,7 +102,7 @@ def worker_argv(job: JobSpec) -> list[str]:
 def base_env(job: JobSpec) -> dict[str, str]:
     """Variables every process of a job gets (unbuffered output so `orch logs -f` is live)."""
     # PASSIVE: spinning OpenMP waiters collapse throughput when parallel jobs share few cores.
-    return {"PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **job.extra_env}
+    return {"PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 # Characters no shell treats specially in a word (no braces: "a{b,c}" is brace-expanded by bash).

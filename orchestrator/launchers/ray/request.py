@@ -63,7 +63,7 @@ class RayJobRequest:
             use_gpu=gpu_mode, cpus_per_worker=opts.cpus_per_worker,
             gpus_per_worker=opts.gpus_per_worker if opts.gpus_per_worker is not None else 1,
             max_failures=opts.max_failures, keep_checkpoints=max(1, exp.checkpoint.max_keep or 1),
-            tracking_uri=exp.tracking.uri if exp.tracking.enable else None, env=dict(job.extra_env),
+            tracking_uri=exp.tracking.uri if exp.tracking.enable else None,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ class SlurmLauncher(Launcher):
             max_requeues = members[0].experiment.resources.slurm.max_requeues
             executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=max_requeues)
             executor.update_parameters(**group.params)
-            calls = [SlurmTrainJob(str(j.config_path), str(folder), max_requeues, j.extra_env) for j in members]
+            calls = [SlurmTrainJob(str(j.config_path), str(folder), max_requeues) for j in members]
             try:
                 if len(calls) == 1:
                     submitted = [executor.submit(calls[0])]

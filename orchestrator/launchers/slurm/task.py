@@ -110,11 +110,10 @@ def rendezvous(folder: Path, environ=os.environ) -> tuple[str, Optional[int], An
 class SlurmTrainJob(Checkpointable):
     """The callable submitit runs in each task. Picklable: only paths and numbers."""
 
-    def __init__(self, config_path: str, folder: str, max_requeues: int, extra_env: Optional[dict] = None) -> None:
+    def __init__(self, config_path: str, folder: str, max_requeues: int) -> None:
         self.config_path = config_path
         self.folder = folder
         self.max_requeues = max_requeues
-        self.extra_env = dict(extra_env or {})
 
     def __call__(self) -> dict:
         flag = StopFlag()
@@ -122,7 +121,6 @@ class SlurmTrainJob(Checkpointable):
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         for name in FOREIGN_VARS:
             os.environ.pop(name, None)
-        os.environ.update(self.extra_env)
         master_addr, master_port, lease = rendezvous(Path(self.folder))
         os.environ["MASTER_ADDR"] = master_addr
         if master_port is not None:
@@ -152,7 +150,7 @@ class SlurmTrainJob(Checkpointable):
             watchdog.stop()
             if lease is not None:
                 lease.release()
-        return {"metrics": dict(result.metrics), "run_id": result.run_id, "output_dir": result.output_dir,
+        return {"metrics": dict(result.metrics), "output_dir": result.output_dir,
                 "iterations": result.iterations, "restarts": restarts}
 
     def _after_preemption(self, flag: StopFlag, is_main: bool, restarts: int, err: Exception) -> None:
