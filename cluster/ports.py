@@ -160,13 +160,6 @@ def lease_port(
     )
 
 
-def list_port_leases(environ: Optional[Mapping[str, str]] = None) -> list[dict]:
-    """Live port leases of this host (each: port, pid, start, label, created)."""
-    folder = lease_dir("ports", environ)
-    with locked(folder):
-        return [dict(record, port=port) for port, record in sorted(_live_leases(folder).items())]
-
-
 def _live_leases(folder: Path) -> dict[int, dict]:
     """Leases whose owner runs; those of dead owners are deleted (reclaimed) on the way."""
     live: dict[int, dict] = {}

@@ -85,11 +85,6 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
-def list_models() -> list[str]:
-    """Names accepted by ``model.type``."""
-    return list(MODELS)
-
-
 def get_entry(name: str) -> ModelEntry:
     """The table row of ``name``; :class:`ConfigError` naming the valid types otherwise."""
     if name not in MODELS:

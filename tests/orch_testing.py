@@ -179,3 +179,22 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return True
+
+
+def port_leases() -> list[dict]:
+    """Live port leases of this host (each: port, pid, start, label, created); those of dead
+    owners are reclaimed on the way, as ``cluster.ports`` does before choosing a port."""
+    from cluster.lease import lease_dir, locked
+    from cluster.ports import _live_leases
+
+    folder = lease_dir("ports")
+    with locked(folder):
+        return [dict(record, port=port) for port, record in sorted(_live_leases(folder).items())]
+
+
+def slurm_accounting_enabled() -> bool:
+    """True when ``sacct`` answers (slurmdbd configured and reachable)."""
+    import subprocess
+
+    proc = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True, timeout=20)
+    return proc.returncode == 0

@@ -11,7 +11,8 @@ import pytest
 
 from cluster.errors import ClusterError
 from cluster.lease import lease_dir
-from cluster.ports import candidate_ports, lease_port, list_port_leases, port_is_free
+from cluster.ports import candidate_ports, lease_port, port_is_free
+from orch_testing import port_leases
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ def test_32_simultaneous_leases_are_distinct_and_bind():
     ports = [port for port, _ in results]
     assert len(set(ports)) == 32
     assert all(bound for _, bound in results)
-    assert list_port_leases() == []  # all released
+    assert port_leases() == []  # all released
 
 
 def _hold(queue, port_range):
@@ -76,7 +77,7 @@ def test_lease_of_a_killed_process_is_reclaimed():
         holder.join(timeout=30)
         with lease_port(ports=(port, port)) as lease:
             assert lease.port == port
-            assert [entry["pid"] for entry in list_port_leases()] == [os.getpid()]
+            assert [entry["pid"] for entry in port_leases()] == [os.getpid()]
     finally:
         holder.kill()
 
@@ -86,7 +87,7 @@ def test_reused_pid_does_not_keep_a_lease():
     # Same pid, another start time: the pid was reused by a process that owns nothing.
     path = lease.path
     path.write_text(path.read_text().replace('"start": "', '"start": "1'))
-    assert list_port_leases() == []
+    assert port_leases() == []
     assert not path.exists()
 
 
@@ -128,4 +129,4 @@ def test_release_is_idempotent_and_per_host_folder(runtime):
     assert lease.path.parent == lease_dir("ports") and str(lease.path).startswith(str(runtime))
     lease.release()
     lease.release()
-    assert list_port_leases() == []
+    assert port_leases() == []

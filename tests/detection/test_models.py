@@ -8,7 +8,7 @@ import torch
 
 from cluster.errors import ConfigError
 from detection.config import DataConfig, ModelConfig
-from detection.models import MODELS, build_model, list_models
+from detection.models import MODELS, build_model
 
 TINY = DataConfig(min_size=64, max_size=64)
 
@@ -28,7 +28,7 @@ def _head_classes(model) -> int:
     return getattr(head, "num_classes", None) or head.num_columns  # SSD heads call it num_columns
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_builds_offline_with_dataset_classes(name, monkeypatch):
     # Any attempt to download would go through torch.hub; make it fail loudly. torchvision binds
     # torch.hub's function when first imported: import it before the patch, or it keeps the fake.

@@ -113,10 +113,10 @@ def orphans(markers: list[str], pgids: set[int], grace_s: float, shippers: bool)
 
 def lease_problems() -> list[str]:
     from cluster.gpus import list_device_leases
-    from cluster.ports import list_port_leases
+    from orch_testing import port_leases
 
     found = [f"device lease {lease}" for kind in ("cpu", "gpu") for lease in list_device_leases(kind)]
-    found += [f"port lease {lease}" for lease in list_port_leases()]
+    found += [f"port lease {lease}" for lease in port_leases()]
     return found
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.errors import ClusterError, LaunchError
 from cluster.gpus import lease_devices, list_device_leases
-from cluster.ports import list_port_leases
+from orch_testing import port_leases
 from orchestrator import records as jobs
 from cluster.process import group_alive
 from orch_testing import shipped_run
@@ -62,7 +62,7 @@ def test_three_jobs_on_two_slots(make_experiment, tmp_path):
         assert "iter 4/4" in Path(record.log_path).read_text()
     assert all(len(r.extra["devices"]) == 1 for r in records)
     assert any("waiting for 1 CPU slot" in Path(r.log_path).read_text() for r in records)
-    assert list_device_leases("cpu") == [] and list_port_leases() == []
+    assert list_device_leases("cpu") == [] and port_leases() == []
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from cluster.gpus import list_device_leases
-from cluster.ports import list_port_leases
+from orch_testing import port_leases
 from cluster.process import group_alive
 from orchestrator import records
 from orchestrator.jobs import refresh_job
@@ -36,12 +36,12 @@ def test_killed_supervisor_takes_its_ranks_with_it(make_experiment):
     _wait(lambda: "iter 2/" in open(records.load_record(handle.job_id).log_path).read(), 240, "training")
     record = records.load_record(handle.job_id)
     pids, pgid = record.extra["pids"], record.extra["pgid"]
-    assert len(pids) == 2 and list_device_leases("cpu") and list_port_leases()
+    assert len(pids) == 2 and list_device_leases("cpu") and port_leases()
     os.kill(record.pid, signal.SIGKILL)  # the supervisor
     _wait(lambda: not group_alive(pgid), 30, "the ranks to die with their supervisor")
     record = refresh_job(handle.job_id)
     assert record.state == JobState.FAILED and "supervisor" in record.error
-    assert list_device_leases("cpu") == [] and list_port_leases() == []  # freed with a dead owner, nothing left using them
+    assert list_device_leases("cpu") == [] and port_leases() == []  # freed with a dead owner, nothing left using them
     from orch_testing import shipped_run
 
     assert shipped_run(record).info.status == "FAILED"  # not left RUNNING

@@ -304,12 +304,6 @@ def query_cached(native_ids: Sequence[str], result_paths: Mapping[str, Optional[
     return answers
 
 
-def accounting_enabled() -> bool:
-    """True when ``sacct`` answers (slurmdbd configured and reachable)."""
-    proc = _run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"])
-    return proc is not None and proc.returncode == 0
-
-
 # srun's line for a task that died of a signal (not SIGTERM: orch then says itself what it did,
 # e.g. "checkpoint written"): "srun: error: node1: task 0: Killed".
 TASK_ENDED = re.compile(r"srun: error: \S+: tasks? [\d,-]+: ")

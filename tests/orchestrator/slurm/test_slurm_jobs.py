@@ -197,10 +197,11 @@ def test_status_without_accounting(slurm_cluster, write_experiment, module_orch_
     even waits forever on a cancelled job). orch reads squeue / scontrol instead. Last in this
     module: it restarts the cluster without accounting."""
     from orchestrator.cli import main
+    from orch_testing import slurm_accounting_enabled
     from orchestrator.launchers.slurm import state as slurm_state
 
     slurm_cluster.up(accounting=False)
-    assert not slurm_state.accounting_enabled()
+    assert not slurm_accounting_enabled()
     _, [done], _ = submit([write_experiment(tmp_path / "ok", "ok", **{"schedule.iterations": 2, "eval.interval": 2})])
     _, [cancelled], _ = submit([write_experiment(tmp_path / "cancel", "cancel", **{"schedule.iterations": 5000,
                                                                                  "eval.interval": 5000})])
