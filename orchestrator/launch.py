@@ -186,10 +186,7 @@ class Launch:
         for job in plan.jobs:
             require_reachable(job.experiment)
             check_free(job.output_dir)
-        if wait_s:
-            self.launcher.preflight(plan, wait_s=wait_s)
-        else:  # a launcher written before the option needs no wait_s
-            self.launcher.preflight(plan)
+        self.launcher.preflight(plan, wait_s=wait_s or 0.0)
         jobs_dir()
 
     def submit(self, plan: Plan, continue_runs: Optional[bool] = None,

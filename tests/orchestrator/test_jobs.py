@@ -111,7 +111,7 @@ class FakeLauncher(Launcher):
     def plan(self, jobs):
         raise NotImplementedError
 
-    def preflight(self, plan):
+    def preflight(self, plan, wait_s=0.0):
         pass
 
     def submit(self, plan):
