@@ -162,7 +162,7 @@ class Launch:
     launcher: Launcher
 
     @classmethod
-    def to(cls, backend: str) -> "Launch":
+    def for_backend(cls, backend: str) -> "Launch":
         from orchestrator.launchers import get_launcher
 
         return cls(backend, get_launcher(backend))

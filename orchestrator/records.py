@@ -338,7 +338,7 @@ def reopen(job_id: str) -> JobRecord:
     return _modify(job_id, change)[1]
 
 
-def say(job_id: str, message: str) -> None:
+def append_to_log(job_id: str, message: str) -> None:
     """Append a line of orch's own to the job's log (what ``orch logs`` shows beside the ranks)."""
     try:
         with open(log_path(job_id), "a") as handle:
@@ -361,11 +361,11 @@ def _close_tracking(record: JobRecord) -> None:
     folder = runs.journal_dir(record.output_dir)
     try:
         if runs.close_journal(folder, status, error=record.error if status == "FAILED" else None):
-            say(record.job_id, f"MLflow run of {record.name} ends {status} (journal {folder})")
+            append_to_log(record.job_id, f"MLflow run of {record.name} ends {status} (journal {folder})")
         if _tracking_mode(record) != "offline":
             runs.ensure_shipping(folder, record.tracking_uri)
     except Exception as err:  # noqa: BLE001 - the job's own state is recorded; sync can finish it
-        say(record.job_id, f"could not end the MLflow run in {folder}: {err}; run `orch sync {record.output_dir}`")
+        append_to_log(record.job_id, f"could not end the MLflow run in {folder}: {err}; run `orch sync {record.output_dir}`")
 
 
 def _tracking_mode(record: JobRecord) -> str:

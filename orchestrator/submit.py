@@ -65,7 +65,7 @@ def submit(paths: list[str], overrides: tuple[str, ...], flags: ResourceFlags,
             "submit them separately or pass --backend"
         )
     experiments = run_folders(experiments, refuse_live=not dry_run)
-    launch = Launch.to(backends.pop())
+    launch = Launch.for_backend(backends.pop())
     plan = launch.plan(experiments)
     resolve_weights(experiments, download=not dry_run)  # weights names -> the cache, before anything is queued
     if dry_run:  # the plan only: it may be printed on a machine that does not see the data

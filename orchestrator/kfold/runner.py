@@ -173,7 +173,7 @@ def run_kfold(path: str, overrides: tuple[str, ...] = (), folds: Optional[int] =
     attached = {} if dry_run else _still_running(state, trials)
     done = {t.name for t in trials if _finished(state, t)}
     pending = [t for t in trials if t.name not in done and t.name not in attached]
-    launch = Launch.to(backend)
+    launch = Launch.for_backend(backend)
     names = [f"{exp.name}/{t.name}" for t in pending]  # so that `orch status` and job ids tell the folds apart
     # Plan from unwritten specs first: a bad option fails here, before any run or file exists.
     # Nothing pending (a finished set resumed) plans nothing: Slurm refuses an empty plan.

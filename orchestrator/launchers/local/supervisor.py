@@ -36,7 +36,7 @@ from cluster.process import signal_group
 from orchestrator.launchers.local.launcher import cancel_requested
 from orchestrator.launchers.local.plan import NodeJob, NodeRequest
 from orchestrator.launchers.local.reasons import failure_reason
-from orchestrator.records import annotate, load_record, log_path, say, transition
+from orchestrator.records import annotate, append_to_log, load_record, log_path, transition
 from orchestrator.spec import JobState
 from orchestrator.watchdog import HangSettings, Watchdog, write_report
 
@@ -57,9 +57,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     plan = NodeRequest.from_json(json.loads(Path(args[0]).read_text()))
     signal.signal(signal.SIGTERM, lambda *_: _stopping.set())
-    me = owner_identity()
+    this_process = owner_identity()
     for job in plan.jobs:
-        annotate(job.job_id, pid=me["pid"], extra={"pid_start": me["start"]})
+        annotate(job.job_id, pid=this_process["pid"], extra={"pid_start": this_process["start"]})
     gate = threading.BoundedSemaphore(max(1, plan.max_parallel or len(plan.jobs)))
     pool = None
     threads = []
@@ -108,7 +108,7 @@ def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.Bou
         while hang is not None and _on_hang(job_id) == "requeue" and restarts < HANG_RESTARTS \
                 and not (cancel_requested(job_id) or _stopping.is_set()):
             restarts += 1
-            say(job_id, f"runtime.on_hang=requeue: restarting from the last checkpoint ({restarts}/{HANG_RESTARTS})")
+            append_to_log(job_id, f"runtime.on_hang=requeue: restarting from the last checkpoint ({restarts}/{HANG_RESTARTS})")
             procs = _start(_resuming(job), devices, port)
             code, hang = _watch(job_id, procs, _watchdog(job_id, job))
         ended_at = time.time()
@@ -126,7 +126,7 @@ def _run_job(job: NodeJob, request: Optional[DeviceRequest], gate: threading.Bou
         else:
             _finish(job_id, JobState.FAILED, code, _failure_reason(job_id, procs, code), ended_at)
     except Exception as err:  # anything here is orch's fault or the machine's: record it
-        say(job_id, f"error: {err}")
+        append_to_log(job_id, f"error: {err}")
         _finish(job_id, JobState.FAILED, None, f"{type(err).__name__}: {err}")
     finally:
         if request is not None:
@@ -159,7 +159,7 @@ def _wait_for_devices(job_id: str, request: DeviceRequest) -> Optional[DeviceLea
             return None
         if not told:
             message = request.status()
-            say(job_id, message)
+            append_to_log(job_id, message)
             annotate(job_id, extra={"waiting": message})
             told = True
         with _released:
@@ -218,7 +218,7 @@ def _start(job: NodeJob, devices: Optional[DeviceLease], port: Optional[int]) ->
 
     transition(job_id, JobState.RUNNING, extra={"pgid": pgid, "devices": list(devices.devices) if devices else [],
                                                 "port": port, "waiting": None, "pids": [p.pid for p in procs]})
-    say(job_id, f"started {len(procs)} process(es) (pgid {pgid})"
+    append_to_log(job_id, f"started {len(procs)} process(es) (pgid {pgid})"
          + (f" on {devices.pool.kind} {','.join(devices.devices)}" if devices else "")
          + (f", port {port}" if port else ""))
     return procs
@@ -254,7 +254,7 @@ def _hung(job_id: str, procs: list[subprocess.Popen], watchdog: Watchdog) -> Opt
         return None
     pids = {i: p.pid for i, p in enumerate(procs)} if len(procs) == watchdog.world_size else {}
     report = write_report(watchdog.output_dir, stall, pids)
-    say(job_id, f"{report.reason}; stacks in {report.folder}")
+    append_to_log(job_id, f"{report.reason}; stacks in {report.folder}")
     annotate(job_id, extra={"hang": report.folder, "hang_reason": report.reason})
     return report.reason
 
@@ -335,7 +335,7 @@ def _finish(job_id: str, state: JobState, code: Optional[int], error: Optional[s
     """Record the end of a job. ``ended_at`` is when its processes ended (taken before its slice
     was handed on, so that records never show more jobs running than there are slots)."""
     record = transition(job_id, state, exit_code=code, error=error, ended_at=ended_at, extra={"waiting": None})
-    say(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
+    append_to_log(job_id, f"{record.state.value.lower()}" + (f" (exit status {code})" if code is not None else ""))
 
 
 if __name__ == "__main__":

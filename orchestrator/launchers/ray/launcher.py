@@ -84,8 +84,8 @@ class RayPlan(Plan):
 def start_driver(argv: list[str], job_id: str) -> None:
     """Start a detached driver process (a Ray job's or a sweep's) writing to the job's log, and
     record its pid and process group on the job."""
-    me = start_detached(argv, str(records.log_path(job_id)))
-    records.annotate(job_id, pid=me["pid"], extra={"pgid": me["pid"], "pid_start": me["start"]})
+    driver = start_detached(argv, str(records.log_path(job_id)))
+    records.annotate(job_id, pid=driver["pid"], extra={"pgid": driver["pid"], "pid_start": driver["start"]})
 
 
 def check_addresses(addresses: Sequence[Optional[str]]) -> dict[Optional[str], Optional[str]]:

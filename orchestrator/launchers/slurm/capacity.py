@@ -204,11 +204,13 @@ class SlurmAsk:
                    time_min=params.get("time"), time_given=time_given)
 
 
-def _gb(mb: float) -> str:
+def _mb_as_gb(mb: float) -> str:
+    """Megabytes as gigabytes for a message: 1.5, 2 (no trailing zeros)."""
     return f"{mb / 1024:.1f}".rstrip("0").rstrip(".")
 
 
-def _n(count: int, word: str) -> str:
+def _plural(count: int, word: str) -> str:
+    """``count`` and ``word``, plural unless one: "1 node", "2 nodes"."""
     return f"{count} {word}{'s' if count != 1 else ''}"
 
 
@@ -225,7 +227,7 @@ def shortfall(ask: SlurmAsk, part: SlurmPartition, nodes: Optional[Sequence[Slur
                 f"{format_minutes(max_time)} (MaxTime); pass --time {format_minutes(max_time)} or less, or another --partition")
     known, max_nodes = part.max_nodes
     if known and max_nodes is not None and ask.nodes > max_nodes:
-        return (f"{who} asks for {_n(ask.nodes, 'node')} but {where} allows at most {max_nodes} per job (MaxNodes); "
+        return (f"{who} asks for {_plural(ask.nodes, 'node')} but {where} allows at most {max_nodes} per job (MaxNodes); "
                 "lower --nodes (or --gpus), or pick another --partition")
     pool = None if nodes is None else [n for n in nodes if n.available or not up_only]
     qualifier = ""
@@ -233,7 +235,7 @@ def shortfall(ask: SlurmAsk, part: SlurmPartition, nodes: Optional[Sequence[Slur
         qualifier = f" not DOWN/DRAIN ({len(nodes)} in all)"
     have_nodes = len(pool) if pool is not None else part.total_nodes
     if have_nodes is not None and ask.nodes > have_nodes:
-        return (f"{who} asks for {_n(ask.nodes, 'node')} but {where} has {have_nodes} node{'s' if have_nodes != 1 else ''}"
+        return (f"{who} asks for {_plural(ask.nodes, 'node')} but {where} has {have_nodes} node{'s' if have_nodes != 1 else ''}"
                 f"{qualifier}; lower --nodes (or --gpus), or pick a bigger --partition")
     cpus = ask.tasks_per_node * ask.cpus_per_task
     known, max_cpus = part.max_cpus_per_node
@@ -242,8 +244,8 @@ def shortfall(ask: SlurmAsk, part: SlurmPartition, nodes: Optional[Sequence[Slur
                 f"but {where} allows {max_cpus} per node (MaxCPUsPerNode); lower --cpus-per-task or --gpus-per-node")
     known, max_mem = part.max_mem_per_node
     if known and max_mem is not None and ask.mem_mb is not None and ask.mem_mb > max_mem:
-        return (f"{who} asks for {_gb(ask.mem_mb)} GB per node (--mem-gb) but {where} allows "
-                f"{_gb(max_mem)} GB per node (MaxMemPerNode); lower --mem-gb")
+        return (f"{who} asks for {_mb_as_gb(ask.mem_mb)} GB per node (--mem-gb) but {where} allows "
+                f"{_mb_as_gb(max_mem)} GB per node (MaxMemPerNode); lower --mem-gb")
     if not pool:
         return None  # no node list: the partition's own limits are all we can check
     return _node_shortfall(ask, pool, f"the nodes of {where}{qualifier}")
@@ -266,8 +268,8 @@ def _node_shortfall(ask: SlurmAsk, pool: Sequence[SlurmNode], nodes_of: str) -> 
                 f"cpus_per_task) but {nodes_of} have at most {max(counts)}; lower --cpus-per-task or --gpus-per-node")
     mems = [n.mem_mb for n in pool if n.mem_mb is not None]
     if ask.mem_mb is not None and mems and len(mems) == len(pool) and ask.mem_mb > max(mems):
-        return (f"{who} asks for {_gb(ask.mem_mb)} GB per node (--mem-gb) but {nodes_of} have at most "
-                f"{_gb(max(mems))} GB (RealMemory {max(mems)} MB); lower --mem-gb")
+        return (f"{who} asks for {_mb_as_gb(ask.mem_mb)} GB per node (--mem-gb) but {nodes_of} have at most "
+                f"{_mb_as_gb(max(mems))} GB (RealMemory {max(mems)} MB); lower --mem-gb")
 
     def holds(node: SlurmNode) -> bool:
         return ((node.gpus is None or node.gpus >= ask.gpus_per_node) and (node.cpus is None or node.cpus >= cpus)
@@ -276,8 +278,8 @@ def _node_shortfall(ask: SlurmAsk, pool: Sequence[SlurmNode], nodes_of: str) -> 
     able = sum(holds(n) for n in pool)
     if able < ask.nodes:
         share = ", ".join(p for p in (f"{ask.gpus_per_node} GPUs" if ask.gpus_per_node else "", f"{cpus} CPUs",
-                                      f"{_gb(ask.mem_mb)} GB" if ask.mem_mb is not None else "") if p)
-        return (f"{who} asks for {_n(ask.nodes, 'node')} with {share} each but only {able} of {nodes_of} "
+                                      f"{_mb_as_gb(ask.mem_mb)} GB" if ask.mem_mb is not None else "") if p)
+        return (f"{who} asks for {_plural(ask.nodes, 'node')} with {share} each but only {able} of {nodes_of} "
                 "hold that much; lower --nodes or the per-node request, or pick another --partition")
     return None
 

@@ -128,7 +128,7 @@ def test_what_fits_passes_and_auto_means_cpu(ray_head, orch_home, make_experimen
     from orchestrator.launch import Launch
 
     base = load_experiment(make_experiment())
-    launch = Launch.to("ray")
+    launch = Launch.for_backend("ray")
 
     def preflight(**changes):
         launch.preflight(launch.plan([with_overrides(base, {"resources.ray.address": ray_head.address, **changes})]))
@@ -249,7 +249,7 @@ def test_wait_for_resources_ends_when_the_cluster_grows(orch_home, make_experime
         address = helper.stdout.readline().strip()
         assert address.startswith("127.0.0.1:"), address
         exp = with_overrides(load_experiment(make_experiment()), {"resources.ray.address": address, "resources.gpus": 3})
-        launch = Launch.to("ray")
+        launch = Launch.for_backend("ray")
         plan = launch.plan([exp])
 
         def wait() -> None:

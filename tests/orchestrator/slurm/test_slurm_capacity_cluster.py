@@ -80,7 +80,7 @@ def test_what_fits_passes_preflight(experiment):
     exp = with_overrides(load_experiment(str(experiment)), {"resources.partition": "debug", "resources.time": "00:30:00",
                                                             "resources.gpus": 4, "resources.gpus_per_node": 2,
                                                             "resources.mem_gb": 7})
-    launch = Launch.to("slurm")
+    launch = Launch.for_backend("slurm")
     plan = launch.plan([exp])
     assert "#SBATCH --nodes=2" in plan.text and "#SBATCH --gpus-per-node=2" in plan.text
     launch.preflight(plan)  # no error
@@ -95,7 +95,7 @@ def test_wait_for_resources_waits_for_a_drained_node(experiment, capsys, caplog)
                                                             "resources.gpus_per_node": 1})
     subprocess.run(["scontrol", "update", "nodename=node2", "state=drain", "reason=orch capacity test"], check=True)
     try:
-        launch = Launch.to("slurm")
+        launch = Launch.for_backend("slurm")
         launch.preflight(launch.plan([exp]))  # ever: node2 may come back, so the job may queue (with a warning)
         assert "node not DOWN/DRAIN (2 in all)" in caplog.text and "wait in Slurm's queue" in caplog.text
         started = time.monotonic()
@@ -111,6 +111,6 @@ def test_wait_for_resources_waits_for_a_drained_node(experiment, capsys, caplog)
         subprocess.run(["scontrol", "update", "nodename=node2", "state=resume"], check=True)
     # node2 back: the same request passes a wait at once.
     started = time.monotonic()
-    launch = Launch.to("slurm")
+    launch = Launch.for_backend("slurm")
     launch.preflight(launch.plan([exp]), wait_s=60)
     assert time.monotonic() - started < 45  # well before the 60 s wait ends
