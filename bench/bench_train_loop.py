@@ -95,7 +95,7 @@ def run_orch(args, data: Path, work: Path, tracking: bool, log_interval: int) ->
         """Marks the end of every step; measures the journal hook's own cost directly."""
 
         def before_train(self, trainer):
-            from detection.tracking import JournalHook
+            from detection.journal_hook import JournalHook
 
             for hook in trainer.hooks:
                 if isinstance(hook, JournalHook):

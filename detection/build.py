@@ -303,11 +303,11 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
                               engine=config.eval.engine))
     hooks.append(CheckpointHook(config.checkpoint.interval, unit))
     if env.rank == 0 and config.tracking.enable:
-        from detection.tracking import JournalHook
+        from detection.journal_hook import JournalHook
 
         if config.runtime.system_metrics_interval > 0:  # before the journal hook: its last sample precedes the end status
             from detection.hooks.system_metrics import SystemMetricsHook
-            from detection.tracking import journal_dir
+            from detection.journal_hook import journal_dir
 
             hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval))
         hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))

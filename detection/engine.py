@@ -5,7 +5,7 @@ Kept deliberately close to torchvision's detection reference loop (the benchmark
 sums the loss terms of ``accumulation_steps`` micro-batches, all-reduces them once (together with
 the ranks' stop requests, so DDP ranks always agree), refuses a non-finite loss before the
 optimizer step, clips and steps. Logging, LR schedule, evaluation, checkpoints and MLflow are
-hooks (:mod:`detection.hooks`, :mod:`detection.tracking`).
+hooks (:mod:`detection.hooks`, :mod:`detection.journal_hook`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Hooks around the training loop (see :class:`Hook`). ``JournalHook`` lives in
-:mod:`detection.tracking`.
+:mod:`detection.journal_hook`.
 
 Importing this package (or :mod:`detection.hooks.base`) does not import torch, so launchers can
 subclass :class:`Hook` at module level; the torch-using hooks load on first access.

@@ -99,7 +99,7 @@ def record(rec: Record, echo: Callable[[str], None]) -> Any:
 
 
 def _metrics(rec: Record) -> dict[str, float]:
-    from detection.tracking import metric_key
+    from detection.journal_hook import metric_key
 
     values: dict[str, float] = {}
     for name, by_tta in rec.rows.items():

@@ -90,7 +90,7 @@ def log_summaries(state: dict, summaries: Sequence[Any], paths: dict[str, Path],
     the best point by mean ``metric``) on the top parent, and end the parents (FAILED where some
     folds did not finish). Their shippers deliver it."""
     from detection.journal import Journal
-    from detection.tracking import metric_key
+    from detection.journal_hook import metric_key
     from orchestrator.kfold.aggregate import compare_points
 
     parents = state["parents"]

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 
 from cluster.errors import LaunchError
 from detection.journal import TERMINAL, Journal, is_journal, last_status
-from detection.tracking import journal_dir
+from detection.journal_hook import journal_dir
 
 log = logging.getLogger(__name__)
 

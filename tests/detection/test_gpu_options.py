@@ -87,7 +87,7 @@ def test_bad_gpu_options_are_one_line_naming_file_and_key(make_experiment, overr
 
 
 def test_gpu_options_are_recorded_as_params(make_experiment):
-    from detection.tracking import flatten_params
+    from detection.journal_hook import flatten_params
 
     exp = load_experiment(make_experiment(**{"runtime.amp": "bf16", "runtime.compile": "backbone",
                                              "runtime.channels_last": True}))

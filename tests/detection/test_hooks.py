@@ -110,7 +110,7 @@ def test_lr_schedule_turns_epoch_milestones_into_iterations():
 
 def test_build_hooks_passes_each_hook_its_settings(make_experiment):
     from detection.build import build_hooks
-    from detection.tracking import JournalHook
+    from detection.journal_hook import JournalHook
 
     exp = load_experiment(make_experiment(**{"eval.interval": 3, "checkpoint.interval": 5, "runtime.log_interval": 7}))
     scaling = scale_lr(exp.optim, exp.schedule, 1, 2)

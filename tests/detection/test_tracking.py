@@ -14,7 +14,7 @@ from cluster.errors import TrainingError
 from detection.engine import Preempted
 from detection.hooks import Hook
 from detection.journal import last_status, read_events
-from detection.tracking import MAX_PARAM_VALUE, flatten_params
+from detection.journal_hook import MAX_PARAM_VALUE, flatten_params
 from detection.train import main
 from orchestrator.config import load_experiment
 from orchestrator.tracking.runs import resolve_tracking_uri
