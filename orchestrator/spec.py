@@ -26,9 +26,12 @@ class JobState(str, enum.Enum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class JobSpec:
     """One training job, fully resolved, before a backend decides where it runs.
+
+    Built by keyword only: a field added or removed then fails every old call at once, not just
+    the ones whose argument count happens to differ.
 
     ``config_path`` is the resolved experiment YAML (no ``_base_``, overrides applied) that the
     worker loads; the orchestrator writes it (and creates the MLflow run) before launch, except in

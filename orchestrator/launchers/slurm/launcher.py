@@ -122,7 +122,8 @@ class SlurmLauncher(Launcher):
         resources = repr((experiment.resources, experiment.runtime.device))  # 1000 trials: a few shapes
         if resources in self._shapes:
             return
-        params = sbatch_parameters(JobSpec(experiment.name, experiment, Path("config.yaml"), Path("."), self.name, {}))
+        params = sbatch_parameters(JobSpec(name=experiment.name, experiment=experiment, config_path=Path("config.yaml"),
+                                           output_dir=Path("."), backend=self.name))
         key = self._shapes[resources] = _shape(params)
         if key not in self.at_once:
             self.at_once[key] = tasks_at_once(SlurmAsk.from_params(params, f"job {experiment.name}"))

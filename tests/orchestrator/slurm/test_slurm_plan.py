@@ -40,7 +40,7 @@ HEADLINE = {  # orch submit exp.yaml --partition dev --gpus 16 --gpus-per-node 8
 
 def job(name: str = "faster_rcnn", out: str = "/shared/work/faster_rcnn", **changes) -> JobSpec:
     exp = with_overrides(Experiment(name=name), {**HEADLINE, **changes})
-    return JobSpec(name, exp, Path(out) / "config.yaml", Path(out), "slurm")
+    return JobSpec(name=name, experiment=exp, config_path=Path(out) / "config.yaml", output_dir=Path(out), backend="slurm")
 
 
 def check_golden(name: str, text: str) -> None:
