@@ -52,6 +52,7 @@ def ideal(jobs: list[tuple[int, float]], order: list[int]) -> float:
 def run(jobs: list[tuple[int, float]]) -> dict:
     """Submit ``jobs`` as one local submission and wait; returns the timings."""
     from orchestrator.config.schema import Experiment, Resources
+    from orchestrator.jobs import JobHandle
     from orchestrator.launchers.local import LocalLauncher, NodeCommand, NodeJob, NodePlan, NodeRequest, queue_order
     from orchestrator.records import load_record
     from orchestrator.spec import JobSpec
@@ -67,7 +68,7 @@ def run(jobs: list[tuple[int, float]]) -> dict:
                                commands=(NodeCommand(("sleep", str(seconds)), procs=size),)))
     plan = NodePlan("local", tuple(specs), NodeRequest(jobs=tuple(entries)), ())
     start = time.time()
-    handles = LocalLauncher().submit(plan)
+    handles = [JobHandle(job_id) for job_id in LocalLauncher().submit(plan)]
     for handle in handles:
         handle.wait(poll_s=0.5)
     records = [load_record(h.job_id) for h in handles]

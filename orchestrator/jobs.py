@@ -1,7 +1,8 @@
-"""Jobs of every backend, from any shell: fresh state, cancel, and following a job's log.
+"""Jobs of every backend, from any shell: fresh state, cancel, following a job's log, and the
+:class:`JobHandle` of a submitted job.
 
 What ``orch status``, ``orch logs``, ``orch cancel``, ``orch submit --wait`` and the k-fold runner
-call. Records come from :mod:`orchestrator.records`; the state of a running job comes from its
+call. The launchers never import this module: it asks them (one way). Records come from :mod:`orchestrator.records`; the state of a running job comes from its
 backend's launcher (:func:`orchestrator.launchers.launcher_for`).
 """
 
@@ -11,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 from orchestrator.records import load_record, transition
 from orchestrator.spec import JobRecord, JobState
@@ -101,6 +102,40 @@ def cancel_jobs(job_ids: Sequence[str]) -> list[JobRecord]:
     for backend, group in by_backend.items():
         get_launcher(backend).cancel_many(group)
     return [r if r.state.finished else transition(r.job_id, JobState.CANCELLED) for r in fresh]
+
+
+class JobHandle:
+    """A submitted job of any backend, seen through its record: works from any process
+    (``state`` asks the job's launcher for a fresh state). ``poll_s``: how often :meth:`wait`
+    asks (the backend's :attr:`~orchestrator.launchers.Launcher.poll_s`)."""
+
+    def __init__(self, job_id: str, poll_s: float = 1.0) -> None:
+        self.job_id = job_id
+        self.poll_s = poll_s
+
+    def record(self) -> JobRecord:
+        """The refreshed record."""
+        return refresh_job(self.job_id)
+
+    def state(self) -> JobState:
+        """Current state."""
+        return self.record().state
+
+    def wait(self, timeout_s: Optional[float] = None, poll_s: Optional[float] = None) -> JobState:
+        """Poll until the job has finished (or ``timeout_s`` passed); returns the last state."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            state = self.state()
+            if state.finished or (deadline is not None and time.monotonic() >= deadline):
+                return state
+            time.sleep(self.poll_s if poll_s is None else poll_s)
+
+    def cancel(self) -> None:
+        """Stop the job (idempotent)."""
+        cancel_job(self.job_id)
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.job_id!r})"
 
 
 def follow_log(job: str, follow: bool = True, out=None, poll_s: float = 0.5) -> JobRecord:

@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence
 from cluster.errors import LaunchError
 from cluster.files import write_text_atomic
 from orchestrator.config.schema import Experiment
-from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.jobs import JobHandle
+from orchestrator.launchers.base import Launcher, Plan
 from orchestrator.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class Launch:
             plan = dataclasses.replace(plan, jobs=jobs)
         for job in plan.jobs:
             write_identity(job, continue_runs)
-        handles = self.launcher.submit(plan)
+        handles = [JobHandle(job_id, self.launcher.poll_s) for job_id in self.launcher.submit(plan)]
         for job, handle in zip(plan.jobs, handles):
             claim(job.output_dir, handle.job_id)
         return plan, handles

@@ -18,7 +18,7 @@ Records are made in one place (:func:`create_record`) and change state in one pl
 (:func:`transition`), which is therefore where "what happens when a job ends" is written once:
 the first terminal state wins (a job cancelled by the user stays CANCELLED whatever its processes
 exit with), and a job that ends without succeeding gets its MLflow run closed (FAILED / KILLED)
-when its training could not close it itself. Other fields change through :func:`annotate`;
+when its training could not close it itself (:func:`orchestrator.tracking.runs.end_job_run`). Other fields change through :func:`annotate`;
 :func:`reopen` (``orch sweep --resume`` only) is the one way back from a finished state.
 This module knows no backend; :mod:`orchestrator.jobs` asks the launchers for fresh states.
 """
@@ -40,14 +40,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 from cluster.errors import ConfigError, JobNotFound
 from cluster.files import file_lock, read_json, write_json_atomic, write_text_atomic
 from cluster.lease import locked
+from orchestrator.home import orch_home
 from orchestrator.spec import JobRecord, JobState
 
 log = logging.getLogger(__name__)
-
-
-def orch_home() -> Path:
-    """``$ORCH_HOME`` or ``~/.orch``."""
-    return Path(os.environ.get("ORCH_HOME") or Path.home() / ".orch").expanduser()
 
 
 def jobs_dir() -> Path:
@@ -318,8 +314,12 @@ def transition(job_id: str, state: JobState, *, extra: Optional[dict[str, Any]] 
         r.extra.update(extra or {})
 
     before, after = _modify(job_id, change)
-    if after.state.finished and not before.state.finished:
-        _close_tracking(after)
+    if after.state.finished and not before.state.finished and after.tracking_uri:
+        from orchestrator.tracking.runs import end_job_run
+
+        note = end_job_run(after)
+        if note:
+            append_to_log(job_id, note)
     return after
 
 
@@ -345,35 +345,3 @@ def append_to_log(job_id: str, message: str) -> None:
             handle.write(f"[orch {time.strftime('%H:%M:%S')}] {message}\n")
     except OSError:
         pass  # a missing log folder must not hide the state change that wanted to note this
-
-
-def _close_tracking(record: JobRecord) -> None:
-    """A job that failed before its training started (bad input found by the worker), was
-    killed, or was cancelled while queued must not leave its MLflow run RUNNING: its journal gets
-    the final status (and the error as the tag ``orch.error``) unless training wrote one, and a
-    shipper delivers it, or whatever its own shipper could not (a Slurm job's dies with its
-    allocation): now, or once the server answers again. Notes it in the job's log."""
-    if not record.tracking_uri:
-        return
-    from orchestrator.tracking import runs
-
-    status = {JobState.SUCCEEDED: "FINISHED", JobState.CANCELLED: "KILLED"}.get(record.state, "FAILED")
-    folder = runs.journal_dir(record.output_dir)
-    try:
-        if runs.close_journal(folder, status, error=record.error if status == "FAILED" else None):
-            append_to_log(record.job_id, f"MLflow run of {record.name} ends {status} (journal {folder})")
-        if _tracking_mode(record) != "offline":
-            runs.ensure_shipping(folder, record.tracking_uri)
-    except Exception as err:  # noqa: BLE001 - the job's own state is recorded; sync can finish it
-        append_to_log(record.job_id, f"could not end the MLflow run in {folder}: {err}; run `orch sync {record.output_dir}`")
-
-
-def _tracking_mode(record: JobRecord) -> str:
-    """``tracking.mode`` of the job's resolved config (auto when unreadable)."""
-    import yaml
-
-    try:
-        with open(record.config_path) as handle:
-            return ((yaml.safe_load(handle) or {}).get("tracking") or {}).get("mode") or "auto"
-    except (OSError, yaml.YAMLError, AttributeError):
-        return "auto"

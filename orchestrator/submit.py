@@ -12,7 +12,8 @@ from __future__ import annotations
 from cluster.errors import ConfigError
 from orchestrator.config.schema import Experiment
 from orchestrator.launch import Launch, ResourceFlags, choose_backend
-from orchestrator.launchers.base import JobHandle, Plan
+from orchestrator.jobs import JobHandle
+from orchestrator.launchers.base import Plan
 from orchestrator.submit_checks import check_inputs
 from orchestrator.weights import resolve_weights
 

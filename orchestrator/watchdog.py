@@ -36,13 +36,9 @@ class HangSettings:
     @classmethod
     def of_config(cls, config_path: str) -> "HangSettings":
         """The settings in a resolved experiment file (defaults where it has none)."""
-        import yaml
+        from orchestrator.config.loader import read_section
 
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                runtime = (yaml.safe_load(handle) or {}).get("runtime") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
-            runtime = {}
+        runtime = read_section(config_path, "runtime")
         return cls(hang_timeout=runtime.get("hang_timeout"),
                    startup_timeout=float(runtime.get("startup_timeout") or cls.startup_timeout),
                    on_hang=str(runtime.get("on_hang") or "fail"))

@@ -245,3 +245,24 @@ def load_with_sources(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) ->
 def load_raw(path: str | os.PathLike) -> dict:
     """The merged mapping of ``path`` and its bases (no ``_base_`` key), before validation."""
     return load_with_sources(path)[0]
+
+
+def section_of(text: str, section: str) -> dict:
+    """Section ``section`` of a resolved experiment's YAML ``text`` as plain data, without
+    validation: ``{}`` when the text or the section is not a mapping. For a process that needs
+    one setting of a job it did not build (a supervisor's hang watchdog, the end of a job's MLflow
+    run, a sweep driver); a resolved file has no ``_base_`` to follow."""
+    try:
+        data = yaml.load(text, Loader=Loader)  # noqa: S506 - Loader derives from SafeLoader
+    except yaml.YAMLError:
+        return {}
+    found = data.get(section) if isinstance(data, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def read_section(path: str | os.PathLike, section: str) -> dict:
+    """:func:`section_of` the resolved experiment file ``path`` (``{}`` when it is unreadable)."""
+    try:
+        return section_of(Path(path).read_text(encoding="utf-8"), section)
+    except (OSError, UnicodeDecodeError):
+        return {}

@@ -62,7 +62,7 @@ def set_identity(exp: Experiment, kcfg: KFoldConfig, ann_sha: str) -> str:
 
 
 def _index_path(set_id: str) -> Path:
-    from orchestrator.records import orch_home
+    from orchestrator.home import orch_home
 
     return orch_home() / "kfold" / f"{set_id}.json"
 
@@ -242,7 +242,7 @@ def _finished(state: dict, trial) -> bool:
 def _still_running(state: dict, trials) -> dict[str, Any]:
     """Trials an earlier, interrupted ``orch kfold`` launched and whose jobs still run: waited
     for, not launched twice into the same folder and run."""
-    from orchestrator.launchers.base import JobHandle
+    from orchestrator.jobs import JobHandle
 
     running = {}
     for t in trials:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 
 from cluster.errors import LaunchError
-from orchestrator.launchers.base import JobHandle, Launcher, Plan
+from orchestrator.launchers.base import Launcher, Plan
 from orchestrator.spec import JobRecord
 
-__all__ = ["LAUNCHERS", "JobHandle", "Launcher", "Plan", "get_launcher", "launcher_for"]
+__all__ = ["LAUNCHERS", "Launcher", "Plan", "get_launcher", "launcher_for"]
 
 # name -> "module:Class"
 LAUNCHERS: dict[str, str] = {

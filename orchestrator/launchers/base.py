@@ -1,5 +1,5 @@
 """The launcher interface: the whole life of a job as one abstract class (TorchX's scheduler API,
-submitit's executor), the typed plan every backend returns, and the one handle of a submitted job.
+submitit's executor) and the typed plan every backend returns.
 
 A backend is one class filling in :class:`Launcher`: ``plan`` is pure (no processes, no network,
 no writes) and its :class:`Plan`'s text is exactly what ``orch submit --dry-run`` prints;
@@ -84,7 +84,7 @@ class Launcher(abc.ABC):
     :class:`JobSpec` (the resolved experiment, with the command-line flags folded in)."""
 
     name: ClassVar[str]
-    poll_s: ClassVar[float] = 1.0  # how often a handle asks for a fresh state
+    poll_s: ClassVar[float] = 1.0  # how often a JobHandle of this backend asks for a fresh state
 
     def fit(self, experiment: "Experiment") -> "Experiment":
         """``experiment`` with what the cluster itself decides filled in, before any plan (Slurm:
@@ -104,9 +104,10 @@ class Launcher(abc.ABC):
         that can grow is polled that long for the request to fit before the refusal."""
 
     @abc.abstractmethod
-    def submit(self, plan: Plan) -> list["JobHandle"]:
-        """Start ``plan`` (writing one record per job); returns at once, one handle per job in
-        the order of ``plan.jobs``."""
+    def submit(self, plan: Plan) -> list[str]:
+        """Start ``plan`` (writing one record per job); returns at once, one job id per job in
+        the order of ``plan.jobs`` (TorchX's ``schedule`` returns the app id; the handle of a
+        job is :class:`orchestrator.jobs.JobHandle`, above the launchers)."""
 
     @abc.abstractmethod
     def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
@@ -131,47 +132,6 @@ class Launcher(abc.ABC):
     def describe(self, record: JobRecord) -> list[tuple[str, str]]:
         """Extra ``(label, value)`` rows for ``orch status JOB``."""
         return []
-
-    def handle(self, job_id: str) -> "JobHandle":
-        """The handle of a job of this backend."""
-        return JobHandle(job_id, self.poll_s)
-
-
-class JobHandle:
-    """A submitted job of any backend, seen through its record: works from any process
-    (``state`` asks the job's launcher for a fresh state)."""
-
-    def __init__(self, job_id: str, poll_s: float = 1.0) -> None:
-        self.job_id = job_id
-        self.poll_s = poll_s
-
-    def record(self) -> JobRecord:
-        """The refreshed record."""
-        from orchestrator.jobs import refresh_job
-
-        return refresh_job(self.job_id)
-
-    def state(self) -> JobState:
-        """Current state."""
-        return self.record().state
-
-    def wait(self, timeout_s: Optional[float] = None, poll_s: Optional[float] = None) -> JobState:
-        """Poll until the job has finished (or ``timeout_s`` passed); returns the last state."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            state = self.state()
-            if state.finished or (deadline is not None and time.monotonic() >= deadline):
-                return state
-            time.sleep(self.poll_s if poll_s is None else poll_s)
-
-    def cancel(self) -> None:
-        """Stop the job (idempotent)."""
-        from orchestrator.jobs import cancel_job
-
-        cancel_job(self.job_id)
-
-    def __repr__(self) -> str:
-        return f"JobHandle({self.job_id!r})"
 
 
 def json_ready(value: Any) -> Any:

@@ -162,9 +162,9 @@ def run_sweep(plan: SweepPlan, resume: bool = False) -> dict[str, Any]:
 
 def plan_mode(plan: SweepPlan) -> str:
     """``tracking.mode`` of the sweep's experiment."""
-    import yaml
+    from orchestrator.config.loader import section_of
 
-    return ((yaml.safe_load(plan.config_yaml) or {}).get("tracking") or {}).get("mode") or "auto"
+    return section_of(plan.config_yaml, "tracking").get("mode") or "auto"
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -69,7 +69,7 @@ class Entry:
 
 def shipping_root() -> Path:
     """``$ORCH_HOME/shipping``: one registry folder per host below it."""
-    from orchestrator.records import orch_home
+    from orchestrator.home import orch_home
 
     return orch_home() / SHIPPING
 

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional
 from cluster.errors import LaunchError
 from detection.journal import TERMINAL, Journal, is_journal, last_status
 from detection.journal_hook import journal_dir
+from orchestrator.spec import JobRecord, JobState
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless t
 UI_TRAINING_VIEW = "workflowType=machine_learning"
 
 __all__ = [
-    "absolute_uri", "close_journal", "create_journal", "ensure_shipping", "experiment_id_of", "experiment_name",
+    "absolute_uri", "close_journal", "create_journal", "end_job_run", "ensure_shipping", "experiment_id_of", "experiment_name",
     "fully_shipped", "journal_dir", "reachable", "require_reachable", "resolve_tracking_uri", "run_id_of",
     "start_shipper", "tracking_uri_of", "ui_hint", "ui_url", "wait_shipped",
 ]
@@ -213,3 +214,24 @@ def ensure_shipping(folder: str, uri: Optional[str]) -> bool:
         return False
     start_shipper(folder, uri)
     return True
+
+
+def end_job_run(record: JobRecord) -> Optional[str]:
+    """The MLflow side of a job's end (:func:`orchestrator.records.transition` calls it once). A
+    job that failed before its training started (bad input found by the worker), was killed, or
+    was cancelled while queued must not leave its MLflow run RUNNING: its journal gets the final
+    status (and the error as the tag ``orch.error``) unless training wrote one, and a shipper
+    delivers it, or whatever its own shipper could not (a Slurm job's dies with its allocation):
+    now, or once the server answers again (never in ``tracking.mode: offline``). Returns the
+    line to note in the job's log (None: nothing to say)."""
+    from orchestrator.config.loader import read_section
+
+    status = {JobState.SUCCEEDED: "FINISHED", JobState.CANCELLED: "KILLED"}.get(record.state, "FAILED")
+    folder = journal_dir(record.output_dir)
+    try:
+        closed = close_journal(folder, status, error=record.error if status == "FAILED" else None)
+        if (read_section(record.config_path, "tracking").get("mode") or "auto") != "offline":
+            ensure_shipping(folder, record.tracking_uri)
+    except Exception as err:  # noqa: BLE001 - the job's own state is recorded; sync can finish it
+        return f"could not end the MLflow run in {folder}: {err}; run `orch sync {record.output_dir}`"
+    return f"MLflow run of {record.name} ends {status} (journal {folder})" if closed else None

@@ -17,6 +17,7 @@ from orchestrator import records as jobs
 from cluster.process import group_alive
 from orch_testing import shipped_run
 from orchestrator.cli import main as cli
+from orchestrator.jobs import JobHandle
 from orchestrator.launchers.local import LocalLauncher
 from orchestrator.spec import JobState
 from orchestrator.submit import ResourceFlags, submit
@@ -48,7 +49,7 @@ def test_three_jobs_on_two_slots(make_experiment, tmp_path):
 
     launcher = LocalLauncher()
     plan = launcher.plan([build_job_spec(load_experiment(p), "local") for p in paths])  # creates the journals
-    handles = launcher.submit(plan)
+    handles = [JobHandle(job_id) for job_id in launcher.submit(plan)]
     # returns at once, before any job ends: training happens in the supervisor
     assert JobState.SUCCEEDED not in [jobs.load_record(h.job_id).state for h in handles]
     assert [h.wait(TIMEOUT_S) for h in handles] == [JobState.SUCCEEDED] * 3
@@ -173,7 +174,7 @@ def command_plan(commands_per_job, max_parallel=None):
                                commands=tuple(NodeCommand((sys.executable, "-c", code), {"P": "{port}"})
                                               for code in commands)))
     plan = NodePlan("local", tuple(specs), NodeRequest(jobs=tuple(entries), max_parallel=max_parallel), ())
-    return LocalLauncher().submit(plan)
+    return [JobHandle(job_id) for job_id in LocalLauncher().submit(plan)]
 
 
 def test_max_parallel_caps_running_jobs(monkeypatch):

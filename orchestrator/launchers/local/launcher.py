@@ -22,7 +22,7 @@ from cluster.files import write_json_atomic
 from cluster.gpus import DevicePool, detect_pool, list_device_leases
 from cluster.process import group_alive, signal_group, start_detached, stop_group
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher, Status, owners_gone
+from orchestrator.launchers.base import Launcher, Status, owners_gone
 from orchestrator.launchers.local.plan import (
     NodeCommand,
     NodeJob,
@@ -132,8 +132,8 @@ class LocalLauncher(Launcher):
                     "drop --no-wait to queue, or lower --gpus / --max-parallel"
                 )
 
-    def submit(self, plan: NodePlan) -> list[JobHandle]:
-        """Write the records and start one detached supervisor for the plan; returns one handle
+    def submit(self, plan: NodePlan) -> list[str]:
+        """Write the records and start one detached supervisor for the plan; returns one job id
         per job (in the order of ``plan.jobs``) without waiting."""
         if not plan.jobs:
             return []
@@ -156,7 +156,7 @@ class LocalLauncher(Launcher):
                             supervisor_log)
         for job_id in ids.values():
             records.annotate(job_id, pid=supervisor["pid"], extra={"pid_start": supervisor["start"], "supervisor_log": supervisor_log})
-        return [self.handle(ids[i]) for i in range(len(plan.jobs))]
+        return [ids[i] for i in range(len(plan.jobs))]
 
     def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
         """The supervisor records every change itself; this only notices a supervisor that died

@@ -24,7 +24,7 @@ from cluster.errors import LaunchError
 from cluster.files import write_json_atomic
 from cluster.process import signal_group, start_detached, stop_group
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher, Status, owners_gone, Plan
+from orchestrator.launchers.base import Launcher, Status, owners_gone, Plan
 from orchestrator.launchers.ray.request import RayJobRequest
 from orchestrator.spec import JobRecord, JobSpec
 
@@ -146,9 +146,9 @@ class RayLauncher(Launcher):
         for address, asks in by_cluster.items():
             require_capacity(address, asks, wait_s)
 
-    def submit(self, plan: RayPlan) -> list[JobHandle]:
-        """Start one detached driver per job; returns at once with one handle per job."""
-        handles = []
+    def submit(self, plan: RayPlan) -> list[str]:
+        """Start one detached driver per job; returns at once with one job id per job."""
+        job_ids = []
         for job, request in zip(plan.jobs, plan.requests):
             job_id = records.new_job_id(job.name)
             request = dataclasses.replace(request, job_id=job_id, run_name=job_id, cwd=os.getcwd())
@@ -159,8 +159,8 @@ class RayLauncher(Launcher):
                 config_path=str(job.config_path), native_id=job_id,
                 tracking_uri=request.tracking_uri, extra={"kind": "train", "address": request.address})
             start_driver([sys.executable, "-m", "orchestrator.launchers.ray.driver", str(request_path)], job_id)
-            handles.append(self.handle(job_id))
-        return handles
+            job_ids.append(job_id)
+        return job_ids
 
     def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
         """The driver records every change itself; a driver that died without recording an end

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from cluster.errors import LaunchError
 from orchestrator import records
-from orchestrator.launchers.base import JobHandle, Launcher, Plan, Status
+from orchestrator.home import orch_home
+from orchestrator.launchers.base import Launcher, Plan, Status
 from orchestrator.launchers.slurm.capacity import DEFAULT_MAX_ARRAY_SIZE
 from orchestrator.launchers.slurm.sbatch import job_folder, render, sbatch_parameters, slurm_reachable
-from orchestrator.records import orch_home as records_home
 from orchestrator.spec import JobRecord, JobSpec, JobState
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class SlurmLauncher(Launcher):
             self._limits_read = True
             self._reachable = slurm_reachable()
             if self._reachable:
-                self.max_array_size = max_array_size(records_home() / "slurm-config.json")
+                self.max_array_size = max_array_size(orch_home() / "slurm-config.json")
         if not self._reachable or experiment.resources.slurm.array_parallelism is not None:
             return
         resources = repr((experiment.resources, experiment.runtime.device))  # 1000 trials: a few shapes
@@ -196,13 +196,13 @@ class SlurmLauncher(Launcher):
                               "start the local cluster (python scripts/local_slurm.py up), or use another --backend")
         require_capacity(slurm_asks(plan), wait_s)
 
-    def submit(self, plan: SlurmPlan) -> list[JobHandle]:
-        """sbatch every group; returns at once with one handle (and record) per job."""
+    def submit(self, plan: SlurmPlan) -> list[str]:
+        """sbatch every group; returns at once with one job id (and record) per job."""
         import submitit
 
         from orchestrator.launchers.slurm.task import SlurmTrainJob
 
-        handles: list[JobHandle] = [None] * len(plan.jobs)  # type: ignore[list-item]
+        job_ids: list[str] = [""] * len(plan.jobs)
         for group in plan.groups:
             members = [plan.jobs[i] for i in group.indices]
             folder = Path(group.folder)
@@ -232,8 +232,8 @@ class SlurmLauncher(Launcher):
                            # An array has one script, named after the array's own id.
                            "submission_file": str(folder / f"{str(sjob.job_id).split('_')[0]}_submission.sh")},
                 )
-                handles[index] = self.handle(record.job_id)
-        return handles
+                job_ids[index] = record.job_id
+        return job_ids
 
     def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
         """One ``sacct`` for all of ``records`` (and one ``squeue`` for those accounting does not
@@ -244,7 +244,7 @@ class SlurmLauncher(Launcher):
         if not asked:
             return {}
         found = slurm_state.query_cached(list(asked), {n: r.extra.get("result_path") for n, r in asked.items()},
-                                         records_home(), {n: r.submitted_at for n, r in asked.items()})
+                                         orch_home(), {n: r.submitted_at for n, r in asked.items()})
         answers = {}
         for native_id, record in asked.items():
             status = found.get(native_id)

@@ -12,7 +12,7 @@ import yaml
 from orchestrator.cli import main as orch
 from orchestrator.commands.sweep import attach
 from orchestrator.records import list_records
-from orchestrator.launchers.base import JobHandle
+from orchestrator.jobs import JobHandle
 from orchestrator.spec import JobState
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -30,7 +30,7 @@ import pytest
 from cluster.files import read_json
 from detection.journal import TERMINAL, last_status, last_steps, read_entries, read_events
 from orchestrator.cli import main as cli
-from orchestrator.launchers.base import JobHandle
+from orchestrator.jobs import JobHandle
 from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobState
 from orchestrator.tracking.cursor import load_cursor
