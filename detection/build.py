@@ -21,6 +21,7 @@ import torch.distributed as dist
 from cluster.env import several_nodes
 from cluster.errors import ConfigError
 from detection import models
+from detection.config import output_dir_of
 
 log = logging.getLogger("detection.train")
 
@@ -111,7 +112,7 @@ def init_process_group(env: Any, device: torch.device, collective_timeout_s: int
 
 def output_dir(config: Any, create: bool = False) -> str:
     """``runtime.output_dir`` with ``{name}`` filled in (created when ``create``)."""
-    path = config.runtime.output_dir.replace("{name}", config.name)
+    path = output_dir_of(config)
     if create:
         os.makedirs(path, exist_ok=True)
     return path

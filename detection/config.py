@@ -190,3 +190,9 @@ class TrackingConfig:
     # Set by orch for nested runs (a fold under its set, a trial under its sweep); leave empty.
     parent_journal: Optional[str] = None
     tags: dict[str, str] = field(default_factory=dict)  # extra tags (fold, grid point, trial)
+
+
+def output_dir_of(config: Any) -> str:
+    """``runtime.output_dir`` of an experiment (anything with ``name`` and ``runtime``) with
+    ``{name}`` replaced by its name: the one place the output folder's name is built."""
+    return config.runtime.output_dir.replace("{name}", config.name)

@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from local_slurm_state import UnsafeStateDir, check_removable, make_state_dir, remove_state_dir, state_path
 
 DEFAULT_STATE_DIR = os.environ.get("ORCH_HOSTS_DIR", "/run/orch-hosts")
@@ -155,9 +157,9 @@ def keeper_pid(name: str) -> int | None:
     """The pid of the process that keeps host ``name``'s hostname (UTS namespace) alive."""
     for pid in _netns_pids(name):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:2] == [f"orch-host-{name}".encode(), b"infinity"]:
+            if psutil.Process(pid).cmdline()[:2] == [f"orch-host-{name}", "infinity"]:
                 return pid
-        except OSError:
+        except psutil.Error:
             continue
     return None
 
@@ -177,10 +179,10 @@ def enter(name: str) -> list[str]:
 
 
 def cgroup_mounts() -> str:
-    """Shell commands that mount this machine's /sys/fs/cgroup hierarchies again (from /proc/mounts)."""
+    """Shell commands that mount this machine's /sys/fs/cgroup hierarchies again (its mount table)."""
     out = []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        source, target, fstype, options = line.split()[:4]
+    for mount in psutil.disk_partitions(all=True):
+        source, target, fstype, options = mount.device, mount.mountpoint, mount.fstype, mount.opts
         if target == "/sys/fs/cgroup" or target.startswith("/sys/fs/cgroup/"):
             out.append(f"mkdir -p {target} && mount -t {fstype} -o {options} {source} {target};")
     return " ".join(out)

@@ -7,17 +7,6 @@ import click
 from orchestrator.commands.common import experiment_argument, set_option
 
 
-def format_metrics(metrics: dict[str, float]) -> str:
-    """The metrics as an aligned two-column table (the 12 COCO numbers first, then per class)."""
-    if not metrics:
-        return "(no metrics)"
-    keys = [k for k in metrics if "/" not in k] + sorted(k for k in metrics if "/" in k)
-    width = max(len(k) for k in keys)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{k:<{width}}  {metrics[k]:.4f}" for k in keys]
-    return "\n".join(lines)
-
-
 @click.command("eval")
 @experiment_argument
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
@@ -75,6 +64,8 @@ def eval_cmd(experiment: str, checkpoint: str, split: str, out: str | None, form
         return
     from detection.train import evaluate_checkpoint  # torch loads only now
 
+    from orchestrator.commands.report_util import print_metrics
+
     metrics = evaluate_checkpoint(exp, checkpoint, split=split, out=out)
-    click.echo(format_metrics(metrics))
+    print_metrics(metrics, title=f"{split} metrics")
     click.echo(f"predictions: {out}")

@@ -6,24 +6,28 @@ from typing import Optional
 
 
 def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
-    """Print metrics as a two-column table (rich), main COCO numbers first. A COCO number that
-    is absent (no ground truth in its area range: left out of the metrics, or COCOeval's -1 in
-    older files) shows as "–"."""
+    """Print metrics as a two-column table (rich), the one metric table of every command
+    (``orch train``, ``orch submit --wait``, ``orch eval``): each IoU type's 12 COCO numbers in
+    COCOeval's order, then any other number, then the per-class ones (``bbox_AP/<class>``). A
+    COCO number that is absent (no ground truth in its area range: left out of the metrics, or
+    COCOeval's -1 in older files) shows as "–"."""
     from rich.console import Console
     from rich.table import Table
 
     from detection.evaluation import ABSENT, STAT_NAMES
 
-    metrics = dict(metrics)
-    for iou_type in {k.split("_", 1)[0] for k in metrics if k.endswith("_mAP")}:
-        for name in STAT_NAMES:
-            metrics.setdefault(f"{iou_type}_{name}", None)
+    if not metrics:
+        Console().print(f"{title}: (no metrics)")
+        return
+    coco = [f"{iou_type}_{name}" for iou_type in sorted({k.split("_", 1)[0] for k in metrics if k.endswith("_mAP")})
+            for name in STAT_NAMES]
+    keys = coco + sorted(k for k in metrics if k not in coco and "/" not in k) + sorted(k for k in metrics if "/" in k)
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key in sorted(metrics, key=lambda k: ("/" in k, k)):
-        value = metrics[key]
-        absent = value is None or (key.split("_", 1)[-1] in STAT_NAMES and value == ABSENT)
+    for key in keys:
+        value = metrics.get(key)
+        absent = value is None or (key in coco and value == ABSENT)
         table.add_row(key, "–" if absent else f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
 

@@ -72,8 +72,7 @@ def _print_outcome(record) -> None:
     import json
     from pathlib import Path
 
-    from orchestrator.commands.report_util import mlflow_ui_hint
-    from orchestrator.commands.report_util import print_metrics
+    from orchestrator.commands.report_util import mlflow_ui_hint, print_metrics
     from orchestrator.tracking.runs import journal_dir, wait_shipped
 
     result_file = Path(record.output_dir) / "result.json"

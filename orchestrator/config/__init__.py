@@ -5,6 +5,7 @@
 0.01
 """
 
+from detection.config import output_dir_of
 from orchestrator.config.api import build_experiment, derive, load_experiment, with_overrides
 from orchestrator.config.loader import load_raw, load_with_sources
 from orchestrator.config.overrides import apply_dotted, apply_overrides, parse_override
@@ -14,7 +15,6 @@ from orchestrator.config.serialize import (
     dump_experiment,
     experiment_to_dict,
     flatten,
-    output_dir_of,
 )
 
 __all__ = [

@@ -38,7 +38,3 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
             flat[path] = value
     return flat
 
-
-def output_dir_of(exp: Experiment) -> str:
-    """``runtime.output_dir`` with ``{name}`` replaced by the experiment name."""
-    return exp.runtime.output_dir.replace("{name}", exp.name)

@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import ClassVar, Optional, Sequence
 
-from cluster.env import DistEnv
+from cluster.env import LOOPBACK, DistEnv
 from cluster.errors import ClusterError, LaunchError
 from cluster.files import write_json_atomic
 from cluster.gpus import DevicePool, detect_pool, list_device_leases
@@ -34,8 +34,6 @@ from orchestrator.launchers.local.plan import (
     worker_argv,
 )
 from orchestrator.spec import JobRecord, JobSpec
-
-LOOPBACK = "127.0.0.1"
 
 
 def queue_order(slots: list[int], work: list[float]) -> list[int]:

@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from cluster.env import LOOPBACK
 from cluster.errors import ClusterError
 from cluster.process import stop_group
 from cluster.retry import retry
 
-LOOPBACK = "127.0.0.1"
 # The --*-port options of `ray start` that would otherwise default to fixed numbers.
 PORT_OPTIONS = (
     "--port",
