@@ -12,6 +12,7 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -115,31 +116,49 @@ def unlink_quietly(path: PathLike) -> None:
         Path(path).unlink()
 
 
+# What flock raises on a file system that has no locks (ENOLCK: NFS without lockd).
+LOCKS_REFUSED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def lock_fd(path: PathLike, shared: bool = False, blocking: bool = True, mode: int = 0o600) -> Optional[int]:
+    """An open descriptor of ``path`` (created with ``mode`` when missing) that holds its
+    ``flock``, exclusive or ``shared``: the lock lasts until the descriptor is closed (in this
+    process and in every child that inherited it) or its holders die. None with
+    ``blocking=False`` when another process holds it; a file system that refuses locks (ENOLCK on
+    a network file system without lockd) raises its OSError. :func:`file_lock` is the same for
+    one block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextlib.contextmanager
 def file_lock(path: PathLike, shared: bool = False, blocking: bool = True, mode: int = 0o600,
               required: bool = True) -> Iterator[bool]:
-    """Hold an ``flock`` on the file ``path`` (created with ``mode`` when missing) for the block:
-    exclusive, or ``shared`` for readers. The kernel drops it when the holder dies, so a crash
-    never leaves the file locked. The block gets whether the lock is held: False with
-    ``blocking=False`` when another process holds it, and with ``required=False`` when the file
-    system refuses locks (ENOLCK on a network file system without lockd; the caller decides
-    whether to go on unlocked). Otherwise that refusal raises its OSError."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
+    """Hold an ``flock`` on the file ``path`` (see :func:`lock_fd`) for the block: exclusive, or
+    ``shared`` for readers. The kernel drops it when the holder dies, so a crash never leaves the
+    file locked. The block gets whether the lock is held: False with ``blocking=False`` when
+    another process holds it, and with ``required=False`` when the file system refuses locks
+    (the caller decides whether to go on unlocked). Otherwise that refusal raises its OSError."""
     try:
-        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
-        try:
-            fcntl.flock(fd, flags)
-            held = True
-        except BlockingIOError:
-            held = False
-        except OSError:
-            if required:
-                raise
-            held = False
-        yield held
+        fd = lock_fd(path, shared, blocking, mode)
+    except OSError as err:
+        if required or err.errno not in LOCKS_REFUSED:
+            raise
+        fd = None
+    try:
+        yield fd is not None
     finally:
-        os.close(fd)  # closing drops the flock
+        if fd is not None:
+            os.close(fd)  # closing drops the flock
 
 
-__all__ = ["atomic_path", "atomic_write", "file_lock", "new_file_mode", "read_json", "unlink_quietly",
+__all__ = ["atomic_path", "atomic_write", "file_lock", "lock_fd", "new_file_mode", "read_json", "unlink_quietly",
            "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Collection, Iterator, Optional
 
 from cluster.errors import JobNotFound, LaunchError
-from cluster.files import file_lock, read_json, write_json_atomic
+from cluster.files import file_lock, lock_fd, read_json, write_json_atomic
 from cluster.lease import is_alive, owner_identity
 
 OWNER_FILE = ".orch-owner.json"
@@ -40,7 +40,7 @@ RUN_LOCK = ".orch-run.lock"
 # What a run leaves in its folder (written at submit, or by its first steps): a folder with any
 # of them holds a run; one with only orch's lock and owner files does not.
 RUN_MARKS = ("config.yaml", "journal", "checkpoints", "result.json")
-_held: dict[str, contextlib.ExitStack] = {}  # folder -> its run lock, held by this process
+_held: dict[str, int] = {}  # folder -> its run lock, held by this process
 
 
 @contextlib.contextmanager
@@ -164,20 +164,19 @@ def hold(folder: Path, wait_s: float = 0.0) -> bool:
         return False
     deadline = time.monotonic() + wait_s
     while True:
-        lock = contextlib.ExitStack()  # open until release(): the kernel drops it when we die
-        if lock.enter_context(file_lock(folder / RUN_LOCK, blocking=False, mode=0o644)):
+        fd = lock_fd(folder / RUN_LOCK, blocking=False, mode=0o644)  # open until release(); dies with us
+        if fd is not None:
             break
-        lock.close()
         if time.monotonic() >= deadline:
             raise LaunchError(f"the output folder {folder} is in use by another running training; wait for it to "
                               "end or stop it, or give this run another name / runtime.output_dir")
         time.sleep(0.5)
-    _held[key] = lock
+    _held[key] = fd
     return True
 
 
 def release(folder: Path) -> None:
     """Let go of ``folder``'s run lock held by this process (nothing when it holds none)."""
-    lock = _held.pop(str(Path(folder).resolve()), None)
-    if lock is not None:
-        lock.close()
+    fd = _held.pop(str(Path(folder).resolve()), None)
+    if fd is not None:
+        os.close(fd)

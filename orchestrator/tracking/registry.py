@@ -24,8 +24,6 @@ picked up by the next ``orch status`` on the login node (``runs.ensure_shipping`
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import logging
 import os
@@ -38,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from cluster.files import file_lock, read_json, write_json_atomic
+from cluster.files import LOCKS_REFUSED, file_lock, lock_fd, read_json, write_json_atomic
 from cluster.lease import is_alive, owner_identity
 
 log = logging.getLogger(__name__)
@@ -157,19 +155,16 @@ def start_lock(folder: Path) -> Iterator[None]:
 
 def _try_shipper_lock(folder: Path) -> Optional[int]:
     """An open descriptor holding ``shipper.lock``, or None when a live shipper holds it."""
-    fd = os.open(folder / SHIPPER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lock_fd(folder / SHIPPER_LOCK, blocking=False, mode=0o644)
     except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            os.close(fd)
-            return None
-        # No flock here (ENOLCK on some network file systems): the recorded pid decides.
-        info = read_json(str(folder / SHIPPER_INFO)) or {}
-        if info.get("pid") and is_alive(info["pid"], info.get("start")):
-            os.close(fd)
-            return None
-    return fd
+        if err.errno not in LOCKS_REFUSED:
+            raise
+    # No flock here (a network file system without lockd): the recorded pid decides.
+    info = read_json(str(folder / SHIPPER_INFO)) or {}
+    if info.get("pid") and is_alive(info["pid"], info.get("start")):
+        return None
+    return os.open(folder / SHIPPER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
 
 
 def shipper_alive(folder: Optional[Path] = None) -> Optional[int]:

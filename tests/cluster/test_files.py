@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from cluster.files import (atomic_path, atomic_write, file_lock, read_json, write_bytes_atomic, write_json_atomic,
-                           write_text_atomic)
+from cluster.files import (atomic_path, atomic_write, file_lock, lock_fd, read_json, write_bytes_atomic,
+                           write_json_atomic, write_text_atomic)
 
 
 def test_written_files_get_the_umask_mode_not_a_private_one(tmp_path):
@@ -74,4 +74,20 @@ def test_file_lock_excludes_another_process_and_is_dropped_when_it_dies(tmp_path
         holder.wait()
         holder.stdout.close()
     with file_lock(lock, blocking=False) as held:  # the kernel dropped the dead holder's lock
+        assert held is True
+
+
+def test_lock_fd_holds_until_closed_and_a_child_that_inherits_it_holds_it_too(tmp_path):
+    lock = tmp_path / "shipper.lock"
+    fd = lock_fd(lock, blocking=False)
+    assert fd is not None and lock_fd(lock, blocking=False) is None  # each open file is its own holder
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             pass_fds=(fd,))
+    try:
+        os.close(fd)  # the child's inherited descriptor still holds the lock
+        with file_lock(lock, blocking=False) as held:
+            assert held is False
+    finally:
+        child.communicate(b"")
+    with file_lock(lock, blocking=False) as held:
         assert held is True

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from cluster.process import stop_group
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "scripts" / "local_slurm.py"
@@ -84,11 +85,8 @@ def mlflow_server(tmp_path_factory):
         yield uri
     finally:
         # The server runs in its own session: stop its whole process group (our child only).
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc.pid, grace_s=20)
+        proc.wait(timeout=20)
         log.close()
 
 

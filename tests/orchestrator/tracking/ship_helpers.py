@@ -4,7 +4,6 @@ the same port, journals of known content, and every value of a run at a destinat
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from cluster.process import stop_group
 from detection.journal import Journal
 
 REPO = Path(__file__).resolve().parents[3]
@@ -69,14 +69,8 @@ class MlflowServer:
         closed port, and no other test's ``_free_port`` is handed it meanwhile)."""
         if self.proc is None:
             return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
+        stop_group(self.proc.pid, grace_s=30)
+        self.proc.wait(timeout=30)
         self.proc = None
         if hold_port:
             self._held = socket.socket()
