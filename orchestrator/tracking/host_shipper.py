@@ -175,7 +175,8 @@ class HostShipper:
             size = 0
         if cursor.run_id and cursor.offset >= size and not cursor.item:  # nothing new
             if cursor.status in TERMINAL:
-                self._done(entry, cursor.run_id, cursor.status)
+                if not _written_on(entry):  # else a requeued run: followed until it writes on or ends
+                    self._done(entry, cursor.run_id, cursor.status)
             elif watch.owner_gone is not None and time.monotonic() - watch.owner_gone >= self.grace_s:
                 self._drop(entry, f"its job ended without a final status (run {cursor.status or 'open'}); "
                                   f"`orch sync {os.path.dirname(entry.journal)}` ships a later one")
@@ -232,6 +233,19 @@ class HostShipper:
                 except FileNotFoundError:
                     continue
         return {meta["journal_id"]: folder for folder, meta in self.metas.items()}
+
+
+def _written_on(entry: registry.Entry) -> bool:
+    """Whether a live owner registered the journal after its last line (a final status) was
+    written: a requeued or restarted run (Slurm requeues a preempted job, which resumes into the
+    same journal after its KILLED). Its entry stays until it writes on or its owner ends."""
+    if not entry.owner_alive():
+        return False
+    try:
+        written_ns = os.stat(os.path.join(entry.journal, EVENTS)).st_mtime_ns
+    except OSError:
+        return False
+    return entry.registered_ms * 1_000_000 > written_ns
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -140,7 +140,12 @@ def entries(folder: Optional[Path] = None) -> list[Entry]:
 
 
 def drop(entry: Entry) -> None:
-    """Remove an entry (the shipper is done with it)."""
+    """Remove an entry (the shipper is done with it), unless another owner registered the
+    journal again since it was read (a requeued job's new process, while the shipper ends the
+    journal's first part)."""
+    now = read_json(entry.path) or {}
+    if (now.get("owner") or {}).get("pid") not in (None, entry.owner_pid):
+        return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(entry.path)
 

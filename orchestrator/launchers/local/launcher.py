@@ -150,10 +150,11 @@ class LocalLauncher(Launcher):
         payload_path = first / "supervisor.json"
         write_json_atomic(payload_path, dataclasses.replace(plan.request, jobs=tuple(entries)).to_json())
         supervisor_log = str(first / "supervisor.log")
-        supervisor = start_detached([sys.executable, "-m", "orchestrator.launchers.local.supervisor", str(payload_path)],
-                            supervisor_log)
+        supervisor = start_detached([sys.executable, "-m", "orchestrator.launchers.local.supervisor",
+                                     str(payload_path)], supervisor_log)
         for job_id in ids.values():
-            records.annotate(job_id, pid=supervisor["pid"], extra={"pid_start": supervisor["start"], "supervisor_log": supervisor_log})
+            records.annotate(job_id, pid=supervisor["pid"],
+                             extra={"pid_start": supervisor["start"], "supervisor_log": supervisor_log})
         return [ids[i] for i in range(len(plan.jobs))]
 
     def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:

@@ -162,3 +162,43 @@ def test_a_store_that_stalls_holds_up_only_its_own_journals(tmp_path, home, sqli
         for pid in shippers(home):  # the stalled journal would keep it for MLflow's retries
             os.kill(pid, signal.SIGKILL)
         silent.close()
+
+
+def test_a_requeued_run_is_followed_again_after_its_first_final_status(tmp_path, home, sqlite_uri):
+    """A Slurm job preempted (its journal ends KILLED, shipped) and requeued: the requeued run
+    registers the same journal again, maybe while the shipper ends the first part. That entry is
+    neither removed with the old one nor taken as done before the run writes on: the same MLflow
+    run ends FINISHED with every value."""
+    from detection.journal import Journal
+    from orchestrator.tracking.host_shipper import HostShipper
+    from ship_helpers import KEYS
+
+    journal = make_journal(tmp_path / "job" / "journal", run_name="job", steps=5, status="KILLED")
+    shipper = HostShipper(registry.registry_dir())
+    registry.register(journal.folder, sqlite_uri)  # the preempted run's entry (its owner gone)
+    shipper.pass_once(wait_s=120)
+    first = load_cursor(journal.folder, sqlite_uri)
+    assert first.status == "KILLED" and registry.entries() == []
+
+    owner = subprocess.Popen(["sleep", "600"])  # the requeued run's process
+    try:
+        stale = registry.register(journal.folder, sqlite_uri)
+        time.sleep(0.01)
+        again = registry.register(journal.folder, sqlite_uri, owner_pid=owner.pid)
+        registry.drop(stale)  # a pass that read the entry before it was registered again
+        assert registry.entries() == [again]
+        shipper.pass_once(wait_s=120)  # nothing new yet, KILLED: still followed
+        assert registry.entries() == [again]
+
+        with Journal.open(journal.folder) as resumed:
+            resumed.set_status("RUNNING")
+            for step in range(5, 10):
+                resumed.log_metrics({k: step + i / 10 for i, k in enumerate(KEYS)}, step=step)
+            resumed.set_status("FINISHED")
+        shipper.pass_once(wait_s=120)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert registry.entries() == []
+    found = values_of(sqlite_uri, first.run_id)
+    assert found["run"].info.status == "FINISHED" and step_values(found) == expected_metrics(10)
