@@ -192,7 +192,7 @@ class HostShipper:
         watch.backoff, watch.last_error = self.poll_s, ""
         for warning in result.warnings:
             log.warning("host shipper: %s: %s", entry.journal, warning)
-        if result.done:
+        if result.done and not _written_on(entry):
             self._done(entry, result.run_id, result.status)
 
     def _retry(self, watch: _Watch, error: str) -> None:
@@ -236,9 +236,10 @@ class HostShipper:
 
 
 def _written_on(entry: registry.Entry) -> bool:
-    """Whether a live owner registered the journal after its last line (a final status) was
-    written: a requeued or restarted run (Slurm requeues a preempted job, which resumes into the
-    same journal after its KILLED). Its entry stays until it writes on or its owner ends."""
+    """Whether a live owner registered the journal after its last line was written, which ends
+    with a final status: a requeued or restarted run (Slurm requeues a preempted job: it tags
+    the run with its restart, registers, and resumes into the same journal after its KILLED).
+    Its entry stays until it writes on or its owner ends."""
     if not entry.owner_alive():
         return False
     try:

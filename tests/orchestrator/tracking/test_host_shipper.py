@@ -183,12 +183,14 @@ def test_a_requeued_run_is_followed_again_after_its_first_final_status(tmp_path,
     owner = subprocess.Popen(["sleep", "600"])  # the requeued run's process
     try:
         stale = registry.register(journal.folder, sqlite_uri)
+        with Journal.open(journal.folder) as resumed:  # before it registers: its restart count
+            resumed.set_tags({"slurm.restarts": "1"})
         time.sleep(0.01)
         again = registry.register(journal.folder, sqlite_uri, owner_pid=owner.pid)
         registry.drop(stale)  # a pass that read the entry before it was registered again
         assert registry.entries() == [again]
-        shipper.pass_once(wait_s=120)  # nothing new yet, KILLED: still followed
-        assert registry.entries() == [again]
+        shipper.pass_once(wait_s=120)  # the tag shipped, the journal still ends KILLED: followed
+        assert registry.entries() == [again] and load_cursor(journal.folder, sqlite_uri).offset > first.offset
 
         with Journal.open(journal.folder) as resumed:
             resumed.set_status("RUNNING")
@@ -202,3 +204,4 @@ def test_a_requeued_run_is_followed_again_after_its_first_final_status(tmp_path,
     assert registry.entries() == []
     found = values_of(sqlite_uri, first.run_id)
     assert found["run"].info.status == "FINISHED" and step_values(found) == expected_metrics(10)
+    assert found["run"].data.tags["slurm.restarts"] == "1"
