@@ -79,6 +79,14 @@ def test_modules_are_looked_up_by_name_only_in_the_launcher_registry():
     assert users == ["orchestrator/launchers/__init__.py"]
 
 
+def test_files_are_locked_through_one_helper():
+    """flock lives in ``cluster/files.py`` (``file_lock``, ``lock_fd``); ``cluster/env.py`` uses
+    fcntl for an ioctl (an interface's address), not for a lock."""
+    users = sorted(str(p.relative_to(ROOT)) for package in ("cluster", "detection", "orchestrator", "scripts")
+                   for p in python_files(package) if any(mod == "fcntl" for _, mod in imported_modules(p)))
+    assert users == ["cluster/env.py", "cluster/files.py"]
+
+
 def test_job_records_are_constructed_in_one_place():
     makers = []
     for path in python_files("orchestrator"):

@@ -5,7 +5,6 @@ the linger); ``pending_shipments`` says what waits."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.files import lock_fd
 from orch_testing import processes_with_env
 from orchestrator.tracking import registry
 from orchestrator.tracking.cursor import load_cursor
@@ -110,8 +110,7 @@ def test_a_journal_registered_while_the_shipper_exits_is_not_left_alone(tmp_path
     registered, so a registrant either is seen or finds no shipper and starts one."""
     folder = tmp_path / "registry"
     folder.mkdir()
-    fd = os.open(folder / registry.SHIPPER_LOCK, os.O_RDWR | os.O_CREAT)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a running shipper holds
+    fd = lock_fd(folder / registry.SHIPPER_LOCK, blocking=False)  # what a running shipper holds
     entry = registry.register(str(tmp_path / "job" / "journal"), "sqlite:///x.db", folder=folder)
     assert registry.shipper_alive(folder) and not registry.release(fd, folder)  # an entry arrived: go on
     registry.drop(entry)
