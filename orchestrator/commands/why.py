@@ -44,6 +44,9 @@ class Failure:
     host: str
     code: Optional[int]
     oom: Optional[bool] = False  # None: a SIGKILL, and the kernel log could not be read
+    rank: Optional[int] = None  # its rank (or Slurm task), where known: its own output is shown
+    pid: Optional[int] = None
+    log: Optional[str] = None  # the file that holds its own output, where it has one
 
     def describe(self) -> str:
         text = self.who + (f" on {self.host}" if self.host else "")
@@ -58,7 +61,7 @@ class Failure:
                      else " (kill -9, or the out-of-memory killer: the kernel log is not readable here)"
                      if self.oom is None else " (not by the out-of-memory killer: the kernel log does not name it)"
                      if -self.code == signal.SIGKILL else "")
-            return f"{text} was killed by {name}{cause}"
+            return f"{text} was killed by {name} (signal {-self.code}){cause}"
         return f"{text} exited with status {self.code}" + (" (bad input)" if self.code == 2 else "")
 
 
@@ -83,7 +86,12 @@ def explain(record: JobRecord) -> str:
     if failure is not None:
         out.append(f"first failure: {failure.describe()}")
     log_file = failure_log(record)
-    if record.state is JobState.FAILED and log_file:
+    if failure is not None and failure.code is not None and failure.code < 0 and failure.rank is not None:
+        own = own_output(failure, failure.log or log_file)  # killed: no traceback; what it did last
+        out.append(f"output of {failure.who} ({failure.log or log_file}): "
+                   + ("its last lines:" if own else "none of its own; the job's last lines:"))
+        out.extend("  " + line for line in (own or read_tail(log_file).splitlines()[-CONTEXT_LINES:]))
+    elif record.state is JobState.FAILED and log_file:
         lines = around_error(read_tail(log_file))
         if lines:
             out.append(f"output ({log_file}):")
@@ -115,19 +123,32 @@ def first_failure(record: JobRecord) -> Optional[Failure]:
         if roots:
             rank, code, pid = roots[-1]
             return Failure(f"rank {rank} (pid {pid})", host, int(code),
-                           oom_killed(int(pid)) if int(code) == -signal.SIGKILL else False)
+                           oom_killed(int(pid)) if int(code) == -signal.SIGKILL else False, int(rank), int(pid))
         exits = [e for e in record.extra.get("exits") or [] if e["code"] != 0 and not e.get("stopped")]
         if exits:
             first = exits[0]
             who = f"rank {first['index']}" if record.backend == "local" else f"torchrun agent {first['index']}"
             return Failure(f"{who} (pid {first['pid']})", host, first["code"],
-                           oom_killed(first["pid"]) if first["code"] == -signal.SIGKILL else False)
+                           oom_killed(first["pid"]) if first["code"] == -signal.SIGKILL else False,
+                           first["index"] if record.backend == "local" else None, first["pid"])
         return None
     if record.backend == "slurm":
         task = failed_slurm_task(record)
         if task is not None:
             return Failure(f"task {task[0]}", task[1], record.exit_code)
     return Failure("the job", host, record.exit_code) if record.exit_code not in (None, 0) else None
+
+
+def own_output(failure: Failure, log_file: Optional[str]) -> list[str]:
+    """The last lines that ``failure``'s rank wrote: its own log file (a Slurm task's), else the
+    lines of the job's log that name its rank (``[rank 1]``, torch's ``[rank1]:``) or its pid
+    (Ray's ``(RayTrainWorker pid=N)``)."""
+    lines = read_tail(log_file).splitlines()
+    if failure.log is None:
+        marks = [f"[rank {failure.rank}]", f"[rank{failure.rank}]"] + ([f"pid={failure.pid})", f"pid={failure.pid},"]
+                                                                         if failure.pid else [])
+        lines = [line for line in lines if any(mark in line for mark in marks)]
+    return [line[:300] for line in lines[-CONTEXT_LINES:]]
 
 
 def oom_killed(pid: int) -> Optional[bool]:
