@@ -16,4 +16,6 @@ def test_why_names_the_worker_killed_by_sigkill(ray_head, orch_home, make_experi
                               "resources.ray.max_failures": 0})
     _, [handle] = submit([str(path)], (), ResourceFlags(backend="ray", gpus=2, address=ray_head.address))
     beat, text = kill_rank_and_explain(handle)
-    assert_why_names_the_kill(text, f"rank 1 (pid {beat.pid})", beat.host, f"ray address {ray_head.address}")
+    # Ray's raylet reaps its workers and records no exit status: the signal is not known.
+    assert_why_names_the_kill(text, f"rank 1 (pid {beat.pid})", beat.host, f"ray address {ray_head.address}",
+                              signal_known=False)
