@@ -196,6 +196,7 @@ def run_job(request: RayJobRequest) -> JobState:
         return JobState.CANCELLED
     except Exception as err:  # noqa: BLE001 - any failure ends as a FAILED record with its line
         log.error("Ray job failed: %s", err)
+        record_worker_failures(job_id, err)  # Train V2's fit() raises its WorkerGroupError
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         set_state(job_id, JobState.FAILED, error=message[:500], exit_code=1)
         return JobState.FAILED
