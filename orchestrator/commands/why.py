@@ -132,14 +132,14 @@ def first_failure(record: JobRecord) -> Optional[Failure]:
         if roots:
             rank, code, pid = roots[-1]
             return Failure(f"rank {rank} (pid {pid})", host, int(code),
-                           oom_killed(int(pid)) if int(code) == -signal.SIGKILL else False, int(rank), int(pid))
+                           oom_killed(int(pid)) if int(code) == -signal.SIGKILL else False, rank=int(rank), pid=int(pid))
         exits = [e for e in record.extra.get("exits") or [] if e["code"] != 0 and not e.get("stopped")]
         if exits:
             first = exits[0]
             who = f"rank {first['index']}" if record.backend == "local" else f"torchrun agent {first['index']}"
             return Failure(f"{who} (pid {first['pid']})", host, first["code"],
                            oom_killed(first["pid"]) if first["code"] == -signal.SIGKILL else False,
-                           first["index"] if record.backend == "local" else None, first["pid"])
+                           rank=first["index"] if record.backend == "local" else None, pid=first["pid"])
         return None
     if record.backend == "slurm":
         ended = srun_task_end(read_tail(record.log_path))

@@ -83,8 +83,8 @@ def test_a_kill_by_the_oom_killer_is_named():
     from orchestrator.commands.why import Failure
 
     assert Failure("rank 1 (pid 5)", "h2", -9, True).describe() == \
-        "rank 1 (pid 5) on h2 was killed by SIGKILL - out of memory (the kernel's OOM killer)"
-    assert Failure("task 3", "", -15).describe() == "task 3 was killed by SIGTERM"
+        "rank 1 (pid 5) on h2 was killed by SIGKILL (signal 9) - out of memory (the kernel's OOM killer)"
+    assert Failure("task 3", "", -15).describe() == "task 3 was killed by SIGTERM (signal 15)"
     assert Failure("rank 0", "h", 2).describe() == "rank 0 on h exited with status 2 (bad input)"
 
 
