@@ -271,14 +271,14 @@ def build_scaler(runtime: Any, device: torch.device) -> Optional[torch.amp.GradS
 
 
 # -- hooks and resume ---------------------------------------------------------------------------
-def gather_hosts() -> list[str]:
-    """Every rank's host name (a collective: all ranks call it)."""
-    host = socket.gethostname()
+def gather_places() -> list[tuple[str, int]]:
+    """Every rank's host name and process group, in rank order (a collective: all ranks call it)."""
+    place = (socket.gethostname(), os.getpgid(0))
     if dist.is_initialized() and dist.get_world_size() > 1:
         out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, host)
-        return out
-    return [host]
+        dist.all_gather_object(out, place)
+        return [tuple(p) for p in out]
+    return [place]
 
 
 def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_iters: int,
@@ -288,7 +288,7 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
     from detection.hooks import CheckpointHook, EvalHook, HeartbeatHook, LoggerHook, LRSchedulerHook, lr_schedule
 
     unit = schedule_unit(config)
-    hosts = gather_hosts()
+    places = gather_places()
     # First: it announces an evaluation or checkpoint before the hooks that run it.
     hooks: list[Any] = [HeartbeatHook(output_dir(config), env.rank, unit=unit,
                                       eval_period=config.eval.interval if eval_loader is not None else 0,
@@ -303,15 +303,20 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
                               with_masks=with_masks(config) and "segm" in config.eval.metric,
                               engine=config.eval.engine))
     hooks.append(CheckpointHook(config.checkpoint.interval, unit))
+    if config.tracking.enable and config.runtime.system_metrics_interval > 0:
+        # The lowest rank of each host samples it; rank 0's before the journal hook (its last sample precedes the end status).
+        from detection.hooks.system_metrics import RELAY_DIR, SystemMetricsHook, samplers
+        from detection.journal_hook import journal_dir
+
+        groups = samplers(places).get(env.rank)
+        if groups is not None:
+            relay = os.path.join(output_dir(config), RELAY_DIR)
+            hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval,
+                                           pgid=groups, relay_dir=relay if env.rank else None, relay_from=relay))
     if env.rank == 0 and config.tracking.enable:
         from detection.journal_hook import JournalHook
 
-        if config.runtime.system_metrics_interval > 0:  # before the journal hook: its last sample precedes the end status
-            from detection.hooks.system_metrics import SystemMetricsHook
-            from detection.journal_hook import journal_dir
-
-            hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval))
-        hooks.append(JournalHook(config, hosts=hosts, log_interval=config.runtime.log_interval))
+        hooks.append(JournalHook(config, hosts=[host for host, _ in places], log_interval=config.runtime.log_interval))
     return [*hooks, *extra]
 
 

@@ -169,20 +169,27 @@ def write_reason(folder: str, stall: Stall, wheres: dict[int, Where], hosts: dic
     return HangReport(folder, reason)
 
 
+#: Dumps ranks where they run: (report folder, {rank: (pid, host)}) -> {rank: where it is}.
+RemoteDump = Callable[[str, dict[int, tuple[int, str]]], dict[int, Where]]
+
+
 def write_report(output_dir: str, stall: Stall, pids: Optional[dict[int, int]] = None,
-                 host: Optional[str] = None) -> HangReport:
-    """Dump every rank of this host (their heartbeat's pid, else ``pids``: rank -> pid) into
-    ``<output_dir>/hang-<time>/rank-<r>.txt`` and return the reason line. Ranks on other hosts
-    are named in the reason with what their heartbeat last said."""
+                 host: Optional[str] = None, dump_remote: Optional[RemoteDump] = None) -> HangReport:
+    """Dump every rank (their heartbeat's pid, else ``pids``: rank -> pid) into
+    ``<output_dir>/hang-<time>/rank-<r>.txt`` and return the reason line. ``dump_remote`` dumps
+    every rank on its own node (the Ray driver: a task pinned to each rank's node); without it
+    the ranks of this host are dumped here, and those of other hosts are named in the reason with
+    what their heartbeat last said."""
     host = host or socket.gethostname()
     folder = new_report_folder(output_dir)
     ranks: dict[int, tuple[int, str]] = {r: (pid, host) for r, pid in (pids or {}).items()}
     if stall.progress is not None:
         ranks.update({r: (b.pid, b.host) for r, b in stall.progress.ranks.items()})
+    hosts = {rank: rank_host for rank, (_, rank_host) in ranks.items()}
+    if dump_remote is not None:
+        return write_reason(folder, stall, dump_remote(folder, ranks), hosts)
     wheres: dict[int, Where] = {}
-    hosts: dict[int, str] = {}
     for rank, (pid, rank_host) in sorted(ranks.items()):
-        hosts[rank] = rank_host
         if rank_host != host:
             wheres[rank] = Where("on another host, not dumped")
             with open(os.path.join(folder, f"rank-{rank}.txt"), "w", encoding="utf-8") as handle:

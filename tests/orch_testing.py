@@ -198,3 +198,51 @@ def slurm_accounting_enabled() -> bool:
 
     proc = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True, timeout=20)
     return proc.returncode == 0
+
+
+def kill_rank_and_explain(handle: Any, rank: int = 1, timeout_s: float = 300.0) -> tuple[Any, str]:
+    """SIGKILL rank ``rank`` of a running job once every rank has made a step (its pid and host
+    from the heartbeat, whatever the backend), wait for the job to end, and return (that rank's
+    beat, the text of ``orch why``)."""
+    import signal
+
+    from click.testing import CliRunner
+
+    from orchestrator.commands.why import why_cmd
+    from orchestrator.progress import read_progress
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = handle.record()
+        progress = read_progress(record.output_dir)
+        if progress is not None and progress.step >= 1 and rank in progress.ranks:
+            break
+        assert not record.state.finished, f"job {record.job_id} ended before training: {record.error}"
+        assert time.monotonic() < deadline, f"job {record.job_id}: no step of every rank in {timeout_s:.0f} s"
+        time.sleep(0.5)
+    beat = progress.ranks[rank]
+    os.kill(beat.pid, signal.SIGKILL)
+    while not handle.record().state.finished:
+        assert time.monotonic() < deadline, f"job {record.job_id} still {handle.record().state} after the kill"
+        time.sleep(0.5)
+    result = CliRunner().invoke(why_cmd, [handle.job_id])
+    assert result.exit_code == 0, result.output
+    return beat, result.output
+
+
+def assert_why_names_the_kill(text: str, who: str, host: str, ran: str, signal_known: bool = True) -> None:
+    """``orch why``'s screen of a job whose rank ``who`` ("rank 1", "task 1") on ``host`` was
+    killed with SIGKILL: that rank first, the signal (no OOM claim: the kernel's OOM killer did not
+    do it), an excerpt of that rank's own output, what ran (``ran`` appears), the resume step.
+    ``signal_known`` False: the backend cannot know the signal (Ray: the raylet reaps its workers
+    and records no exit status), so the line says the process died, naming kill -9 as a cause."""
+    lines = text.splitlines()
+    assert ": FAILED" in lines[0], text
+    first = next((line for line in lines if line.startswith("first failure: ")), "")
+    assert first.startswith(f"first failure: {who}") and f" on {host} " in first, text
+    killed = ("was killed by SIGKILL (signal 9)" if signal_known
+              else "died without an error of its own: killed by a signal (kill -9")
+    assert killed in first and "out of memory (the kernel" not in first, text
+    assert f"output of {who}" in text, text
+    assert "what ran:" in text and ran in text, text
+    assert lines[-1].startswith("next: ") and "--set runtime.resume=auto" in lines[-1], text

@@ -1,20 +1,28 @@
-"""Per-slice system metrics: CPU and resident memory of the job's own process group (its ranks
-and their loader workers on this node) and, where there is a GPU, utilisation, memory and power
-of the job's own devices (``CUDA_VISIBLE_DEVICES``, never the node's other cards), every
-``interval`` seconds, as ``system/<host>/...`` metrics in the run's journal (the shipper sends
-them to MLflow with the rest; the host in the key, as MLflow's own multi-node system metrics do).
+"""Per-slice system metrics: CPU and resident memory of the job's own processes on a node (the
+process groups of its ranks there: the ranks and their loader workers) and, where there is a
+GPU, utilisation, memory and power of the job's own devices (``CUDA_VISIBLE_DEVICES``, never the
+node's other cards), every ``interval`` seconds, as ``system/<host>/...`` metrics of the run.
 
-A small thread samples; it appends through its own :class:`detection.journal.Journal` handle
-(whole lines, ``O_APPEND``, like the training thread's), so the loop never waits for it.
+One sampler per host: the lowest rank on it. The host is in the metric's key, as MLflow's own
+multi-node system metrics do (``system/<node id>/...``): MLflow's charts group metrics by their
+prefix, so each host gets a section of its own, and one host's series are never mixed with
+another's. Rank 0's sampler appends to the run's journal through its own
+:class:`detection.journal.Journal` handle (whole lines, ``O_APPEND``, like the training
+thread's), so the loop never waits for it. The samplers of other hosts do not write the journal
+(one writer per journal file: appends from several hosts to a network file system can clobber
+each other); each appends to its own ``<output_dir>/system/<host>.jsonl``, and rank 0's sampler
+relays their new lines into the journal at each of its samples, with their own times and steps.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
-from typing import Any, Optional, Sequence
+import time
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from detection.hooks.base import Hook
 
@@ -78,10 +86,11 @@ class GpuProbe:
 
 
 class GroupProbe:
-    """CPU (percent of one core, summed) and RSS of every process in process group ``pgid``."""
+    """CPU (percent of one core, summed) and RSS of every process in process group ``pgid`` (or
+    in any of several: ranks on one node may each lead a group of their own, as Ray's workers do)."""
 
-    def __init__(self, pgid: int) -> None:
-        self.pgid = pgid
+    def __init__(self, pgid: Union[int, Iterable[int]]) -> None:
+        self.pgids = {pgid} if isinstance(pgid, int) else set(pgid)
         self._procs: dict[int, Any] = {}
 
     def sample(self) -> dict[str, float]:
@@ -92,7 +101,7 @@ class GroupProbe:
         alive = {}
         for proc in psutil.process_iter():
             try:
-                if os.getpgid(proc.pid) != self.pgid:
+                if os.getpgid(proc.pid) not in self.pgids:
                     continue
                 known = self._procs.get(proc.pid, proc)
                 with known.oneshot():
@@ -107,16 +116,34 @@ class GroupProbe:
         return {"cpu_percent": cpu, "rss_mb": rss / MB, "processes": float(count)}
 
 
-class SystemMetricsHook(Hook):
-    """Samples every ``interval`` s from a thread (and at the first step and the end) into the
-    journal at ``journal_folder``. Add it on the rank that writes the journal, before the journal
-    hook (its last sample must come before the run's end status)."""
+RELAY_DIR = "system"  # <output_dir>/system/<host>.jsonl: other hosts' samples, for rank 0 to relay
 
-    def __init__(self, journal_folder: str, interval: float, *, pgid: Optional[int] = None,
-                 devices: Optional[Sequence[str]] = None, host: Optional[str] = None) -> None:
+
+def samplers(places: Sequence[tuple[str, int]]) -> dict[int, set[int]]:
+    """Which ranks sample their host (the lowest rank on each) and the process groups each one
+    covers, from every rank's ``(host, pgid)`` in rank order."""
+    first: dict[str, int] = {}
+    groups: dict[int, set[int]] = {}
+    for rank, (host, pgid) in enumerate(places):
+        groups.setdefault(first.setdefault(host, rank), set()).add(pgid)
+    return groups
+
+
+class SystemMetricsHook(Hook):
+    """Samples every ``interval`` s from a thread (and at the first step and the end). With
+    ``relay_dir`` None it writes the journal at ``journal_folder`` (rank 0; add it before the
+    journal hook: its last sample must come before the run's end status) and relays what other
+    hosts wrote to ``relay_from``; with ``relay_dir`` set it appends its samples to
+    ``<relay_dir>/<host>.jsonl`` instead (the lowest rank of another host)."""
+
+    def __init__(self, journal_folder: str, interval: float, *, pgid: Union[int, Iterable[int], None] = None,
+                 devices: Optional[Sequence[str]] = None, host: Optional[str] = None,
+                 relay_dir: Optional[str] = None, relay_from: Optional[str] = None) -> None:
         self.folder, self.interval = journal_folder, float(interval)
         self.host = host or socket.gethostname()
         self.group = GroupProbe(os.getpgid(0) if pgid is None else pgid)
+        self.relay_dir, self.relay_from = relay_dir, relay_from
+        self._offsets: dict[str, int] = {}
         self.devices = devices
         self.gpus: Optional[GpuProbe] = None
         self.journal: Any = None
@@ -154,14 +181,48 @@ class SystemMetricsHook(Hook):
             values = dict(self.group.sample())
             if self.gpus is not None:
                 values.update(self.gpus.sample())
+            step = int(getattr(self._trainer, "iter", 0))
+            keyed = {f"system/{self.host}/{k}": v for k, v in values.items()}
+            if self.relay_dir is not None:
+                if not self._closed:
+                    self._append_relay(keyed, step)
+                return values
             if self.journal is None and not self._closed and is_journal(self.folder):
                 self.journal = Journal.open(self.folder)
             if self.journal is not None:
-                step = int(getattr(self._trainer, "iter", 0))
-                self.journal.log_metrics({f"system/{self.host}/{k}": v for k, v in values.items()}, step=step)
+                self.journal.log_metrics(keyed, step=step)
+                self._relay()
                 self.journal.flush()
                 self._samples += 1
             return values
+
+    def _append_relay(self, keyed: dict[str, float], step: int) -> None:
+        """One line in this host's own file (a single writer: safe on a shared file system)."""
+        os.makedirs(self.relay_dir, exist_ok=True)
+        line = json.dumps({"ts": int(time.time() * 1000), "step": step, "values": keyed}) + "\n"
+        with open(os.path.join(self.relay_dir, f"{self.host}.jsonl"), "a", encoding="utf-8") as handle:
+            handle.write(line)
+        self._samples += 1
+
+    def _relay(self) -> None:
+        """Copy the other hosts' new complete lines into the journal (with their times and steps)."""
+        try:
+            names = sorted(n for n in os.listdir(self.relay_from or "") if n.endswith(".jsonl"))
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.relay_from, name)
+            with open(path, "rb") as handle:
+                handle.seek(self._offsets.get(path, 0))
+                data = handle.read()
+            end = data.rfind(b"\n") + 1  # a line still being written waits for the next time
+            self._offsets[path] = self._offsets.get(path, 0) + end
+            for line in data[:end].splitlines():
+                try:
+                    sample = json.loads(line)
+                    self.journal.log_metrics(sample["values"], step=int(sample["step"]), timestamp_ms=int(sample["ts"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

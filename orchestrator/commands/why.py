@@ -9,11 +9,13 @@ record, its log files and its output folder (no MLflow, no torch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import click
 from orchestrator.jobs import refresh_record
 from orchestrator.launchers.local.plan import format_command
 from orchestrator.launchers.local.reasons import TORCHRUN_ROOT, error_line
+from orchestrator.launchers.slurm.state import TASK_ENDED
 from orchestrator.progress import read_progress
 from orchestrator.records import load_record
 from orchestrator.spec import JobRecord, JobState
@@ -44,9 +47,18 @@ class Failure:
     host: str
     code: Optional[int]
     oom: Optional[bool] = False  # None: a SIGKILL, and the kernel log could not be read
+    died: bool = False  # its process vanished, and what ended it is not known (Ray does not say)
+    rank: Optional[int] = None  # its rank (or Slurm task), where known: its own output is shown
+    pid: Optional[int] = None
+    log: Optional[str] = None  # the file that holds its own output, where it has one
 
     def describe(self) -> str:
         text = self.who + (f" on {self.host}" if self.host else "")
+        if self.died and self.oom:
+            return f"{text} was killed by SIGKILL (signal 9) - out of memory (the kernel's OOM killer)"
+        if self.died:
+            return (f"{text} died without an error of its own: killed by a signal (kill -9, or the out-of-memory "
+                    "killer) or crashed; Ray does not record which")
         if self.code is None:
             return text + " failed"
         if self.code < 0:
@@ -55,10 +67,10 @@ class Failure:
             except ValueError:
                 name = f"signal {-self.code}"
             cause = (" - out of memory (the kernel's OOM killer)" if self.oom
-                     else " (kill -9, or the out-of-memory killer: the kernel log is not readable here)"
+                     else " (kill -9, or the out-of-memory killer: no kernel log readable here says which)"
                      if self.oom is None else " (not by the out-of-memory killer: the kernel log does not name it)"
                      if -self.code == signal.SIGKILL else "")
-            return f"{text} was killed by {name}{cause}"
+            return f"{text} was killed by {name} (signal {-self.code}){cause}"
         return f"{text} exited with status {self.code}" + (" (bad input)" if self.code == 2 else "")
 
 
@@ -83,7 +95,12 @@ def explain(record: JobRecord) -> str:
     if failure is not None:
         out.append(f"first failure: {failure.describe()}")
     log_file = failure_log(record)
-    if record.state is JobState.FAILED and log_file:
+    if failure is not None and failure.rank is not None and (failure.died or (failure.code or 0) < 0):
+        own = own_output(failure, failure.log or log_file)  # killed: no traceback; what it did last
+        out.append(f"output of {failure.who} ({failure.log or log_file}): "
+                   + ("its last lines:" if own else "none of its own; the job's last lines:"))
+        out.extend("  " + line for line in (own or read_tail(log_file).splitlines()[-CONTEXT_LINES:]))
+    elif record.state is JobState.FAILED and log_file:
         lines = around_error(read_tail(log_file))
         if lines:
             out.append(f"output ({log_file}):")
@@ -115,19 +132,50 @@ def first_failure(record: JobRecord) -> Optional[Failure]:
         if roots:
             rank, code, pid = roots[-1]
             return Failure(f"rank {rank} (pid {pid})", host, int(code),
-                           oom_killed(int(pid)) if int(code) == -signal.SIGKILL else False)
+                           oom_killed(int(pid)) if int(code) == -signal.SIGKILL else False, rank=int(rank), pid=int(pid))
         exits = [e for e in record.extra.get("exits") or [] if e["code"] != 0 and not e.get("stopped")]
         if exits:
             first = exits[0]
             who = f"rank {first['index']}" if record.backend == "local" else f"torchrun agent {first['index']}"
             return Failure(f"{who} (pid {first['pid']})", host, first["code"],
-                           oom_killed(first["pid"]) if first["code"] == -signal.SIGKILL else False)
+                           oom_killed(first["pid"]) if first["code"] == -signal.SIGKILL else False,
+                           rank=first["index"] if record.backend == "local" else None, pid=first["pid"])
         return None
     if record.backend == "slurm":
+        ended = srun_task_end(read_tail(record.log_path))
+        if ended is not None:
+            return dataclasses.replace(ended, log=slurm_task_log(record, ended.rank))
         task = failed_slurm_task(record)
         if task is not None:
             return Failure(f"task {task[0]}", task[1], record.exit_code)
+    if record.backend == "ray" and record.extra.get("worker_failures"):
+        return ray_worker_failure(record)
     return Failure("the job", host, record.exit_code) if record.exit_code not in (None, 0) else None
+
+
+def ray_worker_failure(record: JobRecord) -> Failure:
+    """The Ray Train worker that failed first: one whose process died (the others then fail in
+    their collectives), else the lowest failed rank; its host and pid from its heartbeat."""
+    rows = record.extra["worker_failures"]
+    first = next((row for row in rows if row["died"]), rows[0])
+    progress = read_progress(record.output_dir)
+    beat = progress.ranks.get(first["rank"]) if progress else None
+    pid, host = (beat.pid, beat.host) if beat else (None, "")
+    oom = oom_killed(pid) if first["died"] and pid and host == socket.gethostname() else None
+    return Failure(f"rank {first['rank']}" + (f" (pid {pid})" if pid else ""), host, None, oom,
+                   died=first["died"], rank=first["rank"], pid=pid)
+
+
+def own_output(failure: Failure, log_file: Optional[str]) -> list[str]:
+    """The last lines that ``failure``'s rank wrote: its own log file (a Slurm task's), else the
+    lines of the job's log that name its rank (``[rank 1]``, torch's ``[rank1]:``) or its pid
+    (Ray's ``(RayTrainWorker pid=N)``)."""
+    lines = read_tail(log_file).splitlines()
+    if failure.log is None:
+        marks = [f"[rank {failure.rank}]", f"[rank{failure.rank}]"] + ([f"pid={failure.pid})", f"pid={failure.pid},"]
+                                                                         if failure.pid else [])
+        lines = [line for line in lines if any(mark in line for mark in marks)]
+    return [line[:300] for line in lines[-CONTEXT_LINES:]]
 
 
 def oom_killed(pid: int) -> Optional[bool]:
@@ -140,6 +188,33 @@ def oom_killed(pid: int) -> Optional[bool]:
         return None
     pattern = re.compile(rf"(Out of memory|oom-kill|Killed process)\D*\b{pid}\b", re.I)
     return any(pattern.search(line) for line in out.stdout.splitlines())
+
+
+SRUN_SIGNALS = {"Killed": signal.SIGKILL, "Aborted": signal.SIGABRT, "Segmentation fault": signal.SIGSEGV,
+                "Bus error": signal.SIGBUS, "Terminated": signal.SIGTERM}
+SRUN_EXIT = re.compile(r"Exited with exit code (\d+)")
+SLURM_OOM = re.compile(r"oom[-_ ]kill", re.I)  # slurmstepd: "Detected 1 oom_kill event in StepId=..."
+
+
+def srun_task_end(log_tail: str) -> Optional[Failure]:
+    """The first task srun reported ended badly ("srun: error: node2: task 1: Killed"): srun
+    reports them as it sees them, and with --kill-on-bad-exit the others only after it."""
+    line = next((line.strip() for line in log_tail.splitlines() if TASK_ENDED.match(line.strip())), None)
+    if line is None:
+        return None
+    node, tasks, how = line[len("srun: error: "):].split(": ", 2)
+    task = int(re.split(r"[,-]", tasks.split()[-1])[0])
+    if how in SRUN_SIGNALS:
+        code = -int(SRUN_SIGNALS[how])
+        oom = (True if SLURM_OOM.search(log_tail) else None) if how == "Killed" else False
+        return Failure(f"task {task}", node, code, oom, rank=task)
+    exited = SRUN_EXIT.search(how)
+    return Failure(f"task {task}", node, int(exited.group(1)) if exited else None, rank=task)
+
+
+def slurm_task_log(record: JobRecord, task: Optional[int]) -> Optional[str]:
+    """Task ``task``'s own log (submitit's ``<id>_<task>_log.out``), where it exists."""
+    return next((str(p) for p in slurm_task_logs(record) if p.name.endswith(f"_{task}_log.out")), None)
 
 
 def slurm_task_logs(record: JobRecord) -> list[Path]:

@@ -13,7 +13,7 @@ import time
 from mlflow.tracking import MlflowClient
 
 from cluster.env import DistEnv
-from detection.hooks.system_metrics import GpuProbe, GroupProbe, own_devices
+from detection.hooks.system_metrics import GpuProbe, GroupProbe, SystemMetricsHook, own_devices, samplers
 from detection.train import main
 from orchestrator.config import load_experiment
 
@@ -33,6 +33,32 @@ def test_group_probe_counts_the_whole_group_only():
         for proc in (busy, other):
             proc.kill()
             proc.wait()
+
+
+def test_the_lowest_rank_of_each_host_samples_its_ranks_groups():
+    places = [("h1", 10), ("h1", 11), ("h2", 20), ("h2", 20), ("h1", 12)]
+    assert samplers(places) == {0: {10, 11, 12}, 2: {20}}
+    assert samplers([("h", 5)]) == {0: {5}}
+
+
+def test_other_hosts_samples_reach_the_journal_through_rank_0(tmp_path):
+    from detection.journal import Journal, read_events
+
+    journal = Journal.create(tmp_path / "journal", "exp", "run")
+    journal.close()
+    relay = str(tmp_path / "system")
+    other = SystemMetricsHook(str(tmp_path / "journal"), 60, host="h2", relay_dir=relay, relay_from=relay)
+    first = SystemMetricsHook(str(tmp_path / "journal"), 60, host="h1", relay_from=relay)
+    other.sample()
+    with open(os.path.join(relay, "h2.jsonl"), "a") as handle:
+        handle.write('{"ts": 5, "step": 3, "values": {"system/h2/cpu_pe')  # a line being written: not relayed yet
+    first.sample()
+    first._close()
+    metrics = [v for e in read_events(str(tmp_path / "journal"))[0] if e["t"] == "metrics" for v in e["v"]]
+    keys = {key for _, _, values in metrics for key in values}
+    assert {"system/h1/cpu_percent", "system/h1/rss_mb", "system/h2/cpu_percent", "system/h2/rss_mb"} <= keys
+    assert sum("system/h2/rss_mb" in values for _, _, values in metrics) == 1  # relayed once, the torn line not at all
+    assert not os.path.exists(os.path.join(relay, "h1.jsonl"))  # rank 0 writes the journal only
 
 
 def test_own_devices_are_the_visible_ones():

@@ -135,6 +135,35 @@ def local_world4_loss(shapes_data, tmp_path_factory):
     return read_final_loss(folder / "work")
 
 
+def host_metrics(output_dir: Path) -> dict[str, dict[str, list[float]]]:
+    """The run's ``system/<host>/<name>`` series from its journal: host -> name -> values."""
+    found: dict[str, dict[str, list[float]]] = {}
+    for line in (Path(output_dir) / "journal" / "events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("t") == "metrics":
+            for _, _, values in event["v"]:
+                for key, value in values.items():
+                    if key.startswith("system/"):
+                        _, host, name = key.split("/", 2)
+                        found.setdefault(host, {}).setdefault(name, []).append(value)
+    return found
+
+
+def assert_metrics_of_each_host(output_dir: Path, hosts: list[str], ranks_per_host: int) -> None:
+    """CPU and RSS series of each host under its own name, each counting that host's ranks."""
+    found = host_metrics(output_dir)
+    assert sorted(found) == sorted(hosts), found
+    for host in hosts:
+        assert {"cpu_percent", "rss_mb", "processes"} <= set(found[host]), (host, found[host])
+        assert max(found[host]["processes"]) >= ranks_per_host and max(found[host]["rss_mb"]) > 50, (host, found[host])
+
+
+@pytest.fixture
+def metrics_of_each_host():
+    """``metrics_of_each_host(output_dir, hosts, ranks_per_host)``: see :func:`assert_metrics_of_each_host`."""
+    return assert_metrics_of_each_host
+
+
 @pytest.fixture
 def final_loss():
     """``final_loss(output_dir)``: see :func:`read_final_loss`."""

@@ -9,7 +9,8 @@ import pytest
 
 
 def test_ray_train_world_size_4_on_two_hosts_matches_the_local_backend(local_hosts, ray_on_hosts, tiny, final_loss,
-                                                                       local_world4_loss, orch_env):
+                                                                       local_world4_loss, orch_env,
+                                                                       metrics_of_each_host):
     h1, h2 = local_hosts.names
     path = tiny()
     out = local_hosts.run(h1, [sys.executable, "-m", "orchestrator.cli", "submit", str(path), "--backend", "ray",
@@ -22,3 +23,4 @@ def test_ray_train_world_size_4_on_two_hosts_matches_the_local_backend(local_hos
     status = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status"], capture_output=True, text=True, timeout=60)
     assert "SUCCEEDED" in status.stdout, status.stdout
     assert final_loss(orch_env / "work") == pytest.approx(local_world4_loss, rel=1e-6)
+    metrics_of_each_host(orch_env / "work", [h1, h2], ranks_per_host=2)  # each worker its own group

@@ -17,7 +17,7 @@ def orch(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_hosts_world_size_4_match_the_local_backend(local_hosts, tiny, final_loss, local_world4_loss):
+def test_two_hosts_world_size_4_match_the_local_backend(local_hosts, tiny, final_loss, local_world4_loss, metrics_of_each_host):
     h1, h2 = local_hosts.names
     path = tiny()
     flags = ["--backend", "torchrun", "--hosts", f"{h1},{h2}", "--gpus-per-node", "2", "--gpus", "4"]
@@ -35,6 +35,9 @@ def test_two_hosts_world_size_4_match_the_local_backend(local_hosts, tiny, final
         assert f"orch: {host}: the master {h1} at {local_hosts.addr[h1]}:" in log
         assert f"via eth0 ({local_hosts.addr[host]}); GLOO_SOCKET_IFNAME=eth0" in log
     assert final_loss(record.output_dir) == pytest.approx(local_world4_loss, rel=1e-6)
+    # System metrics of each host under its own name: h2's sampler relays through rank 0 on h1.
+    metrics_of_each_host(record.output_dir, [h1, h2], ranks_per_host=2)
+    assert sorted(p.name for p in (Path(record.output_dir) / "system").iterdir()) == [f"{h2}.jsonl"]
 
 
 def test_master_unreachable_fails_at_once_naming_both_hosts(local_hosts, tiny):

@@ -107,3 +107,14 @@ def test_two_nodes_on_this_machine(tiny_experiment):
     record = run_and_check(tiny_experiment, ResourceFlags(backend="torchrun", gpus=2, nodes=2, gpus_per_node=1,
                                                         hosts="localhost,localhost"))
     assert len(record.extra["pids"]) == 2
+    # One host, so one sampler (rank 0) covering both agents' process groups: both ranks counted.
+    import socket
+
+    from mlflow.tracking import MlflowClient
+    from orch_testing import shipped_run
+
+    run = shipped_run(record)
+    processes = MlflowClient(record.tracking_uri).get_metric_history(run.info.run_id,
+                                                                     f"system/{socket.gethostname()}/processes")
+    assert max(m.value for m in processes) >= 2, processes
+    assert not (Path(record.output_dir) / "system").exists()  # no other host to relay

@@ -1,14 +1,14 @@
-"""``orch why`` on real failures of local jobs: a rank killed with SIGKILL, a worker's config
-error (the hang is in test_hang_watchdog.py); and the output excerpt on literal logs."""
+"""``orch why`` on real failures of local and torchrun jobs: a rank killed with SIGKILL, a worker's
+config error (the hang is in test_hang_watchdog.py); and the output excerpt on literal logs. The
+same SIGKILL on Slurm and Ray: slurm/test_slurm_why.py, ray/test_ray_why.py."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
 from click.testing import CliRunner
+from orch_testing import assert_why_names_the_kill, kill_rank_and_explain
 
 from orchestrator import records
 from orchestrator.commands.why import around_error, why_cmd
@@ -32,19 +32,17 @@ def _why(job_id: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("local_orch_env")
-def test_why_names_the_rank_killed_by_sigkill(make_experiment):
+@pytest.mark.parametrize("backend", ["local", "torchrun"])
+def test_why_names_the_rank_killed_by_sigkill(make_experiment, backend):
     path = make_experiment(**{"schedule.iterations": 100000, "eval.interval": 100000, "resources.gpus": 2,
                               "tracking.enable": False})
-    _, [handle] = submit([str(path)], (), ResourceFlags(backend="local"))
-    _wait(lambda: "iter 2/" in open(records.load_record(handle.job_id).log_path).read(), 240, "training")
-    victim = records.load_record(handle.job_id).extra["pids"][1]
-    os.kill(victim, signal.SIGKILL)
-    _wait(lambda: records.load_record(handle.job_id).state.finished, 60, "the job to end")
-    text = _why(handle.job_id)
-    assert f"job {handle.job_id} (tiny, local): FAILED" in text
-    assert f"first failure: rank 1 (pid {victim}) on " in text and "was killed by SIGKILL" in text, text
-    assert "orchestrator.worker" in text and "RANK=1" in text and "world size 2" in text, text
-    assert "--set runtime.resume=auto" in text.splitlines()[-1]
+    _, [handle] = submit([str(path)], (), ResourceFlags(backend=backend))
+    beat, text = kill_rank_and_explain(handle)
+    assert f"job {handle.job_id} (tiny, {backend}): FAILED" in text
+    assert_why_names_the_kill(text, f"rank 1 (pid {beat.pid})", beat.host, "orchestrator.worker")
+    assert "world size 2" in text, text
+    if backend == "local":
+        assert "RANK=1" in text, text
 
 
 @pytest.mark.slow
@@ -85,8 +83,8 @@ def test_a_kill_by_the_oom_killer_is_named():
     from orchestrator.commands.why import Failure
 
     assert Failure("rank 1 (pid 5)", "h2", -9, True).describe() == \
-        "rank 1 (pid 5) on h2 was killed by SIGKILL - out of memory (the kernel's OOM killer)"
-    assert Failure("task 3", "", -15).describe() == "task 3 was killed by SIGTERM"
+        "rank 1 (pid 5) on h2 was killed by SIGKILL (signal 9) - out of memory (the kernel's OOM killer)"
+    assert Failure("task 3", "", -15).describe() == "task 3 was killed by SIGTERM (signal 15)"
     assert Failure("rank 0", "h", 2).describe() == "rank 0 on h exited with status 2 (bad input)"
 
 

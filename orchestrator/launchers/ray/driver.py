@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -49,10 +47,12 @@ def _raise_hung(*_: Any) -> None:
 
 def start_watchdog(request: RayJobRequest) -> Optional[threading.Event]:
     """The hang watchdog of a Ray job: a driver thread reads the workers' heartbeats; on a hang
-    it dumps the workers on this host (py-spy) and acts on ``runtime.on_hang``: ``fail`` ends the
-    job (an interrupt in the main thread; the workers go with the driver), ``requeue`` kills the hung
-    workers so that Ray Train restarts them from the last checkpoint (``max_failures``),
-    ``wait`` reports only. Returns the event that stops it."""
+    it dumps every worker's stacks on its own node (a Ray task pinned there runs py-spy) and acts
+    on ``runtime.on_hang``: ``fail`` ends the job (an interrupt in the main thread; the workers go
+    with the driver), ``requeue`` kills the hung workers on their nodes so that Ray Train restarts
+    them from the last checkpoint (``max_failures``), ``wait`` reports only. Returns the event
+    that stops it."""
+    from orchestrator.launchers.ray.nodes import dump_on_nodes, kill_on_nodes
     from orchestrator.watchdog import HangSettings, Watchdog, write_report
 
     if not request.output_dir or not request.config_path:
@@ -67,7 +67,7 @@ def start_watchdog(request: RayJobRequest) -> Optional[threading.Event]:
             stall = watchdog.check()
             if stall is None:
                 continue
-            report = write_report(request.output_dir, stall)
+            report = write_report(request.output_dir, stall, dump_remote=dump_on_nodes(request.output_dir, stall))
             log.error("%s; stacks in %s", report.reason, report.folder)
             if request.job_id:
                 records.annotate(request.job_id, extra={"hang": report.folder, "hang_reason": report.reason})
@@ -77,15 +77,29 @@ def start_watchdog(request: RayJobRequest) -> Optional[threading.Event]:
                 return
             if settings.on_hang == "wait":
                 return
-            here = socket.gethostname()  # requeue: Ray Train restarts the killed workers
-            for beat in (stall.progress.ranks.values() if stall.progress else ()):
-                if beat.host == here:
-                    with contextlib.suppress(OSError):
-                        os.kill(beat.pid, signal.SIGKILL)
+            # requeue: Ray Train restarts the killed workers
+            kill_on_nodes({r: (b.pid, b.host) for r, b in (stall.progress.ranks.items() if stall.progress else ())})
             watchdog = Watchdog(request.output_dir, settings, int(request.num_workers))  # the next attempt
 
     threading.Thread(target=watch, name="hang-watchdog", daemon=True).start()
     return stop
+
+
+def record_worker_failures(job_id: Optional[str], error: BaseException) -> None:
+    """Record which ranks failed and how (``worker_failures``: rank, error line, whether its
+    process died rather than raised), what ``orch why`` names the first failure from. Ray Train
+    gives them per rank (``WorkerGroupError.worker_failures``); a process that died (kill -9, the
+    OOM killer, a crash) shows as an actor death whose signal Ray does not know."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if not job_id or not failures:
+        return
+    rows = []
+    for rank, failure in sorted(failures.items()):
+        text = str(failure).strip()
+        died = type(failure).__name__ == "ActorDiedError" or "worker process has died" in text
+        lines = text.splitlines() or [type(failure).__name__]
+        rows.append({"rank": int(rank), "died": died, "error": (lines[0] if died else lines[-1])[:500]})
+    records.annotate(job_id, extra={"worker_failures": rows})
 
 
 def set_state(job_id: Optional[str], state: JobState, **fields: Any) -> None:
@@ -172,6 +186,7 @@ def run_job(request: RayJobRequest) -> JobState:
                     stop_watchdog.set()
             error = getattr(result, "error", None)
             if error is not None:
+                record_worker_failures(job_id, error)
                 raise RuntimeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error))
     except KeyboardInterrupt:  # SIGTERM (orch cancel), Ctrl-C, or the hang watchdog
         if _hang:
@@ -181,6 +196,7 @@ def run_job(request: RayJobRequest) -> JobState:
         return JobState.CANCELLED
     except Exception as err:  # noqa: BLE001 - any failure ends as a FAILED record with its line
         log.error("Ray job failed: %s", err)
+        record_worker_failures(job_id, err)  # Train V2's fit() raises its WorkerGroupError
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         set_state(job_id, JobState.FAILED, error=message[:500], exit_code=1)
         return JobState.FAILED

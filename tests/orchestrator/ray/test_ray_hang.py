@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +33,5 @@ def test_a_hung_worker_is_named_and_the_job_ends(ray_head, orch_home, make_exper
     assert re.search(r"rank \d on \S+ blocked in read \(open64, detection/data/decode.py:\d+, image " + image,
                      report.reason), report.reason
     assert {"rank-0.txt", "rank-1.txt"} <= set(os.listdir(report.folder))
+    for rank in (0, 1):  # each on its own node, by a Ray task pinned there (this node too)
+        assert "(dumped by a Ray task pinned to node " in (Path(report.folder) / f"rank-{rank}.txt").read_text()
