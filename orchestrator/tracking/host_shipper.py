@@ -7,7 +7,8 @@ seconds it looks at each entry and ships what is new (:func:`shipper.ship`: ``lo
 exactly once, parents first); a journal with nothing new costs a ``stat`` and a cursor read.
 An entry is removed when:
 
-- its journal is shipped up to its final status (FINISHED, FAILED, KILLED);
+- its journal is shipped up to its final status (FINISHED, FAILED, KILLED), unless a live owner
+  registered it after that status was written (a requeued run resumes after its KILLED);
 - its journal folder is gone (deleted), or never appeared and its owner has ended;
 - its owner (the training or driver process) has ended, everything is shipped, and no final
   status came within ``OWNER_GRACE_S`` (orch writes one as it records a job's end; ``orch
