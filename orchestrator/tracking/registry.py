@@ -196,12 +196,22 @@ def ensure_shipper(folder: Optional[Path] = None) -> Optional[int]:
             # Started as `shipper --host`: what looks for shipper processes by name finds it too.
             argv = [sys.executable, "-m", "orchestrator.tracking.shipper", "--host", str(folder), "--lock-fd", str(fd)]
             with open(folder / SHIPPER_LOG, "ab") as out:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, pass_fds=(fd,), cwd=str(folder))
-            write_json_atomic(str(folder / SHIPPER_INFO), owner_identity(proc.pid))
+                launcher = subprocess.run([sys.executable, "-c", _DETACH, str(out.fileno()), *argv], text=True,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, pass_fds=(fd, out.fileno()),
+                                          cwd=str(folder), check=True, timeout=60)
+            pid = int(launcher.stdout.split()[-1])
+            write_json_atomic(str(folder / SHIPPER_INFO), owner_identity(pid))
         finally:
             os.close(fd)  # the shipper's inherited descriptor keeps the lock
-    return proc.pid
+    return pid
+
+
+# The shipper is started by a launcher that exits at once, so it is no process's direct child:
+# Ray kills the direct children of its worker processes when they exit
+# (RAY_kill_child_processes_on_worker_exit, on by default), which killed a host shipper started
+# by a Ray job's rank 0 while it created MLflow's tables (a SQLite store left half-migrated).
+_DETACH = ("import subprocess, sys; log = int(sys.argv[1]); print(subprocess.Popen(sys.argv[2:], "
+           "stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=False).pid)")
 
 
 _keeper: list[threading.Thread] = []

@@ -136,6 +136,17 @@ def build_trainer(request: RayJobRequest, use_gpu: bool, callbacks: Optional[lis
     )
 
 
+def job_runtime_env() -> dict[str, Any]:
+    """The job-level runtime environment of a Ray job or sweep: gloo's interface on every node
+    (Ray runs a ``worker_process_setup_hook`` only from here), and the submitter's ``ORCH_HOME``
+    (this driver's: ``orch submit`` started it), so that the workers register their journals with
+    the shipper of the submitter's ``ORCH_HOME``, where its ``orch status`` looks. Without it a
+    worker inherits the environment of whoever started the cluster. Ray merges these ``env_vars``
+    into every worker's, Ray Train's and Tune's included."""
+    return {"worker_process_setup_hook": "orchestrator.launchers.ray.cluster.set_socket_ifname",
+            "env_vars": {"ORCH_HOME": str(records.orch_home().absolute())}}
+
+
 @contextlib.contextmanager
 def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpus: Optional[float] = None):
     """Connect to ``address``, or start a private local head first (stopped on exit)."""
@@ -152,9 +163,7 @@ def ray_connection(address: Optional[str], job_id: Optional[str] = None, num_cpu
                 records.annotate(job_id, extra={"ray_head_pid": head.process.pid, "ray_address": address})
             log.info("started a private Ray head at %s", address)
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR2)}
-        # Job-level (Ray runs a worker_process_setup_hook only from here): gloo's interface on every node.
-        ray.init(address=address, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "orchestrator.launchers.ray.cluster.set_socket_ifname"})
+        ray.init(address=address, log_to_driver=True, runtime_env=job_runtime_env())
         # ray.init installs its C++ failure handler for SIGTERM, which dumps and dies: the driver's
         # own handler (cancel: end the trials' runs, stop the head) is put back.
         for sig, handler in handlers.items():

@@ -1,6 +1,8 @@
 """A real Ray head for the Ray tests: ``ray start --head --block`` on 127.0.0.1, CPU only, two
-CPUs, no dashboard, ports chosen at run time, its own temp dir; stopped (SIGTERM to that one
-process, never `ray stop`, which would kill other users' Ray) when the module's tests end."""
+CPUs, no dashboard, ports chosen at run time, its own temp dir; one per test session (per
+pytest-xdist worker: the Ray tests run in one, see ``SHARED_DAEMONS`` in tests/conftest.py),
+shared by every Ray test module, and stopped (SIGTERM to that one process, never `ray stop`,
+which would kill other users' Ray) when the session ends."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ import pytest
 from orch_testing import cmdline, descendants
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_head():
-    """The running :class:`~orchestrator.launchers.ray.cluster.LocalRay` (``.address``)."""
+    """The running :class:`~orchestrator.launchers.ray.cluster.LocalRay` (``.address``). Jobs
+    on it get their submitter's ``ORCH_HOME`` (the driver passes it on), not the head's."""
     from orchestrator.launchers.ray.cluster import LocalRay
 
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}

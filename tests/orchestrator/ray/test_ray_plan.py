@@ -172,3 +172,15 @@ def test_preflight_auto_needs_a_local_cluster(tiny_experiment, tmp_path, monkeyp
         server.listen(4)
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{server.getsockname()[1]}")  # wins over the file
         get_launcher("ray").preflight(plan)
+
+
+def test_ray_workers_get_the_submitters_orch_home(tmp_path, monkeypatch):
+    """The driver's job-level runtime environment carries its ORCH_HOME (the submitter's) to every
+    worker of the job, whatever the environment the cluster was started with."""
+    from orchestrator.launchers.ray.driver import job_runtime_env
+
+    monkeypatch.setenv("ORCH_HOME", str(tmp_path / "home"))
+    assert job_runtime_env()["env_vars"] == {"ORCH_HOME": str(tmp_path / "home")}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ORCH_HOME", "relative")
+    assert job_runtime_env()["env_vars"] == {"ORCH_HOME": str(tmp_path / "relative")}

@@ -9,6 +9,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.spec import JobState
@@ -27,6 +28,15 @@ def _runs(tracking_uri):
     return client.search_runs([experiment.experiment_id]) if experiment else []
 
 
+def _registered_in(home: Path, journal: str) -> list[str]:
+    """Files of the shipping registries under ``home`` (entries, shipper logs) naming ``journal``."""
+    found = []
+    for path in sorted((home / "shipping").rglob("*")):
+        if path.is_file() and journal in path.read_text(errors="replace"):
+            found.append(str(path))
+    return found
+
+
 def test_two_cpu_workers_log_one_mlflow_run(ray_head, orch_home, tiny_experiment, tracking_uri):
     plan, handles = submit([str(tiny_experiment)], (), ResourceFlags(backend="ray", gpus=2, address=ray_head.address))
     assert f"cluster address:      {ray_head.address}" in plan.text
@@ -42,6 +52,15 @@ def test_two_cpu_workers_log_one_mlflow_run(ray_head, orch_home, tiny_experiment
     assert "bbox_mAP" in run.data.metrics
     # Ray stored the reported checkpoint in the job's storage path.
     assert list(Path(record.output_dir, "ray", record.job_id).glob("checkpoint_*"))
+    # Rank 0 handed the journal to the shipper of the submitter's ORCH_HOME (where its `orch
+    # status` looks), not to one of the ORCH_HOME the cluster was started with.
+    from orchestrator.tracking.runs import journal_dir
+
+    head_home = psutil.Process(ray_head.process.pid).environ().get("ORCH_HOME")
+    assert head_home and Path(head_home) != orch_home
+    journal = journal_dir(record.output_dir)
+    assert _registered_in(orch_home, journal)
+    assert not _registered_in(Path(head_home), journal)
 
 
 def test_killed_worker_restarts_from_its_checkpoint(ray_head, orch_home, make_experiment, tracking_uri,

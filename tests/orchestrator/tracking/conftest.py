@@ -1,9 +1,9 @@
 """Fixtures of the shipper tests (helpers in ``ship_helpers``).
 
-    mlflow_server      (module) a running ``mlflow server`` shared by a test module
+    mlflow_server      (session) a running ``mlflow server`` shared by the test modules
     own_server         a server of one test's own (the test may stop and restart it)
     sqlite_uri         a fresh SQLite store (a copy of an empty one: creating tables costs 10-20 s)
-    destination        parametrised: ``sqlite_uri``, then the module's server
+    destination        parametrised: ``sqlite_uri``, then the session's server
     reap_shippers      (session) ``reap_shippers(folder)``: kill the shippers of journals under
                        ``folder`` that still run (a test's clean-up); returns their pids
     chromium           (session) path of Debian's ``chromium``, installed with apt-get when missing
@@ -31,9 +31,10 @@ def _server(folder: Path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A running server shared by the tests of one module (they use distinct experiments)."""
+    """A running server shared by the tests of a session (one per pytest-xdist worker that runs
+    any of them: each start costs ~10 s of CPU). Tests use experiments of their own."""
     yield from _server(tmp_path_factory.mktemp("mlflow_server"))
 
 
@@ -66,7 +67,7 @@ def sqlite_uri(tmp_path, _empty_store) -> str:
 
 @pytest.fixture(params=["sqlite", "server"])
 def destination(request) -> str:
-    """Each test with it runs twice: into a fresh SQLite file and into the module's server."""
+    """Each test with it runs twice: into a fresh SQLite file and into the session's server."""
     if request.param == "sqlite":
         return request.getfixturevalue("sqlite_uri")
     return request.getfixturevalue("mlflow_server").uri

@@ -14,6 +14,7 @@ each of which would start the outages again.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from orchestrator.records import list_records, load_record
 from orchestrator.spec import JobState
 from orchestrator.tracking.cursor import load_cursor
 from orchestrator.tracking.runs import journal_dir, reachable, wait_shipped
+from orch_testing import fifo_dataset
 from ship_helpers import REPO, MlflowServer, _free_port, values_of
 
 # 60 steps of the tiny model (seconds): every step logged, a durable journal flush at each
@@ -90,6 +92,65 @@ def wait_job(job_id: str, state: JobState, timeout_s: float = 600) -> object:
     return record
 
 
+class HeldImage:
+    """One training image of a job served through a named pipe (:func:`orch_testing.fifo_dataset`)
+    by a thread of the test: the job's data loader reads it in the training process, once per
+    epoch. Each read is served at once until ``hold_when()`` is true when the reader arrives; that
+    read is held (training waits inside it) until :meth:`release`, which serves it and puts the
+    plain file in the pipe's place. No code in the product: training blocks in a file read, as on
+    a slow file system."""
+
+    def __init__(self, fifo: Path, image: bytes, hold_when: Callable[[], bool]) -> None:
+        self.fifo, self.image, self.hold_when = fifo, image, hold_when
+        self.held = threading.Event()  # a reader waits in the held read
+        self.released = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def release(self) -> None:
+        self.released.set()
+        self.thread.join(10)
+
+    def _serve(self) -> None:
+        plain = self.fifo.parent.parent / f"plain-{self.fifo.name}"
+        plain.write_bytes(self.image)
+        while True:
+            fd = self._reader()
+            if fd is None:  # released while no read was waiting
+                os.replace(plain, self.fifo)
+                return
+            try:
+                last = self.hold_when()
+                if last:
+                    self.held.set()
+                    self.released.wait()
+                with open(fd, "wb", closefd=False) as pipe:
+                    pipe.write(self.image)
+                if last or self.released.is_set():
+                    os.replace(plain, self.fifo)  # before EOF: the reader's next open finds the file
+                    return
+            except BrokenPipeError:  # the reader went away (its job was stopped)
+                pass
+            finally:
+                os.close(fd)
+
+    def _reader(self) -> int | None:
+        """The pipe opened for writing once a reader has it open (a non-blocking open fails with
+        ENXIO until then); None once released with no reader waiting."""
+        while True:
+            try:
+                fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as err:
+                if err.errno != errno.ENXIO:
+                    raise
+                if self.released.is_set():  # after a last try: a reader that came meanwhile is served
+                    return None
+                time.sleep(0.02)
+                continue
+            os.set_blocking(fd, True)
+            return fd
+
+
 class Outages:
     """Two jobs, each with a server of its own: (a) the server stops mid-run and is back 60 s
     later; (b) it stops mid-run and is back 5 minutes after the job ended. :meth:`start` starts
@@ -101,6 +162,7 @@ class Outages:
         self.home = folder / "home"
         self.servers = {name: MlflowServer(self._made(folder / f"server-{name}")) for name in "ab"}
         self.jobs: dict[str, str] = {}
+        self.images: dict[str, HeldImage] = {}
         self.notes: dict[str, dict] = {"a": {}, "b": {}}
         self.errors: list[BaseException] = []
         self.threads: list[threading.Thread] = []
@@ -119,16 +181,19 @@ class Outages:
     def journal(self, name: str) -> str:
         return journal_dir(str(self.output_dir(name)))
 
-    def start(self, make_experiment: Callable[..., Path]) -> None:
+    def start(self, make_experiment: Callable[..., Path], shapes_data: Path) -> None:
         with ThreadPoolExecutor(len(self.servers)) as pool:  # ~10 s each: at once
             list(pool.map(MlflowServer.start, self.servers.values()))
         env = dict(os.environ, ORCH_HOME=str(self.home), ORCH_RUNTIME_DIR=str(self.folder / "rt"), ORCH_CPU_SLOTS="2",
                    OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
         env.pop("MASTER_PORT", None)
         for name, server in self.servers.items():
+            data = self._held_data(name, shapes_data)
             path = make_experiment(_name=f"outage-{name}.yaml", name=f"outage-{name}", **ITERS, **{
                 "tracking.uri": server.uri, "tracking.experiment": "outages",
-                "runtime.output_dir": str(self.output_dir(name))})
+                "runtime.output_dir": str(self.output_dir(name)),
+                "data.train.ann_file": str(data / "annotations" / "instances_train.json"),
+                "data.train.img_dir": str(data / "train")})
             done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(path), "--backend", "local"],
                                   env=env, cwd=self.folder, capture_output=True, text=True, timeout=300)
             assert done.returncode == 0, done.stdout + done.stderr
@@ -136,6 +201,16 @@ class Outages:
         for drive in (self._one_minute, self._until_after_the_end):
             self.threads.append(threading.Thread(target=self._guarded, args=(drive,), daemon=True))
             self.threads[-1].start()
+
+    def _held_data(self, name: str, shapes_data: Path) -> Path:
+        """The job's own copy of the data, one training image of it a :class:`HeldImage` that
+        holds the first read after the job's first journaled steps (its step 10, a checkpoint's
+        flush; the image is read once per 8-step epoch)."""
+        data, image = fifo_dataset(shapes_data, self._made(self.folder / f"data-{name}"))
+        journal = self.journal(name)
+        self.images[name] = HeldImage(data / "train" / image, (shapes_data / "train" / image).read_bytes(),
+                                      lambda: last_steps(journal).get("loss", 0) > 0)
+        return data
 
     def _guarded(self, drive: Callable[[], None]) -> None:
         try:
@@ -147,21 +222,20 @@ class Outages:
         return read_json(self.home / "jobs" / self.jobs[name] / "record.json") or {}
 
     def _stop_mid_run(self, name: str) -> None:
-        """Stop the job's server mid-run, once some of its metric values arrived. Training is
-        paused (SIGSTOP) from its first journaled steps until the server is down, so that "mid-run"
-        holds however fast the machine is; the shipper, a process of its own, goes on."""
-        server, journal = self.servers[name], self.journal(name)
-        wait_for(lambda: last_steps(journal).get("loss", 0) > 0, 300, f"job {name}'s first journaled steps", 0.05)
-        [pid] = self._record(name)["extra"]["pids"]
-        os.kill(pid, signal.SIGSTOP)
+        """Stop the job's server mid-run, once some of its metric values arrived. Training waits
+        in a read of its held image (:class:`HeldImage`) from its first journaled steps until the
+        server is down, so that "mid-run" holds however loaded the machine is; the shipper, a
+        process of its own, goes on."""
+        server, journal, image = self.servers[name], self.journal(name), self.images[name]
         try:
+            wait_for(image.held.is_set, 300, f"job {name}'s training to wait in its held read")
             wait_for(lambda: shipped_steps(journal, server.uri) > 0, 60, f"job {name}'s first values at the server")
             self.notes[name].update(running_at_stop=last_status(journal) not in TERMINAL, stopping=time.time(),
                                     steps_at_stop=last_steps(journal).get("loss", 0))
             server.stop(hold_port=True)
             self.notes[name]["stopped"] = time.time()
         finally:
-            os.kill(pid, signal.SIGCONT)
+            image.release()
 
     def _one_minute(self) -> None:
         self._stop_mid_run("a")
@@ -200,6 +274,8 @@ class Outages:
 
     def stop(self) -> None:
         self.closing.set()
+        for image in self.images.values():
+            image.release()
         for thread in self.threads:
             thread.join(10)
         for server in self.servers.values():
@@ -212,14 +288,15 @@ class Outages:
         shipper lingered and delivered every value and FINISHED once it was back."""
         a, b = self.notes["a"], self.notes["b"]
         assert a["running_at_stop"] and b["running_at_stop"], (a, b)  # the stops landed mid-run
+        assert 0 < a["steps_at_stop"] < 60 and 0 < b["steps_at_stop"] < 60, (a, b)
         assert a["restarted"] - a["stopped"] >= OUTAGE_S
         assert b["down_at_end"] and b["stopping"] < b["result_written"] < b["down_until"]  # written while down
         assert b["down_until"] - b["ended"] >= AFTER_END_S and b["ended"] < b["restarted"]
         # Its shipper probes the closed port every few seconds instead of waiting in MLflow's HTTP
         # retries (2 min between tries at the end): the run arrives soon after the server is back.
         assert b["delivered"] - b["restarted"] < 60
-        print(f"delivered after the restart: a {a['delivered'] - a['restarted']:.0f} s, "
-              f"b {b['delivered'] - b['restarted']:.0f} s")
+        print(f"servers stopped at step a {a['steps_at_stop']}, b {b['steps_at_stop']} of 60; delivered after the "
+              f"restart: a {a['delivered'] - a['restarted']:.0f} s, b {b['delivered'] - b['restarted']:.0f} s")
         for name, server in self.servers.items():
             record = wait_job(self.jobs[name], JobState.SUCCEEDED, timeout_s=60)
             assert record.exit_code == 0 and json.loads((self.output_dir(name) / "result.json").read_text())["metrics"]
@@ -233,11 +310,11 @@ class Outages:
 
 
 @pytest.fixture
-def outages(tmp_path, make_experiment, reap_shippers):
+def outages(tmp_path, make_experiment, shapes_data, reap_shippers):
     """The two outages, started; servers stopped and shippers reaped at the end."""
     scenario = Outages(tmp_path / "outages")
     try:
-        scenario.start(make_experiment)
+        scenario.start(make_experiment, shapes_data)
         yield scenario
     finally:
         scenario.stop()
