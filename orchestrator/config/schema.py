@@ -68,6 +68,9 @@ class RayOptions:
     max_failures: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: Optional[float] = None  # None = 1 when the job uses GPUs
+    # None = the world size is fixed (a host lost that leaves too few slots fails the job, naming it);
+    # N = Ray Train may restart on N..gpus workers (ScalingConfig(num_workers=(N, gpus)), LR re-scaled).
+    min_workers: Optional[int] = None
 
 
 @dataclass(frozen=True)
