@@ -105,3 +105,41 @@ def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, slu
     while time.monotonic() < deadline and (workers(local_hosts, h2) or not idle()):
         time.sleep(2)
     assert not workers(local_hosts, h2) and idle()
+
+
+def test_a_host_lost_with_requeue_allowed_resumes_on_the_host_left(local_hosts, slurm_env, tiny, orch_env):
+    """``resources.slurm.requeue_on_node_fail`` (sbatch --requeue) and ``min_nodes: 1`` (--nodes=1-2):
+    Slurm requeues the job when h2 is lost and it resumes from its checkpoint on h1 alone, at world
+    size 2, the LR rule re-applied."""
+    h1, h2 = local_hosts.names
+    path = tiny(**{"schedule.iterations": 40, "eval.interval": 100000, "checkpoint.interval": 4,
+                   "eval.classwise": False, "resources.slurm.requeue_on_node_fail": True,
+                   "resources.slurm.min_nodes": 1})
+    job = submit(slurm_env, path)
+    checkpoints = orch_env / "work" / "checkpoints"
+    deadline = time.monotonic() + 300  # until the first checkpoint, both hosts training
+    while time.monotonic() < deadline and not list(checkpoints.glob("iter_*.pth")):
+        time.sleep(1)
+    assert list(checkpoints.glob("iter_*.pth")) and all(workers(local_hosts, h) for h in local_hosts.names)
+    subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "down"], check=True)
+    cut = time.monotonic()
+    resumed = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and (state := job_state(slurm_env, job)) not in ("SUCCEEDED", "FAILED", "CANCELLED"):
+            if resumed is None and "LR rule re-applied" in orch(slurm_env, "logs", job).stdout:
+                resumed = time.monotonic() - cut
+            time.sleep(2)
+        ended = time.monotonic() - cut
+        logs = orch(slurm_env, "logs", job).stdout
+        print(f"slurm: {h2} lost, requeued; resumed at world size 2 after {resumed} s, ended after {ended:.1f} s")
+        assert state == "SUCCEEDED", logs[-4000:]
+        assert "on world size 2" in logs and "LR rule re-applied" in logs, logs[-4000:]
+    finally:
+        subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "up"], check=True)
+    deadline = time.monotonic() + 120  # h2 back in service, nothing of the job left on it
+    idle = lambda: "down" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                                env=slurm_env).stdout
+    while time.monotonic() < deadline and (workers(local_hosts, h2) or not idle()):
+        time.sleep(2)
+    assert not workers(local_hosts, h2) and idle()
