@@ -197,7 +197,7 @@ class SlurmAsk:
             gpus = parse_int(gpus.rsplit(":", 1)[-1]) or 0
         if params.get("gres"):
             gpus = max(int(gpus), parse_gres_gpus(str(params["gres"])) or 0)
-        return cls(label=label, partition=params.get("partition"), nodes=int(str(params.get("nodes") or 1).split("-")[0]),
+        return cls(label=label, partition=params.get("partition"), nodes=int(params.get("nodes") or 1),
                    tasks_per_node=int(params.get("ntasks_per_node") or 1),
                    cpus_per_task=int(params.get("cpus_per_task") or 1), gpus_per_node=int(gpus),
                    mem_mb=parse_memory_mb(params["mem"]) if params.get("mem") is not None else None,
