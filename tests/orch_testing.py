@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -179,3 +180,40 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
     except psutil.NoSuchProcess:
         return True
+
+
+# -- hosts of scripts/local_hosts.py (network namespaces) ----------------------------------------
+
+def host_processes(host: str, *needles: bytes) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the processes inside ``host`` whose command line holds one of
+    ``needles`` (what a job runs there: ``orchestrator.worker``, ``torchrun``, ...)."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split():
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if any(needle in cmd for needle in needles):
+            found.append((int(pid), cmd.replace(b"\0", b" ")[:200].decode(errors="replace")))
+    return found
+
+
+def wait_until_none(hosts: list[str], needles: tuple[bytes, ...], timeout_s: float) -> dict[str, list]:
+    """Wait (``timeout_s`` at most) until no host runs a process matching ``needles``; what is
+    left then, per host (empty: nothing)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := {h: p for h in hosts if (p := host_processes(h, *needles))}) and time.monotonic() < deadline:
+        time.sleep(2)
+    return left
+
+
+def after_the_job(record: Any) -> list[str]:
+    """What a job that has ended must not leave behind: its MLflow run RUNNING (once the shipper
+    delivered its final status), a device or port lease in this test's lease folder."""
+    from cluster.gpus import list_device_leases
+    from cluster.ports import list_port_leases
+
+    problems = [f"MLflow run {run.info.run_id} left RUNNING" for run in [shipped_run(record)]
+                if run.info.status == "RUNNING"]
+    problems += [f"device lease {lease}" for kind in ("cpu", "gpu") for lease in list_device_leases(kind)]
+    return problems + [f"port lease {lease}" for lease in list_port_leases()]

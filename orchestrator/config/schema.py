@@ -56,9 +56,8 @@ class SlurmOptions:
     setup: tuple[str, ...] = ()
     max_requeues: int = 3
     # A node lost (NODE_FAIL): false = the job fails naming it; true = Slurm requeues it (sbatch
-    # --requeue) and it resumes from its checkpoint; with min_nodes on the nodes left (--nodes=MIN-MAX).
+    # --requeue) and it resumes from its last checkpoint once it has its nodes again.
     requeue_on_node_fail: bool = False
-    min_nodes: Optional[int] = None
     array_parallelism: Optional[int] = None  # None: as many as the partition can run at once
     additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
 

@@ -114,11 +114,6 @@ def sbatch_parameters(job: JobSpec) -> dict[str, Any]:
         params["array_parallelism"] = opts.array_parallelism
     valid = set(submitit_parameter_names())
     extra: dict[str, Any] = {"requeue": True} if opts.requeue_on_node_fail else {}
-    if opts.min_nodes is not None:
-        if not 1 <= opts.min_nodes <= nodes:
-            raise ConfigError(f"resources.slurm.min_nodes={opts.min_nodes}: use 1..{nodes} (the job's nodes), or null")
-        if opts.min_nodes < nodes:  # Slurm gives what it has, up to `nodes`; the world size follows.
-            extra["nodes"] = f"{opts.min_nodes}-{nodes}"  # submitit's own `nodes` must stay a number
     for key, value in opts.additional.items():
         name = str(key).replace("-", "_")
         if name in valid:

@@ -172,17 +172,8 @@ def test_without_max_parallel_the_throttle_is_what_the_partition_holds():
     assert "#SBATCH --array=0-4%3" in launcher.plan(jobs).text
 
 
-def test_requeue_on_node_fail_and_min_nodes_make_a_job_that_survives_a_host_lost():
-    from orchestrator.launchers.slurm.capacity import SlurmAsk
 
-    params = sbatch_parameters(job(**{"resources.slurm.requeue_on_node_fail": True, "resources.slurm.min_nodes": 1}))
-    assert params["additional_parameters"]["requeue"] is True and params["nodes"] == 2
-    assert params["additional_parameters"]["nodes"] == "1-2"
-    script = SlurmLauncher().plan([job(**{"resources.slurm.requeue_on_node_fail": True,
-                                          "resources.slurm.min_nodes": 1})]).groups[0].script
-    assert "#SBATCH --nodes=1-2\n" in script and "#SBATCH --requeue\n" in script
-    assert SlurmAsk.from_params(params, "x").nodes == 2  # checked against the partition as asked
-    plain = sbatch_parameters(job(**{"resources.slurm.min_nodes": 2}))
-    assert plain["nodes"] == 2 and {"requeue", "nodes"}.isdisjoint(plain.get("additional_parameters", {}))
-    with pytest.raises(ConfigError, match=r"resources.slurm.min_nodes=3: use 1..2"):
-        sbatch_parameters(job(**{"resources.slurm.min_nodes": 3}))
+def test_requeue_on_node_fail_asks_slurm_to_requeue_the_job():
+    script = SlurmLauncher().plan([job(**{"resources.slurm.requeue_on_node_fail": True})]).groups[0].script
+    assert "#SBATCH --requeue\n" in script
+    assert "requeue" not in sbatch_parameters(job()).get("additional_parameters", {})
