@@ -8,6 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
+from orch_testing import after_the_job, wait_until_none
+
+#: What a Ray job runs on the hosts: its driver, Ray Train's controller and workers.
+JOB_PROCESSES = (b"orchestrator.launchers.ray.driver", b"RayTrainWorker", b"TrainController")
 
 
 def test_ray_train_world_size_4_on_two_hosts_matches_the_local_backend(local_hosts, ray_on_hosts, tiny, final_loss,
@@ -102,8 +106,10 @@ def test_a_host_lost_ray_train_resumes_on_the_host_left_at_the_smaller_world_siz
     assert state == JobState.SUCCEEDED, text[-4000:]
     assert records.load_record(record.job_id).extra.get("hosts_lost") == [h2]
     assert "on world size 2" in text and "LR rule re-applied" in text, text[-4000:]
+    assert not after_the_job(records.load_record(record.job_id))  # its MLflow run ended, no lease held
     ray_on_hosts.rejoin()  # h2's node was marked dead: back for the tests after this one
     assert ray_nodes_alive(local_hosts, ray_on_hosts) == 2
+    assert not wait_until_none(local_hosts.names, JOB_PROCESSES, 60)
 
 
 def test_a_host_lost_at_a_fixed_world_size_fails_in_one_line_naming_it(local_hosts, ray_on_hosts, tiny, orch_env):
