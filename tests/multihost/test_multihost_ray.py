@@ -133,3 +133,4 @@ def test_a_host_lost_at_a_fixed_world_size_fails_in_one_line_naming_it(local_hos
     assert error.startswith(f"orch: error: host {h2} was lost (") and "\n" not in error, error
     ray_on_hosts.rejoin()
     assert ray_nodes_alive(local_hosts, ray_on_hosts) == 2
+    assert not wait_until_none(local_hosts.names, JOB_PROCESSES, 60)
