@@ -399,9 +399,6 @@ def stop(state: Path) -> None:
             while time.monotonic() < deadline and _run(["squeue", "-h", "-o", "%i"], check=False, env=env, timeout=20).stdout.strip():
                 time.sleep(0.5)
     for prefix in DAEMONS:
-        if prefix == "munged" and other_slurmctld():  # ours stopped: another cluster still needs it
-            _log("munged left running: another local Slurm cluster authenticates through it")
-            continue
         for name, pid in daemons.items():
             if name.startswith(prefix):
                 try:

@@ -115,26 +115,3 @@ def test_down_on_a_planted_symlink_deletes_nothing(tmp_path, victim):
     assert proc.stderr.strip() == (f"local_slurm: error: state dir {state} is a symlink (to {victim}); remove it or "
                                    "pass --state-dir DIR in a folder only root can write (e.g. one made by mktemp -d)")
     assert (victim / "precious").read_text() == "keep me"
-
-
-@pytest.mark.parametrize("another_cluster", [True, False])
-def test_down_leaves_munged_running_while_another_local_cluster_uses_it(tmp_path, monkeypatch, another_cluster):
-    """munged is the machine's one: the cluster that started it must not stop it under another
-    cluster still running (its jobs' steps then fail to authenticate and srun hangs)."""
-    spec = importlib.util.spec_from_file_location("local_slurm_down", SCRIPTS / "local_slurm.py")
-    local_slurm = importlib.util.module_from_spec(spec)
-    monkeypatch.syspath_prepend(str(SCRIPTS))
-    spec.loader.exec_module(local_slurm)
-    state = tmp_path / "slurm"
-    lss.make_state_dir(state)
-    (state / "run").mkdir()
-    munged = subprocess.Popen(["sleep", "60"])  # stands in for the munged this state dir started
-    try:
-        (state / "run" / "munged.pid").write_text(str(munged.pid))
-        monkeypatch.setattr(local_slurm, "other_slurmctld", lambda: another_cluster)
-        monkeypatch.setattr(local_slurm, "remove_hosts", lambda: None)
-        local_slurm.stop(state)
-        assert (munged.poll() is None) is another_cluster and not state.exists()
-    finally:
-        munged.kill()
-        munged.wait()
