@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -246,3 +247,39 @@ def assert_why_names_the_kill(text: str, who: str, host: str, ran: str, signal_k
     assert f"output of {who}" in text, text
     assert "what ran:" in text and ran in text, text
     assert lines[-1].startswith("next: ") and "--set runtime.resume=auto" in lines[-1], text
+
+
+# -- hosts of scripts/local_hosts.py (network namespaces) ----------------------------------------
+
+def host_processes(host: str, *needles: bytes) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the processes inside ``host`` whose command line holds one of
+    ``needles`` (what a job runs there: ``orchestrator.worker``, ``torchrun``, ...)."""
+    found = []
+    for pid in subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split():
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if any(needle in cmd for needle in needles):
+            found.append((int(pid), cmd.replace(b"\0", b" ")[:200].decode(errors="replace")))
+    return found
+
+
+def wait_until_none(hosts: list[str], needles: tuple[bytes, ...], timeout_s: float) -> dict[str, list]:
+    """Wait (``timeout_s`` at most) until no host runs a process matching ``needles``; what is
+    left then, per host (empty: nothing)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := {h: p for h in hosts if (p := host_processes(h, *needles))}) and time.monotonic() < deadline:
+        time.sleep(2)
+    return left
+
+
+def after_the_job(record: Any) -> list[str]:
+    """What a job that has ended must not leave behind: its MLflow run RUNNING (once the shipper
+    delivered its final status), a device or port lease in this test's lease folder."""
+    from cluster.gpus import list_device_leases
+
+    problems = [f"MLflow run {run.info.run_id} left RUNNING" for run in [shipped_run(record)]
+                if run.info.status == "RUNNING"]
+    problems += [f"device lease {lease}" for kind in ("cpu", "gpu") for lease in list_device_leases(kind)]
+    return problems + [f"port lease {lease}" for lease in port_leases()]

@@ -55,6 +55,9 @@ class SlurmOptions:
     # batch script before the job starts (module load, conda activate), on purpose, unquoted.
     setup: tuple[str, ...] = ()
     max_requeues: int = 3
+    # A node lost (NODE_FAIL): false = the job fails naming it; true = Slurm requeues it (sbatch
+    # --requeue) and it resumes from its last checkpoint once it has its nodes again.
+    requeue_on_node_fail: bool = False
     array_parallelism: Optional[int] = None  # None: as many as the partition can run at once
     additional: dict[str, Any] = field(default_factory=dict)  # any other sbatch option
 
@@ -68,6 +71,9 @@ class RayOptions:
     max_failures: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: Optional[float] = None  # None = 1 when the job uses GPUs
+    # None = the world size is fixed (a host lost that leaves too few slots fails the job, naming it);
+    # N = Ray Train may restart on N..gpus workers (ScalingConfig(num_workers=(N, gpus)), LR re-scaled).
+    min_workers: Optional[int] = None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def trial_journal(plan: SweepPlan, trial_id: str) -> str:
 
 def RecordCallback(job_id: str):
     """A Tune callback keeping ``record.extra["trials"]`` current (status, evaluations, metric,
-    params), so ``orch status SWEEP`` shows the trials from any shell."""
+    params, host), so ``orch status SWEEP`` shows the trials from any shell."""
     from ray.tune import Callback
 
     from orchestrator import records
@@ -73,6 +73,8 @@ def RecordCallback(job_id: str):
                 entry.update(status=status, params={k: v for k, v in (trial.config or {}).items()})
                 if "training_iteration" in result:
                     entry["evaluations"] = result["training_iteration"]
+                if result.get("hostname"):  # Tune adds the host the trial ran on to each result
+                    entry["host"] = result["hostname"]
                 metric = record.extra.get("metric")
                 if metric in result:
                     entry[metric] = result[metric]

@@ -192,27 +192,55 @@ def slurm_on_hosts(local_hosts):
         subprocess.run([sys.executable, str(script), "down", "--state-dir", str(state)], timeout=120)
 
 
-@pytest.fixture(scope="session")
-def ray_on_hosts(local_hosts):
-    """``HEAD:PORT`` of a Ray cluster whose head runs in h1 and whose second node joins from h2
-    (``ray start --address HEAD:PORT --node-ip-address <h2's address>``), 2 CPUs each; stopped at
-    the end (``LocalRay``: SIGTERM to each ``ray start --block``)."""
-    from orchestrator.launchers.ray.cluster import LocalRay
+class RayOnHosts:
+    """The Ray cluster of :func:`ray_on_hosts`: ``address`` (``HEAD:PORT``), ``rejoin()`` (start
+    h2's worker node again after a test lost it)."""
 
-    h1, h2 = local_hosts.names
-    inside = lambda name: [sys.executable, str(SCRIPT), "exec", name, "--state-dir", str(local_hosts.state_dir), "--"]
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the workers inherit it
-    head = LocalRay(num_cpus=2, num_gpus=0, node_ip=local_hosts.addr[h1], prefix=inside(h1))
-    worker = None
-    try:
-        head.start()
-        worker = LocalRay(num_cpus=2, num_gpus=0, node_ip=local_hosts.addr[h2], join=head.address, prefix=inside(h2))
-        worker.start()
-        yield head.address
-    finally:
-        for node in (worker, head):
+    def __init__(self, hosts: Hosts):
+        from orchestrator.launchers.ray.cluster import LocalRay
+
+        self.hosts = hosts
+        h1, _ = hosts.names
+        self.head = LocalRay(num_cpus=2, num_gpus=0, node_ip=hosts.addr[h1], prefix=self.inside(h1))
+        self.worker = None
+
+    def inside(self, name: str) -> list[str]:
+        return [sys.executable, str(SCRIPT), "exec", name, "--state-dir", str(self.hosts.state_dir), "--"]
+
+    @property
+    def address(self) -> str:
+        return self.head.address
+
+    def rejoin(self) -> None:
+        """(Re)start the worker node in h2 (the one before stopped first, if it still runs)."""
+        from orchestrator.launchers.ray.cluster import LocalRay
+
+        _, h2 = self.hosts.names
+        if self.worker is not None:
+            self.worker.stop()
+        self.worker = LocalRay(num_cpus=2, num_gpus=0, node_ip=self.hosts.addr[h2], join=self.head.address,
+                               prefix=self.inside(h2))
+        self.worker.start()
+
+    def stop(self) -> None:
+        for node in (self.worker, self.head):
             if node is not None:
                 node.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_on_hosts(local_hosts):
+    """A Ray cluster (:class:`RayOnHosts`) whose head runs in h1 and whose second node joins from
+    h2 (``ray start --address HEAD:PORT --node-ip-address <h2's address>``), 2 CPUs each; stopped at
+    the end (``LocalRay``: SIGTERM to each ``ray start --block``)."""
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the workers inherit it
+    cluster = RayOnHosts(local_hosts)
+    try:
+        cluster.head.start()
+        cluster.rejoin()
+        yield cluster
+    finally:
+        cluster.stop()
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)

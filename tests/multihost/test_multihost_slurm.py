@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from orch_testing import after_the_job, wait_until_none
 
 
 def orch(env, *args, timeout=120):
@@ -105,3 +106,56 @@ def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, slu
     while time.monotonic() < deadline and (workers(local_hosts, h2) or not idle()):
         time.sleep(2)
     assert not workers(local_hosts, h2) and idle()
+
+
+def test_a_host_lost_with_requeue_allowed_resumes_from_its_checkpoint(local_hosts, slurm_env, tiny, orch_env):
+    """``resources.slurm.requeue_on_node_fail`` (sbatch --requeue): Slurm requeues the job when h2
+    is lost. A requeued job waits for as many nodes as it had (Slurm keeps its NumNodes and
+    NumTasks); h2 back, it resumes from its last checkpoint at world size 4, in the same MLflow
+    run, and finishes."""
+    from orchestrator.records import list_records
+
+    h1, h2 = local_hosts.names
+    path = tiny(**{"schedule.iterations": 40, "eval.interval": 100000, "checkpoint.interval": 4,
+                   "eval.classwise": False, "resources.slurm.requeue_on_node_fail": True})
+    job = submit(slurm_env, path)
+    native = list_records()[0].native_id
+    checkpoints = orch_env / "work" / "checkpoints"
+    deadline = time.monotonic() + 300  # until the first checkpoint, both hosts training
+    while time.monotonic() < deadline and not list(checkpoints.glob("iter_*.pth")):
+        time.sleep(1)
+    assert list(checkpoints.glob("iter_*.pth")) and all(workers(local_hosts, h) for h in local_hosts.names)
+    subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "down"], check=True)
+    cut = time.monotonic()
+    show = lambda: subprocess.run(["scontrol", "show", "job", native], capture_output=True, text=True, env=slurm_env).stdout
+    try:
+        deadline = time.monotonic() + 120  # NODE_FAIL, then requeued: pending for want of h2
+        while time.monotonic() < deadline and not ("Restarts=1" in show() and "JobState=PENDING" in show()):
+            time.sleep(1)
+        requeued = time.monotonic() - cut
+        assert "Restarts=1" in show() and "JobState=PENDING" in show(), show()
+        assert job_state(slurm_env, job) == "PENDING"  # not FAILED: orch waits with Slurm
+        # Held while h2 comes back: its slurmd, unlike a rebooted host's, still has the lost run and
+        # revokes the job's credentials when it hears of its end; a launch at that moment is refused
+        # ("Job credential revoked"). Released once h2 is idle and the revocation expired (10 s).
+        subprocess.run(["scontrol", "hold", native], check=True, env=slurm_env)
+    finally:
+        subprocess.run(["ip", "-n", h2, "link", "set", "eth0", "up"], check=True)
+    idle = lambda: "down" not in subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                                                env=slurm_env).stdout
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (workers(local_hosts, h2) or not idle()):
+        time.sleep(2)
+    assert not workers(local_hosts, h2) and idle()
+    time.sleep(12)
+    subprocess.run(["scontrol", "release", native], check=True, env=slurm_env)
+    back = time.monotonic()
+    state = wait_state(slurm_env, job, ("SUCCEEDED", "FAILED", "CANCELLED"), 600)
+    ended = time.monotonic() - back
+    logs = orch(slurm_env, "logs", job).stdout
+    print(f"slurm: {h2} lost; requeued after {requeued:.1f} s; released with {h2} back, resumed and finished "
+          f"{ended:.1f} s later")
+    assert state == "SUCCEEDED", logs[-4000:]
+    assert "restart 1" in logs and "resumed from" in logs, logs[-4000:]
+    assert not after_the_job(list_records()[0])
+    assert not wait_until_none(local_hosts.names, (b"submitit.core._submit", b"orchestrator.worker"), 60)

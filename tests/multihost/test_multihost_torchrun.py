@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from orch_testing import host_processes
 
 from orchestrator import records as jobs
 from orchestrator.spec import JobState
@@ -59,16 +60,8 @@ def test_master_unreachable_fails_at_once_naming_both_hosts(local_hosts, tiny):
 
 
 def job_processes(host):
-    """Pids of the job's processes (torchrun agents, workers) inside ``host``."""
-    found = []
-    for pid in subprocess.run(["ip", "netns", "pids", host], capture_output=True, text=True).stdout.split():
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        except OSError:
-            continue
-        if b"orchestrator.worker" in cmd or b"torchrun" in cmd:
-            found.append((int(pid), cmd.replace(b"\0", b" ")[:200].decode(errors="replace")))
-    return found
+    """The job's processes (torchrun agents, workers) inside ``host``."""
+    return host_processes(host, b"orchestrator.worker", b"torchrun")
 
 
 def test_a_host_lost_mid_run_ends_the_job_in_one_line_naming_it(local_hosts, tiny):

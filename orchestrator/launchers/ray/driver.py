@@ -102,6 +102,85 @@ def record_worker_failures(job_id: Optional[str], error: BaseException) -> None:
     records.annotate(job_id, extra={"worker_failures": rows})
 
 
+def node_name(node: dict[str, Any]) -> str:
+    """The host name of a ``ray.nodes()`` entry (its address when Ray has no name for it)."""
+    return node.get("NodeManagerHostname") or node.get("NodeManagerAddress") or node.get("NodeID", "?")[:8]
+
+
+def workers_that_fit(nodes: list[dict[str, Any]], request: RayJobRequest, use_gpu: bool) -> int:
+    """How many of the job's workers the alive ``nodes`` hold at most (by their total resources)."""
+    fit = 0
+    for node in nodes:
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources") or {}
+        count = int(have.get("CPU", 0) // request.cpus_per_worker) if request.cpus_per_worker > 0 else 10**6
+        if use_gpu and request.gpus_per_worker > 0:
+            count = min(count, int(have.get("GPU", 0) // request.gpus_per_worker))
+        fit += count
+    return fit
+
+
+def lost_host_verdict(before: list[dict[str, Any]], now: list[dict[str, Any]], request: RayJobRequest,
+                      use_gpu: bool) -> tuple[list[str], Optional[str]]:
+    """``(hosts lost, error)`` between two ``ray.nodes()`` answers: the hosts alive in ``before``
+    and dead or gone in ``now``; ``error`` (one line naming them) when the hosts left cannot hold
+    the job's fixed world size, or fewer than ``min_workers`` when it is elastic; None when Ray
+    Train can restart the workers on the hosts left."""
+    alive_now = {n["NodeID"] for n in now if n.get("Alive")}
+    lost = sorted({node_name(n) for n in before if n.get("Alive") and n["NodeID"] not in alive_now})
+    if not lost:
+        return [], None
+    fit = workers_that_fit(now, request, use_gpu)
+    need = int(request.min_workers or request.num_workers)
+    if fit >= need:
+        return lost, None
+    gone = ", ".join(lost)
+    if request.min_workers:
+        why = (f"the hosts left hold {fit} of the {need} workers resources.ray.min_workers asks for; "
+               "lower it, or bring the host back and resubmit")
+    else:
+        why = (f"the hosts left hold {fit} of its {request.num_workers} workers and its world size is fixed; "
+               f"set resources.ray.min_workers (e.g. {max(1, fit)}) to go on with fewer, or bring the host back "
+               "and resubmit")
+    return lost, f"orch: error: host {gone} was lost (Ray marked its node dead); {why}"
+
+
+def start_node_watch(request: RayJobRequest, use_gpu: bool, interval_s: float = 1.0) -> threading.Event:
+    """A driver thread that compares ``ray.nodes()`` every ``interval_s`` with the nodes at the
+    start: a host lost is logged and recorded (``hosts_lost``); when the hosts left cannot hold
+    the job (:func:`lost_host_verdict`) the job ends at once with one line naming the host,
+    instead of Ray Train retrying a worker group that cannot be placed. Returns its stop event."""
+    import ray
+
+    stop = threading.Event()
+    main_thread = threading.main_thread().ident
+    before = ray.nodes()
+    seen: set[str] = set()
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            try:
+                now = ray.nodes()
+            except Exception:  # noqa: BLE001 - the GCS busy or going: ask again
+                continue
+            lost, error = lost_host_verdict(before, now, request, use_gpu)
+            if set(lost) - seen:
+                seen.update(lost)
+                log.warning("host %s lost (Ray marked its node dead)%s", ", ".join(lost),
+                            "" if error else f"; Ray Train restarts the workers on the hosts left "
+                                             f"(resources.ray.min_workers={request.min_workers})")
+                if request.job_id:
+                    records.annotate(request.job_id, extra={"hosts_lost": sorted(seen)})
+            if error:
+                _hang[:] = [error]
+                signal.pthread_kill(main_thread, signal.SIGUSR2)
+                return
+
+    threading.Thread(target=watch, name="node-watch", daemon=True).start()
+    return stop
+
+
 def set_state(job_id: Optional[str], state: JobState, **fields: Any) -> None:
     """Record ``state`` (and record fields) for ``job_id``; no-op without a job id (a sweep's
     trial runs a trainer that is not a job of its own)."""
@@ -124,7 +203,7 @@ def build_trainer(request: RayJobRequest, use_gpu: bool, callbacks: Optional[lis
         train_loop_config={"config_path": request.config_path, "output_dir": request.output_dir, "cwd": request.cwd,
                            "run_name": request.run_name or request.name},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=int(request.num_workers), use_gpu=use_gpu, resources_per_worker=resources),
+            num_workers=request.scaling_workers(), use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=request.run_name or request.name,
             storage_path=request.storage_path,
@@ -188,16 +267,18 @@ def run_job(request: RayJobRequest) -> JobState:
             use_gpu = gpu == "yes" or (gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
             set_state(job_id, JobState.RUNNING)
             stop_watchdog = start_watchdog(request)
+            stop_node_watch = start_node_watch(request, use_gpu)
             try:
                 result = build_trainer(request, use_gpu).fit()
             finally:
+                stop_node_watch.set()
                 if stop_watchdog is not None:
                     stop_watchdog.set()
             error = getattr(result, "error", None)
             if error is not None:
                 record_worker_failures(job_id, error)
                 raise RuntimeError(str(error).strip().splitlines()[-1] if str(error).strip() else repr(error))
-    except KeyboardInterrupt:  # SIGTERM (orch cancel), Ctrl-C, or the hang watchdog
+    except KeyboardInterrupt:  # SIGTERM (orch cancel), Ctrl-C, the hang watchdog or a host lost
         if _hang:
             set_state(job_id, JobState.FAILED, error=_hang[0][:2000], exit_code=1)
             return JobState.FAILED

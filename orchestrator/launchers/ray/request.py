@@ -29,6 +29,7 @@ class RayJobRequest:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2
+    min_workers: Optional[int] = None  # elastic: Ray Train may go on with min_workers..num_workers
     keep_checkpoints: int = 1
     tracking_uri: Optional[str] = None
     env: dict[str, str] = field(default_factory=dict)
@@ -47,6 +48,9 @@ class RayJobRequest:
             raise ConfigError(f"resources.ray.cpus_per_worker={opts.cpus_per_worker} must be > 0")
         if opts.max_failures < -1:
             raise ConfigError(f"resources.ray.max_failures={opts.max_failures}: use -1 (retry forever), 0 or more")
+        if opts.min_workers is not None and not 1 <= opts.min_workers <= res.gpus:
+            raise ConfigError(f"resources.ray.min_workers={opts.min_workers}: use 1..{res.gpus} (resources.gpus), "
+                              "or null for a fixed world size")
         nodes, _ = res.layout()
         if nodes > 1 and not opts.storage_path:
             raise ConfigError(
@@ -62,7 +66,9 @@ class RayJobRequest:
             storage_path=opts.storage_path or str(Path(job.output_dir) / "ray"), address=opts.address,
             use_gpu=gpu_mode, cpus_per_worker=opts.cpus_per_worker,
             gpus_per_worker=opts.gpus_per_worker if opts.gpus_per_worker is not None else 1,
-            max_failures=opts.max_failures, keep_checkpoints=max(1, exp.checkpoint.max_keep or 1),
+            max_failures=opts.max_failures,
+            min_workers=opts.min_workers if opts.min_workers is not None and opts.min_workers < res.gpus else None,
+            keep_checkpoints=max(1, exp.checkpoint.max_keep or 1),
             tracking_uri=exp.tracking.uri if exp.tracking.enable else None,
         )
 
@@ -73,6 +79,16 @@ class RayJobRequest:
     def from_json(cls, data: dict[str, Any]) -> "RayJobRequest":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+    def scaling_workers(self) -> "int | tuple[int, int]":
+        """``ScalingConfig(num_workers=...)``: the fixed count, or ``(min, max)`` when elastic."""
+        return (int(self.min_workers), int(self.num_workers)) if self.min_workers else int(self.num_workers)
+
+    def workers_text(self) -> str:
+        if not self.min_workers:
+            return f"{self.num_workers} (ScalingConfig num_workers)"
+        return (f"{self.min_workers}..{self.num_workers} (ScalingConfig num_workers=({self.min_workers}, "
+                f"{self.num_workers}); after a host lost, restarts on the slots left, LR rule re-applied)")
 
     def describe(self) -> str:
         """Readable description (the dry-run text)."""
@@ -89,7 +105,7 @@ class RayJobRequest:
             f"ray job {self.name}",
             f"  cluster address:      {address}",
             f"  trainer:              ray.train.torch.TorchTrainer (Train V2), process group by Ray ({backend})",
-            f"  workers:              {self.num_workers} (ScalingConfig num_workers)",
+            f"  workers:              {self.workers_text()}",
             f"  resources per worker: {per_worker}",
             f"  storage path:         {self.storage_path}",
             f"  run name:             {self.name}-<job id> (set at submission)",

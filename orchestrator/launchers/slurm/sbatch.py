@@ -113,7 +113,7 @@ def sbatch_parameters(job: JobSpec) -> dict[str, Any]:
     if opts.array_parallelism is not None:  # else the launcher's plan sets what the partition can run
         params["array_parallelism"] = opts.array_parallelism
     valid = set(submitit_parameter_names())
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"requeue": True} if opts.requeue_on_node_fail else {}
     for key, value in opts.additional.items():
         name = str(key).replace("-", "_")
         if name in valid:

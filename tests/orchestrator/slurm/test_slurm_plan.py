@@ -170,3 +170,10 @@ def test_without_max_parallel_the_throttle_is_what_the_partition_holds():
     assert launcher.plan(jobs).groups[0].params["array_parallelism"] == 5
     launcher.at_once[_shape(sbatch_parameters(jobs[0]))] = 3  # as `fit` reads it from the nodes
     assert "#SBATCH --array=0-4%3" in launcher.plan(jobs).text
+
+
+
+def test_requeue_on_node_fail_asks_slurm_to_requeue_the_job():
+    script = SlurmLauncher().plan([job(**{"resources.slurm.requeue_on_node_fail": True})]).groups[0].script
+    assert "#SBATCH --requeue\n" in script
+    assert "requeue" not in sbatch_parameters(job()).get("additional_parameters", {})
