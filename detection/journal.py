@@ -48,6 +48,14 @@ EVENTS = "events.jsonl"
 FILES = "files"
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 TERMINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
+JOURNAL_DIR = "journal"  # the journal's folder in a run's output folder
+
+
+def journal_dir(output_dir: str) -> str:
+    """The journal folder of a run whose outputs go to ``output_dir``."""
+    return os.path.join(output_dir, JOURNAL_DIR)
+
+
 # Buffered metric values beyond which log_metrics flushes by itself (bounded memory when a
 # caller forgets to flush; the trainer flushes far more often).
 AUTO_FLUSH_VALUES = 20_000

@@ -165,11 +165,9 @@ def _print_table(rows: list[Row], cells: list[tuple[str, ...]]) -> None:
 
 def _print_lines(cells: list[tuple[str, ...]]) -> None:
     """Plain aligned lines (a long listing: no per-cell layout); paths and links are not padded."""
-    widths = [max(len(COLUMNS[i]), *(len(c[i]) for c in cells)) for i in range(5)]
-    out = []
-    for texts in [COLUMNS, *cells]:
-        out.append("  ".join(t.ljust(w) for t, w in zip(texts[:5], widths)) + "  " + "  ".join(texts[5:]))
-    sys.stdout.write("\n".join(out) + "\n")
+    columns = list(zip(COLUMNS, *cells))
+    line = "  ".join([*(f"{{:<{max(map(len, column))}}}" for column in columns[:5]), *["{}"] * (len(COLUMNS) - 5)])
+    sys.stdout.write("\n".join(line.format(*texts) for texts in [COLUMNS, *cells]) + "\n")
 
 
 def _show_one(r: JobRecord) -> None:

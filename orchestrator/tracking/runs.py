@@ -25,8 +25,7 @@ import urllib.parse
 from typing import Any, Mapping, Optional
 
 from cluster.errors import LaunchError
-from detection.journal import TERMINAL, Journal, is_journal, last_status
-from detection.tracking import journal_dir
+from detection.journal import TERMINAL, Journal, is_journal, journal_dir, last_status
 
 log = logging.getLogger(__name__)
 
