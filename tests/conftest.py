@@ -256,14 +256,41 @@ def _no_shipper_outlives_the_session(tmp_path_factory):
 SHARED_DAEMONS = {"slurm": ("slurm", "slurm_cluster"), "ray": ("ray", "ray_head")}
 
 
+def _group_of(item) -> str | None:
+    """The one xdist group an item runs in: xdist joins every group name an item carries into a
+    new group ("multihost_ray"), which would run beside the groups it was meant to join."""
+    # The hosts of tests/multihost are one set per session, so all their tests run in one
+    # worker, whatever cluster (Slurm, Ray) they start on those hosts.
+    if "tests/multihost/" in Path(str(item.fspath)).as_posix():
+        return "multihost"
+    for group, (marker, fixture) in SHARED_DAEMONS.items():
+        if item.get_closest_marker(marker) or fixture in getattr(item, "fixturenames", ()):
+            return group
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    # tryfirst: xdist reads the group markers in its own pytest_collection_modifyitems, so a
+    # marker added after it is never seen (every test of a "group" then ran on any worker).
     for item in items:
-        # The hosts of tests/multihost are one set per session, so all their tests run in one
-        # worker, whatever cluster (Slurm, Ray) they start on those hosts; xdist takes the first
-        # group marker an item has, so this one is given here, before the daemons' groups.
-        if "tests/multihost/" in Path(str(item.fspath)).as_posix():
-            item.add_marker(pytest.mark.xdist_group("multihost"))
+        group = _group_of(item)
+        if group is None:
             continue
-        for group, (marker, fixture) in SHARED_DAEMONS.items():
-            if item.get_closest_marker(marker) or fixture in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(group))
+        for node in item.listchain():
+            node.own_markers[:] = [m for m in node.own_markers if m.name != "xdist_group"]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session):
+    # pytest 9.2 keeps a node's id in `_id`; pytest-xdist 3.8 writes the group into `_nodeid`,
+    # which 9.2 no longer reads, so --dist loadgroup silently stopped grouping (two local Slurm
+    # clusters at once, multihost tests split over workers). Fail at once rather than flake.
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        raise pytest.UsageError(
+            f"pytest-xdist did not group {len(lost)} test(s) (e.g. {lost[0]}): this pytest/xdist pair "
+            "breaks --dist loadgroup; install the versions setup.cfg's dev extra names")
