@@ -88,7 +88,7 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
         if members is None:
             record = refresh_record(load_record(job))
             if as_json:
-                click.echo(json.dumps([to_json(record, now)], indent=1))
+                _print_json([to_json(record, now)])
             else:
                 _show_one(record)
             return
@@ -100,7 +100,7 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
     records = refresh_records(records)
     records = select(records, states=wanted, backends=set(backends), name=name)
     if as_json:
-        click.echo(json.dumps([to_json(r, now) for r in records], indent=1))
+        _print_json([to_json(r, now) for r in records])
         return
     if not records:
         filtered = wanted or backends or name or start is not None
@@ -115,6 +115,12 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
         _print_lines(cells)
     if not job:
         _print_pending_shipments()
+
+
+def _print_json(objects: list[dict]) -> None:
+    """A JSON array, one object a line (the C encoder: ``indent`` would use the pure-Python one,
+    ~0.15 s for 10,000 jobs)."""
+    sys.stdout.write("[\n" + ",\n".join(map(json.dumps, objects)) + "\n]\n")
 
 
 def _print_pending_shipments(shown: int = 5) -> None:
