@@ -53,9 +53,29 @@ def atomic_write(path: PathLike, mode: str = "wb", durable: bool = False,
     when the block ends normally (see :func:`atomic_path`)."""
     if "w" not in mode:
         raise ValueError(f"atomic_write writes a new file; mode {mode!r} has no 'w'")
-    with atomic_path(path, durable) as tmp:
-        with open(tmp, mode, encoding=encoding if "b" not in mode else None) as handle:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # as atomic_path: the mode any new file gets
+            # the descriptor mkstemp opened, written through (one open per write, not two)
+            handle = open(fd, mode, encoding=encoding if "b" not in mode else None)
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
             yield handle
+            if durable:
+                handle.flush()
+                with contextlib.suppress(OSError):  # as _fsync
+                    os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        _fsync(path.parent, os.O_RDONLY)
 
 
 def _fsync(path: PathLike, flags: int) -> None:
