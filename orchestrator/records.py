@@ -52,15 +52,21 @@ def orch_home() -> Path:
     return Path(os.environ.get("ORCH_HOME") or Path.home() / ".orch").expanduser()
 
 
+_MADE: set[Path] = set()  # jobs folders this process made or found
+
+
 def jobs_dir() -> Path:
     """Folder holding one sub-folder per job (created on first use)."""
     path = orch_home() / "jobs"
+    if path in _MADE and path.is_dir():  # one stat, not a mkdir per record
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(
             f"cannot use {path} for job records ({err.strerror}); point ORCH_HOME at a writable folder"
         ) from None
+    _MADE.add(path)
     return path
 
 
