@@ -156,14 +156,14 @@ def bench_submit(args) -> None:
             finally:
                 proc.kill()
                 proc.wait()
+            if not lines or not lines[-1].startswith("submitted jobs"):
+                raise RuntimeError("orch kfold did not submit: " + "".join(lines[-20:]))
             records = [json.loads((d / "record.json").read_text()) for d in (tmp / "home" / "jobs").iterdir()
                        if (d / "record.json").exists()]
             arrays = sorted({r["native_id"].split("_")[0] for r in records if r.get("native_id")})
             subprocess.run(["scancel", *arrays], check=False)
             set_file = next((tmp / "work").glob("kfold-*/set.json"), None)
             trials = len(json.loads(set_file.read_text())["trials"]) if set_file else 0
-            if not lines or not lines[-1].startswith("submitted jobs"):
-                raise RuntimeError("orch kfold did not submit: " + "".join(lines[-20:]))
             print(f"kfold 1000 trials submitted to Slurm (tracking {'off' if args.no_tracking else 'on'}): {wall:.2f} s to 'submitted jobs', CPU {user + system:.2f} s "
                   f"(user {user:.2f} s, system {system:.2f} s); "
                   f"{len(records)} records, {len(arrays)} arrays, {trials} trials in set.json; load {load()}",
