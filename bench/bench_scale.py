@@ -12,9 +12,16 @@ Parts (each prints one line per figure; run them one at a time on a busy machine
 - ``trials``: ``orch kfold`` of a 200-point grid x 5 folds ``--backend slurm --dry-run`` (a new
   set, and one whose folds are on disk) and ``orch sweep --num-samples 1000 --dry-run``: wall
   time and peak memory (``/usr/bin/time``) of the command, in a fresh process.
+- ``submit``: the same 1000-trial set submitted for real to the Slurm cluster of ``SLURM_CONF``
+  (start it with ``scripts/local_slurm.py --max-array-size 300 up`` to see several arrays), its
+  jobs held (``resources.slurm.additional.hold``) so that nothing trains: time from the command's
+  start to its "submitted jobs" line (where ``orch kfold`` starts waiting for the set), its CPU
+  seconds (user + system) until then, the arrays made and the trials in ``set.json``; then the
+  jobs are cancelled and the command stopped.
 
     .venv/bin/python bench/bench_scale.py status --records 10000 --slurm-jobs 200 --repeats 5
     .venv/bin/python bench/bench_scale.py trials --repeats 3
+    .venv/bin/python bench/bench_scale.py submit --repeats 3 [--no-tracking]
 """
 
 from __future__ import annotations
@@ -119,6 +126,53 @@ def bench_trials(args) -> None:
                 print(runs[-1][3][:3000])
 
 
+def bench_submit(args) -> None:
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            env = {**os.environ, "ORCH_HOME": str(tmp / "home")}
+            mapping = tiny_experiment(tmp)
+            mapping["resources"] = {**mapping.get("resources", {}), "slurm": {"additional": {"hold": True}}}
+            if args.no_tracking:  # no journals, parents or shipper: the submission alone
+                mapping["tracking"] = {**mapping.get("tracking", {}), "enable": False}
+            kfold = {**mapping, "kfold": {"folds": 5, "allow_small_classes": True},
+                     "grid": {"optim.lr": [round(0.001 * (i + 1), 6) for i in range(20)],
+                              "optim.weight_decay": [round(1e-5 * (i + 1), 8) for i in range(10)]}}
+            path = tmp / "kfold.yaml"
+            path.write_text(yaml.safe_dump(kfold, sort_keys=False))
+            start = time.perf_counter()
+            proc = subprocess.Popen([ORCH, "kfold", str(path), "--backend", "slurm"], env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            lines = []
+            try:
+                for line in proc.stdout:
+                    lines.append(line)
+                    if line.startswith("submitted jobs"):
+                        break
+                wall = time.perf_counter() - start
+                with open(f"/proc/{proc.pid}/stat") as handle:  # utime, stime in clock ticks
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                user, system = int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+            finally:
+                proc.kill()
+                proc.wait()
+            if not lines or not lines[-1].startswith("submitted jobs"):
+                raise RuntimeError("orch kfold did not submit: " + "".join(lines[-20:]))
+            records = [json.loads((d / "record.json").read_text()) for d in (tmp / "home" / "jobs").iterdir()
+                       if (d / "record.json").exists()]
+            arrays = sorted({r["native_id"].split("_")[0] for r in records if r.get("native_id")})
+            subprocess.run(["scancel", *arrays], check=False)
+            set_file = next((tmp / "work").glob("kfold-*/set.json"), None)
+            trials = len(json.loads(set_file.read_text())["trials"]) if set_file else 0
+            print(f"kfold 1000 trials submitted to Slurm (tracking {'off' if args.no_tracking else 'on'}): {wall:.2f} s to 'submitted jobs', CPU {user + system:.2f} s "
+                  f"(user {user:.2f} s, system {system:.2f} s); "
+                  f"{len(records)} records, {len(arrays)} arrays, {trials} trials in set.json; load {load()}",
+                  flush=True)
+            for pid in subprocess.run(["pgrep", "-f", f"shipper --host {tmp}"], capture_output=True,
+                                      text=True).stdout.split():
+                os.kill(int(pid), 15)  # the set's shipper (its jobs were cancelled before any ran)
+
+
 WRAPPED = ("sacct", "squeue", "scontrol", "sinfo", "sbatch", "scancel")
 
 
@@ -219,14 +273,15 @@ def bench_status(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["status", "trials"])
+    parser.add_argument("part", choices=["status", "trials", "submit"])
     parser.add_argument("--records", type=int, default=10000)
     parser.add_argument("--slurm-jobs", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="")
+    parser.add_argument("--no-tracking", action="store_true", help="submit: tracking.enable false")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    {"trials": bench_trials, "status": bench_status}[args.part](args)
+    {"trials": bench_trials, "status": bench_status, "submit": bench_submit}[args.part](args)
 
 
 if __name__ == "__main__":

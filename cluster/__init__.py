@@ -1,6 +1,10 @@
-"""Ports, GPU slices and the distributed environment. Standard library only (no torch)."""
+"""Ports, GPU slices and the distributed environment. Standard library only (no torch).
 
-from cluster.env import DistEnv
+The names below are loaded on first use, so that importing one small module (``cluster.errors``,
+as every ``orch`` command does) does not import all of them (and psutil)."""
+
+from __future__ import annotations
+
 from cluster.errors import (
     ClusterError,
     ConfigError,
@@ -11,9 +15,6 @@ from cluster.errors import (
     OrchError,
     TrainingError,
 )
-from cluster.gpus import DeviceLease, detect_pool, lease_devices
-from cluster.hostlist import expand_hostlist
-from cluster.ports import PortLease, lease_port
 
 __all__ = [
     "ClusterError",
@@ -32,3 +33,23 @@ __all__ = [
     "lease_devices",
     "lease_port",
 ]
+
+
+def __getattr__(name: str):
+    if name == "DistEnv":
+        from cluster.env import DistEnv
+
+        return DistEnv
+    if name in ("DeviceLease", "detect_pool", "lease_devices"):
+        from cluster import gpus
+
+        return getattr(gpus, name)
+    if name in ("PortLease", "lease_port"):
+        from cluster import ports
+
+        return getattr(ports, name)
+    if name == "expand_hostlist":
+        from cluster.hostlist import expand_hostlist
+
+        return expand_hostlist
+    raise AttributeError(f"module 'cluster' has no attribute {name!r}")

@@ -16,8 +16,6 @@ from pathlib import Path
 from stat import S_IMODE, S_ISDIR
 from typing import Any, Iterator, Mapping, Optional
 
-import psutil
-
 from cluster.errors import ClusterError
 from cluster.files import file_lock
 
@@ -92,13 +90,17 @@ def lease_dir(kind: str, environ: Optional[Mapping[str, str]] = None) -> Path:
 def process_start_time(pid: int) -> Optional[str]:
     """Start time of ``pid`` in clock ticks since boot (on Linux ``/proc/<pid>/stat`` field 22, the
     form leases and job records have always stored), or None when the process does not exist."""
+    import psutil  # here, not at the top: `orch status` imports this module and rarely needs it
+
     try:
         return _ticks(psutil.Process(pid))
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
 
 
-def _ticks(process: psutil.Process) -> str:
+def _ticks(process) -> str:
+    import psutil
+
     # psutil gives boot time + ticks / CLK_TCK, with the boot time a whole second: exact back to ticks.
     return str(round((process.create_time() - psutil.boot_time()) * _CLOCK_TICKS))
 
@@ -108,7 +110,8 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def owner_identity(pid: Optional[int] = None) -> dict[str, Any]:
     """``{"pid", "start"}`` of ``pid`` (default: this process), written into every lease."""
-    pid = os.getpid() if pid is None else pid
+    if pid is None or pid == os.getpid():  # read once (a submission of 1000 jobs asks 2000 times)
+        return {"pid": os.getpid(), "start": _own_start()}
     return {"pid": pid, "start": process_start_time(pid)}
 
 
@@ -118,6 +121,8 @@ def is_alive(pid: int, start: Optional[str] = None) -> bool:
     (the pid was reused)."""
     if pid == os.getpid():  # our own leases and tickets: the common case in a supervisor
         return start is None or start == _own_start()
+    import psutil
+
     try:
         process = psutil.Process(pid)
         if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):

@@ -48,6 +48,14 @@ EVENTS = "events.jsonl"
 FILES = "files"
 STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
 TERMINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
+JOURNAL_DIR = "journal"  # the journal's folder in a run's output folder
+
+
+def journal_dir(output_dir: str) -> str:
+    """The journal folder of a run whose outputs go to ``output_dir``."""
+    return os.path.join(output_dir, JOURNAL_DIR)
+
+
 # Buffered metric values beyond which log_metrics flushes by itself (bounded memory when a
 # caller forgets to flush; the trainer flushes far more often).
 AUTO_FLUSH_VALUES = 20_000
@@ -183,12 +191,15 @@ class Journal:
 
     @classmethod
     def create(cls, folder: PathLike, experiment: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
-               parent: Union["Journal", PathLike, None] = None, tracking_uri: Optional[str] = None) -> "Journal":
+               parent: Union["Journal", PathLike, None] = None, tracking_uri: Optional[str] = None,
+               durable: bool = True) -> "Journal":
         """A new journal in ``folder`` (created if needed; FileExistsError if it holds one).
 
         ``parent``: the parent run's journal (or its folder) for nested runs (a k-fold set, a
         sweep); the shipper records the child in the parent's MLflow experiment.
-        ``tracking_uri``: the store the run is made for (``orch sync`` sends it there)."""
+        ``tracking_uri``: the store the run is made for (``orch sync`` sends it there).
+        ``durable=False``: the caller makes the journal durable itself, with others at once
+        (``cluster.files.fsync_paths`` of :meth:`paths_to_sync`)."""
         folder = os.path.abspath(folder)
         os.makedirs(folder, exist_ok=True)
         if os.path.exists(os.path.join(folder, META)):
@@ -201,11 +212,17 @@ class Journal:
         meta = {"format": FORMAT, "journal_id": uuid.uuid4().hex, "experiment": str(experiment),
                 "run_name": str(run_name), "created_ms": _now_ms(), "parent": parent_ref,
                 "tracking_uri": str(tracking_uri) if tracking_uri else None}
-        write_json_atomic(os.path.join(folder, META), meta, durable=True)
+        write_json_atomic(os.path.join(folder, META), meta, durable=durable)
         journal = cls(folder, meta)
         if tags:
             journal.set_tags(tags)
         return journal
+
+    @staticmethod
+    def paths_to_sync(folder: PathLike) -> list[str]:
+        """What makes a journal created with ``durable=False`` durable: its meta file and folder."""
+        folder = os.path.abspath(folder)
+        return [os.path.join(folder, META), folder]
 
     @classmethod
     def open(cls, folder: PathLike) -> "Journal":

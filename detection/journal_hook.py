@@ -26,20 +26,13 @@ import time
 from typing import Any, Optional, Sequence
 
 from detection.hooks.base import Hook
-from detection.journal import Journal, is_journal, last_steps
+from detection.journal import Journal, is_journal, journal_dir, last_steps
 from detection.serialize import config_hash, dump_yaml, to_plain
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_VALUE = 6000  # MLflow's limit; longer values are cut (the full YAML is an artifact)
 FLUSH_EVERY_S = 10.0
-JOURNAL_DIR = "journal"
-
-
-def journal_dir(output_dir: str) -> str:
-    """The journal folder of a run whose outputs go to ``output_dir``."""
-    return os.path.join(output_dir, JOURNAL_DIR)
-
 
 def open_journal(folder: str, config: Any) -> Journal:
     """The run's journal: the one orch created at submit (with its parent and tags), else a new

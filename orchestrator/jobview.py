@@ -59,11 +59,16 @@ class Row:
 
     @property
     def started_at(self) -> Optional[float]:
+        if len(self.members) == 1:  # most rows: said without a loop (a listing has thousands)
+            return self.members[0].started_at or None
         starts = [r.started_at for r in self.members if r.started_at]
         return min(starts) if starts else None
 
     @property
     def ended_at(self) -> Optional[float]:
+        if len(self.members) == 1:
+            only = self.members[0]
+            return (only.ended_at or None) if only.state.finished else None
         if any(not r.state.finished for r in self.members):
             return None
         ends = [r.ended_at for r in self.members if r.ended_at]
@@ -76,17 +81,17 @@ class Row:
     def counts_text(self) -> str:
         """``812 SUCCEEDED · 8 RUNNING · 180 PENDING`` (a single job: its state)."""
         if self.kind == "job":
-            state = self.members[0].state.value
+            state = self.members[0].state._value_  # ``.value`` is a slow descriptor, asked per row
             return f"{state} {self.progress}" if self.progress else state
         return " · ".join(f"{self.counts[s]} {s.value}" for s in COUNT_ORDER if self.counts.get(s))
 
 
 def group_of(record: JobRecord) -> Optional[tuple[str, str, str]]:
     """``(kind, key, name)`` of the group ``record`` belongs to, or None for a job of its own."""
-    kfold = KFOLD_DIR.search(record.output_dir or "")
+    kfold = KFOLD_DIR.search(record.output_dir) if "/kfold-" in (record.output_dir or "") else None
     if kfold:
         return "kfold", f"kfold-{kfold.group(1)}", record.name.split("/", 1)[0]
-    task = ARRAY_TASK.match(record.native_id or "") if record.backend == "slurm" else None
+    task = ARRAY_TASK.match(record.native_id) if record.backend == "slurm" and record.native_id else None
     if task:
         return "array", f"array-{task.group(1)}", record.name
     return None
@@ -225,7 +230,7 @@ def to_json(record: JobRecord, now: Optional[float] = None) -> dict[str, Any]:
     """One job as ``orch status --json`` writes it (keys: :data:`JSON_KEYS`)."""
     group = group_of(record)
     return {
-        "job_id": record.job_id, "name": record.name, "backend": record.backend, "state": record.state.value,
+        "job_id": record.job_id, "name": record.name, "backend": record.backend, "state": record.state._value_,
         "group": group[1] if group else None, "native_id": record.native_id,
         "submitted_at": record.submitted_at, "started_at": record.started_at, "ended_at": record.ended_at,
         "elapsed_s": elapsed_s(record.started_at, record.ended_at, now), "exit_code": record.exit_code,

@@ -133,12 +133,13 @@ def job_spec(experiment: Experiment, backend: str, *, name: Optional[str] = None
     return spec
 
 
-def write_identity(job: JobSpec, continue_run: Optional[bool] = None) -> None:
+def write_identity(job: JobSpec, continue_run: Optional[bool] = None, durable: bool = True) -> list[str]:
     """Decide a planned job's identity before anything runs: its output folder is claimed (one
     live job per folder), its journal created in ``<output_dir>/journal`` (continued when
     ``continue_run``, by default when ``runtime.resume`` is set: a resumed job goes on in the same
     MLflow run), and the resolved config, with the absolute tracking URI and the backend tag,
-    written to ``<output_dir>/config.yaml``."""
+    written to ``<output_dir>/config.yaml``. ``durable=False``: the new journal is not fsynced
+    here; returns the paths that make it durable (``cluster.files.fsync_paths``), [] else."""
     from orchestrator.config import dump_experiment
     from orchestrator.outputs import claim_for_submission
 
@@ -148,10 +149,16 @@ def write_identity(job: JobSpec, continue_run: Optional[bool] = None) -> None:
         from orchestrator.tracking import runs
 
         tracking = experiment.tracking
-        runs.create_journal(runs.journal_dir(str(job.output_dir)), experiment, tracking.run_name or experiment.name,
+        folder = runs.journal_dir(str(job.output_dir))
+        runs.create_journal(folder, experiment, tracking.run_name or experiment.name,
                             tags=tracking.tags, parent=tracking.parent_journal,
-                            resume=bool(experiment.runtime.resume) if continue_run is None else continue_run)
+                            resume=bool(experiment.runtime.resume) if continue_run is None else continue_run,
+                            durable=durable)
+        to_sync = [] if durable else runs.Journal.paths_to_sync(folder)
+    else:
+        to_sync = []
     write_text_atomic(job.config_path, dump_experiment(experiment))
+    return to_sync
 
 
 @dataclass
@@ -196,6 +203,7 @@ class Launch:
         plan (planned and preflighted already). ``tracking``: per job, ``tracking.*`` keys decided
         only now (a k-fold trial's parent run, made after preflight); they change no part of the
         plan but the configs written."""
+        from cluster.files import fsync_paths
         from orchestrator.config import derive
         from orchestrator.outputs import claim
 
@@ -205,8 +213,10 @@ class Launch:
             jobs = tuple(dataclasses.replace(job, experiment=derive(job.experiment, t, source="set tracking"))
                          for job, t in zip(plan.jobs, tracking))
             plan = dataclasses.replace(plan, jobs=jobs)
-        for job in plan.jobs:
-            write_identity(job, continue_runs)
+        to_sync: list[str] = []
+        for job in plan.jobs:  # the journals made durable together, before any job can start
+            to_sync += write_identity(job, continue_runs, durable=len(plan.jobs) == 1)
+        fsync_paths(to_sync)
         handles = [JobHandle(job_id, self.launcher.poll_s) for job_id in self.launcher.submit(plan)]
         for job, handle in zip(plan.jobs, handles):
             claim(job.output_dir, handle.job_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -50,6 +49,8 @@ class Progress:
     @property
     def median_step_s(self) -> Optional[float]:
         """The median step time over the ranks' recent steps (None before the first step)."""
+        import statistics
+
         times = [t for beat in self.ranks.values() for t in beat.step_times]
         return statistics.median(times) if times else None
 

@@ -13,6 +13,9 @@ the two writes: their ``record.json`` is read and appended once), drops jobs who
 gone, re-reads ``record.json`` of the jobs not yet finished (the file is the truth; the index is
 a cache of it), and rewrites the file without superseded lines (atomic replace) when they
 outnumber or outweigh the live ones (a sweep's record grows with its trials). Deleting the index is always safe: the next listing rebuilds it.
+Parsing 10,000 JSON lines and making records of them costs a listing ~0.08 s; the index parsed up
+to a line is therefore kept in ``jobs-index.snapshot`` (:func:`_load_snapshot`, five times
+faster), and a listing parses only the lines after it.
 
 Records are made in one place (:func:`create_record`) and change state in one place
 (:func:`transition`), which is therefore where "what happens when a job ends" is written once:
@@ -32,29 +35,33 @@ import json
 import logging
 import os
 import re
-import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from cluster.errors import ConfigError, JobNotFound
-from cluster.files import file_lock, read_json, write_json_atomic, write_text_atomic
-from cluster.lease import locked
+from cluster.files import file_lock, read_json, write_bytes_atomic, write_json_atomic, write_text_atomic
 from orchestrator.home import orch_home
 from orchestrator.spec import JobRecord, JobState
 
 log = logging.getLogger(__name__)
 
 
+_MADE: set[Path] = set()  # jobs folders this process made or found
+
+
 def jobs_dir() -> Path:
     """Folder holding one sub-folder per job (created on first use)."""
     path = orch_home() / "jobs"
+    if path in _MADE and path.is_dir():  # one stat, not a mkdir per record
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(
             f"cannot use {path} for job records ({err.strerror}); point ORCH_HOME at a writable folder"
         ) from None
+    _MADE.add(path)
     return path
 
 
@@ -74,7 +81,7 @@ def new_job_id(name: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "job"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     while True:
-        job_id = f"{slug[:40]}-{stamp}-{secrets.token_hex(2)}"
+        job_id = f"{slug[:40]}-{stamp}-{os.urandom(2).hex()}"
         try:
             job_dir(job_id).mkdir(parents=True)
             return job_id
@@ -96,10 +103,15 @@ def create_record(*, name: str, backend: str, output_dir: str, config_path: str,
     )
     folder = job_dir(job_id)
     folder.mkdir(parents=True, exist_ok=True)
-    with locked(folder):
+    with _folder_locked(folder):
         _store(folder, _to_dict(record))
     Path(record.log_path).touch()
     return record
+
+
+def _folder_locked(folder: Path):
+    """The lock of one job's folder (``<folder>/.lock``, :func:`cluster.lease.locked`'s file)."""
+    return file_lock(folder / ".lock")
 
 
 INDEX_FILE = "jobs-index.jsonl"
@@ -134,15 +146,32 @@ def _store(folder: Path, data: dict) -> None:
         log.warning("could not append to the record index %s: %s", index_path(), err)
 
 
+SNAPSHOT_FILE = "jobs-index.snapshot"
+SNAPSHOT_VERSION = 1
+# The snapshot is rewritten once the index has grown this much past it (parsing the lines after
+# it costs about 10 us a line).
+SNAPSHOT_LAG_BYTES = 256 << 10
+_EDGE = 64  # bytes at both ends of the snapshot's part of the index, checked before it is used
+_FIELDS = tuple(f.name for f in dataclasses.fields(JobRecord))
+_REQUIRED = frozenset(f.name for f in dataclasses.fields(JobRecord)
+                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+_STATE_AT, _EXTRA_AT = _FIELDS.index("state"), _FIELDS.index("extra")
+_FIELD_SET = frozenset(_FIELDS)
+_STATES = {state.value: state for state in JobState}
+
+
 @dataclasses.dataclass
 class _Index:
-    """What the index file holds: the newest data of each job, the length of its line, and the
-    file's number of lines and size (to tell when superseded lines should be dropped)."""
+    """What the index file holds: the newest record of each job, the length of its line, and the
+    file's number of lines and size (to tell when superseded lines should be dropped); ``extra``
+    keeps the keys of a line that this version's :class:`JobRecord` does not know (an orch newer
+    than this one wrote them), so that compaction keeps them."""
 
-    rows: dict[str, dict]
+    records: dict[str, JobRecord]
     sizes: dict[str, int]
     lines: int
     size: int
+    unknown: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def bloated(self, live: Iterable[str]) -> bool:
         """More superseded lines than live ones (plus slack), by count or by size (a sweep's
@@ -151,83 +180,167 @@ class _Index:
         live_size = sum(self.sizes.get(job_id, 0) + 1 for job_id in live)
         return self.lines > 2 * len(live) + 1000 or self.size > 2 * live_size + (1 << 20)
 
+    def add(self, text: str) -> None:
+        """Parse complete lines (``text`` ends with a newline) into the index; the newest line of
+        a job wins. A torn line (a writer killed mid-line) is skipped."""
+        lines = text.split("\n")[:-1]
+        try:
+            parsed = list(zip(json.loads("[" + ",".join(lines) + "]"), lines))
+        except ValueError:
+            parsed = []
+            for line in lines:
+                try:
+                    parsed.append((json.loads(line), line))
+                except ValueError:
+                    continue
+        for row, line in parsed:
+            if isinstance(row, dict) and "job_id" in row:
+                job_id = row["job_id"]
+                try:
+                    self.records[job_id] = _from_dict(row)
+                except (KeyError, TypeError, ValueError):
+                    continue
+                self.sizes[job_id] = len(line)
+                unknown = {k: v for k, v in row.items() if k not in _FIELD_SET} if len(row) != len(_FIELDS) else None
+                if unknown:
+                    self.unknown[job_id] = unknown
+                else:
+                    self.unknown.pop(job_id, None)
+        self.lines += len(lines)
+
+    def row(self, job_id: str) -> dict:
+        """The record of ``job_id`` as its index line holds it."""
+        return {**_to_dict(self.records[job_id]), **self.unknown.get(job_id, {})}
+
 
 def _read_index() -> _Index:
-    """The index (empty when absent). A line being written right now (no newline yet) is skipped."""
+    """The index (empty when absent): its snapshot (:func:`_load_snapshot`) and the lines written
+    after it. A line being written right now (no newline yet) is skipped."""
     try:
-        with open(index_path()) as handle:
-            text = handle.read()
+        handle = open(index_path(), "rb")
     except FileNotFoundError:
         return _Index({}, {}, 0, 0)
-    lines = text.split("\n")[:-1]  # the last piece is "" or a line still being written
+    with handle:
+        stat = os.fstat(handle.fileno())
+        index, start = _load_snapshot(handle, stat)
+        handle.seek(start)
+        data = handle.read()
+    end = data.rfind(b"\n") + 1
+    index.add(data[:end].decode("utf-8", "replace"))
+    index.size = start + len(data)
+    if end > SNAPSHOT_LAG_BYTES:
+        _save_snapshot(index, stat, start + end)
+    return index
+
+
+def _snapshot_path() -> Path:
+    return orch_home() / SNAPSHOT_FILE
+
+
+def _load_snapshot(handle, stat: os.stat_result) -> tuple[_Index, int]:
+    """The index as parsed up to some offset, kept in ``jobs-index.snapshot`` (Python's
+    ``marshal`` of plain values: about five times faster to load than the JSON lines, and
+    nothing in it is executed) and that offset; an empty index and 0 when there is none, or when
+    it belongs to another index file (compacted, deleted and rebuilt: another inode, or other
+    bytes at either end of its part)."""
+    import marshal
+
     try:
-        parsed = list(zip(json.loads("[" + ",".join(lines) + "]"), lines))
-    except ValueError:  # a torn line (a writer killed mid-line): parse one by one, skip it
-        parsed = []
-        for line in lines:
-            try:
-                parsed.append((json.loads(line), line))
-            except ValueError:
-                continue
-    rows, sizes = {}, {}
-    for row, line in parsed:
-        if isinstance(row, dict) and "job_id" in row:
-            rows[row["job_id"]] = row
-            sizes[row["job_id"]] = len(line)
-    return _Index(rows, sizes, len(lines), len(text))
+        with open(_snapshot_path(), "rb") as snap:
+            (version, fields, dev, ino, offset, head, tail, lines, ids, values, sizes, unknown) = marshal.loads(snap.read())
+        if (version, tuple(fields), dev, ino) != (SNAPSHOT_VERSION, _FIELDS, stat.st_dev, stat.st_ino) \
+                or not _EDGE <= offset <= stat.st_size \
+                or os.pread(handle.fileno(), _EDGE, 0) != head \
+                or os.pread(handle.fileno(), _EDGE, offset - _EDGE) != tail:
+            raise ValueError("another index")
+        made = []
+        for row in values:
+            row = list(row)
+            row[_STATE_AT] = _STATES.get(row[_STATE_AT], JobState.UNKNOWN)
+            made.append(JobRecord(*row))
+        return _Index(dict(zip(ids, made)), dict(zip(ids, sizes)), lines, offset, dict(unknown)), offset
+    except (OSError, ValueError, TypeError, EOFError):
+        return _Index({}, {}, 0, 0), 0
 
 
-def _index_rows() -> dict[str, dict]:
-    """Every stored record's data by job id, from the index (rebuilt where it is missing or
-    stale; see the module docstring)."""
-    folders = {entry.name for entry in os.scandir(jobs_dir()) if entry.is_dir()}
+def _save_snapshot(index: _Index, stat: os.stat_result, offset: int) -> None:
+    """Write the snapshot of ``index`` (the index file's first ``offset`` bytes); best effort."""
+    import marshal
+
+    try:
+        with open(index_path(), "rb") as handle:
+            head, tail = os.pread(handle.fileno(), _EDGE, 0), os.pread(handle.fileno(), _EDGE, offset - _EDGE)
+        ids = list(index.records)
+        values = []
+        for record in index.records.values():
+            row = [getattr(record, name) for name in _FIELDS]
+            row[_STATE_AT] = record.state._value_
+            values.append(tuple(row))
+        data = marshal.dumps((SNAPSHOT_VERSION, list(_FIELDS), stat.st_dev, stat.st_ino, offset, head, tail,
+                              index.lines, ids, values, [index.sizes[i] for i in ids], index.unknown))
+        write_bytes_atomic(_snapshot_path(), data)
+    except (OSError, ValueError):  # ValueError: a value marshal cannot write (the index works without)
+        pass
+
+
+def _index_records() -> dict[str, JobRecord]:
+    """Every stored record by job id, from the index (rebuilt where it is missing or stale; see
+    the module docstring)."""
+    base = jobs_dir()
+    folders = {entry.name for entry in os.scandir(base) if entry.is_dir()}
     index = _read_index()
-    if folders.difference(index.rows):
+    if folders.difference(index.records):
         # Read and append under the index lock: a writer that changes one of these records now
         # appends after us, so its newer line wins.
         with _index_locked():
             index = _read_index()
-            found = [data for data in (read_json(job_dir(j) / "record.json")
-                                       for j in sorted(folders.difference(index.rows)))
+            found = [data for data in (read_json(base / j / "record.json")
+                                       for j in sorted(folders.difference(index.records)))
                      if data is not None and "job_id" in data]
             if found:
                 _append_index(found)
                 index = _read_index()
-    live = {job_id: data for job_id, data in index.rows.items() if job_id in folders}
+    live = {job_id: record for job_id, record in index.records.items() if job_id in folders}
     if index.bloated(live):
         _compact()
-    for job_id, data in live.items():
-        if not JobState(data.get("state", "UNKNOWN")).finished:
-            fresh = read_json(job_dir(job_id) / "record.json")  # the file is the truth for live jobs
+    for job_id, record in live.items():
+        if not record.state.finished:
+            fresh = read_json(base / job_id / "record.json")  # the file is the truth for live jobs
             if fresh is not None:
-                live[job_id] = fresh
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    live[job_id] = _from_dict(fresh)
     return live
 
 
 def _compact() -> None:
-    """Rewrite the index with one line per live job (atomic replace, under the index lock)."""
+    """Rewrite the index with one line per live job (atomic replace, under the index lock); its
+    snapshot goes with the old file."""
     with _index_locked():
-        rows = _read_index().rows
+        index = _read_index()
         folders = {entry.name for entry in os.scandir(jobs_dir()) if entry.is_dir()}
-        text = "".join(json.dumps(row, separators=(",", ":"), default=str) + "\n"
-                       for job_id, row in rows.items() if job_id in folders)
+        text = "".join(json.dumps(index.row(job_id), separators=(",", ":"), default=str) + "\n"
+                       for job_id in index.records if job_id in folders)
         write_text_atomic(index_path(), text)
+        with contextlib.suppress(FileNotFoundError):
+            _snapshot_path().unlink()
 
 
 def _to_dict(record: JobRecord) -> dict:
     data = dataclasses.asdict(record)
-    data["state"] = record.state.value
+    data["state"] = record.state._value_
     return data
 
 
 def _from_dict(data: dict) -> JobRecord:
-    values = dict(data)
-    values["state"] = JobState(values.get("state", "UNKNOWN"))
-    try:
-        return JobRecord(**values)
-    except TypeError:  # a key this version does not know (a newer orch wrote it): left out
-        fields = {f.name for f in dataclasses.fields(JobRecord)}
-        return JobRecord(**{k: v for k, v in values.items() if k in fields})
+    """A record from its JSON object; keys this version does not know (a newer orch wrote them)
+    are left out, a missing required one raises KeyError."""
+    if not _REQUIRED <= data.keys():
+        raise KeyError(", ".join(sorted(_REQUIRED.difference(data))))
+    values = [data.get(name) for name in _FIELDS]
+    values[_STATE_AT] = _STATES.get(values[_STATE_AT], JobState.UNKNOWN)
+    if values[_EXTRA_AT] is None:
+        values[_EXTRA_AT] = {}
+    return JobRecord(*values)
 
 
 def resolve_job_id(job: str) -> str:
@@ -256,15 +369,14 @@ def load_record(job: str) -> JobRecord:
 
 def list_records() -> list[JobRecord]:
     """Every stored record, newest first (from the index: one file read, not one per job)."""
-    records = [_from_dict(data) for data in _index_rows().values()]
-    return sorted(records, key=lambda r: r.submitted_at, reverse=True)
+    return sorted(_index_records().values(), key=lambda r: r.submitted_at, reverse=True)
 
 
 def _modify(job_id: str, change: Callable[[JobRecord], None]) -> tuple[JobRecord, JobRecord]:
     """Read-modify-write of one record under its folder's lock (a supervisor, a driver and
     ``orch cancel`` may write at the same moment). Returns ``(before, after)``."""
     folder = job_dir(job_id)
-    with locked(folder):
+    with _folder_locked(folder):
         data = read_json(folder / "record.json")
         if data is None:
             raise JobNotFound(f"job {job_id} has no record in {jobs_dir()}")

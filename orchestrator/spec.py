@@ -6,9 +6,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from orchestrator.config.schema import Experiment
+if TYPE_CHECKING:  # `orch status` reads records without importing the experiment schema (and yaml)
+    from orchestrator.config.schema import Experiment
 
 
 class JobState(str, enum.Enum):
@@ -23,7 +24,12 @@ class JobState(str, enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+        return self in _FINISHED
+
+
+# A set, not a tuple of ``JobState.X``: reading an enum member off its class costs more than the
+# test itself, and ``orch status`` asks this of every record.
+_FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
 @dataclass(frozen=True, kw_only=True)

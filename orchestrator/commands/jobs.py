@@ -88,7 +88,7 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
         if members is None:
             record = refresh_record(load_record(job))
             if as_json:
-                click.echo(json.dumps([to_json(record, now)], indent=1))
+                _print_json([to_json(record, now)])
             else:
                 _show_one(record)
             return
@@ -100,7 +100,7 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
     records = refresh_records(records)
     records = select(records, states=wanted, backends=set(backends), name=name)
     if as_json:
-        click.echo(json.dumps([to_json(r, now) for r in records], indent=1))
+        _print_json([to_json(r, now) for r in records])
         return
     if not records:
         filtered = wanted or backends or name or start is not None
@@ -115,6 +115,12 @@ def _status_once(job: Optional[str], show_all: bool, states: tuple[str, ...], ba
         _print_lines(cells)
     if not job:
         _print_pending_shipments()
+
+
+def _print_json(objects: list[dict]) -> None:
+    """A JSON array, one object a line (the C encoder: ``indent`` would use the pure-Python one,
+    ~0.15 s for 10,000 jobs)."""
+    sys.stdout.write("[\n" + ",\n".join(map(json.dumps, objects)) + "\n]\n")
 
 
 def _print_pending_shipments(shown: int = 5) -> None:
@@ -165,11 +171,9 @@ def _print_table(rows: list[Row], cells: list[tuple[str, ...]]) -> None:
 
 def _print_lines(cells: list[tuple[str, ...]]) -> None:
     """Plain aligned lines (a long listing: no per-cell layout); paths and links are not padded."""
-    widths = [max(len(COLUMNS[i]), *(len(c[i]) for c in cells)) for i in range(5)]
-    out = []
-    for texts in [COLUMNS, *cells]:
-        out.append("  ".join(t.ljust(w) for t, w in zip(texts[:5], widths)) + "  " + "  ".join(texts[5:]))
-    sys.stdout.write("\n".join(out) + "\n")
+    columns = list(zip(COLUMNS, *cells))
+    line = "  ".join([*(f"{{:<{max(map(len, column))}}}" for column in columns[:5]), *["{}"] * (len(COLUMNS) - 5)])
+    sys.stdout.write("\n".join(line.format(*texts) for texts in [COLUMNS, *cells]) + "\n")
 
 
 def _show_one(r: JobRecord) -> None:

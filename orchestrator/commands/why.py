@@ -20,18 +20,20 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 
 from orchestrator.jobs import refresh_record
-from orchestrator.launchers.local.plan import format_command
-from orchestrator.launchers.local.reasons import TORCHRUN_ROOT, error_line
-from orchestrator.launchers.slurm.state import TASK_ENDED
 from orchestrator.progress import read_progress
 from orchestrator.records import load_record
 from orchestrator.spec import JobRecord, JobState
-from orchestrator.watchdog import HangReport, latest_report
+
+if TYPE_CHECKING:
+    from orchestrator.watchdog import HangReport
+
+# The local launcher's and the watchdog's modules are imported where used: every `orch` command
+# (`orch status` too) imports this module.
 
 CONTEXT_LINES = 12
 TRACEBACK = re.compile(r"Traceback \(most recent call last\):")
@@ -127,6 +129,8 @@ def first_failure(record: JobRecord) -> Optional[Failure]:
         return None
     host = str(record.extra.get("host") or "")
     if record.backend in ("local", "torchrun"):
+        from orchestrator.launchers.local.reasons import TORCHRUN_ROOT
+
         tail = read_tail(record.log_path)
         roots = TORCHRUN_ROOT.findall(tail)
         if roots:
@@ -199,6 +203,8 @@ SLURM_OOM = re.compile(r"oom[-_ ]kill", re.I)  # slurmstepd: "Detected 1 oom_kil
 def srun_task_end(log_tail: str) -> Optional[Failure]:
     """The first task srun reported ended badly ("srun: error: node2: task 1: Killed"): srun
     reports them as it sees them, and with --kill-on-bad-exit the others only after it."""
+    from orchestrator.launchers.slurm.state import TASK_ENDED
+
     line = next((line.strip() for line in log_tail.splitlines() if TASK_ENDED.match(line.strip())), None)
     if line is None:
         return None
@@ -229,6 +235,8 @@ def slurm_task_logs(record: JobRecord) -> list[Path]:
 
 def failed_slurm_task(record: JobRecord) -> Optional[tuple[int, str, Path]]:
     """(task, host, log) of the Slurm task whose log holds an error, the earliest written first."""
+    from orchestrator.launchers.local.reasons import error_line
+
     bad = []
     for path in slurm_task_logs(record):
         tail = read_tail(str(path))
@@ -262,6 +270,8 @@ def read_tail(path: Optional[str], size: int = 131072) -> str:
 def around_error(text: str) -> list[str]:
     """The lines around the first failure's exception: from the traceback that leads to the
     job's error line (orch's one-line reason, else the last error) to just after it."""
+    from orchestrator.launchers.local.reasons import error_line
+
     lines = text.splitlines()
     wanted = error_line(lines)
     if wanted is None:
@@ -281,6 +291,8 @@ def around_error(text: str) -> list[str]:
 
 def hang_report(record: JobRecord) -> Optional[HangReport]:
     """The job's hang report (one written by this run, not an earlier one in the same folder)."""
+    from orchestrator.watchdog import latest_report
+
     if record.extra.get("hang") and os.path.isdir(record.extra["hang"]):
         return latest_report(os.path.dirname(record.extra["hang"]))
     report = latest_report(record.output_dir)
@@ -292,6 +304,8 @@ def hang_report(record: JobRecord) -> Optional[HangReport]:
 def sweep_trials(output_dir: str) -> list[str]:
     """One line per trial of a sweep (its progress, hang or Tune's error), then the first failed
     trial's error."""
+    from orchestrator.watchdog import latest_report
+
     trials_dir = Path(output_dir) / "trials"
     trials = sorted(p.name for p in trials_dir.iterdir()) if trials_dir.is_dir() else []
     errors = {}
@@ -318,6 +332,8 @@ def what_ran(record: JobRecord) -> list[str]:
     """The command lines (local, torchrun) or sbatch script (Slurm) and the resources."""
     lines = [f"config {record.config_path}", f"output {record.output_dir}", f"log {record.log_path}"]
     if record.backend in ("local", "torchrun"):
+        from orchestrator.launchers.local.plan import format_command
+
         supervisor = record.extra.get("supervisor_log")
         payload = Path(supervisor).with_name("supervisor.json") if supervisor else None
         try:

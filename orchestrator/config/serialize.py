@@ -4,6 +4,7 @@ The serialisation itself is :mod:`detection.serialize` (shared with the training
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from detection.serialize import config_hash as _config_hash
@@ -16,9 +17,28 @@ def experiment_to_dict(exp: Experiment) -> dict:
     return to_plain(exp)
 
 
+_SECTION_YAML: dict[int, tuple[Any, str]] = {}  # id(section) -> (section, its YAML)
+
+
 def dump_experiment(exp: Experiment) -> str:
-    """The resolved experiment as YAML that :func:`load_experiment` reloads to an equal object."""
-    return dump_yaml(exp)
+    """The resolved experiment as YAML that :func:`load_experiment` reloads to an equal object.
+
+    The same text as ``dump_yaml(exp)``, written one top-level section at a time: the YAML of a
+    section object (frozen) is kept, so the 1000 configs of a set, whose trials share most
+    sections with their experiment (:func:`~orchestrator.config.derive`), format those once."""
+    parts = []
+    for field in dataclasses.fields(exp):
+        value = getattr(exp, field.name)
+        if not dataclasses.is_dataclass(value):
+            parts.append(dump_yaml({field.name: value}))
+            continue
+        known = _SECTION_YAML.get(id(value))
+        if known is None or known[0] is not value:
+            if len(_SECTION_YAML) >= 1024:
+                _SECTION_YAML.clear()
+            known = _SECTION_YAML[id(value)] = (value, dump_yaml({field.name: value}))
+        parts.append(known[1])
+    return "".join(parts)
 
 
 def config_hash(exp: Experiment, length: int = 12) -> str:

@@ -57,6 +57,9 @@ def ensure_parents(exp: Experiment, trials: Sequence[Any], state: dict, set_id: 
         journal.log_params({**settings, **{k: _text(v) for k, v in point.items()}})
         known[name] = journal.folder
         made.append(journal)
+    from cluster.files import fsync_paths
+
+    fsync_paths([path for journal in made for path in journal.paths_to_sync(journal.folder)])  # all at once
     for journal in made:
         journal.close()
         if exp.tracking.mode != "offline":
@@ -66,7 +69,8 @@ def ensure_parents(exp: Experiment, trials: Sequence[Any], state: dict, set_id: 
 
 def _parent(folder: str, exp: Experiment, run_name: str, tags: dict, parent: Optional[str] = None):
     """A parent run's journal: continued when the set resumes (it runs again), else new."""
-    journal = runs.create_journal(folder, exp, run_name, tags=tags, parent=parent, resume=True)
+    journal = runs.create_journal(folder, exp, run_name, tags=tags, parent=parent, resume=True,
+                                  durable=False)  # ensure_parents makes them durable together
     journal.set_status("RUNNING")
     return journal
 

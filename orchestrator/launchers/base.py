@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import time
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from orchestrator.spec import JobRecord, JobSpec, JobState

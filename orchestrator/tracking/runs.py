@@ -25,8 +25,7 @@ import urllib.parse
 from typing import Any, Mapping, Optional
 
 from cluster.errors import LaunchError
-from detection.journal import TERMINAL, Journal, is_journal, last_status
-from detection.journal_hook import journal_dir
+from detection.journal import TERMINAL, Journal, is_journal, journal_dir, last_status
 from orchestrator.spec import JobRecord, JobState
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,13 @@ def experiment_name(exp: Any) -> str:
 
 
 def create_journal(folder: str, exp: Any, run_name: str, tags: Optional[Mapping[str, Any]] = None,
-                   parent: Optional[str] = None, resume: bool = False) -> Journal:
+                   parent: Optional[str] = None, resume: bool = False, durable: bool = True) -> Journal:
     """The journal of a new run in ``folder`` (the run's identity, decided before launch).
 
     An existing journal there is continued when ``resume`` (a resumed job, a retried fold, a
     resumed set: the same MLflow run goes on); otherwise it is moved aside (``journal.<time>``,
-    still found by ``orch sync``) so that a fresh run gets a fresh MLflow run."""
+    still found by ``orch sync``) so that a fresh run gets a fresh MLflow run. ``durable=False``:
+    the caller fsyncs ``Journal.paths_to_sync(folder)`` itself, with other journals at once."""
     if is_journal(folder):
         if resume:
             journal = Journal.open(folder)
@@ -87,7 +87,7 @@ def create_journal(folder: str, exp: Any, run_name: str, tags: Optional[Mapping[
         os.replace(folder, f"{folder}.{time.strftime('%Y%m%d-%H%M%S')}")
     return Journal.create(folder, experiment=experiment_name(exp), run_name=run_name,
                           tags={str(k): str(v) for k, v in (tags or {}).items()}, parent=parent,
-                          tracking_uri=tracking_uri_of(exp))
+                          tracking_uri=tracking_uri_of(exp), durable=durable)
 
 
 def close_journal(folder: str, status: str, error: Optional[str] = None) -> bool:

@@ -91,3 +91,20 @@ def test_lock_fd_holds_until_closed_and_a_child_that_inherits_it_holds_it_too(tm
         child.communicate(b"")
     with file_lock(lock, blocking=False) as held:
         assert held is True
+
+
+def test_fsync_paths_syncs_files_and_folders_and_skips_missing(tmp_path, monkeypatch):
+    import os
+
+    from cluster import files
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    paths = []
+    for i in range(5):
+        (tmp_path / str(i)).mkdir()
+        files.write_text_atomic(tmp_path / str(i) / "meta.json", "{}")
+        paths += [tmp_path / str(i) / "meta.json", tmp_path / str(i)]
+    files.fsync_paths(paths + [tmp_path / "0", tmp_path / "gone"])  # a repeat and a missing path
+    assert sorted(synced) == sorted(str(p) for p in paths)

@@ -229,3 +229,17 @@ def test_flatten_and_output_dir():
     assert output_dir_of(exp) == "/runs/demo/x"
     assert exp.runtime.output_dir == "/runs/{name}/x"
 
+
+
+def test_dump_experiment_by_sections_is_the_whole_dump_and_follows_derived_sections():
+    from detection.serialize import dump_yaml
+    from orchestrator.config import derive
+
+    paths = [p for p in sorted(Path("experiments").rglob("*.yaml")) if "_base_" not in p.parts]
+    assert len(paths) >= 4
+    for path in paths:
+        exp = load_experiment(path)
+        assert dump_experiment(exp) == dump_yaml(exp), path
+        trial = derive(exp, {"optim.lr": 0.0123, "runtime.seed": 7, "tracking.tags": {"fold": "2"}})
+        assert dump_experiment(trial) == dump_yaml(trial), path
+        assert dump_experiment(exp) == dump_yaml(exp), path  # the experiment's own sections unchanged

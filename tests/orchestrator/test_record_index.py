@@ -123,7 +123,53 @@ def test_concurrent_writers_leave_the_index_equal_to_the_files(home):
     for p in procs:
         p.join()
         assert p.exitcode == 0
-    indexed = records._read_index().rows
+    indexed = records._read_index()
     truth = file_records()
-    assert {k: indexed[k] for k in truth} == truth
+    assert {k: indexed.row(k) for k in truth} == truth
     assert all(truth[i]["extra"] == {f"w{s}": 14 for s in range(4)} for i in ids)
+
+
+def test_the_snapshot_and_the_lines_after_it_equal_the_files(home, monkeypatch):
+    """The parsed index is kept in a snapshot once it is large; a listing reads the snapshot
+    and parses only the lines written after it, and sees every change made since."""
+    monkeypatch.setattr(records, "SNAPSHOT_LAG_BYTES", 3000)
+    made = [make(f"s{i}", JobState.SUCCEEDED) for i in range(6)]
+    records.list_records()
+    assert records._snapshot_path().exists()
+    snapshot = records._snapshot_path().read_bytes()
+    late = make("late", JobState.RUNNING)
+    records.transition(made[0].job_id, JobState.FAILED)  # finished stays: only its fields may fill
+    records.annotate(made[1].job_id, mlflow_run_id="r-after-the-snapshot")
+    listed = {r.job_id: records._to_dict(r) for r in records.list_records()}
+    assert records._snapshot_path().read_bytes() == snapshot  # fewer new bytes than the lag: kept
+    assert listed == file_records() and late.job_id in listed
+    assert listed[made[1].job_id]["mlflow_run_id"] == "r-after-the-snapshot"
+
+
+def test_a_snapshot_of_another_index_file_is_not_used(home, monkeypatch):
+    """The index deleted (and rebuilt from the folders) or compacted: the old snapshot describes
+    another file and is ignored, whatever its offset."""
+    monkeypatch.setattr(records, "SNAPSHOT_LAG_BYTES", 100)
+    a = make("a", JobState.SUCCEEDED)
+    records.list_records()
+    old = records._snapshot_path().read_bytes()
+    import shutil
+
+    shutil.rmtree(records.job_dir(a.job_id))
+    records.index_path().unlink()
+    b, c = make("b", JobState.SUCCEEDED), make("c", JobState.SUCCEEDED)
+    records._snapshot_path().write_bytes(old)  # as if left over from the file before
+    assert {r.name for r in records.list_records()} == {"b", "c"}
+    assert records._read_index().records.keys() == {b.job_id, c.job_id}
+
+
+def test_keys_of_a_newer_orch_survive_compaction(home):
+    a = make("a", JobState.SUCCEEDED)
+    line = json.loads(records.index_path().read_text().splitlines()[-1])
+    with open(records.index_path(), "a") as handle:
+        for _ in range(1100):
+            handle.write(json.dumps({**line, "queue_s": 12.5}) + "\n")
+    [listed] = records.list_records()  # compacted: more than 2 x jobs + 1000 lines
+    assert listed.job_id == a.job_id
+    [kept] = records.index_path().read_text().splitlines()
+    assert json.loads(kept)["queue_s"] == 12.5

@@ -1,5 +1,5 @@
-"""A k-fold dry run whose folds are already on disk computes no split: scikit-learn (through
-iterstrat) is never imported, and 1000 trials' configs are derived, not re-validated."""
+"""A k-fold dry run never imports scikit-learn (nor iterstrat): not when its folds are on disk, not
+when it computes a new split; and 1000 trials' configs are derived, not re-validated."""
 
 from __future__ import annotations
 
@@ -24,3 +24,15 @@ def test_cached_split_imports_no_scikit_learn(make_experiment, shapes_data, tmp_
     rc, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
     assert rc == 0 and heavy == [], proc.stderr[-2000:]
     assert "#SBATCH --array=0-5" in proc.stdout  # 2 points x 3 folds, one array
+
+
+def test_new_split_imports_no_scikit_learn(make_experiment, tmp_path):
+    exp = make_experiment(**{"kfold.folds": 3, "kfold.allow_small_classes": True, "grid": {"optim.lr": [0.01, 0.02]}})
+    code = ("import sys, json; from orchestrator.cli import main\n"
+            f"rc = main(['kfold', {str(exp)!r}, '--backend', 'slurm', '--dry-run'])\n"
+            "print(json.dumps([rc, sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'iterstrat'))]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={
+        "ORCH_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, timeout=120)
+    rc, heavy = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rc == 0 and heavy == [], proc.stderr[-2000:]
+    assert "#SBATCH --array=0-5" in proc.stdout

@@ -299,3 +299,23 @@ def test_orch_split_stratify_flag_and_manifest(tmp_path, capsys):
     assert json.loads((out / "manifest.json").read_text())["stratify"] == ["classes", "count", "area"]
     assert main(["split", str(src), "--folds", "2", "--out", str(out), "--stratify", "count,colour"]) == 2
     assert "--stratify count,colour" in capsys.readouterr().err
+
+
+def test_same_folds_as_iterstrat_for_the_same_seed():
+    """The numpy-only stratification assigns every row the fold iterstrat's
+    MultilabelStratifiedKFold(shuffle=True) gives it: folds written before keep their meaning."""
+    import numpy as np
+    from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+    from orchestrator.kfold.split import _stratified_folds
+
+    rng = np.random.RandomState(7)
+    for trial in range(30):
+        n, cols, k = rng.randint(5, 80), rng.randint(2, 8), rng.randint(2, 6)
+        y = rng.rand(n, cols) < rng.uniform(0.05, 0.6, size=cols)  # skewed columns, some rows empty
+        y[: rng.randint(0, 3)] = False
+        expected = np.empty(n, dtype=int)
+        splitter = MultilabelStratifiedKFold(n_splits=k, shuffle=True, random_state=trial)
+        for fold, (_, val) in enumerate(splitter.split(np.zeros((n, 1)), y)):
+            expected[val] = fold
+        assert _stratified_folds(y, k, trial).tolist() == expected.tolist(), (trial, n, cols, k)
