@@ -258,13 +258,21 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def other_slurmctld() -> bool:
-    """A slurmctld is running (another local cluster; ours is stopped when this is asked)."""
+def running_clusters() -> list[Path]:
+    """State dirs of the local clusters whose slurmctld is running (from its ``-f <state>/slurm.conf``;
+    a slurmctld started otherwise counts, as ``Path()``)."""
+    found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         argv = process.info["cmdline"] or []
         if argv and os.path.basename(argv[0]) == "slurmctld" and process.info["status"] != psutil.STATUS_ZOMBIE:
-            return True
-    return False
+            conf = argv[argv.index("-f") + 1] if "-f" in argv[:-1] else ""
+            found.append(Path(conf).parent if conf else Path())
+    return found
+
+
+def other_slurmctld() -> bool:
+    """A slurmctld is running (another local cluster; ours is stopped when this is asked)."""
+    return bool(running_clusters())
 
 
 def _read_pid(path: Path) -> int | None:
@@ -392,6 +400,11 @@ def stop(state: Path) -> None:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and _run(["squeue", "-h", "-o", "%i"], check=False, env=env, timeout=20).stdout.strip():
                 time.sleep(0.5)
+    # The machine has one munged (its socket is what every Slurm uses): while another local cluster
+    # runs, ours hands it over (that cluster's `down` stops it) instead of pulling it from under it.
+    heirs = [other for other in running_clusters() if other != state and (other / "run").is_dir()]
+    if "munged" in daemons and heirs:
+        (heirs[0] / "run" / "munged.pid").write_text(str(daemons.pop("munged")))
     for prefix in DAEMONS:
         for name, pid in daemons.items():
             if name.startswith(prefix):

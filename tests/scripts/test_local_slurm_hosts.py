@@ -33,3 +33,36 @@ def test_a_running_slurmctld_of_another_cluster_is_seen():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_down_hands_its_munged_to_another_running_cluster(tmp_path, monkeypatch):
+    """The machine has one munged; the cluster that started it must not stop it while another
+    local cluster runs (seen: the other cluster's srun then hung on a missing munge socket). It
+    hands the munged over: the other cluster's pid files then hold it, and its ``down`` stops it."""
+    local_slurm = _load()
+    ours, other = tmp_path / "ours", tmp_path / "other"
+    for state in (ours, other):
+        local_slurm.make_state_dir(state)
+        (state / "run").mkdir()
+    # Stand-ins named as the daemons are: "munged" (ours), and the other cluster's slurmctld with
+    # its `-f <state>/slurm.conf`, as local_slurm starts it.
+    munged = subprocess.Popen(["bash", "-c", "exec -a munged sleep 60"])
+    ctld = subprocess.Popen(["bash", "-c", 'exec -a slurmctld "$0" -c "import time; time.sleep(60)" -f "$1"',
+                             sys.executable, str(other / "slurm.conf")])
+    # Only this test's clusters: real ones of other tests may run beside it and must be left alone.
+    real = local_slurm.running_clusters
+    monkeypatch.setattr(local_slurm, "running_clusters", lambda: [p for p in real() if tmp_path in p.parents])
+    try:
+        (ours / "run" / "munged.pid").write_text(str(munged.pid))
+        deadline = time.monotonic() + 10
+        while other not in local_slurm.running_clusters():
+            assert time.monotonic() < deadline, "the other cluster's slurmctld was not seen"
+            time.sleep(0.1)
+        local_slurm.stop(ours)
+        assert munged.poll() is None, "munged was stopped while another cluster runs"
+        assert not ours.exists()
+        assert (other / "run" / "munged.pid").read_text() == str(munged.pid)
+    finally:
+        for proc in (munged, ctld):
+            proc.kill()
+            proc.wait()
