@@ -176,8 +176,11 @@ def test_ctrl_c_during_submit_wait_leaves_the_job_running_and_says_how_to_cancel
     from orchestrator.jobs import cancel_job, refresh_job
 
     path = make_experiment(**{"schedule.iterations": 100000, "eval.interval": 100000})
+    # SIGINT as a terminal gives it: a suite started in the background by a non-interactive shell
+    # (`make test &`) runs with SIGINT ignored, which its children inherit (the orch here waited on).
     proc = subprocess.Popen([*ORCH, "submit", str(path), "--backend", "local", "--wait"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()
     assert first.startswith("submitted "), first + proc.stderr.read()
     job_id = first.split()[1]

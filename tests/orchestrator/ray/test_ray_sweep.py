@@ -18,6 +18,13 @@ from orchestrator.spec import JobState
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+def _all_shipped(client, count: int) -> bool:
+    """``count`` runs in the sweep's experiment, none RUNNING (every final status shipped)."""
+    experiment = client.get_experiment_by_name("tiny-tests")
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return len(runs) == count and all(r.info.status != "RUNNING" for r in runs)
+
+
 def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_uri, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -44,8 +51,12 @@ def test_asha_sweep_over_the_lr(ray_head, orch_home, make_experiment, tracking_u
     [record] = list_records()
     assert record.extra["kind"] == "sweep" and len(record.extra["trials"]) == 4
 
-    # The sweep driver shipped the parent and every trial before it ended (the server answered).
+    # The sweep driver ships the parent and every trial in its last pass; what a pass could not
+    # write (a busy store under load) its host shipper delivers after it: waited for, not assumed.
     client = MlflowClient(tracking_uri=tracking_uri)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not _all_shipped(client, 5):
+        time.sleep(2)
     assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["tiny-tests"]  # one: nesting shows
     experiment = client.get_experiment_by_name("tiny-tests")
     runs = client.search_runs([experiment.experiment_id])
