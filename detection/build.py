@@ -311,8 +311,10 @@ def build_hooks(config: Any, env: Any, scaling: Any, iters_per_epoch: int, max_i
         groups = samplers(places).get(env.rank)
         if groups is not None:
             relay = os.path.join(output_dir(config), RELAY_DIR)
+            others = sorted({host for host, _ in places} - {places[env.rank][0]}) if env.rank == 0 else ()
             hooks.append(SystemMetricsHook(journal_dir(output_dir(config)), config.runtime.system_metrics_interval,
-                                           pgid=groups, relay_dir=relay if env.rank else None, relay_from=relay))
+                                           pgid=groups, relay_dir=relay if env.rank else None, relay_from=relay,
+                                           relay_hosts=others))
     if env.rank == 0 and config.tracking.enable:
         from detection.journal_hook import JournalHook
 

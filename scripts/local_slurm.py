@@ -385,6 +385,18 @@ def running_daemons(state: Path) -> dict[str, int]:
     return alive
 
 
+def _cancel_jobs(conf: Path) -> None:
+    """Cancel every job of the cluster at ``conf`` and wait (15 s at most) until none is left."""
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    _run(["scancel", "--full", "--user", os.environ.get("USER", "root")], check=False, env=env, timeout=20)
+    ids = _run(["squeue", "-h", "-o", "%i"], check=False, env=env, timeout=20).stdout.split()
+    if ids:
+        _run(["scancel", *ids], check=False, env=env, timeout=20)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and _run(["squeue", "-h", "-o", "%i"], check=False, env=env, timeout=20).stdout.strip():
+            time.sleep(0.5)
+
+
 def stop(state: Path) -> None:
     """Cancel jobs, stop this state dir's daemons (TERM, then KILL) and wipe the state dir.
     Raises UnsafeStateDir, before anything is read, for a folder local_slurm_state refuses."""
@@ -392,14 +404,10 @@ def stop(state: Path) -> None:
     conf = state / "slurm.conf"
     daemons = running_daemons(state)
     if conf.exists() and any(name.startswith("slurmctld") for name in daemons):
-        env = dict(os.environ, SLURM_CONF=str(conf))
-        _run(["scancel", "--full", "--user", os.environ.get("USER", "root")], check=False, env=env, timeout=20)
-        ids = _run(["squeue", "-h", "-o", "%i"], check=False, env=env, timeout=20).stdout.split()
-        if ids:
-            _run(["scancel", *ids], check=False, env=env, timeout=20)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and _run(["squeue", "-h", "-o", "%i"], check=False, env=env, timeout=20).stdout.strip():
-                time.sleep(0.5)
+        try:
+            _cancel_jobs(conf)
+        except subprocess.TimeoutExpired as err:  # a slurmctld that does not answer is stopped all the same
+            _log(f"{err}; stopping the daemons")
     # The machine has one munged (its socket is what every Slurm uses): while another local cluster
     # runs, ours hands it over (that cluster's `down` stops it) instead of pulling it from under it.
     heirs = [other for other in running_clusters() if other != state and (other / "run").is_dir()]

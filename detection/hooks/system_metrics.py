@@ -129,6 +129,16 @@ def samplers(places: Sequence[tuple[str, int]]) -> dict[int, set[int]]:
     return groups
 
 
+def _ended(path: str) -> bool:
+    """Whether a relay file ends with its host's end line."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.path.getsize(path) - 64))
+            return handle.read().rstrip().endswith(b'{"end": true}')
+    except OSError:
+        return False
+
+
 class SystemMetricsHook(Hook):
     """Samples every ``interval`` s from a thread (and at the first step and the end). With
     ``relay_dir`` None it writes the journal at ``journal_folder`` (rank 0; add it before the
@@ -138,8 +148,11 @@ class SystemMetricsHook(Hook):
 
     def __init__(self, journal_folder: str, interval: float, *, pgid: Union[int, Iterable[int], None] = None,
                  devices: Optional[Sequence[str]] = None, host: Optional[str] = None,
-                 relay_dir: Optional[str] = None, relay_from: Optional[str] = None) -> None:
+                 relay_dir: Optional[str] = None, relay_from: Optional[str] = None,
+                 relay_hosts: Sequence[str] = (), end_wait_s: float = 15.0) -> None:
         self.folder, self.interval = journal_folder, float(interval)
+        # rank 0: the other hosts whose last samples it waits for (``end_wait_s`` at most) at the end
+        self.relay_hosts, self.end_wait_s = tuple(relay_hosts), float(end_wait_s)
         self.host = host or socket.gethostname()
         self.group = GroupProbe(os.getpgid(0) if pgid is None else pgid)
         self.relay_dir, self.relay_from = relay_dir, relay_from
@@ -170,7 +183,7 @@ class SystemMetricsHook(Hook):
         self._close()
 
     def on_error(self, trainer: Any, error: BaseException) -> None:
-        self._close()
+        self._close(wait=False)  # the other hosts may be gone
 
     def sample(self) -> dict[str, float]:
         """One sample, written to the journal now; returns the values (keys without the prefix).
@@ -204,6 +217,21 @@ class SystemMetricsHook(Hook):
             handle.write(line)
         self._samples += 1
 
+    def _append_end(self) -> None:
+        """The relay file's last line: this host has no more samples."""
+        with self._lock:
+            if not self._closed and os.path.isdir(self.relay_dir):
+                with open(os.path.join(self.relay_dir, f"{self.host}.jsonl"), "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"end": True}) + "\n")
+
+    def _wait_for_ends(self) -> None:
+        deadline = time.monotonic() + self.end_wait_s
+        pending = [os.path.join(self.relay_from or "", f"{host}.jsonl") for host in self.relay_hosts]
+        while pending and time.monotonic() < deadline:
+            pending = [path for path in pending if not _ended(path)]
+            if pending:
+                time.sleep(0.2)
+
     def _relay(self) -> None:
         """Copy the other hosts' new complete lines into the journal (with their times and steps)."""
         try:
@@ -232,14 +260,22 @@ class SystemMetricsHook(Hook):
                 log.warning("system metrics: %s; no more samples", err)
                 return
 
-    def _close(self) -> None:
+    def _close(self, wait: bool = True) -> None:
         """Stop sampling; the last point is written now, before the journal hook (after this one
         in the hook list) ends the run, so that no value follows the run's end status."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        self.sample()
+        if self.relay_dir is not None:
+            self.sample()
+            self._append_end()
+        else:
+            # No collective follows the last step: another host's last samples may still be on the
+            # way when rank 0 ends (seen with a 1-step run under load); wait for their end lines.
+            if wait:
+                self._wait_for_ends()
+            self.sample()
         with self._lock:
             self._closed = True
             if self.journal is not None:

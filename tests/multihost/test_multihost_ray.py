@@ -49,11 +49,21 @@ def test_a_sweep_lands_trials_on_both_hosts(local_hosts, ray_on_hosts, tiny, orc
     assert sorted(t.get("host") for t in trials.values()) == sorted(local_hosts.names), trials
 
 
+def nodes_alive_soon(local_hosts, ray_on_hosts, want: int, timeout_s: float = 90) -> int:
+    """The count of alive Ray nodes once it is ``want`` (or the last one seen after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while (alive := ray_nodes_alive(local_hosts, ray_on_hosts)) != want and time.monotonic() < deadline:
+        time.sleep(3)
+    return alive
+
+
 def ray_nodes_alive(local_hosts, ray_on_hosts) -> int:
     probe = ("import ray; ray.init(address=%r, logging_level='ERROR'); "
              "print(sum(1 for n in ray.nodes() if n['Alive']))" % ray_on_hosts.address)
     out = local_hosts.run(local_hosts.names[0], [sys.executable, "-c", probe], timeout=60)
-    return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else -1
+    # Ray's own lines (a raylet reconnecting) may come after the count: the last line that is one.
+    counts = [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
+    return int(counts[-1]) if out.returncode == 0 and counts else -1
 
 
 def submit_ray_until_checkpoint(local_hosts, ray_on_hosts, path, orch_env):
@@ -110,7 +120,7 @@ def test_a_host_lost_ray_train_resumes_on_the_host_left_at_the_smaller_world_siz
     assert "on world size 2" in text and "LR rule re-applied" in text, text[-4000:]
     assert not after_the_job(records.load_record(record.job_id))  # its MLflow run ended, no lease held
     ray_on_hosts.rejoin()  # h2's node was marked dead: back for the tests after this one
-    assert ray_nodes_alive(local_hosts, ray_on_hosts) == 2
+    assert nodes_alive_soon(local_hosts, ray_on_hosts, 2) == 2
     assert not wait_until_none(local_hosts.names, JOB_PROCESSES, 60)
 
 
@@ -134,5 +144,5 @@ def test_a_host_lost_at_a_fixed_world_size_fails_in_one_line_naming_it(local_hos
     assert state == JobState.FAILED, Path(record.log_path).read_text()[-3000:]
     assert error.startswith(f"orch: error: host {h2} was lost (") and "\n" not in error, error
     ray_on_hosts.rejoin()
-    assert ray_nodes_alive(local_hosts, ray_on_hosts) == 2
+    assert nodes_alive_soon(local_hosts, ray_on_hosts, 2) == 2
     assert not wait_until_none(local_hosts.names, JOB_PROCESSES, 60)
