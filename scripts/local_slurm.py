@@ -313,7 +313,9 @@ def start_munge(state: Path) -> None:
     for folder in ("/run/munge", "/var/lib/munge", "/var/log/munge"):
         Path(folder).mkdir(parents=True, exist_ok=True)
         shutil.chown(folder, "munge", "munge")
-    _run(["runuser", "-u", "munge", "--", "munged"])
+    # Not one test session's process: the machine's one munged serves every local cluster and is
+    # handed to the last one running (see stop()), which may belong to another session.
+    _run(["runuser", "-u", "munge", "--", "munged"], env={k: v for k, v in os.environ.items() if k != "ORCH_TEST_SESSION"})
     pid = _read_pid(Path("/run/munge/munged.pid"))
     if pid:
         (state / "run" / "munged.pid").write_text(str(pid))  # ours: `down` stops it
