@@ -260,7 +260,7 @@ def _pid_alive(pid: int) -> bool:
 
 def running_clusters() -> list[Path]:
     """State dirs of the local clusters whose slurmctld is running (from its ``-f <state>/slurm.conf``;
-    a slurmctld started otherwise counts, as ``Path()``)."""
+    a slurmctld started otherwise counts, as ``Path()``: never a folder to write to)."""
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         argv = process.info["cmdline"] or []
@@ -412,7 +412,7 @@ def stop(state: Path) -> None:
             _log(f"{err}; stopping the daemons")
     # The machine has one munged (its socket is what every Slurm uses): while another local cluster
     # runs, ours hands it over (that cluster's `down` stops it) instead of pulling it from under it.
-    heirs = [other for other in running_clusters() if other != state and (other / "run").is_dir()]
+    heirs = [other for other in running_clusters() if other.is_absolute() and other != state and (other / "run").is_dir()]
     if "munged" in daemons and heirs:
         (heirs[0] / "run" / "munged.pid").write_text(str(daemons.pop("munged")))
     for prefix in DAEMONS:
