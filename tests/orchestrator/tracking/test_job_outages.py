@@ -60,9 +60,16 @@ def journal_history(folder: str) -> dict[str, list]:
 
 
 def shipped_steps(folder: str, uri: str) -> int:
-    """How many metric lines of the journal are shipped to ``uri`` (the cursor is past them)."""
+    """How many metric lines of the journal holding training values are shipped to ``uri`` (the
+    cursor is past them). The system metrics' first sample precedes the first step: a line of
+    ``system/...`` values alone is no sign that the job has trained."""
     offset = load_cursor(folder, uri).offset
-    return sum(1 for e in read_entries(folder)[0] if e.end <= offset and (e.event or {}).get("t") == "metrics")
+    return sum(1 for e in read_entries(folder)[0]
+               if e.end <= offset and (e.event or {}).get("t") == "metrics" and _trained(e.event))
+
+
+def _trained(event: dict) -> bool:
+    return any(not key.startswith("system/") for _, _, values in event["v"] for key in values)
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2) -> None:
