@@ -17,11 +17,16 @@ Parts (each prints one line per figure; run them one at a time on a busy machine
   jobs held (``resources.slurm.additional.hold``) so that nothing trains: time from the command's
   start to its "submitted jobs" line (where ``orch kfold`` starts waiting for the set), its CPU
   seconds (user + system) until then, the arrays made and the trials in ``set.json``; then the
-  jobs are cancelled and the command stopped.
+  jobs are cancelled and the command stopped. Each run creates ~13,000 files and folders and
+  deletes them at its end. On an ext4 file system *without a journal* (this machine's root) the
+  kernel's inode allocator skips inodes freed in the last 30-35 s one by one
+  (``recently_deleted()`` in ``find_inode_bit``): files created soon after many deletions cost
+  ever more system CPU, whoever deleted them (a test suite beside it too). ``--pause 40`` waits
+  that window out between repeats; ``--tmp-dir /dev/shm`` (tmpfs) measures orch without it.
 
     .venv/bin/python bench/bench_scale.py status --records 10000 --slurm-jobs 200 --repeats 5
     .venv/bin/python bench/bench_scale.py trials --repeats 3
-    .venv/bin/python bench/bench_scale.py submit --repeats 3 [--no-tracking]
+    .venv/bin/python bench/bench_scale.py submit --repeats 3 [--no-tracking] [--pause 40] [--tmp-dir /dev/shm]
 """
 
 from __future__ import annotations
@@ -127,8 +132,10 @@ def bench_trials(args) -> None:
 
 
 def bench_submit(args) -> None:
-    for _ in range(args.repeats):
-        with tempfile.TemporaryDirectory() as tmp_name:
+    for repeat in range(args.repeats):
+        if repeat and args.pause:
+            time.sleep(args.pause)  # past ext4's recently-deleted window (see the module docstring)
+        with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp_name:
             tmp = Path(tmp_name)
             env = {**os.environ, "ORCH_HOME": str(tmp / "home")}
             mapping = tiny_experiment(tmp)
@@ -166,7 +173,8 @@ def bench_submit(args) -> None:
             trials = len(json.loads(set_file.read_text())["trials"]) if set_file else 0
             print(f"kfold 1000 trials submitted to Slurm (tracking {'off' if args.no_tracking else 'on'}): {wall:.2f} s to 'submitted jobs', CPU {user + system:.2f} s "
                   f"(user {user:.2f} s, system {system:.2f} s); "
-                  f"{len(records)} records, {len(arrays)} arrays, {trials} trials in set.json; load {load()}",
+                  f"{len(records)} records, {len(arrays)} arrays, {trials} trials in set.json; "
+                  f"folder {args.tmp_dir or tempfile.gettempdir()}; load {load()}",
                   flush=True)
             for pid in subprocess.run(["pgrep", "-f", f"shipper --host {tmp}"], capture_output=True,
                                       text=True).stdout.split():
@@ -279,6 +287,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="")
     parser.add_argument("--no-tracking", action="store_true", help="submit: tracking.enable false")
+    parser.add_argument("--tmp-dir", default=None,
+                        help="submit: make each run's ORCH_HOME and outputs here (default: the temp folder)")
+    parser.add_argument("--pause", type=float, default=0.0, help="submit: seconds to wait between repeats")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     {"trials": bench_trials, "status": bench_status, "submit": bench_submit}[args.part](args)

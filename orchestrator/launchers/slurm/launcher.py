@@ -197,12 +197,34 @@ class SlurmLauncher(Launcher):
         require_capacity(slurm_asks(plan), wait_s)
 
     def submit(self, plan: SlurmPlan) -> list[str]:
-        """sbatch every group; returns at once with one job id (and record) per job."""
+        """sbatch every group; returns at once with one job id (and record) per job. All or
+        nothing: when sbatch refuses a group (a set split in several arrays), the groups it took
+        already are cancelled and their records marked CANCELLED, so that no part of a
+        submission that failed trains (and a retried set is not queued twice)."""
+        job_ids: list[str] = [""] * len(plan.jobs)
+        try:
+            self._submit_groups(plan, job_ids)
+        except LaunchError as err:
+            queued = [records.load_record(j) for j in job_ids if j]
+            if not queued:
+                raise
+            try:
+                self.cancel_many(queued)
+            except LaunchError as cancel_err:
+                raise LaunchError(f"{err}; and the {len(queued)} job(s) of this submission queued before it could not "
+                                  f"all be cancelled ({cancel_err}): `orch cancel` them") from None
+            for record in queued:
+                records.transition(record.job_id, JobState.CANCELLED,
+                                   error="not started: Slurm refused another part of the same submission")
+            raise LaunchError(f"{err} (the {len(queued)} job(s) of this submission Slurm had taken were cancelled: "
+                              "nothing runs)") from None
+        return job_ids
+
+    def _submit_groups(self, plan: SlurmPlan, job_ids: list[str]) -> None:
         import submitit
 
         from orchestrator.launchers.slurm.task import SlurmTrainJob
 
-        job_ids: list[str] = [""] * len(plan.jobs)
         for group in plan.groups:
             members = [plan.jobs[i] for i in group.indices]
             folder = Path(group.folder)
@@ -221,8 +243,12 @@ class SlurmLauncher(Launcher):
                 detail = getattr(err, "stderr", None) or getattr(err, "output", None) or str(err)
                 detail = detail.decode(errors="replace") if isinstance(detail, bytes) else str(detail)
                 line = next((s for s in reversed(detail.strip().splitlines()) if s.strip()), str(err))
-                raise LaunchError(f"sbatch refused {members[0].name}: {line.strip()}; check --partition, "
-                                  "--gpus-per-node and resources.slurm") from None
+                if "temporarily" in line:  # EAGAIN: the controller takes no more jobs now
+                    hint = ("the controller takes no more jobs now: its MaxJobCount (`scontrol show config`) "
+                            "counts every array task, and ended jobs leave it only after MinJobAge; retry later")
+                else:
+                    hint = "check --partition, --gpus-per-node and resources.slurm"
+                raise LaunchError(f"sbatch refused {members[0].name}: {line.strip()}; {hint}") from None
             for index, job, sjob in zip(group.indices, members, submitted):
                 record = records.create_record(
                     name=job.name, backend=self.name, output_dir=str(job.output_dir), config_path=str(job.config_path),
@@ -233,7 +259,6 @@ class SlurmLauncher(Launcher):
                            "submission_file": str(folder / f"{str(sjob.job_id).split('_')[0]}_submission.sh")},
                 )
                 job_ids[index] = record.job_id
-        return job_ids
 
     def status(self, records: Sequence[JobRecord]) -> dict[str, Status]:
         """One ``sacct`` for all of ``records`` (and one ``squeue`` for those accounting does not

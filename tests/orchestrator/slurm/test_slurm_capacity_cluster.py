@@ -114,3 +114,20 @@ def test_wait_for_resources_waits_for_a_drained_node(experiment, capsys, caplog)
     launch = Launch.for_backend("slurm")
     launch.preflight(launch.plan([exp]), wait_s=60)
     assert time.monotonic() - started < 45  # well before the 60 s wait ends
+
+
+def test_a_submission_sbatch_refuses_in_part_leaves_nothing_queued(slurm_cluster, write_experiment, module_orch_home,
+                                                                  tmp_path, capsys):
+    """Two experiments, two sbatch calls: Slurm takes the first and refuses the second (a node
+    feature no node has, which only sbatch checks). All or nothing: the first is cancelled, its
+    record says why, and the one error line says so."""
+    first = write_experiment(tmp_path / "a", "first", **{"resources.slurm.additional": {"hold": True}})
+    second = write_experiment(tmp_path / "b", "second", **{"resources.slurm.constraint": "nofeature"})
+    before = {r.job_id for r in list_records()}
+    assert orch(["submit", str(first), str(second), "--backend", "slurm", "--partition", "dev"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (before it: sbatch's own line, which submitit lets through)
+    assert err.startswith("orch: error: sbatch refused second: ") and "Invalid feature specification" in err, err
+    assert "the 1 job(s) of this submission Slurm had taken were cancelled: nothing runs" in err, err
+    assert squeue() == ""
+    [record] = [r for r in list_records() if r.job_id not in before]
+    assert record.name == "first" and record.state.value == "CANCELLED" and "refused another part" in record.error
