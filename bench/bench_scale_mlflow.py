@@ -16,6 +16,20 @@ parent row, and its points once expanded.
     .venv/bin/python bench/bench_scale_mlflow.py --points 100 --folds 2 --browser   # 200 trials
     .venv/bin/python bench/bench_scale_mlflow.py --points 10 --folds 2 --store sqlite-file
 
+``--synthetic``: the same set, everything but the training (1000 trials in minutes; each real
+trial is a torch process training 2 iterations, ~12 s of this machine). Real: the set planned,
+its parent runs and every trial's journal and config made by orch's own functions in
+``run_kfold``'s order; each trial's journal lines written by training's own hooks
+(``JournalHook``, ``SystemMetricsHook``) and ended as a job's end does; the report and the
+parents' metrics and end (``log_summaries``); the host shipper (started by orch as the jobs start
+it), the server, the store, the browser. Stood in for: the trainer (made-up losses and mAPs,
+no model or data), each fold's COCO evaluation, and the job processes (one process writes the
+trials one after another). See ``bench/synthetic_kfold.py``. Also measured then: runs shipped
+per second, the server's CPU, how long the page takes to show the parent row; checked: one point
+opened in the page shows its folds.
+
+    .venv/bin/python bench/bench_scale_mlflow.py --synthetic --points 200 --folds 5 --browser   # 1000 trials
+
 A JSON summary goes to stdout's last line (and ``--out FILE``).
 """
 
@@ -148,9 +162,12 @@ def check_runs(uri: str, points: int, folds: int) -> dict[str, Any]:
             "experiment_id": experiments[0].experiment_id if experiments else None, "problems": problems}
 
 
-def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[str]:
+def look_in_browser(link: str, grid_name: str, point_names: list[str], fold_names: Optional[list[str]] = None,
+                    seen: Optional[dict[str, Any]] = None) -> list[str]:
     """Open the printed link in headless Chromium: one parent row (the grid), its points once
-    expanded. Returns problems (empty: as expected)."""
+    expanded; with ``fold_names`` (the folds of ``point_names[0]``), that point's folds once it is
+    expanded too. ``seen`` gets how long the page took to show the parent row (from the link's
+    navigation), and the row counts met. Returns problems (empty: as expected)."""
     import shutil
 
     from test_mlflow_ui import EXPANDER, Browser
@@ -158,15 +175,38 @@ def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[s
     chromium = shutil.which("chromium")
     if not chromium:
         return ["chromium is not installed (apt-get install chromium)"]
+    seen = {} if seen is None else seen
     browser = Browser(chromium)
     try:
+        started = time.monotonic()
         browser.open(link)
         browser.wait_text(grid_name, timeout_s=180)
+        seen["parent_row_s"] = round(time.monotonic() - started, 2)
         rows = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
         if rows != 1:
             return [f"{rows} expandable parent rows before expanding, not 1"]
         browser.js(f"document.querySelector('{EXPANDER}').click()")
+        started = time.monotonic()
         browser.wait_text(*point_names[:3], timeout_s=180)
+        seen["points_shown_s"] = round(time.monotonic() - started, 2)
+        seen["expandable_rows_after"] = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
+        if not fold_names:
+            return []
+        shown = [name for name in fold_names if name in browser.text()]
+        if shown:
+            return [f"folds {shown} shown before their point was expanded"]
+        # The point's own expander: the one in the row whose run-name cell reads that point's name.
+        clicked = browser.js(f"""(() => {{
+            const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
+                c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({point_names[0]!r}));
+            if (!cell) return false;
+            cell.querySelector('{EXPANDER}').click();
+            return true; }})()""")
+        if not clicked:
+            return [f"the point row {point_names[0]!r} has no expand button once the grid is expanded"]
+        started = time.monotonic()
+        browser.wait_text(*fold_names, timeout_s=180)
+        seen["folds_shown_s"] = round(time.monotonic() - started, 2)
         return []
     except AssertionError as err:
         return [str(err)[:2000]]
@@ -174,9 +214,25 @@ def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[s
         browser.close()
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children so far (the server's uvicorn worker)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    except psutil.Error:
+        pass
+    return round(total, 2)
+
+
 def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store: str = "postgres",
-              max_parallel: int = 2, browser: bool = False, echo=print) -> dict[str, Any]:
-    """The whole measurement in ``folder`` (servers stopped after); returns the summary."""
+              max_parallel: int = 2, browser: bool = False, synthetic: bool = False, echo=print) -> dict[str, Any]:
+    """The whole measurement in ``folder`` (servers stopped after); returns the summary.
+    ``synthetic``: the set made by ``synthetic_kfold.py`` (training stood in for), not ``orch kfold``."""
     from orchestrator.kfold.expand import format_value
     from pg_helpers import Postgres
     from ship_helpers import MlflowServer
@@ -186,7 +242,7 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
     (folder / "server").mkdir(parents=True, exist_ok=True)
     home = folder / "home"
     result: dict[str, Any] = {"points": points, "folds": folds, "trials": points * folds, "iterations": iterations,
-                              "store": store, "max_parallel": max_parallel}
+                              "store": store, "max_parallel": max_parallel, "synthetic": synthetic}
     try:
         if pg is not None:
             pg.start()
@@ -200,14 +256,16 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
         env = dict(os.environ, ORCH_HOME=str(home), ORCH_RUNTIME_DIR=str(folder / "rt"), ORCH_CPU_SLOTS="2",
                    OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'wrong.db'}")
         env.pop("MASTER_PORT", None)
+        command = ([sys.executable, str(REPO / "bench" / "synthetic_kfold.py"), str(path)] if synthetic else
+                   [sys.executable, "-m", "orchestrator.cli", "kfold", str(path), "--backend", "local"])
+        server_cpu = process_cpu_s(server.proc.pid) if server is not None else None
         with ShipperWatch(home) as watch:
             started = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "kfold", str(path), "--backend", "local",
-                                   "--max-parallel", str(max_parallel)], env=env, cwd=folder, capture_output=True,
-                                  text=True, timeout=6 * 3600)
+            done = subprocess.run([*command, "--max-parallel", str(max_parallel)], env=env, cwd=folder,
+                                  capture_output=True, text=True, timeout=6 * 3600)
             result["set_s"] = round(time.monotonic() - started, 1)
             if done.returncode != 0:
-                raise RuntimeError(f"orch kfold failed ({done.returncode}): {done.stdout[-3000:]}{done.stderr[-3000:]}")
+                raise RuntimeError(f"{command[1]} failed ({done.returncode}): {done.stdout[-3000:]}{done.stderr[-3000:]}")
             echo(f"set of {points * folds} trials done in {result['set_s']} s; waiting for the shipper")
             deadline = time.monotonic() + 900
             while watch.alive() and time.monotonic() < deadline:
@@ -219,15 +277,28 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
         runs, cpu = shipper_cpu(home)
         result["host_shipper_runs"], result["shipper_cpu_s"] = runs, round(cpu, 2)
         result["shipper_cpu_s_per_trial"] = round(cpu / (points * folds), 4)
+        if server is not None:
+            result["server_cpu_s"] = round(process_cpu_s(server.proc.pid) - server_cpu, 2)
         result["busy_retries"] = busy_retries(home)
         result.update(check_runs(uri, points, folds))
+        result["runs_shipped_per_s"] = round(result["runs"] / (result["set_s"] + result["shipped_after_set_s"]), 1)
         result["wrong_store_written"] = (folder / "wrong.db").exists()
+        if synthetic:
+            from orchestrator.tracking.runs import run_id_of, ui_hint
+
+            made = json.loads(done.stdout.strip().splitlines()[-1])
+            result["set_parts_s"] = {k: made[k] for k in ("planned_s", "identified_s", "trained_s")}
+            hint = ui_hint(uri, run_id_of(made["top_journal"], uri), made["top_journal"]) or ""
+        else:
+            hint = next((line for line in done.stdout.splitlines() if "view it: open " in line), "")
         if browser and server is not None:
-            link = next((line.split("view it: open ", 1)[1].split()[0] for line in done.stdout.splitlines()
-                         if "view it: open " in line), None)
+            link = hint.split("view it: open ", 1)[1].split()[0] if "view it: open " in hint else None
             names = [f"lr={format_value(lr)}" for lr in learning_rates(min(points, 3))]
-            result["browser_problems"] = (look_in_browser(link, "scale grid", names) if link
-                                          else ["orch kfold printed no link"])
+            folds_of_first = [f"{names[0]}/fold-{k}" for k in range(folds)]
+            seen: dict[str, Any] = {}
+            result["browser_problems"] = (look_in_browser(link, "scale grid", names, folds_of_first, seen) if link
+                                          else [f"no link to the experiment's runs (printed: {hint!r})"])
+            result["browser"] = seen
     finally:
         if server is not None:
             server.stop()
@@ -244,12 +315,14 @@ def main() -> int:
     parser.add_argument("--store", choices=("postgres", "sqlite", "sqlite-file"), default="postgres")
     parser.add_argument("--max-parallel", type=int, default=2)
     parser.add_argument("--browser", action="store_true", help="also open the experiment page in headless Chromium")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="everything but the training: the set's journals written by training's hooks, no model")
     parser.add_argument("--out", default=None, help="write the JSON summary here too")
     args = parser.parse_args()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-scale-mlflow-") as tmp:
         result = run_scale(Path(tmp), args.points, args.folds, args.iterations, args.store, args.max_parallel,
-                           args.browser)
+                           args.browser, args.synthetic)
     result["loadavg_before"] = [round(x, 2) for x in load]
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result)
