@@ -162,56 +162,90 @@ def check_runs(uri: str, points: int, folds: int) -> dict[str, Any]:
             "experiment_id": experiments[0].experiment_id if experiments else None, "problems": problems}
 
 
-def look_in_browser(link: str, grid_name: str, point_names: list[str], fold_names: Optional[list[str]] = None,
-                    seen: Optional[dict[str, Any]] = None) -> list[str]:
-    """Open the printed link in headless Chromium: one parent row (the grid), its points once
-    expanded; with ``fold_names`` (the folds of ``point_names[0]``), that point's folds once it is
-    expanded too. ``seen`` gets how long the page took to show the parent row (from the link's
-    navigation), and the row counts met. Returns problems (empty: as expected)."""
+def look_in_browser(link: str, grid_name: str, point_names: list[str], folds: int,
+                    point_page: Optional[str] = None, seen: Optional[dict[str, Any]] = None) -> list[str]:
+    """Open the printed link in headless Chromium and look as a user does: the runs table shows
+    the grid parent as its one expandable row (``seen["parent_row_s"]``: seconds from the link's
+    navigation); expanded, point rows under it (at least 3 of ``point_names``); the first point
+    row shown, expanded, its ``folds`` fold rows. Then ``point_page`` (the run page of
+    ``point_names[0]``): its "Child runs" box names that point's folds. Returns problems (empty:
+    as expected); ``seen`` also gets the other timings and, when the table was not as expected,
+    the top of the page's text."""
     import shutil
 
-    from test_mlflow_ui import EXPANDER, Browser
+    from test_mlflow_ui import Browser
 
     chromium = shutil.which("chromium")
     if not chromium:
         return ["chromium is not installed (apt-get install chromium)"]
     seen = {} if seen is None else seen
+    fold_names = lambda point: [f"{point}/fold-{k}" for k in range(folds)]  # noqa: E731
+    problems: list[str] = []
     browser = Browser(chromium)
     try:
         started = time.monotonic()
         browser.open(link)
-        browser.wait_text(grid_name, timeout_s=180)
-        seen["parent_row_s"] = round(time.monotonic() - started, 2)
-        rows = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
-        if rows != 1:
-            return [f"{rows} expandable parent rows before expanding, not 1"]
-        browser.js(f"document.querySelector('{EXPANDER}').click()")
-        started = time.monotonic()
-        browser.wait_text(*point_names[:3], timeout_s=180)
-        seen["points_shown_s"] = round(time.monotonic() - started, 2)
-        seen["expandable_rows_after"] = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
-        if not fold_names:
-            return []
-        shown = [name for name in fold_names if name in browser.text()]
-        if shown:
-            return [f"folds {shown} shown before their point was expanded"]
-        # The point's own expander: the one in the row whose run-name cell reads that point's name.
-        clicked = browser.js(f"""(() => {{
-            const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
-                c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({point_names[0]!r}));
-            if (!cell) return false;
-            cell.querySelector('{EXPANDER}').click();
-            return true; }})()""")
-        if not clicked:
-            return [f"the point row {point_names[0]!r} has no expand button once the grid is expanded"]
-        started = time.monotonic()
-        browser.wait_text(*fold_names, timeout_s=180)
-        seen["folds_shown_s"] = round(time.monotonic() - started, 2)
-        return []
-    except AssertionError as err:
-        return [str(err)[:2000]]
+        try:
+            problems += _look_at_table(browser, grid_name, point_names, fold_names, started, seen)
+        except AssertionError as err:
+            problems.append(str(err)[:300])
+            seen["table_text"] = browser.text()[:1500]
+        if point_page:
+            started = time.monotonic()
+            browser.open(point_page)
+            try:
+                browser.wait_text("Child runs", *fold_names(point_names[0]), timeout_s=180)
+                seen["point_page_folds_s"] = round(time.monotonic() - started, 2)
+            except AssertionError as err:
+                problems.append(f"the run page of {point_names[0]}: {str(err)[:300]}")
+        return problems
     finally:
         browser.close()
+
+
+def _look_at_table(browser: Any, grid_name: str, point_names: list[str], fold_names, started: float,
+                   seen: dict[str, Any]) -> list[str]:
+    """The runs table's part of :func:`look_in_browser` (an AssertionError: something never showed)."""
+    from test_mlflow_ui import EXPANDER
+
+    browser.wait_text(grid_name, timeout_s=180)
+    seen["parent_row_s"] = round(time.monotonic() - started, 2)
+    rows = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
+    if rows != 1:
+        seen["table_text"] = browser.text()[:1500]
+        return [f"{rows} expandable parent rows before expanding, not 1"]
+    browser.js(f"document.querySelector('{EXPANDER}').click()")
+    started = time.monotonic()
+    wanted = min(3, len(point_names))
+    while len(shown := [n for n in point_names if n in browser.text().splitlines()]) < wanted:
+        assert time.monotonic() - started < 180, f"{len(shown)} point rows shown once the grid was expanded"
+        time.sleep(0.25)
+    seen["points_shown_s"] = round(time.monotonic() - started, 2)
+    seen["point_rows_shown"] = len(shown)
+    first = shown[0]
+    if [name for name in fold_names(first) if name in browser.text()]:
+        return [f"folds of {first} shown before it was expanded"]
+    # The point's own expander: the one in the row whose run-name cell reads that point's name.
+    clicked = browser.js(f"""(() => {{
+        const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
+            c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({first!r}));
+        if (!cell) return false;
+        cell.querySelector('{EXPANDER}').click();
+        return true; }})()""")
+    if not clicked:
+        return [f"the point row {first!r} has no expand button once the grid is expanded"]
+    started = time.monotonic()
+    browser.wait_text(*fold_names(first), timeout_s=180)
+    seen["folds_shown_s"] = round(time.monotonic() - started, 2)
+    return []
+
+
+def point_page(uri: str, experiment_id: Optional[str], name: str) -> Optional[str]:
+    """The MLflow UI's page of the run named ``name`` (a grid point's parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(uri).search_runs([experiment_id], f"attributes.run_name = '{name}'") if experiment_id else []
+    return f"{uri}/#/experiments/{experiment_id}/runs/{found[0].info.run_id}" if found else None
 
 
 def process_cpu_s(pid: int) -> float:
@@ -293,10 +327,10 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
             hint = next((line for line in done.stdout.splitlines() if "view it: open " in line), "")
         if browser and server is not None:
             link = hint.split("view it: open ", 1)[1].split()[0] if "view it: open " in hint else None
-            names = [f"lr={format_value(lr)}" for lr in learning_rates(min(points, 3))]
-            folds_of_first = [f"{names[0]}/fold-{k}" for k in range(folds)]
+            names = [f"lr={format_value(lr)}" for lr in learning_rates(points)]
+            page = point_page(uri, result["experiment_id"], names[0])
             seen: dict[str, Any] = {}
-            result["browser_problems"] = (look_in_browser(link, "scale grid", names, folds_of_first, seen) if link
+            result["browser_problems"] = (look_in_browser(link, "scale grid", names, folds, page, seen) if link
                                           else [f"no link to the experiment's runs (printed: {hint!r})"])
             result["browser"] = seen
     finally:
