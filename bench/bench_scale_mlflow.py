@@ -225,19 +225,48 @@ def _look_at_table(browser: Any, grid_name: str, point_names: list[str], fold_na
     first = shown[0]
     if [name for name in fold_names(first) if name in browser.text()]:
         return [f"folds of {first} shown before it was expanded"]
-    # The point's own expander: the one in the row whose run-name cell reads that point's name.
-    clicked = browser.js(f"""(() => {{
-        const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
-            c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({first!r}));
-        if (!cell) return false;
-        cell.querySelector('{EXPANDER}').click();
-        return true; }})()""")
-    if not clicked:
-        return [f"the point row {first!r} has no expand button once the grid is expanded"]
-    started = time.monotonic()
+    started, clicks = time.monotonic(), 0
+    while not _expand_row(browser, first):
+        # Its folds are not among the runs loaded yet (100 a page): load more, as a user does.
+        if clicks == 20 or not _load_more(browser):
+            return [f"the point row {first!r} has no expand button once the grid is expanded "
+                    f"(after {clicks} clicks on Load more)"]
+        clicks += 1
+    seen["load_more_clicks"] = clicks
     browser.wait_text(*fold_names(first), timeout_s=180)
     seen["folds_shown_s"] = round(time.monotonic() - started, 2)
     return []
+
+
+def _expand_row(browser: Any, name: str) -> bool:
+    """Click the expand button of the row whose run-name cell reads ``name``; False: none."""
+    from test_mlflow_ui import EXPANDER
+
+    return browser.js(f"""(() => {{
+        const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
+            c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({name!r}));
+        if (!cell) return false;
+        cell.querySelector('{EXPANDER}').click();
+        return true; }})()""")
+
+
+def _load_more(browser: Any, timeout_s: float = 120) -> bool:
+    """Click the table's "Load more" and wait for its "N matching runs" to grow; False: no button
+    or nothing more came."""
+    def loaded() -> int:
+        found = re.search(r"(\d+) matching runs", browser.text())
+        return int(found.group(1)) if found else 0
+
+    before = loaded()
+    if not browser.js("""(() => { const b = [...document.querySelectorAll('button')].find(b =>
+            b.innerText.trim() === 'Load more'); if (b) b.click(); return Boolean(b); })()"""):
+        return False
+    deadline = time.monotonic() + timeout_s
+    while loaded() <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
 
 
 def point_page(uri: str, experiment_id: Optional[str], name: str) -> Optional[str]:
@@ -322,7 +351,7 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
 
             made = json.loads(done.stdout.strip().splitlines()[-1])
             result["set_parts_s"] = {k: made[k] for k in ("planned_s", "identified_s", "trained_s")}
-            hint = ui_hint(uri, run_id_of(made["top_journal"], uri), made["top_journal"]) or ""
+            hint = ui_hint(uri, run_id_of(made["top_journal"], uri), made["top_journal"], made["set_id"]) or ""
         else:
             hint = next((line for line in done.stdout.splitlines() if "view it: open " in line), "")
         if browser and server is not None:
