@@ -7,11 +7,14 @@ stopped after, or straight into a SQLite file (``--store sqlite-file``: no serve
 
 Measured: the set's wall time; the shipper processes that ran (at most one at a time is the
 design: one per host, never one MLflow import per trial) and their CPU seconds (each host shipper
-logs its own at exit), per trial; how long after the set ended everything was shipped. Checked:
-one experiment holding every run, each fold under its grid point and each point under the grid
-parent, nothing RUNNING, every shipper gone at the end; ``--browser``: the experiment page
+logs its own at exit), per trial; the server's CPU seconds; runs shipped per second (runs over
+the set's time plus the shipping after it); how long after the set ended everything was shipped.
+Checked: one experiment holding every run, each fold under its grid point and each point under
+the grid parent, nothing RUNNING, every shipper gone at the end; ``--browser``: the runs page
 opened in headless Chromium at the link ``orch kfold`` printed shows the grid parent as the one
-parent row, and its points once expanded.
+parent row (timed from the link's navigation), its points once expanded, and the first point's
+folds once that point is expanded ("Load more" clicked until they are loaded: 100 runs a page);
+the first point's run page lists its folds ("Child runs").
 
     .venv/bin/python bench/bench_scale_mlflow.py --points 100 --folds 2 --browser   # 200 trials
     .venv/bin/python bench/bench_scale_mlflow.py --points 10 --folds 2 --store sqlite-file
@@ -24,9 +27,8 @@ its parent runs and every trial's journal and config made by orch's own function
 parents' metrics and end (``log_summaries``); the host shipper (started by orch as the jobs start
 it), the server, the store, the browser. Stood in for: the trainer (made-up losses and mAPs,
 no model or data), each fold's COCO evaluation, and the job processes (one process writes the
-trials one after another). See ``bench/synthetic_kfold.py``. Also measured then: runs shipped
-per second, the server's CPU, how long the page takes to show the parent row; checked: one point
-opened in the page shows its folds.
+trials one after another; a trial's training-curves picture is not drawn). See
+``bench/synthetic_kfold.py``.
 
     .venv/bin/python bench/bench_scale_mlflow.py --synthetic --points 200 --folds 5 --browser   # 1000 trials
 
