@@ -53,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "orchestrator" / "tracking")]
 
 SHIPPER_MARKS = ("orchestrator.tracking.shipper",)  # the host shipper runs as `shipper --host`
+VIEWPORT = "document.querySelector('.ag-body-viewport')"  # the runs table's scrolled part
 
 
 class ShipperWatch:
@@ -241,29 +242,44 @@ def _look_at_table(browser: Any, grid_name: str, point_names: list[str], fold_na
 
 
 def _expand_row(browser: Any, name: str) -> bool:
-    """Click the expand button of the row whose run-name cell reads ``name``; False: none."""
+    """Click the expand button of the row whose run-name cell reads ``name``, scrolling the table
+    from its top (it renders only the rows near the visible ones); False: no such button."""
     from test_mlflow_ui import EXPANDER
 
-    return browser.js(f"""(() => {{
+    click = f"""(() => {{
         const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
             c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({name!r}));
         if (!cell) return false;
         cell.querySelector('{EXPANDER}').click();
-        return true; }})()""")
+        return true; }})()"""
+    height = browser.js(f"{VIEWPORT}.scrollHeight") or 0
+    step = max(200, browser.js(f"{VIEWPORT}.clientHeight") or 0)
+    for top in range(0, height + step, step):
+        browser.js(f"{VIEWPORT}.scrollTop = {top}")
+        time.sleep(0.3)
+        if browser.js(click):
+            return True
+    return False
 
 
 def _load_more(browser: Any, timeout_s: float = 120) -> bool:
-    """Click the table's "Load more" and wait for its "N matching runs" to grow; False: no button
-    or nothing more came."""
+    """Scroll to the table's end, click its "Load more" and wait for its "N matching runs" to
+    grow; False: no button came, or nothing more."""
     def loaded() -> int:
         found = re.search(r"(\d+) matching runs", browser.text())
         return int(found.group(1)) if found else 0
 
     before = loaded()
-    if not browser.js("""(() => { const b = [...document.querySelectorAll('button')].find(b =>
-            b.innerText.trim() === 'Load more'); if (b) b.click(); return Boolean(b); })()"""):
-        return False
+    click = """(() => { const b = [...document.querySelectorAll('button')].find(b =>
+        b.innerText.trim() === 'Load more'); if (b) b.click(); return Boolean(b); })()"""
     deadline = time.monotonic() + timeout_s
+    while True:
+        browser.js(f"{VIEWPORT}.scrollTop = {VIEWPORT}.scrollHeight")
+        if browser.js(click):
+            break
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
     while loaded() <= before:
         if time.monotonic() > deadline:
             return False
