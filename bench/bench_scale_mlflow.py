@@ -346,7 +346,8 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
                                   capture_output=True, text=True, timeout=6 * 3600)
             result["set_s"] = round(time.monotonic() - started, 1)
             if done.returncode != 0:
-                raise RuntimeError(f"{command[1]} failed ({done.returncode}): {done.stdout[-3000:]}{done.stderr[-3000:]}")
+                raise RuntimeError(f"{command[1]} failed ({done.returncode}): "
+                                   f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
             echo(f"set of {points * folds} trials done in {result['set_s']} s; waiting for the shipper")
             deadline = time.monotonic() + 900
             while watch.alive() and time.monotonic() < deadline:

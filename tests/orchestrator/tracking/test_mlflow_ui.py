@@ -227,7 +227,8 @@ def test_the_link_orch_prints_asks_for_the_training_view(tmp_path):
     # a k-fold set's link: that set's runs, oldest first (its parents lead the first page of 100)
     assert ui_url("http://mlflow.lab:5000", "7", kfold_set="3f2a9c01bd") == (
         "http://mlflow.lab:5000/#/experiments/7/runs?workflowType=machine_learning"
-        "&searchFilter=tags.%60orch.kfold_set%60%20%3D%20%273f2a9c01bd%27&orderByKey=attributes.start_time&orderByAsc=true")
+        "&searchFilter=tags.%60orch.kfold_set%60%20%3D%20%273f2a9c01bd%27"
+        "&orderByKey=attributes.start_time&orderByAsc=true")
     journal = Journal.create(tmp_path / "journal", "exp", "run")
     uri = "http://mlflow.lab:5000"
     assert mlflow_ui_hint(uri, None, journal.folder) == "view it: open http://mlflow.lab:5000"  # not shipped yet
