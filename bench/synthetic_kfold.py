@@ -67,6 +67,8 @@ class StandInTrainer:
 
 @dataclass
 class _Best:
+    """The checkpointer's part the journal hook reads: its best-metric record."""
+
     best: dict[str, Any] = field(default_factory=dict)
 
 
