@@ -7,14 +7,30 @@ stopped after, or straight into a SQLite file (``--store sqlite-file``: no serve
 
 Measured: the set's wall time; the shipper processes that ran (at most one at a time is the
 design: one per host, never one MLflow import per trial) and their CPU seconds (each host shipper
-logs its own at exit), per trial; how long after the set ended everything was shipped. Checked:
-one experiment holding every run, each fold under its grid point and each point under the grid
-parent, nothing RUNNING, every shipper gone at the end; ``--browser``: the experiment page
+logs its own at exit), per trial; the server's CPU seconds; runs shipped per second (runs over
+the set's time plus the shipping after it); how long after the set ended everything was shipped.
+Checked: one experiment holding every run, each fold under its grid point and each point under
+the grid parent, nothing RUNNING, every shipper gone at the end; ``--browser``: the runs page
 opened in headless Chromium at the link ``orch kfold`` printed shows the grid parent as the one
-parent row, and its points once expanded.
+parent row (timed from the link's navigation), its points once expanded, and the first point's
+folds once that point is expanded ("Load more" clicked until they are loaded: 100 runs a page);
+the first point's run page lists its folds ("Child runs").
 
     .venv/bin/python bench/bench_scale_mlflow.py --points 100 --folds 2 --browser   # 200 trials
     .venv/bin/python bench/bench_scale_mlflow.py --points 10 --folds 2 --store sqlite-file
+
+``--synthetic``: the same set, everything but the training (1000 trials in minutes; each real
+trial is a torch process training 2 iterations, ~12 s of this machine). Real: the set planned,
+its parent runs and every trial's journal and config made by orch's own functions in
+``run_kfold``'s order; each trial's journal lines written by training's own hooks
+(``JournalHook``, ``SystemMetricsHook``) and ended as a job's end does; the report and the
+parents' metrics and end (``log_summaries``); the host shipper (started by orch as the jobs start
+it), the server, the store, the browser. Stood in for: the trainer (made-up losses and mAPs,
+no model or data), each fold's COCO evaluation, and the job processes (one process writes the
+trials one after another; a trial's training-curves picture is not drawn). See
+``bench/synthetic_kfold.py``.
+
+    .venv/bin/python bench/bench_scale_mlflow.py --synthetic --points 200 --folds 5 --browser   # 1000 trials
 
 A JSON summary goes to stdout's last line (and ``--out FILE``).
 """
@@ -37,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "tests" / "orchestrator" / "tracking")]
 
 SHIPPER_MARKS = ("orchestrator.tracking.shipper",)  # the host shipper runs as `shipper --host`
+VIEWPORT = "document.querySelector('.ag-body-viewport')"  # the runs table's scrolled part
 
 
 class ShipperWatch:
@@ -148,35 +165,155 @@ def check_runs(uri: str, points: int, folds: int) -> dict[str, Any]:
             "experiment_id": experiments[0].experiment_id if experiments else None, "problems": problems}
 
 
-def look_in_browser(link: str, grid_name: str, point_names: list[str]) -> list[str]:
-    """Open the printed link in headless Chromium: one parent row (the grid), its points once
-    expanded. Returns problems (empty: as expected)."""
+def look_in_browser(link: str, grid_name: str, point_names: list[str], folds: int,
+                    point_page: Optional[str] = None, seen: Optional[dict[str, Any]] = None) -> list[str]:
+    """Open the printed link in headless Chromium and look as a user does: the runs table shows
+    the grid parent as its one expandable row (``seen["parent_row_s"]``: seconds from the link's
+    navigation); expanded, point rows under it (at least 3 of ``point_names``); the first point
+    row shown, expanded, its ``folds`` fold rows. Then ``point_page`` (the run page of
+    ``point_names[0]``): its "Child runs" box names that point's folds. Returns problems (empty:
+    as expected); ``seen`` also gets the other timings and, when the table was not as expected,
+    the top of the page's text."""
     import shutil
 
-    from test_mlflow_ui import EXPANDER, Browser
+    from test_mlflow_ui import Browser
 
     chromium = shutil.which("chromium")
     if not chromium:
         return ["chromium is not installed (apt-get install chromium)"]
+    seen = {} if seen is None else seen
+    fold_names = lambda point: [f"{point}/fold-{k}" for k in range(folds)]  # noqa: E731
+    problems: list[str] = []
     browser = Browser(chromium)
     try:
+        started = time.monotonic()
         browser.open(link)
-        browser.wait_text(grid_name, timeout_s=180)
-        rows = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
-        if rows != 1:
-            return [f"{rows} expandable parent rows before expanding, not 1"]
-        browser.js(f"document.querySelector('{EXPANDER}').click()")
-        browser.wait_text(*point_names[:3], timeout_s=180)
-        return []
-    except AssertionError as err:
-        return [str(err)[:2000]]
+        try:
+            problems += _look_at_table(browser, grid_name, point_names, fold_names, started, seen)
+        except AssertionError as err:
+            problems.append(str(err)[:300])
+            seen["table_text"] = browser.text()[:1500]
+        if point_page:
+            started = time.monotonic()
+            browser.open(point_page)
+            try:
+                browser.wait_text("Child runs", *fold_names(point_names[0]), timeout_s=180)
+                seen["point_page_folds_s"] = round(time.monotonic() - started, 2)
+            except AssertionError as err:
+                problems.append(f"the run page of {point_names[0]}: {str(err)[:300]}")
+        return problems
     finally:
         browser.close()
 
 
+def _look_at_table(browser: Any, grid_name: str, point_names: list[str], fold_names, started: float,
+                   seen: dict[str, Any]) -> list[str]:
+    """The runs table's part of :func:`look_in_browser` (an AssertionError: something never showed)."""
+    from test_mlflow_ui import EXPANDER
+
+    browser.wait_text(grid_name, timeout_s=180)
+    seen["parent_row_s"] = round(time.monotonic() - started, 2)
+    rows = browser.js(f"document.querySelectorAll('{EXPANDER}').length")
+    if rows != 1:
+        seen["table_text"] = browser.text()[:1500]
+        return [f"{rows} expandable parent rows before expanding, not 1"]
+    browser.js(f"document.querySelector('{EXPANDER}').click()")
+    started = time.monotonic()
+    wanted = min(3, len(point_names))
+    while len(shown := [n for n in point_names if n in browser.text().splitlines()]) < wanted:
+        assert time.monotonic() - started < 180, f"{len(shown)} point rows shown once the grid was expanded"
+        time.sleep(0.25)
+    seen["points_shown_s"] = round(time.monotonic() - started, 2)
+    seen["point_rows_shown"] = len(shown)
+    first = shown[0]
+    if [name for name in fold_names(first) if name in browser.text()]:
+        return [f"folds of {first} shown before it was expanded"]
+    started, clicks = time.monotonic(), 0
+    while not _expand_row(browser, first):
+        # Its folds are not among the runs loaded yet (100 a page): load more, as a user does.
+        if clicks == 20 or not _load_more(browser):
+            return [f"the point row {first!r} has no expand button once the grid is expanded "
+                    f"(after {clicks} clicks on Load more)"]
+        clicks += 1
+    seen["load_more_clicks"] = clicks
+    browser.wait_text(*fold_names(first), timeout_s=180)
+    seen["folds_shown_s"] = round(time.monotonic() - started, 2)
+    return []
+
+
+def _expand_row(browser: Any, name: str) -> bool:
+    """Click the expand button of the row whose run-name cell reads ``name``, scrolling the table
+    from its top (it renders only the rows near the visible ones); False: no such button."""
+    from test_mlflow_ui import EXPANDER
+
+    click = f"""(() => {{
+        const cell = [...document.querySelectorAll('.ag-row [col-id]')].find(c =>
+            c.querySelector('{EXPANDER}') && c.innerText.trim().split('\\n').includes({name!r}));
+        if (!cell) return false;
+        cell.querySelector('{EXPANDER}').click();
+        return true; }})()"""
+    height = browser.js(f"{VIEWPORT}.scrollHeight") or 0
+    step = max(200, browser.js(f"{VIEWPORT}.clientHeight") or 0)
+    for top in range(0, height + step, step):
+        browser.js(f"{VIEWPORT}.scrollTop = {top}")
+        time.sleep(0.3)
+        if browser.js(click):
+            return True
+    return False
+
+
+def _load_more(browser: Any, timeout_s: float = 120) -> bool:
+    """Scroll to the table's end, click its "Load more" and wait for its "N matching runs" to
+    grow; False: no button came, or nothing more."""
+    def loaded() -> int:
+        found = re.search(r"(\d+) matching runs", browser.text())
+        return int(found.group(1)) if found else 0
+
+    before = loaded()
+    click = """(() => { const b = [...document.querySelectorAll('button')].find(b =>
+        b.innerText.trim() === 'Load more'); if (b) b.click(); return Boolean(b); })()"""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        browser.js(f"{VIEWPORT}.scrollTop = {VIEWPORT}.scrollHeight")
+        if browser.js(click):
+            break
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    while loaded() <= before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
+    return True
+
+
+def point_page(uri: str, experiment_id: Optional[str], name: str) -> Optional[str]:
+    """The MLflow UI's page of the run named ``name`` (a grid point's parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(uri).search_runs([experiment_id], f"attributes.run_name = '{name}'") if experiment_id else []
+    return f"{uri}/#/experiments/{experiment_id}/runs/{found[0].info.run_id}" if found else None
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children so far (the server's uvicorn worker)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    except psutil.Error:
+        pass
+    return round(total, 2)
+
+
 def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store: str = "postgres",
-              max_parallel: int = 2, browser: bool = False, echo=print) -> dict[str, Any]:
-    """The whole measurement in ``folder`` (servers stopped after); returns the summary."""
+              max_parallel: int = 2, browser: bool = False, synthetic: bool = False, echo=print) -> dict[str, Any]:
+    """The whole measurement in ``folder`` (servers stopped after); returns the summary.
+    ``synthetic``: the set made by ``synthetic_kfold.py`` (training stood in for), not ``orch kfold``."""
     from orchestrator.kfold.expand import format_value
     from pg_helpers import Postgres
     from ship_helpers import MlflowServer
@@ -186,7 +323,7 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
     (folder / "server").mkdir(parents=True, exist_ok=True)
     home = folder / "home"
     result: dict[str, Any] = {"points": points, "folds": folds, "trials": points * folds, "iterations": iterations,
-                              "store": store, "max_parallel": max_parallel}
+                              "store": store, "max_parallel": max_parallel, "synthetic": synthetic}
     try:
         if pg is not None:
             pg.start()
@@ -200,14 +337,17 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
         env = dict(os.environ, ORCH_HOME=str(home), ORCH_RUNTIME_DIR=str(folder / "rt"), ORCH_CPU_SLOTS="2",
                    OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{folder / 'wrong.db'}")
         env.pop("MASTER_PORT", None)
+        command = ([sys.executable, str(REPO / "bench" / "synthetic_kfold.py"), str(path)] if synthetic else
+                   [sys.executable, "-m", "orchestrator.cli", "kfold", str(path), "--backend", "local"])
+        server_cpu = process_cpu_s(server.proc.pid) if server is not None else None
         with ShipperWatch(home) as watch:
             started = time.monotonic()
-            done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "kfold", str(path), "--backend", "local",
-                                   "--max-parallel", str(max_parallel)], env=env, cwd=folder, capture_output=True,
-                                  text=True, timeout=6 * 3600)
+            done = subprocess.run([*command, "--max-parallel", str(max_parallel)], env=env, cwd=folder,
+                                  capture_output=True, text=True, timeout=6 * 3600)
             result["set_s"] = round(time.monotonic() - started, 1)
             if done.returncode != 0:
-                raise RuntimeError(f"orch kfold failed ({done.returncode}): {done.stdout[-3000:]}{done.stderr[-3000:]}")
+                raise RuntimeError(f"{command[1]} failed ({done.returncode}): "
+                                   f"{done.stdout[-3000:]}{done.stderr[-3000:]}")
             echo(f"set of {points * folds} trials done in {result['set_s']} s; waiting for the shipper")
             deadline = time.monotonic() + 900
             while watch.alive() and time.monotonic() < deadline:
@@ -219,15 +359,28 @@ def run_scale(folder: Path, points: int, folds: int, iterations: int = 2, store:
         runs, cpu = shipper_cpu(home)
         result["host_shipper_runs"], result["shipper_cpu_s"] = runs, round(cpu, 2)
         result["shipper_cpu_s_per_trial"] = round(cpu / (points * folds), 4)
+        if server is not None:
+            result["server_cpu_s"] = round(process_cpu_s(server.proc.pid) - server_cpu, 2)
         result["busy_retries"] = busy_retries(home)
         result.update(check_runs(uri, points, folds))
+        result["runs_shipped_per_s"] = round(result["runs"] / (result["set_s"] + result["shipped_after_set_s"]), 1)
         result["wrong_store_written"] = (folder / "wrong.db").exists()
+        if synthetic:
+            from orchestrator.tracking.runs import run_id_of, ui_hint
+
+            made = json.loads(done.stdout.strip().splitlines()[-1])
+            result["set_parts_s"] = {k: made[k] for k in ("planned_s", "identified_s", "trained_s")}
+            hint = ui_hint(uri, run_id_of(made["top_journal"], uri), made["top_journal"], made["set_id"]) or ""
+        else:
+            hint = next((line for line in done.stdout.splitlines() if "view it: open " in line), "")
         if browser and server is not None:
-            link = next((line.split("view it: open ", 1)[1].split()[0] for line in done.stdout.splitlines()
-                         if "view it: open " in line), None)
-            names = [f"lr={format_value(lr)}" for lr in learning_rates(min(points, 3))]
-            result["browser_problems"] = (look_in_browser(link, "scale grid", names) if link
-                                          else ["orch kfold printed no link"])
+            link = hint.split("view it: open ", 1)[1].split()[0] if "view it: open " in hint else None
+            names = [f"lr={format_value(lr)}" for lr in learning_rates(points)]
+            page = point_page(uri, result["experiment_id"], names[0])
+            seen: dict[str, Any] = {}
+            result["browser_problems"] = (look_in_browser(link, "scale grid", names, folds, page, seen) if link
+                                          else [f"no link to the experiment's runs (printed: {hint!r})"])
+            result["browser"] = seen
     finally:
         if server is not None:
             server.stop()
@@ -244,12 +397,14 @@ def main() -> int:
     parser.add_argument("--store", choices=("postgres", "sqlite", "sqlite-file"), default="postgres")
     parser.add_argument("--max-parallel", type=int, default=2)
     parser.add_argument("--browser", action="store_true", help="also open the experiment page in headless Chromium")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="everything but the training: the set's journals written by training's hooks, no model")
     parser.add_argument("--out", default=None, help="write the JSON summary here too")
     args = parser.parse_args()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-scale-mlflow-") as tmp:
         result = run_scale(Path(tmp), args.points, args.folds, args.iterations, args.store, args.max_parallel,
-                           args.browser)
+                           args.browser, args.synthetic)
     result["loadavg_before"] = [round(x, 2) for x in load]
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result)

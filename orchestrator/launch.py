@@ -199,13 +199,24 @@ class Launch:
 
     def submit(self, plan: Plan, continue_runs: Optional[bool] = None,
                tracking: Optional[Sequence[dict[str, Any]]] = None) -> tuple[Plan, list[JobHandle]]:
-        """Write the identity of every job of ``plan`` (config files, journals) and start that
-        plan (planned and preflighted already). ``tracking``: per job, ``tracking.*`` keys decided
-        only now (a k-fold trial's parent run, made after preflight); they change no part of the
-        plan but the configs written."""
+        """Write the identity of every job of ``plan`` (:meth:`identify`) and start that plan
+        (planned and preflighted already)."""
+        from orchestrator.outputs import claim
+
+        plan = self.identify(plan, continue_runs, tracking)
+        handles = [JobHandle(job_id, self.launcher.poll_s) for job_id in self.launcher.submit(plan)]
+        for job, handle in zip(plan.jobs, handles):
+            claim(job.output_dir, handle.job_id)
+        return plan, handles
+
+    def identify(self, plan: Plan, continue_runs: Optional[bool] = None,
+                 tracking: Optional[Sequence[dict[str, Any]]] = None) -> Plan:
+        """Write the identity of every job of ``plan`` (config files, journals, made durable
+        together) before any job can start; returns the plan with ``tracking``. ``tracking``: per
+        job, ``tracking.*`` keys decided only now (a k-fold trial's parent run, made after
+        preflight); they change no part of the plan but the configs written."""
         from cluster.files import fsync_paths
         from orchestrator.config import derive
-        from orchestrator.outputs import claim
 
         if tracking is not None:
             if any(not all(k.startswith("tracking.") for k in t) for t in tracking):
@@ -214,10 +225,7 @@ class Launch:
                          for job, t in zip(plan.jobs, tracking))
             plan = dataclasses.replace(plan, jobs=jobs)
         to_sync: list[str] = []
-        for job in plan.jobs:  # the journals made durable together, before any job can start
+        for job in plan.jobs:
             to_sync += write_identity(job, continue_runs, durable=len(plan.jobs) == 1)
         fsync_paths(to_sync)
-        handles = [JobHandle(job_id, self.launcher.poll_s) for job_id in self.launcher.submit(plan)]
-        for job, handle in zip(plan.jobs, handles):
-            claim(job.output_dir, handle.job_id)
-        return plan, handles
+        return plan

@@ -87,7 +87,7 @@ def kfold_cmd(experiment, folds, flags, overrides, dry_run) -> int:
         from orchestrator.tracking.runs import run_id_of
 
         hint = mlflow_ui_hint(outcome.tracking_uri, run_id_of(outcome.parent_journal, outcome.tracking_uri)
-                              if outcome.parent_journal else None, outcome.parent_journal)
+                              if outcome.parent_journal else None, outcome.parent_journal, kfold_set=outcome.set_id)
         if hint:
             click.echo(hint)
     return 0

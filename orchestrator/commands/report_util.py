@@ -32,9 +32,11 @@ def print_metrics(metrics: dict[str, float], title: str = "metrics") -> None:
     Console().print(table)
 
 
-def mlflow_ui_hint(tracking_uri: Optional[str], run_id: Optional[str], journal: Optional[str] = None) -> Optional[str]:
+def mlflow_ui_hint(tracking_uri: Optional[str], run_id: Optional[str], journal: Optional[str] = None,
+                   kfold_set: Optional[str] = None) -> Optional[str]:
     """The exact command that shows a run in the MLflow UI: the link to its experiment's runs
-    table once ``journal`` (the run's journal folder) was shipped there, else to the UI."""
+    table (``kfold_set``: that set's runs only) once ``journal`` (the run's journal folder) was
+    shipped there, else to the UI."""
     from orchestrator.tracking.runs import ui_hint
 
-    return ui_hint(tracking_uri, run_id, journal)
+    return ui_hint(tracking_uri, run_id, journal, kfold_set)

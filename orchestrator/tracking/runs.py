@@ -121,23 +121,37 @@ def experiment_id_of(folder: str, uri: Optional[str]) -> Optional[str]:
     return load_cursor(folder, uri).experiment_id
 
 
-def ui_url(uri: str, experiment_id: Optional[str] = None) -> str:
+def ui_url(uri: str, experiment_id: Optional[str] = None, kfold_set: Optional[str] = None) -> str:
     """The MLflow UI page that shows an experiment's runs: its runs table (nested runs under
     their parents) in the UI's model-training view; the UI's front page without an experiment.
-    A server URI is its own UI; any other store is shown by ``mlflow ui`` at its default address."""
+    A server URI is its own UI; any other store is shown by ``mlflow ui`` at its default address.
+
+    ``kfold_set``: the table shows that set's runs only (its tag ``orch.kfold_set``), oldest first.
+    The UI loads 100 runs a page and nests a run under its parent only when both are loaded; it
+    fetches the missing parents of what it loaded, one level up. Newest first, a grid set of more
+    than 100 runs fills the first page with its last folds: their points become top-level rows and
+    the grid parent is not shown. Oldest first, the set's parents (made before its trials) lead:
+    the grid is the one top-level row, its points under it."""
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI_DEFAULT
     if not experiment_id:
         return base
-    return f"{base}/#/experiments/{experiment_id}/runs?{UI_TRAINING_VIEW}"
+    url = f"{base}/#/experiments/{experiment_id}/runs?{UI_TRAINING_VIEW}"
+    if kfold_set:
+        url += "&" + urllib.parse.urlencode({"searchFilter": f"tags.`orch.kfold_set` = '{kfold_set}'",
+                                             "orderByKey": "attributes.start_time", "orderByAsc": "true"},
+                                            quote_via=urllib.parse.quote)
+    return url
 
 
-def ui_hint(uri: Optional[str], run_id: Optional[str] = None, journal: Optional[str] = None) -> Optional[str]:
+def ui_hint(uri: Optional[str], run_id: Optional[str] = None, journal: Optional[str] = None,
+            kfold_set: Optional[str] = None) -> Optional[str]:
     """``view it: open <link>   (run <id>)``: what shows a run in the MLflow UI (for a SQLite
     store, the ``mlflow ui`` command first). The link is its experiment's runs table once the
-    journal ``journal`` was shipped to ``uri``, else the UI's front page."""
+    journal ``journal`` was shipped to ``uri`` (``kfold_set``: that set's runs, see :func:`ui_url`),
+    else the UI's front page."""
     if not uri:
         return None
-    url = ui_url(uri, experiment_id_of(journal, uri) if journal else None)
+    url = ui_url(uri, experiment_id_of(journal, uri) if journal else None, kfold_set)
     where = f"open {url}" if uri.startswith(("http://", "https://")) else \
         f"mlflow ui --backend-store-uri {uri}, then open {url}"
     return f"view it: {where}" + (f"   (run {run_id})" if run_id else "")

@@ -224,6 +224,11 @@ def test_the_link_orch_prints_asks_for_the_training_view(tmp_path):
     assert ui_url("http://mlflow.lab:5000/", "7") == "http://mlflow.lab:5000/#/experiments/7/runs?workflowType=machine_learning"
     assert ui_url("http://mlflow.lab:5000") == "http://mlflow.lab:5000"
     assert ui_url("sqlite:////data/mlflow.db", "3").startswith("http://127.0.0.1:5000/#/experiments/3/runs?")
+    # a k-fold set's link: that set's runs, oldest first (its parents lead the first page of 100)
+    assert ui_url("http://mlflow.lab:5000", "7", kfold_set="3f2a9c01bd") == (
+        "http://mlflow.lab:5000/#/experiments/7/runs?workflowType=machine_learning"
+        "&searchFilter=tags.%60orch.kfold_set%60%20%3D%20%273f2a9c01bd%27"
+        "&orderByKey=attributes.start_time&orderByAsc=true")
     journal = Journal.create(tmp_path / "journal", "exp", "run")
     uri = "http://mlflow.lab:5000"
     assert mlflow_ui_hint(uri, None, journal.folder) == "view it: open http://mlflow.lab:5000"  # not shipped yet
@@ -241,12 +246,14 @@ def test_a_kfold_set_in_the_mlflow_ui(make_experiment, local_orch_env, own_serve
     path = make_experiment(name="shapes", **{"kfold.folds": 2, "kfold.allow_small_classes": True,
                                              "tracking.uri": own_server.uri, "tracking.experiment": None})
     assert cli(["kfold", str(path), "--backend", "local"]) == 0
-    link = printed_link(capsys.readouterr().out, "view it: open ")
+    output = capsys.readouterr().out
+    link = printed_link(output, "view it: open ")
     wait_all_shipped(tmp_path / "work", own_server.uri)
     from mlflow.tracking import MlflowClient
 
     experiment = MlflowClient(own_server.uri).get_experiment_by_name("shapes").experiment_id
-    assert link == ui_url(own_server.uri, experiment)
+    set_id = link.split("%27")[1]  # the set's runs only (see ui_url)
+    assert link == ui_url(own_server.uri, experiment, kfold_set=set_id) and f"k-fold set {set_id}:" in output
     look_at_runs(browser, link, "shapes k-fold", ["fold-0", "fold-1"], tmp_path / "mlflow_kfold.png",
                  ("bbox_mAP", "mean/bbox_mAP", "std/bbox_mAP", "optim.lr"))
     assert experiments_listed(browser, own_server.uri) == {"shapes", "Default"}  # Default: MLflow's own, empty
