@@ -36,9 +36,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 def pytest_configure(config):
     # In pytest_configure, not at import: every xdist worker (which inherits the controller's
     # environment) gets an id of its own, and loading this file by path again changes nothing.
+    from cpu_accounting import register
     from orch_testing import SESSION_VAR
 
     os.environ[SESSION_VAR] = uuid.uuid4().hex
+    register(config)  # CPU per test, only when ORCH_TEST_CPU_LOG is set
 
 
 @pytest.fixture(scope="session", autouse=True)
