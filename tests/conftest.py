@@ -271,10 +271,27 @@ def _group_of(item) -> str | None:
     return None
 
 
+# Test files whose tests take minutes each (seconds of one clean-clone run's --durations, and
+# their CPU seconds from ORCH_TEST_CPU_LOG): started first. pytest-xdist hands tests out in
+# collection order (after the grouped ones), and these came last alphabetically: the README's
+# examples (306 s) and the server outages (394 s) ran alone at the end of the run while the
+# other workers were idle. Only the order changes; a file missing from the list runs in place.
+LONG_FIRST = ("tests/orchestrator/tracking/test_job_outages.py", "tests/test_readme.py",
+              "tests/detection/test_learning.py", "tests/bench/test_bench_gpu_smoke.py",
+              "tests/orchestrator/tracking/test_scale_mlflow.py", "tests/orchestrator/tracking/test_ship_outages.py",
+              "tests/orchestrator/tracking/test_mlflow_ui.py", "tests/orchestrator/kfold/test_kfold_run.py")
+
+
+def _long_first(item) -> int:
+    path = Path(str(item.fspath)).as_posix()
+    return next((rank for rank, name in enumerate(LONG_FIRST) if path.endswith(name)), len(LONG_FIRST))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # tryfirst: xdist reads the group markers in its own pytest_collection_modifyitems, so a
     # marker added after it is never seen (every test of a "group" then ran on any worker).
+    items.sort(key=_long_first)  # stable: every worker collects the same order
     for item in items:
         group = _group_of(item)
         if group is None:

@@ -48,7 +48,7 @@ def test_leaves_a_child_behind():
 
 
 def _run_nested(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    for name in ("conftest.py", "orch_testing.py"):
+    for name in ("conftest.py", "orch_testing.py", "cpu_accounting.py"):
         shutil.copy(TESTS / name, tmp_path / name)
     tag = tmp_path.name
     (tmp_path / "test_leaky.py").write_text(LEAKY.replace("TAG", tag))
