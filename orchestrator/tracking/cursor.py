@@ -59,6 +59,16 @@ def cursor_path(journal_dir: str, uri: str) -> str:
     return os.path.join(journal_dir, CURSORS, f"{digest}.json")
 
 
+def _cursors_folder(path: str) -> None:
+    """Make the ``cursors`` folder of ``path``'s journal, never the journal folder itself: a journal
+    deleted while a shipper is at it stays deleted (FileNotFoundError, and the shipper drops it)
+    instead of coming back as an empty ``journal/cursors`` tree."""
+    try:
+        os.mkdir(os.path.dirname(path))
+    except FileExistsError:
+        pass
+
+
 def load_cursor(journal_dir: str, uri: str) -> Cursor:
     """The saved cursor for ``uri``, or a fresh one (nothing shipped, no run yet)."""
     uri = normalize_uri(uri)
@@ -72,7 +82,7 @@ def load_cursor(journal_dir: str, uri: str) -> Cursor:
 def save_cursor(journal_dir: str, cursor: Cursor) -> None:
     """Write the cursor atomically (readers see the old one or the new one)."""
     path = cursor_path(journal_dir, cursor.uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _cursors_folder(path)
     write_json_atomic(path, dataclasses.asdict(cursor))
 
 
@@ -87,7 +97,7 @@ def cursor_lock(journal_dir: str, uri: str) -> Iterator[None]:
     """Hold an exclusive lock on this journal's cursor for ``uri`` (blocks while another
     shipper holds it). Where the file system refuses locks, goes on unlocked with a warning."""
     path = cursor_path(journal_dir, uri)[: -len(".json")] + ".lock"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _cursors_folder(path)
     with file_lock(path, mode=0o644, required=False) as held:
         if not held:  # e.g. ENOLCK on a network file system without lockd
             log.warning("shipper: no lock on %s; do not run two shippers of this journal at once", path)

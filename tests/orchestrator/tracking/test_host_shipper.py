@@ -88,7 +88,7 @@ def test_deleted_folders_and_a_silent_server_after_the_job_let_it_exit(tmp_path,
         while not load_cursor(deleted.folder, sqlite_uri).offset:  # followed while its job runs
             assert time.monotonic() < deadline, shipper_log(home)
             time.sleep(0.2)
-        shutil.rmtree(tmp_path / "deleted")
+        remove_tree(tmp_path / "deleted")
         while len(registry.entries()) > 1:
             assert time.monotonic() < deadline, shipper_log(home)
             time.sleep(0.2)
@@ -103,6 +103,17 @@ def test_deleted_folders_and_a_silent_server_after_the_job_let_it_exit(tmp_path,
     assert f"{deleted.folder} no longer followed: its folder is gone" in log
     assert f"{silent.folder} no longer followed: {closed} did not answer for 3 s after the job ended" in log
     assert registry.entries() == [] and not os.path.exists(os.path.join(silent.folder, "cursors"))
+    assert not (tmp_path / "deleted").exists(), "the shipper made the deleted journal's folder again"
+
+
+def remove_tree(path: Path, timeout_s: float = 30) -> None:
+    """``rm -rf`` of a journal while its shipper may be writing a cursor into it: a file made
+    between rmtree's listing and its rmdir fails that one; again until the folder is gone (the
+    shipper never makes a journal's folder again once it is gone)."""
+    deadline = time.monotonic() + timeout_s
+    while path.exists():
+        assert time.monotonic() < deadline, f"{path} keeps coming back"
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_journal_registered_while_the_shipper_exits_is_not_left_alone(tmp_path):

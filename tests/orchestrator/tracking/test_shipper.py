@@ -276,3 +276,22 @@ def test_follow_probes_a_closed_port_instead_of_waiting_in_http_retries(tmp_path
     assert result is None and time.monotonic() - started < 60  # MLflow's own retries: 4 min
     assert len([r for r in caplog.records if "does not answer; the journal keeps" in r.message]) == 1
     assert not os.path.exists(cursor_path(folder, uri))  # nothing was sent
+
+
+def test_a_cursor_is_never_saved_into_a_deleted_journal(tmp_path):
+    """A shipper between passes over a journal that was just deleted gets FileNotFoundError (and
+    drops the journal) instead of making ``journal/cursors`` again where the user deleted it."""
+    import pytest
+
+    from orchestrator.tracking.cursor import Cursor, cursor_lock, save_cursor
+
+    journal, uri = tmp_path / "run" / "journal", f"sqlite:///{tmp_path}/x.db"
+    with pytest.raises(FileNotFoundError):
+        save_cursor(str(journal), Cursor(uri))
+    with pytest.raises(FileNotFoundError):
+        with cursor_lock(str(journal), uri):
+            pass
+    assert not (tmp_path / "run").exists()
+    journal.mkdir(parents=True)  # an existing journal gets its cursors folder
+    save_cursor(str(journal), Cursor(uri, run_id="r1"))
+    assert load_cursor(str(journal), uri).run_id == "r1"
