@@ -19,6 +19,7 @@ from typing import Any
 
 from cluster.env import DistEnv
 from cluster.errors import OrchError
+from cluster.imports import heavy_imports
 from cluster.logs import setup_logging
 
 log = logging.getLogger("orchestrator.worker")
@@ -46,7 +47,8 @@ def run(config_path: str, overrides: Sequence[str] = (), hooks: Sequence[Any] = 
     try:
         if ship and env.is_main:
             start_shipping(experiment)
-        from detection.train import main as train_main  # torch loads here
+        with heavy_imports():  # torch loads here
+            from detection.train import main as train_main
 
         result = train_main(experiment, env, hooks)
         if env.is_main:

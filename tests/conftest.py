@@ -21,6 +21,7 @@ still alive of this session is given a few seconds, killed, and named.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import uuid
 from pathlib import Path
@@ -34,6 +35,10 @@ import yaml
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def pytest_configure(config):
+    # Collection imports torch, torchvision and MLflow: with the cyclic collector paused (as
+    # cluster.imports.heavy_imports does in the product), then frozen in pytest_collection_finish.
+    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
+        gc.disable()  # this process collects (an xdist controller does not)
     # In pytest_configure, not at import: every xdist worker (which inherits the controller's
     # environment) gets an id of its own, and loading this file by path again changes nothing.
     from cpu_accounting import register
@@ -303,6 +308,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session):
+    # What collection imported stays for the whole session: out of every later full collection.
+    gc.freeze()
+    gc.enable()
     # pytest 9.2 keeps a node's id in `_id`; pytest-xdist 3.8 writes the group into `_nodeid`,
     # which 9.2 no longer reads, so --dist loadgroup silently stopped grouping (two local Slurm
     # clusters at once, multihost tests split over workers). Fail at once rather than flake.

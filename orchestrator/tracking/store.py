@@ -30,6 +30,7 @@ import tempfile
 from typing import Any, Iterator, Optional
 
 from cluster.files import file_lock
+from cluster.imports import heavy_imports
 from cluster.retry import retry
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def _enable_wal(path: str) -> None:
 
 def open_client(uri: str) -> tuple[Any, list[str]]:
     """An ``MlflowClient`` for ``uri`` (one per process and URI) and warnings about the store."""
-    from mlflow.tracking import MlflowClient
+    with heavy_imports():
+        from mlflow.tracking import MlflowClient
 
     if uri in _clients:
         return _clients[uri], []
