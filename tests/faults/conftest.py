@@ -164,5 +164,19 @@ def fault_context(fault_data, fault_mlflow, tmp_path, monkeypatch):
         path.write_text(yaml.safe_dump(mapping, sort_keys=False))
         return path
 
-    return Context(folder=tmp_path, write_experiment=write_experiment, mlflow=fault_mlflow, slurm_dir=None,
-                   setenv=monkeypatch.setenv)
+    yield Context(folder=tmp_path, write_experiment=write_experiment, mlflow=fault_mlflow, slurm_dir=None,
+                  setenv=monkeypatch.setenv)
+    # The scenario's host shipper ships what is left and exits (within OWNER_GRACE_S of its jobs'
+    # end): let it, while this module's server still answers. Stopped with the module, the server
+    # would leave it waiting an hour (LINGER_S) for a destination gone for good — a leftover the
+    # session check names (run 16: the module's last scenario, its shipper still shipping).
+    _wait_no_shipper(tmp_path / "home", timeout_s=120)
+
+
+def _wait_no_shipper(home: Path, timeout_s: float) -> None:
+    from orch_testing import processes_with_env
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(
+            "tracking.shipper --host" in argv for _, argv in processes_with_env("ORCH_HOME", str(home))):
+        time.sleep(0.5)
