@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import sys
 from typing import Iterator
 
 
 @contextlib.contextmanager
 def heavy_imports() -> Iterator[None]:
-    """Run the block (imports) with the cyclic collector paused; then freeze what exists and
-    restore the collector's state. Reference counting still frees what the block drops; only
-    reference cycles made during it wait (frozen objects are never collected as cycles)."""
-    enabled = gc.isenabled()
+    """Run the block (imports) with the cyclic collector paused; then, when it imported something,
+    freeze what exists, and restore the collector's state. Reference counting still frees what the
+    block drops; frozen objects are never collected as cycles, so a block that imports nothing new
+    (a shipper's next destination, a Ray worker's next trial) freezes nothing: a long-lived
+    process's later objects stay collectable."""
+    enabled, modules = gc.isenabled(), len(sys.modules)
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if len(sys.modules) != modules:
+            gc.freeze()
         if enabled:
             gc.enable()

@@ -95,11 +95,10 @@ def _enable_wal(path: str) -> None:
 
 def open_client(uri: str) -> tuple[Any, list[str]]:
     """An ``MlflowClient`` for ``uri`` (one per process and URI) and warnings about the store."""
-    with heavy_imports():
-        from mlflow.tracking import MlflowClient
-
     if uri in _clients:
         return _clients[uri], []
+    with heavy_imports():
+        from mlflow.tracking import MlflowClient
     # Ending a run on a server prints two "View run" lines to stdout (and costs a get_run):
     # one per journal would bury the shipper's and orch sync's own summary.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 
 import pytest
 
@@ -17,12 +18,23 @@ def restore_gc():
     (gc.enable if enabled else gc.disable)()
 
 
-def test_the_collector_is_paused_inside_and_on_again_after():
+def test_the_collector_is_paused_inside_and_on_again_after(tmp_path, monkeypatch):
+    (tmp_path / "orch_fresh_module.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     gc.enable()
     with heavy_imports():
         assert not gc.isenabled()
+        import orch_fresh_module  # noqa: F401
     assert gc.isenabled()
-    assert gc.get_freeze_count() > 0  # what the block left is out of later full collections
+    assert gc.get_freeze_count() > 0  # what the block imported is out of later full collections
+    monkeypatch.delitem(sys.modules, "orch_fresh_module")
+
+
+def test_a_block_that_imports_nothing_new_freezes_nothing():
+    gc.unfreeze()
+    with heavy_imports():
+        import os  # noqa: F401 - imported long ago
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_paused_collector_stays_paused_and_an_error_still_restores():
