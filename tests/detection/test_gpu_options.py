@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from detection.hooks import Hook
 from detection.train import main
 from orchestrator.config import load_experiment
 
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = {"tracking.enable": False, "data.val": None, "checkpoint.save_best": None, "schedule.iterations": 2}
 
 
@@ -110,6 +114,26 @@ def test_cudnn_benchmark_is_on_with_cuda_unless_deterministic(make_experiment, s
         assert torch.backends.cudnn.benchmark is cpu
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_the_deterministic_flag_follows_each_config_and_costs_nothing_when_off():
+    # A fresh interpreter: torch.use_deterministic_algorithms imports torch._inductor (1.4-2
+    # CPU-s), which a rank that never asked for determinism must not pay.
+    code = """
+import sys, torch
+from types import SimpleNamespace
+from cluster.env import DistEnv
+from detection import build
+run = lambda d: SimpleNamespace(device="cpu", threads=1, seed=0, deterministic=d, cudnn_benchmark=None, amp=False)
+seen = []
+for d in (False, True, False):
+    build.setup_process(run(d), DistEnv.single())
+    seen.append((torch.are_deterministic_algorithms_enabled(), "torch._inductor" in sys.modules))
+print(seen)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[(False, False), (True, True), (False, True)]"
 
 
 def test_bf16_on_a_gpu_without_bfloat16_is_a_config_error(make_experiment, monkeypatch):
