@@ -174,6 +174,15 @@ def processes_with_env(name: str, value: str) -> list[tuple[int, str]]:
     return found
 
 
+def store_untouched(path: Path, template: Path) -> bool:
+    """True when the SQLite store ``path``, a copy of ``template`` (the ``tracking_uri`` fixture's),
+    was never opened for writing: the same bytes, and no journal or write-ahead log beside it (orch
+    turns WAL on whenever it opens a store, which rewrites the file's header)."""
+    path = Path(path)
+    beside = [path.with_name(path.name + suffix) for suffix in ("-wal", "-journal")]
+    return path.read_bytes() == Path(template).read_bytes() and not any(p.exists() for p in beside)
+
+
 def gone(pid: int) -> bool:
     """Whether ``pid`` has ended (a zombie waiting for its parent to reap it counts as ended)."""
     try:

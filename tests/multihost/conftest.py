@@ -228,11 +228,13 @@ class RayOnHosts:
                 node.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_on_hosts(local_hosts):
     """A Ray cluster (:class:`RayOnHosts`) whose head runs in h1 and whose second node joins from
-    h2 (``ray start --address HEAD:PORT --node-ip-address <h2's address>``), 2 CPUs each; stopped at
-    the end (``LocalRay``: SIGTERM to each ``ray start --block``)."""
+    h2 (``ray start --address HEAD:PORT --node-ip-address <h2's address>``), 2 CPUs each; stopped
+    after the module's last test (``LocalRay``: SIGTERM to each ``ray start --block``), not at the
+    session's end: idle, its nodes' daemons (raylets, GCS, log monitors) still take CPU from the
+    tests that run after it."""
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # the workers inherit it
     cluster = RayOnHosts(local_hosts)

@@ -25,6 +25,7 @@ from orchestrator import records
 from orchestrator.launch import ResourceFlags
 from orchestrator.outputs import choose_run_folder, hold, is_locked, release
 from orchestrator.submit import submit
+from orch_testing import store_untouched
 
 pytestmark = pytest.mark.usefixtures("local_orch_env")
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
@@ -147,7 +148,7 @@ def test_a_folder_held_by_a_live_run_is_refused(make_experiment, tmp_path):
     assert not is_locked(work)
 
 
-def test_submit_with_a_missing_ann_file_exits_2_writing_nothing(make_experiment, tmp_path, capsys):
+def test_submit_with_a_missing_ann_file_exits_2_writing_nothing(make_experiment, tmp_path, capsys, empty_store):
     from orchestrator.cli import main as orch
 
     path = make_experiment(**{"data.train.ann_file": str(tmp_path / "nope.json")})
@@ -156,7 +157,7 @@ def test_submit_with_a_missing_ann_file_exits_2_writing_nothing(make_experiment,
     assert err.count("\n") == 1 and "data.train.ann_file" in err and "nope.json" in err and "--no-data-check" in err
     assert records.list_records() == []
     assert not (tmp_path / "work").exists()
-    assert not (tmp_path / "mlflow.db").exists()
+    assert store_untouched(tmp_path / "mlflow.db", empty_store)
     # A dry run prints the plan (it may run where the data is not seen): no check
     assert orch(["submit", str(path), "--backend", "local", "--dry-run"]) == 0
     # Missing image folder, missing local weights: the same

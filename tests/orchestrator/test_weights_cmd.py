@@ -17,6 +17,7 @@ from detection.weights import lookup
 from orchestrator.cli import main
 from orchestrator.config import build_experiment
 from orchestrator.weights import resolve_weights, weights_requests
+from orch_testing import store_untouched
 
 HEAVY = ("torch", "torchvision", "ray", "mlflow", "submitit")
 SSDLITE_COCO = lookup("ssdlite320_mobilenet_v3_large", None, "model.weights", "COCO_V1")
@@ -140,7 +141,7 @@ def test_dry_run_resolution_only_reports(weights_env):
 # --- orch submit -------------------------------------------------------------------------------
 
 @pytest.mark.usefixtures("local_orch_env")
-def test_submit_without_network_queues_nothing(make_experiment, tmp_path, weights_env, monkeypatch, capsys):
+def test_submit_without_network_queues_nothing(make_experiment, tmp_path, weights_env, monkeypatch, capsys, empty_store):
     monkeypatch.setenv("ORCH_WEIGHTS_MIRROR", f"http://127.0.0.1:{_closed_port()}/models")
     exp = make_experiment(**{"model.weights": "COCO_V1"})
     rc, out, err = _run(capsys, "submit", str(exp), "--backend", "local")
@@ -149,7 +150,7 @@ def test_submit_without_network_queues_nothing(make_experiment, tmp_path, weight
     assert f"copy {SSDLITE_COCO.file_name} into {weights_env} (the weights cache)" in err
     home = tmp_path / "home"
     assert not (home / "jobs").exists() or not any((home / "jobs").iterdir())  # no job record
-    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run (the tiny experiment's store)
+    assert store_untouched(tmp_path / "mlflow.db", empty_store)  # no MLflow run (the tiny experiment's store)
     assert not (tmp_path / "work").exists() and not any(weights_env.iterdir())
 
 
@@ -191,11 +192,11 @@ def test_dry_runs_never_download(make_experiment, counting_mirror, capsys):
 
 
 @pytest.mark.usefixtures("local_orch_env")
-def test_kfold_resolves_before_writing_anything(make_experiment, counting_mirror, tmp_path, capsys):
+def test_kfold_resolves_before_writing_anything(make_experiment, counting_mirror, tmp_path, capsys, empty_store):
     rc, out, err = _run(capsys, "kfold", str(make_experiment(**{"model.weights": "COCO_V1"})), "--folds", "2")
     assert rc == 2 and "HTTP 404" in err and err.count("\n") == 1
     assert counting_mirror == [f"/models/{SSDLITE_COCO.file_name}"]  # the mirror was asked, once
-    assert not (tmp_path / "work").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "work").exists() and store_untouched(tmp_path / "mlflow.db", empty_store)
 
 
 @pytest.mark.slow  # a real job: torch import, 4 iterations, MLflow (15-60 s on a 2-core machine)

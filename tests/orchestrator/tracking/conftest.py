@@ -2,7 +2,7 @@
 
     mlflow_server      (session) a running ``mlflow server`` shared by the test modules
     own_server         a server of one test's own (the test may stop and restart it)
-    sqlite_uri         a fresh SQLite store (a copy of an empty one: creating tables costs 10-20 s)
+    sqlite_uri         a fresh SQLite store (a copy of the root conftest's ``empty_store``)
     destination        parametrised: ``sqlite_uri``, then the session's server
     reap_shippers      (session) ``reap_shippers(folder)``: kill the shippers of journals under
                        ``folder`` that still run (a test's clean-up); returns their pids
@@ -46,22 +46,12 @@ def own_server(tmp_path):
     yield from _server(folder)
 
 
-@pytest.fixture(scope="session")
-def _empty_store(tmp_path_factory) -> Path:
-    """An MLflow SQLite file with its tables created (creating them costs 10-20 s here)."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def sqlite_uri(tmp_path, _empty_store) -> str:
-    """A fresh SQLite store for one test (a copy of an empty one)."""
+def sqlite_uri(tmp_path, empty_store) -> str:
+    """A fresh SQLite store for one test (a copy of the session's empty one)."""
     import shutil
 
-    shutil.copy(_empty_store, tmp_path / "mlflow.db")
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
