@@ -2,7 +2,7 @@
 
     mlflow_server      (session) a running ``mlflow server`` shared by the test modules
     own_server         a server of one test's own (the test may stop and restart it)
-    sqlite_uri         a fresh SQLite store (a copy of the root conftest's ``empty_store``)
+    sqlite_uri         a fresh SQLite store (the root conftest's ``tracking_uri``)
     destination        parametrised: ``sqlite_uri``, then the session's server
     reap_shippers      (session) ``reap_shippers(folder)``: kill the shippers of journals under
                        ``folder`` that still run (a test's clean-up); returns their pids
@@ -47,12 +47,10 @@ def own_server(tmp_path):
 
 
 @pytest.fixture
-def sqlite_uri(tmp_path, empty_store) -> str:
-    """A fresh SQLite store for one test (a copy of the session's empty one)."""
-    import shutil
-
-    shutil.copy(empty_store, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def sqlite_uri(tracking_uri) -> str:
+    """A fresh SQLite store for one test: the root conftest's ``tracking_uri``, by the name the
+    shipper tests contrast with a server."""
+    return tracking_uri
 
 
 @pytest.fixture(params=["sqlite", "server"])
