@@ -19,7 +19,8 @@ Kept to minutes (the test says so here, the README's readers do it with the knob
 ``make demo`` runs with ``DEMO_TRAIN=40 DEMO_VAL=10 DEMO_FLAGS="--set schedule.iterations=8 ..."``;
 the ``orch train/submit/kfold`` lines that run get ``--set schedule.iterations=4`` (and the eval
 and checkpoint interval, 64 px images, no loader worker processes) appended, and ``orch data
-shapes`` lines make at most :data:`DATA_CAP` images per split. Measured before the cap: 1104 s
+shapes`` lines make at most :data:`DATA_CAP` images per split. The test prints its slowest lines
+(``pytest -s``). Measured before the cap: 1104 s
 (59 lines run, 52 checked) on the shared 2-core machine, other tests beside it; the fold-ensemble
 block (600 + 200 images, five folds, four ensembles) was about half of it.
 
@@ -41,6 +42,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,6 +280,7 @@ def test_readme_examples_run_as_written(tmp_path):
     make_stand_ins(tmp_path, env)
     seen: dict = {}
     ran, checked = 0, 0
+    took: list[tuple[float, int, str]] = []  # (seconds, README line, command) of each line run
     try:
         for command in commands:
             if command.check_only or needs_machine(command.text):
@@ -285,8 +288,10 @@ def test_readme_examples_run_as_written(tmp_path):
                 checked += 1
                 continue
             line = prepare(command.text, seen)
+            started = time.monotonic()
             done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
                                   timeout=900)
+            took.append((time.monotonic() - started, command.line, command.text))
             output = done.stdout + done.stderr
             assert done.returncode == 0, f"README.md line {command.line}: {line}\nexit {done.returncode}:\n{output[-3000:]}"
             remember(output, seen)
@@ -296,7 +301,9 @@ def test_readme_examples_run_as_written(tmp_path):
                         "from orchestrator.records import list_records\n"
                         "for r in list_records():\n    refresh_job(r.job_id).state.finished or cancel_job(r.job_id)"],
                        cwd=tmp_path, env=env, timeout=300)
-    print(f"README: {ran} commands run, {checked} checked")
+    print(f"README: {ran} commands run, {checked} checked; the slowest (s, README line):")
+    for seconds, number, text in sorted(took, reverse=True)[:12]:
+        print(f"{seconds:7.1f}  {number:4d}  {text[:100]}")
 
 
 def test_readme_commands_are_found_and_classified():
